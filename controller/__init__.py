@@ -1,0 +1,1 @@
+"""kold.controller: see README.md in this folder."""

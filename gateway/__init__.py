@@ -1,0 +1,1 @@
+"""kold.gateway: see README.md in this folder."""

@@ -1,0 +1,155 @@
+"""`kold snapshot build|inspect|restore|prefetch`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from kold.cli import existing_dir, print_json
+from kold.progress import ByteProgress, chunk_counter
+from kold.settings import Settings
+
+
+def register(top: Any) -> None:
+    parser = top.add_parser("snapshot", help="build, inspect, restore and prefetch weight snapshots")
+    sub = parser.add_subparsers(dest="snapshot_command", required=True, metavar="SUBCOMMAND")
+
+    build = sub.add_parser("build", help="publish a Hugging Face model directory as a snapshot")
+    build.add_argument("model_dir", type=existing_dir, metavar="MODEL_DIR")
+    build.add_argument("--to", dest="store", help="store URI (default: KOLD_STORE or the local store)")
+    build.add_argument("--chunk-size", default="32MiB", help="chunk size (default 32MiB)")
+    build.set_defaults(handler=cmd_build)
+
+    inspect = sub.add_parser("inspect", help="show a snapshot's id, tensors, chunks and files")
+    inspect.add_argument("uri", metavar="URI")
+    inspect.add_argument("--tensors", action="store_true", help="list every tensor")
+    inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    restore = sub.add_parser("restore", help="restore a snapshot and print the phase timings")
+    restore.add_argument("uri", metavar="URI")
+    restore.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    verify = restore.add_mutually_exclusive_group()
+    verify.add_argument("--verify", dest="verify", action="store_true", default=None, help="check every chunk")
+    verify.add_argument("--no-verify", dest="verify", action="store_false", help="check no chunk")
+    restore.add_argument("--readers", type=int, help="parallel readers (default: by source)")
+    restore.add_argument("--no-cache", action="store_true", help="neither read nor fill the node cache tiers")
+    restore.add_argument("--json", action="store_true", help="print the stats as JSON")
+    restore.set_defaults(handler=cmd_restore)
+
+    prefetch = sub.add_parser("prefetch", help="warm this node's cache tiers with a snapshot")
+    prefetch.add_argument("uri", metavar="URI")
+    prefetch.set_defaults(handler=cmd_prefetch)
+
+
+def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
+    from kold.settings import parse_size
+    from kold.snapshot import build_snapshot
+
+    store = args.store or settings.store_uri
+    with ByteProgress(f"build {Path(args.model_dir).name}") as progress:
+        result = build_snapshot(
+            args.model_dir, store, chunk_size=parse_size(args.chunk_size), s3=settings.s3_options(), progress=progress
+        )
+    m = result.manifest
+    state = "published" if result.uploaded else "already in the store: nothing uploaded"
+    print(f"snapshot {m.id} {state}")
+    print(f"  {len(m.tensors)} tensors, {m.data_size / 1e6:,.1f} MB in {m.num_chunks} chunks, {result.seconds:.2f}s")
+    print(result.uri)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    from kold.snapshot.restorer import read_manifest
+    from kold.snapshot.store import open_store, parse_snapshot_uri
+
+    ref = parse_snapshot_uri(args.uri)
+    manifest = read_manifest(open_store(ref.store_uri, settings.s3_options()), ref)
+    if args.json:
+        print_json({"id": manifest.id, "uri": ref.uri, **manifest.to_dict()})
+        return 0
+    dtypes: dict[str, int] = {}
+    for t in manifest.tensors:
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.nbytes
+    print(f"snapshot   {manifest.id}")
+    print(f"uri        {ref.uri}")
+    print(f"format     v{manifest.version}, alignment {manifest.alignment}")
+    print(f"data       {manifest.data_size:,} bytes ({manifest.data_size / 1e9:.3f} GB)")
+    print(f"chunks     {manifest.num_chunks} x {manifest.chunk_size >> 20} MiB, xxh3-128 each")
+    print(f"tensors    {len(manifest.tensors)} ({', '.join(f'{k} {v / 1e6:,.1f} MB' for k, v in dtypes.items())})")
+    print(f"files      {', '.join(f.name for f in manifest.files) or '-'}")
+    for key, value in manifest.metadata.items():
+        print(f"{key:<10} {value}")
+    if args.tensors:
+        width = max(len(t.name) for t in manifest.tensors)
+        print()
+        for t in manifest.tensors:
+            print(f"  {t.name:<{width}}  {t.dtype:<8} {t.shape!s:<20} @{t.offset:>14,}  {t.nbytes:>14,} B")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
+    from kold.snapshot import restore
+    from kold.snapshot.restorer import read_manifest
+    from kold.snapshot.store import open_store, parse_snapshot_uri
+
+    ref = parse_snapshot_uri(args.uri)
+    total = read_manifest(open_store(ref.store_uri, settings.s3_options()), ref).data_size
+    with ByteProgress(f"restore {ref.snapshot_id[:12]}") as progress:
+        snap = restore(
+            args.uri,
+            args.device,
+            readers=args.readers or settings.restore_readers,
+            verify=args.verify,
+            cache=None if args.no_cache else settings.node_cache,
+            s3=settings.s3_options(),
+            on_chunk=chunk_counter(progress, "fetch", total),
+        )
+    if args.json:
+        print_json(snap.stats.as_dict())
+    else:
+        print_phase_table(snap.stats.as_dict())
+    if not snap.wait_cache_fill(0):
+        print("filling the node cache tiers ...")
+        snap.wait_cache_fill()
+    return 0
+
+
+def print_phase_table(stats: dict[str, Any]) -> None:
+    source = stats["source_tier"] + (" (mapped, no copy)" if stats["mapped"] else "")
+    print(f"snapshot {stats['snapshot_id']}  device {stats['device']}  source {source}")
+    rows = [
+        ("metadata", stats["metadata_s"], ""),
+        ("fetch", stats["fetch_s"], f"{stats['readers']} readers" if stats["readers"] else ""),
+        ("host->device", stats["h2d_s"], "overlaps fetch" if stats["h2d_s"] else "-"),
+        ("verify", stats["verify_s"], "summed over readers, overlaps fetch" if stats["verified"] else "off"),
+        ("views", stats["views_s"], ""),
+        ("total", stats["total_s"], f"{stats['gbps']:.2f} GB/s"),
+    ]
+    for name, seconds, note in rows:
+        print(f"  {name:<13} {seconds * 1000:>9.1f} ms  {note}")
+    tiers = ", ".join(f"{k} {v / 1e6:,.1f} MB" for k, v in stats["bytes_by_tier"].items())
+    print(
+        f"  bytes by tier: {tiers or '-'}"
+        + (f"; refetched chunks {stats['refetched_chunks']}" if stats["refetched_chunks"] else "")
+    )
+
+
+def cmd_prefetch(args: argparse.Namespace, settings: Settings) -> int:
+    from kold.snapshot import prefetch
+
+    tiers = prefetch(args.uri, settings.node_cache, s3=settings.s3_options(), readers=settings.restore_readers)
+    where = ", ".join(f"{t.name} ({t.root})" for t in settings.node_cache.tiers if t.name in tiers)
+    print(f"snapshot cached in: {where or 'no tier (too large, or every tier disabled)'}")
+    return 0 if tiers else 1
+
+
+def evict_page_cache(path: Path) -> None:
+    """Drop a file's pages from the page cache, to measure a cold read (drop_caches needs more rights)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -1,0 +1,89 @@
+"""All of kold's configuration, read from `KOLD_*` environment variables in one place.
+
+Library code never reads the environment: it takes explicit arguments. The CLI (and later the
+runtime and platform entry points) build a `Settings` once and pass what each part needs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from kold.snapshot.cache import NodeCache
+    from kold.snapshot.store import S3Options
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: object) -> int:
+    """'8GiB', '512M', '1.5g' or a plain integer of bytes."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a size (examples: 8GiB, 512M, 1048576)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+
+
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kold"
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KOLD_", extra="ignore")
+
+    home: Path = Field(default_factory=_state_dir, description="state directory (store, caches, logs)")
+    store: str = Field(default="", description="snapshot store URI: file:///path or s3://bucket/prefix")
+    s3_endpoint: str | None = Field(default=None, description="S3 endpoint URL (MinIO, rclone, ...); AWS if unset")
+    s3_region: str | None = None
+    s3_concurrency: int = Field(default=8, ge=1, le=256)
+    # A quarter of RAM in /dev/shm by default: enough for a few hot models without starving instances.
+    cache_shm_dir: Path = Path("/dev/shm/kold")
+    cache_shm_bytes: Size = Field(default_factory=lambda: _physical_memory() // 4)
+    cache_disk_dir: Path | None = None
+    cache_disk_bytes: Size = 20 << 30
+    restore_readers: int | None = Field(default=None, ge=1, le=256)
+    log_level: str = "INFO"
+
+    @property
+    def store_uri(self) -> str:
+        return self.store or (self.home / "store").as_uri()
+
+    def s3_options(self) -> S3Options:
+        from kold.snapshot.store import S3Options
+
+        return S3Options(endpoint_url=self.s3_endpoint, region=self.s3_region, max_concurrency=self.s3_concurrency)
+
+    @cached_property
+    def node_cache(self) -> NodeCache:
+        from kold.snapshot.cache import CacheTier, NodeCache
+
+        tiers = []
+        if self.cache_shm_bytes > 0:
+            tiers.append(CacheTier("shm", self.cache_shm_dir, self.cache_shm_bytes))
+        if self.cache_disk_bytes > 0:
+            tiers.append(CacheTier("disk", self.cache_disk_dir or self.home / "cache", self.cache_disk_bytes))
+        return NodeCache(tiers)
+
+
+def load_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""kold.loadgen: see README.md in this folder."""

@@ -1,0 +1,1 @@
+"""kold.runtime: see README.md in this folder."""

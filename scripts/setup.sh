@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up everything kold needs on a fresh clone: a venv with the pinned CPU torch first (so no CUDA
+# build is ever pulled), the project with its test and dev extras, and redis-server from Debian's
+# packages when missing. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${KOLD_EXTRAS:-test,dev}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch==2.13.0 (CPU build)"
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import torch" # fail here, clearly, if that did not work
+fi
+stamp=".venv/.kold-installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing kold[$EXTRAS]"
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import kold.cli" && touch "$stamp"
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "setup: installing redis-server from Debian's packages"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+echo "setup: ready (.venv, kold $(.venv/bin/python -c 'import kold; print(kold.__version__)'), $(redis-server --version | cut -d' ' -f3))"

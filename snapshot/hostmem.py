@@ -1,0 +1,91 @@
+"""Host memory for restores: aligned anonymous buffers and file mappings.
+
+Page faults on fresh memory, not bandwidth, are what make a naive restore slow (a 4 KiB fault per
+page costs more than copying the page). So the destination is an anonymous mapping advised to use
+transparent huge pages (512x fewer faults), faulted in by the reader threads in parallel as they
+write their chunks. A snapshot in the shared-memory tier is mapped instead of copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+PAGE = mmap.PAGESIZE
+
+
+def round_up_pages(nbytes: int) -> int:
+    return max(PAGE, (nbytes + PAGE - 1) // PAGE * PAGE)
+
+
+def alloc_host(nbytes: int) -> mmap.mmap:
+    """A private anonymous mapping of at least `nbytes`, page aligned, THP-advised where supported."""
+    buf = mmap.mmap(-1, round_up_pages(nbytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advise_hugepages(buf)
+    return buf
+
+
+def advise_hugepages(buf: mmap.mmap) -> None:
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        # THP disabled ("never"): plain pages still work, just with more faults
+        with contextlib.suppress(OSError):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+
+
+def map_file(path: Path, size: int, *, populate: bool = True) -> mmap.mmap:
+    """Map a file copy-on-write: readers share the page cache (or /dev/shm) pages; a write stays private.
+
+    Page tables are filled with MADV_POPULATE_READ, not MAP_POPULATE: on a private writable mapping
+    MAP_POPULATE write-faults every page, i.e. copies the whole file and defeats the sharing.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    if populate:
+        populate_read(mapping, size)
+    return mapping
+
+
+def populate_read(mapping: mmap.mmap, size: int) -> bool:
+    """Fill a mapping's page tables for reading (Linux >= 5.14). Releases the GIL (ctypes call).
+
+    Returns False where the kernel lacks MADV_POPULATE_READ; the pages then fault in on first use.
+    """
+    import ctypes
+
+    libc = _libc()
+    if libc is None or size == 0:
+        return False
+    address = buffer_address(mapping)
+    result = libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), MADV_POPULATE_READ)
+    return bool(result == 0)
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        if name is None:
+            return None
+        _LIBC = ctypes.CDLL(name, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _LIBC
+
+
+MADV_POPULATE_READ = 22  # <linux/mman.h>; Python's mmap module does not export it
+_LIBC: Any = None
+
+
+def buffer_address(buf: mmap.mmap | memoryview | bytearray) -> int:
+    """Address of a writable buffer's first byte (for CUDA host registration and memmove)."""
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))

@@ -1,0 +1,129 @@
+"""The mover: reader threads pull chunks, read them into the destination, verify, commit.
+
+Every chunk is independent: a shared queue hands chunk indices to N readers (work stealing, so a
+slow range does not stall one reader's fixed share). A chunk that fails its checksum or comes up
+short is fetched once more from the source store (the fallback reader); only if that copy is bad
+too does the restore fail, naming the chunk. Cancellation is checked per chunk; the first error
+cancels the rest.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kold.snapshot.checksum import chunk_checksum
+from kold.snapshot.devices import Destination
+from kold.snapshot.errors import ChunkCorruptedError, ChunkTruncatedError, RestoreCancelledError
+from kold.snapshot.manifest import ChunkEntry
+from kold.snapshot.plan import RestorePlan
+from kold.snapshot.store import ObjectReader
+
+
+@dataclass
+class ReadSource:
+    """A reader and the name of the tier behind it ("shm", "disk", "store")."""
+
+    reader: ObjectReader
+    tier: str
+
+
+@dataclass
+class PipelineStats:
+    fetch_s: float = 0.0  # wall time from the first read's start to the last commit
+    read_s: float = 0.0  # summed over readers (overlaps: can exceed fetch_s)
+    verify_s: float = 0.0  # summed over readers
+    bytes_by_tier: dict[str, int] = field(default_factory=dict)
+    refetched: list[int] = field(default_factory=list)  # chunks that had to be fetched again
+    corrupt_in_primary: bool = False
+
+
+def run_pipeline(
+    plan: RestorePlan,
+    snapshot_id: str,
+    primary: ReadSource,
+    dest: Destination,
+    *,
+    fallback: ReadSource | None = None,
+    verify: bool = True,
+    cancel: threading.Event | None = None,
+    on_chunk: Callable[[ChunkEntry], None] | None = None,
+) -> PipelineStats:
+    stats = PipelineStats()
+    work: queue.SimpleQueue[ChunkEntry] = queue.SimpleQueue()
+    for chunk in plan.chunks:
+        work.put(chunk)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    retry_source = fallback or primary
+
+    def fetch(source: ReadSource, chunk: ChunkEntry, view: memoryview) -> tuple[bool, str]:
+        """Read and check one chunk; returns (ok, why not)."""
+        t0 = time.perf_counter()
+        n = source.reader.read_into(chunk.offset, view)
+        t1 = time.perf_counter()
+        with lock:
+            stats.read_s += t1 - t0
+            stats.bytes_by_tier[source.tier] = stats.bytes_by_tier.get(source.tier, 0) + n
+        if n < chunk.size:
+            return False, f"short read: {n} of {chunk.size} bytes (the data object ends early)"
+        if verify:
+            ok = chunk_checksum(view) == chunk.checksum
+            with lock:
+                stats.verify_s += time.perf_counter() - t1
+            if not ok:
+                return False, "checksum mismatch"
+        return True, ""
+
+    def worker() -> None:
+        while not stop.is_set():
+            if cancel is not None and cancel.is_set():
+                raise RestoreCancelledError(f"restore of snapshot {snapshot_id} was cancelled")
+            try:
+                chunk = work.get_nowait()
+            except queue.Empty:
+                return
+            view = dest.acquire(chunk)
+            try:
+                ok, why = fetch(primary, chunk, view)
+                if not ok:
+                    with lock:
+                        stats.refetched.append(chunk.index)
+                        stats.corrupt_in_primary |= fallback is not None
+                    ok, why_again = fetch(retry_source, chunk, view)
+                    if not ok:
+                        kind = ChunkTruncatedError if why_again.startswith("short read") else ChunkCorruptedError
+                        raise kind(
+                            f"snapshot {snapshot_id}: chunk {chunk.index} (bytes {chunk.offset}..{chunk.end}) is "
+                            f"bad from {primary.tier} ({why}) and again from {retry_source.tier} ({why_again})"
+                        )
+            except BaseException:
+                dest.abandon(chunk, view)
+                raise
+            dest.commit(chunk, view)
+            if on_chunk is not None:
+                on_chunk(chunk)
+
+    def guarded() -> None:
+        try:
+            worker()
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+            stop.set()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=guarded, name=f"kold-read{i}", daemon=True) for i in range(plan.readers - 1)]
+    for t in threads:
+        t.start()
+    guarded()  # the calling thread is a reader too: one thread fewer to start on the cold path
+    for t in threads:
+        t.join()
+    stats.fetch_s = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return stats

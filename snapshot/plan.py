@@ -1,0 +1,51 @@
+"""The restore plan: which chunks, how many readers, how big a pinned ring. Pure: no I/O, no clock.
+
+Kept apart from the mover (`pipeline.py`) so the decisions can be tested as tables and reasoned
+about without threads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from kold.snapshot.manifest import ChunkEntry, Manifest
+
+# Reading from local files (page cache or disk) is a kernel memcpy: more threads than cores only
+# add contention. Reading from S3 is latency bound: many ranged GETs in flight hide round trips.
+LOCAL_READERS_PER_CORE = 1
+MIN_LOCAL_READERS = 2
+REMOTE_READERS = 8
+# Pinned slots beyond one per reader: enough for copies of finished chunks to run while every
+# reader already fills its next slot.
+EXTRA_RING_SLOTS = 2
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    chunks: tuple[ChunkEntry, ...]
+    readers: int
+    ring_slots: int  # 0 when chunks land straight in their final place (CPU restore)
+    slot_size: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.size for c in self.chunks)
+
+
+def default_readers(remote: bool, cpu_count: int | None = None) -> int:
+    if remote:
+        return REMOTE_READERS
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 2)
+    return max(MIN_LOCAL_READERS, cores * LOCAL_READERS_PER_CORE)
+
+
+def make_plan(manifest: Manifest, *, readers: int, staged: bool) -> RestorePlan:
+    """Largest chunks first would balance better, but all chunks but the last are equal: keep order,
+    which also keeps reads sequential per reader and lets tensors complete front to back."""
+    if readers < 1:
+        raise ValueError("readers must be >= 1")
+    chunks = tuple(manifest.chunks())
+    used = max(1, min(readers, len(chunks)))
+    slots = used + EXTRA_RING_SLOTS if staged else 0
+    return RestorePlan(chunks, used, slots, manifest.chunk_size)

@@ -1,0 +1,366 @@
+"""`restore(uri, device)`: a snapshot from its store (or a node cache tier) into memory, as tensors.
+
+Phases: metadata (manifest + small files, or a cache-tier hit) -> fetch (parallel ranged reads into
+the destination, verified per chunk) -> host-to-device (GPU: async copies overlapped with the reads)
+-> views (every tensor is a view of one buffer: no copies). One structured log line reports them.
+
+Source choice, fastest first: the shm tier (CPU: mapped, not copied — instances on a node share one
+copy; GPU: the mapping is registered as pinned memory and copied to the device with no staging),
+the disk tier, then the store. The first restore on a node fills the cache tiers in the background.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kold.snapshot import dtypes
+from kold.snapshot.cache import CacheHit, CacheTier, NodeCache
+from kold.snapshot.checksum import chunk_checksum
+from kold.snapshot.devices import (
+    DeviceSpec,
+    HostDestination,
+    StagedDestination,
+    host_tensor,
+    make_engine,
+)
+from kold.snapshot.errors import (
+    ChunkCorruptedError,
+    ManifestError,
+    ObjectNotFoundError,
+    SnapshotNotFoundError,
+)
+from kold.snapshot.hostmem import buffer_address, map_file, populate_read
+from kold.snapshot.manifest import ChunkEntry, Manifest
+from kold.snapshot.pipeline import PipelineStats, ReadSource, run_pipeline
+from kold.snapshot.plan import default_readers, make_plan
+from kold.snapshot.store import (
+    S3Options,
+    SnapshotRef,
+    Store,
+    data_key,
+    file_key,
+    manifest_key,
+    open_store,
+    parse_snapshot_uri,
+)
+
+if TYPE_CHECKING:
+    import mmap
+
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RestoreStats:
+    snapshot_id: str
+    device: str
+    source_tier: str  # where the data came from: "shm", "disk" or "store"
+    data_bytes: int
+    readers: int = 0
+    verified: bool = False
+    mapped: bool = False  # CPU restore from the shm tier by mapping (no copy)
+    metadata_s: float = 0.0
+    fetch_s: float = 0.0
+    h2d_s: float = 0.0
+    verify_s: float = 0.0  # summed over reader threads; overlaps fetch
+    views_s: float = 0.0
+    total_s: float = 0.0
+    bytes_by_tier: dict[str, int] = field(default_factory=dict)
+    refetched_chunks: list[int] = field(default_factory=list)
+
+    @property
+    def gbps(self) -> float:
+        return self.data_bytes / self.total_s / 1e9 if self.total_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["gbps"] = round(self.gbps, 3)
+        for key in ("metadata_s", "fetch_s", "h2d_s", "verify_s", "views_s", "total_s"):
+            out[key] = round(out[key], 4)
+        return out
+
+
+@dataclass
+class RestoredSnapshot:
+    ref: SnapshotRef
+    manifest: Manifest
+    files: dict[str, bytes]
+    tensors: dict[str, torch.Tensor]
+    buffer: torch.Tensor  # uint8, the whole data blob; every tensor is a view of it
+    stats: RestoreStats
+    _fill: threading.Thread | None = None
+
+    def config(self) -> dict[str, Any]:
+        """The model's config.json, parsed (empty if the snapshot carries none)."""
+        raw = self.files.get("config.json")
+        result: dict[str, Any] = json.loads(raw) if raw else {}
+        return result
+
+    def wait_cache_fill(self, timeout: float | None = None) -> bool:
+        """Wait for the background cache fill started by this restore; True once it is done."""
+        if self._fill is None:
+            return True
+        self._fill.join(timeout)
+        return not self._fill.is_alive()
+
+
+def read_manifest(store: Store, ref: SnapshotRef) -> Manifest:
+    """Fetch and validate a manifest, checking that it hashes to the id it is stored under."""
+    try:
+        raw = store.get_bytes(manifest_key(ref.snapshot_id))
+    except ObjectNotFoundError:
+        raise SnapshotNotFoundError(f"snapshot {ref.snapshot_id} is not in {store.uri} (no manifest)") from None
+    manifest = Manifest.from_json(raw, source=f"snapshot {ref.snapshot_id}")
+    if manifest.id != ref.snapshot_id:
+        raise ManifestError(
+            f"snapshot {ref.snapshot_id}: the manifest in {store.uri} hashes to {manifest.id}, not its id (corrupted?)"
+        )
+    return manifest
+
+
+def read_files(store: Store, ref: SnapshotRef, manifest: Manifest, threads: int = 8) -> dict[str, bytes]:
+    """The small model files, fetched in parallel (they are separate objects) and checked."""
+
+    def one(name: str) -> bytes:
+        try:
+            content = store.get_bytes(file_key(ref.snapshot_id, name))
+        except ObjectNotFoundError:
+            raise SnapshotNotFoundError(
+                f"snapshot {ref.snapshot_id}: file {name} is missing from {store.uri}"
+            ) from None
+        if chunk_checksum(content) != manifest.file(name).checksum:
+            raise ChunkCorruptedError(f"snapshot {ref.snapshot_id}: file {name} does not match its checksum")
+        return content
+
+    names = [f.name for f in manifest.files]
+    if len(names) <= 1:
+        return {n: one(n) for n in names}
+    with ThreadPoolExecutor(min(threads, len(names))) as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))
+
+
+def tensor_views(buffer: torch.Tensor, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """Every tensor as a view of the one restore buffer: slicing and reinterpreting, never copying."""
+    views = {}
+    for t in manifest.tensors:
+        dtype = dtypes.to_torch(dtypes.by_name(t.dtype))
+        views[t.name] = buffer[t.offset : t.end].view(dtype).view(t.shape)
+    return views
+
+
+def restore(
+    uri: str,
+    device: str = "cpu",
+    *,
+    readers: int | None = None,
+    verify: bool | None = None,
+    cache: NodeCache | None = None,
+    s3: S3Options | None = None,
+    staging: bool | None = None,
+    fill_cache: bool = True,
+    cancel: threading.Event | None = None,
+    on_chunk: Callable[[ChunkEntry], None] | None = None,
+) -> RestoredSnapshot:
+    """Restore a snapshot onto `device` ("cpu", "cuda", "cuda:N").
+
+    verify: None checks chunks read from the store and trusts cache tiers (verified when filled);
+    True checks everything; False checks nothing. staging: force the GPU-style pinned-ring path on
+    the CPU (the CPU twin of a CUDA restore, for tests and benchmarks).
+    """
+    started = time.perf_counter()
+    spec = DeviceSpec.parse(device)
+    ref = parse_snapshot_uri(uri)
+    store = open_store(ref.store_uri, s3)
+    hit = cache.lookup(ref.snapshot_id) if cache is not None else None
+    if hit is not None:
+        manifest, files = hit.manifest, dict(hit.files)
+    else:
+        manifest = read_manifest(store, ref)
+        files = read_files(store, ref, manifest)
+    metadata_done = time.perf_counter()
+
+    staged = spec.kind == "cuda" or bool(staging)
+    stats = RestoreStats(ref.snapshot_id, str(spec), hit.tier.name if hit else "store", manifest.data_size)
+    stats.metadata_s = metadata_done - started
+    buffer: torch.Tensor | None = None
+    if hit is not None and hit.tier.name == "shm":
+        buffer = _from_shm(hit, manifest, spec, stats, staged, verify=bool(verify))
+        if buffer is None:  # the entry failed verification: it is evicted, go to the store
+            assert cache is not None
+            cache.evict(ref.snapshot_id, hit.tier)
+            hit = None
+            stats.source_tier = "store"
+    fill: threading.Thread | None = None
+    if buffer is None:
+        remote = ref.store_uri.startswith("s3://") and hit is None
+        plan = make_plan(manifest, readers=readers or default_readers(remote), staged=staged)
+        dest: HostDestination | StagedDestination = (
+            StagedDestination(make_engine(spec), manifest.data_size, plan.slot_size, plan.ring_slots)
+            if staged
+            else HostDestination(manifest.data_size)
+        )
+        store_source = ReadSource(_open_data(store, ref), "store")
+        primary = (
+            ReadSource(hit.tier.store.open_reader(data_key(ref.snapshot_id)), hit.tier.name) if hit else store_source
+        )
+        stats.verified = verify if verify is not None else hit is None
+        try:
+            pstats = run_pipeline(
+                plan,
+                ref.snapshot_id,
+                primary,
+                dest,
+                fallback=store_source if hit else None,
+                verify=stats.verified,
+                cancel=cancel,
+                on_chunk=on_chunk,
+            )
+            dest.finish()
+        finally:
+            primary.reader.close()
+            store_source.reader.close()
+        _record(stats, pstats, plan.readers, dest.copy_seconds)
+        if hit is not None and pstats.corrupt_in_primary and cache is not None:
+            log.warning(
+                "snapshot %s: corrupt chunks in the %s tier; evicting the entry",
+                ref.snapshot_id,
+                hit.tier.name,
+            )
+            cache.evict(ref.snapshot_id, hit.tier)
+            hit = None
+        buffer = dest.tensor()
+        if cache is not None and fill_cache and hit is None:
+            fill = _start_fill(cache, store, ref, manifest, files, dest)
+
+    views_started = time.perf_counter()
+    tensors = tensor_views(buffer, manifest)
+    stats.views_s = time.perf_counter() - views_started
+    stats.total_s = time.perf_counter() - started
+    log.info("restore %s", json.dumps(stats.as_dict(), sort_keys=True))
+    return RestoredSnapshot(ref, manifest, files, tensors, buffer, stats, fill)
+
+
+def _open_data(store: Store, ref: SnapshotRef) -> Any:
+    try:
+        return store.open_reader(data_key(ref.snapshot_id))
+    except ObjectNotFoundError:
+        raise SnapshotNotFoundError(
+            f"snapshot {ref.snapshot_id}: its data object is missing from {store.uri}"
+        ) from None
+
+
+def _record(stats: RestoreStats, pstats: PipelineStats, readers: int, copy_seconds: float) -> None:
+    stats.readers = readers
+    stats.fetch_s = pstats.fetch_s
+    stats.verify_s = pstats.verify_s
+    stats.h2d_s = copy_seconds
+    stats.bytes_by_tier = dict(pstats.bytes_by_tier)
+    stats.refetched_chunks = sorted(pstats.refetched)
+
+
+def _from_shm(
+    hit: CacheHit, manifest: Manifest, spec: DeviceSpec, stats: RestoreStats, staged: bool, *, verify: bool
+) -> torch.Tensor | None:
+    """Restore from the shm tier without reading through a pipeline. None if verification fails."""
+    path = hit.tier.data_path(manifest.id)
+    fetch_started = time.perf_counter()
+    # populate=False: the GPU path pins (and so faults) the pages itself; the CPU path fills the page
+    # tables in the background below, so the restore returns as soon as the mapping exists.
+    mapping = map_file(path, manifest.data_size, populate=False) if manifest.data_size else None
+    stats.bytes_by_tier = {"shm": manifest.data_size}
+    if verify and mapping is not None:
+        stats.verified = True
+        t0 = time.perf_counter()
+        view = memoryview(mapping)
+        try:
+            for chunk in manifest.chunks():
+                if chunk_checksum(view[chunk.offset : chunk.end]) != chunk.checksum:
+                    log.warning("snapshot %s: chunk %d in the shm tier is corrupt", manifest.id, chunk.index)
+                    return None
+        finally:
+            view.release()
+        stats.verify_s = time.perf_counter() - t0
+    if not staged:
+        stats.mapped = True
+        if mapping is not None:
+            threading.Thread(
+                target=populate_read, args=(mapping, manifest.data_size), name="kold-populate", daemon=True
+            ).start()
+        stats.fetch_s = time.perf_counter() - fetch_started
+        return host_tensor(mapping, manifest.data_size) if mapping is not None else host_tensor(memoryview(b""), 0)
+    return _shm_to_device(mapping, manifest, spec, stats, fetch_started)
+
+
+def _shm_to_device(
+    mapping: mmap.mmap | None, manifest: Manifest, spec: DeviceSpec, stats: RestoreStats, started: float
+) -> torch.Tensor:
+    """Register the mapping as pinned memory and copy it to the device chunk by chunk: no staging copy."""
+    engine = make_engine(spec)
+    dest = StagedDestination(engine, manifest.data_size, manifest.chunk_size, slots=0)
+    if mapping is not None:
+        address = buffer_address(mapping)
+        engine.register_host(address, manifest.data_size)
+        try:
+            for chunk in manifest.chunks():
+                dest.commit_external(chunk, address + chunk.offset)
+            dest.finish()
+        finally:
+            engine.unregister_host(address)
+            mapping.close()
+    stats.fetch_s = time.perf_counter() - started
+    stats.h2d_s = dest.copy_seconds
+    stats.readers = 0
+    return dest.tensor()
+
+
+def _start_fill(
+    cache: NodeCache,
+    store: Store,
+    ref: SnapshotRef,
+    manifest: Manifest,
+    files: dict[str, bytes],
+    dest: HostDestination | StagedDestination,
+) -> threading.Thread | None:
+    """Fill the cache tiers in the background: from the restored host buffer, or by re-reading the store."""
+    tiers = [t for t in cache.tiers if _worth_caching(t, ref)]
+    if not tiers:
+        return None
+
+    def fill() -> None:
+        for tier in tiers:
+            try:
+                if isinstance(dest, HostDestination):
+                    cache.fill(tier, manifest, files, buffer=memoryview(dest.buffer))
+                else:  # device memory: read the store again rather than copy back from the GPU
+                    reader = store.open_reader(data_key(ref.snapshot_id))
+                    try:
+                        remote = ref.store_uri.startswith("s3://")
+                        cache.fill(
+                            tier,
+                            manifest,
+                            files,
+                            source=ReadSource(reader, "store"),
+                            readers=default_readers(remote),
+                        )
+                    finally:
+                        reader.close()
+            except Exception as exc:  # a failed fill must never fail the restore that started it
+                log.warning("could not cache snapshot %s in the %s tier: %s", ref.snapshot_id, tier.name, exc)
+
+    thread = threading.Thread(target=fill, name="kold-cache-fill", daemon=True)
+    thread.start()
+    return thread
+
+
+def _worth_caching(tier: CacheTier, ref: SnapshotRef) -> bool:
+    # a disk tier in front of a local-directory store would copy a file to the same kind of disk
+    return not (tier.name == "disk" and ref.store_uri.startswith("file://"))
