@@ -81,7 +81,3 @@ def existing_dir(text: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: not a directory")
     return path
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m kold` is the `kold` command."""
+
+import sys
+
+from kold.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""Node cache tiers: fill on first restore, fastest tier first, bounded with LRU eviction, prefetch."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL_CHUNK
+
+from kold.snapshot import CacheTier, NodeCache, build_snapshot, prefetch, restore
+
+
+def _state(seed: int, n: int = 4) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {f"w{i}": torch.randn(64, 256, generator=gen) for i in range(n)}  # 64 KiB each
+
+
+def test_first_restore_fills_the_shm_tier_and_the_next_maps_it(
+    tiny_model: Path, store_uri: str, tmp_path: Path, reference
+) -> None:  # type: ignore[no-untyped-def]
+    uri = build_snapshot(tiny_model, store_uri, chunk_size=SMALL_CHUNK).uri
+    cache = NodeCache([CacheTier("shm", tmp_path / "shm", 1 << 30)])
+    first = restore(uri, cache=cache)
+    assert first.stats.source_tier == "store"
+    assert first.wait_cache_fill(timeout=30)
+    second = restore(uri, cache=cache)
+    assert second.stats.source_tier == "shm" and second.stats.mapped
+    assert second.stats.bytes_by_tier == {"shm": second.manifest.data_size}
+    for name, tensor in reference.items():
+        assert torch.equal(second.tensors[name], tensor)
+    # copy-on-write: changing our tensors never changes the cached entry another instance maps
+    second.buffer[:16] = 7
+    third = restore(uri, cache=cache)
+    assert torch.equal(third.buffer[:16], first.buffer[:16])
+
+
+def test_staged_restore_from_shm_copies_from_the_mapping(
+    tiny_model: Path, store_uri: str, tmp_path: Path, reference
+) -> None:  # type: ignore[no-untyped-def]
+    uri = build_snapshot(tiny_model, store_uri, chunk_size=SMALL_CHUNK).uri
+    cache = NodeCache([CacheTier("shm", tmp_path / "shm", 1 << 30)])
+    prefetch(uri, cache)
+    snap = restore(uri, cache=cache, staging=True)
+    assert snap.stats.source_tier == "shm" and not snap.stats.mapped and snap.stats.h2d_s > 0
+    for name, tensor in reference.items():
+        assert torch.equal(snap.tensors[name], tensor)
+
+
+def test_fastest_tier_wins(tmp_path: Path, store_uri: str) -> None:
+    uri = build_snapshot(_state(0), store_uri, chunk_size=4096).uri
+    shm = CacheTier("shm", tmp_path / "shm", 1 << 30)
+    disk = CacheTier("disk", tmp_path / "disk", 1 << 30)
+    cache = NodeCache([disk, shm])  # given in any order
+    assert [t.name for t in cache.tiers] == ["shm", "disk"]
+    snap = restore(uri)
+    for tier in (disk, shm):
+        cache.fill(tier, snap.manifest, snap.files, buffer=memoryview(snap.buffer.numpy()))
+    hit = cache.lookup(snap.manifest.id)
+    assert hit is not None and hit.tier.name == "shm"
+    cache.evict(snap.manifest.id, shm)
+    hit = cache.lookup(snap.manifest.id)
+    assert hit is not None and hit.tier.name == "disk"
+    assert restore(uri, cache=cache).stats.source_tier == "disk"
+
+
+def test_lru_eviction_keeps_the_tier_within_its_bound(tmp_path: Path, store_uri: str) -> None:
+    snaps = [restore(build_snapshot(_state(i), store_uri, chunk_size=4096).uri) for i in range(3)]
+    size = snaps[0].manifest.data_size
+    tier = CacheTier("shm", tmp_path / "shm", int(size * 2.5))  # room for two entries
+    cache = NodeCache([tier])
+    for i, snap in enumerate(snaps[:2]):
+        assert cache.fill(tier, snap.manifest, snap.files, buffer=memoryview(snap.buffer.numpy()))
+        os.utime(tier.entry_dir(snap.manifest.id), (1000 + i, 1000 + i))
+    assert cache.lookup(snaps[0].manifest.id) is not None  # use the older one: now snaps[1] is least recent
+    assert cache.fill(tier, snaps[2].manifest, snaps[2].files, buffer=memoryview(snaps[2].buffer.numpy()))
+    held = {e.snapshot_id for e in cache.entries(tier)}
+    assert held == {snaps[0].manifest.id, snaps[2].manifest.id}
+    assert cache.usage(tier) <= tier.max_bytes
+
+
+def test_a_snapshot_larger_than_the_tier_is_not_cached(tmp_path: Path, store_uri: str) -> None:
+    snap = restore(build_snapshot(_state(0), store_uri, chunk_size=4096).uri)
+    tier = CacheTier("shm", tmp_path / "shm", snap.manifest.data_size // 2)
+    assert not NodeCache([tier]).fill(tier, snap.manifest, snap.files, buffer=memoryview(snap.buffer.numpy()))
+    assert NodeCache([tier]).lookup(snap.manifest.id) is None
+
+
+def test_prefetch_warms_every_tier_from_the_one_above(tmp_path: Path, store_uri: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from kold.snapshot import restorer
+
+    uri = build_snapshot(_state(0), store_uri, chunk_size=4096).uri
+    monkeypatch.setattr(restorer, "_worth_caching", lambda tier, ref: True)  # pretend the store is remote
+    from kold.snapshot import prefetcher
+
+    monkeypatch.setattr(prefetcher, "_worth_caching", lambda tier, ref: True)
+    cache = NodeCache([CacheTier("shm", tmp_path / "shm", 1 << 30), CacheTier("disk", tmp_path / "disk", 1 << 30)])
+    assert prefetch(uri, cache) == ["shm", "disk"]
+    assert restore(uri, cache=cache).stats.source_tier == "shm"
+
+
+def test_disk_tier_is_skipped_in_front_of_a_local_store(tmp_path: Path, store_uri: str) -> None:
+    uri = build_snapshot(_state(0), store_uri, chunk_size=4096).uri
+    cache = NodeCache([CacheTier("disk", tmp_path / "disk", 1 << 30)])
+    assert prefetch(uri, cache) == []
+    snap = restore(uri, cache=cache)
+    assert snap.wait_cache_fill(5) and cache.lookup(snap.manifest.id) is None
+
+
+def test_concurrent_fills_make_one_entry(tmp_path: Path, store_uri: str) -> None:
+    uri = build_snapshot(_state(0), store_uri, chunk_size=4096).uri
+    cache = NodeCache([CacheTier("shm", tmp_path / "shm", 1 << 30)])
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            prefetch(uri, cache)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(cache.entries(cache.tiers[0])) == 1
+    leftovers = [p for p in (tmp_path / "shm" / ".tmp").iterdir() if not p.name.startswith("evicted")]
+    assert leftovers == []
+
+
+def test_stale_temporaries_of_dead_fills_are_cleaned(tmp_path: Path, store_uri: str) -> None:
+    uri = build_snapshot(_state(0), store_uri, chunk_size=4096).uri
+    tier = CacheTier("shm", tmp_path / "shm", 1 << 30)
+    stale = tmp_path / "shm" / ".tmp" / "deadbeef-1234"
+    stale.mkdir(parents=True)
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    prefetch(uri, NodeCache([tier]))
+    assert not stale.exists()
+
+
+def test_unknown_tier_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown cache tier"):
+        CacheTier("ram", tmp_path, 1)
