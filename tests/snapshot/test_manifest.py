@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -50,7 +51,7 @@ def test_chunks_cover_the_data_exactly() -> None:
     m = make()
     chunks = list(m.chunks())
     assert chunks[0].offset == 0
-    assert all(a.end == b.offset for a, b in zip(chunks, chunks[1:], strict=False))
+    assert all(a.end == b.offset for a, b in itertools.pairwise(chunks))
     assert chunks[-1].end == m.data_size
 
 
