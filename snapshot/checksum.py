@@ -11,3 +11,8 @@ import xxhash
 
 def chunk_checksum(data: memoryview | bytes | bytearray) -> str:
     return xxhash.xxh3_128_hexdigest(data)
+
+
+def chunk_hasher() -> xxhash.xxh3_128:
+    """An incremental hasher: feeding it each piece right after it is read hashes from the CPU cache."""
+    return xxhash.xxh3_128()

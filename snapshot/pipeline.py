@@ -15,20 +15,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kold.snapshot.checksum import chunk_checksum
+from kold.snapshot.checksum import chunk_hasher
 from kold.snapshot.devices import Destination
 from kold.snapshot.errors import ChunkCorruptedError, ChunkTruncatedError, RestoreCancelledError
 from kold.snapshot.manifest import ChunkEntry
 from kold.snapshot.plan import RestorePlan
 from kold.snapshot.store import ObjectReader
 
+# Local reads are split into pieces this size and each piece is hashed right after its read, while
+# it is still in the CPU cache (4 MiB x 2 readers fits the L3 of small machines): the checksum then
+# costs a pass over cache, not a second pass over memory. Remote reads stay one request per chunk.
+LOCAL_PIECE_SIZE = 4 << 20
+
 
 @dataclass
 class ReadSource:
-    """A reader and the name of the tier behind it ("shm", "disk", "store")."""
+    """A reader, the name of the tier behind it ("shm", "disk", "store"), and its read granularity."""
 
     reader: ObjectReader
     tier: str
+    piece_size: int = 0  # 0: read each chunk in one request
 
 
 @dataclass
@@ -62,21 +68,31 @@ def run_pipeline(
     retry_source = fallback or primary
 
     def fetch(source: ReadSource, chunk: ChunkEntry, view: memoryview) -> tuple[bool, str]:
-        """Read and check one chunk; returns (ok, why not)."""
-        t0 = time.perf_counter()
-        n = source.reader.read_into(chunk.offset, view)
-        t1 = time.perf_counter()
+        """Read and check one chunk, piece by piece; returns (ok, why not)."""
+        piece = source.piece_size or chunk.size
+        hasher = chunk_hasher() if verify else None
+        read_s = verify_s = 0.0
+        got = 0
+        for start in range(0, chunk.size, piece):
+            part = view[start : start + piece]
+            t0 = time.perf_counter()
+            n = source.reader.read_into(chunk.offset + start, part)
+            t1 = time.perf_counter()
+            read_s += t1 - t0
+            got += n
+            if n < len(part):
+                break
+            if hasher is not None:
+                hasher.update(part)
+                verify_s += time.perf_counter() - t1
         with lock:
-            stats.read_s += t1 - t0
-            stats.bytes_by_tier[source.tier] = stats.bytes_by_tier.get(source.tier, 0) + n
-        if n < chunk.size:
-            return False, f"short read: {n} of {chunk.size} bytes (the data object ends early)"
-        if verify:
-            ok = chunk_checksum(view) == chunk.checksum
-            with lock:
-                stats.verify_s += time.perf_counter() - t1
-            if not ok:
-                return False, "checksum mismatch"
+            stats.read_s += read_s
+            stats.verify_s += verify_s
+            stats.bytes_by_tier[source.tier] = stats.bytes_by_tier.get(source.tier, 0) + got
+        if got < chunk.size:
+            return False, f"short read: {got} of {chunk.size} bytes (the data object ends early)"
+        if hasher is not None and hasher.hexdigest() != chunk.checksum:
+            return False, "checksum mismatch"
         return True, ""
 
     def worker() -> None:

@@ -12,10 +12,15 @@ from dataclasses import dataclass
 from kold.snapshot.manifest import ChunkEntry, Manifest
 
 # Reading from local files (page cache or disk) is a kernel memcpy: more threads than cores only
-# add contention. Reading from S3 is latency bound: many ranged GETs in flight hide round trips.
+# add contention. Reading from S3 is latency bound, so more ranged GETs are in flight than there are
+# cores, but each stream still costs client CPU (socket copy, checksum, page faults): on 2 cores 4
+# streams beat 8 and 16 against a loopback server (2.05 s vs 2.2 s for 2.2 GB), while a 16-core GPU
+# node gets 16.
 LOCAL_READERS_PER_CORE = 1
 MIN_LOCAL_READERS = 2
-REMOTE_READERS = 8
+REMOTE_READERS_PER_CORE = 2
+MIN_REMOTE_READERS = 4
+MAX_REMOTE_READERS = 16
 # Pinned slots beyond one per reader: enough for copies of finished chunks to run while every
 # reader already fills its next slot.
 EXTRA_RING_SLOTS = 2
@@ -34,9 +39,9 @@ class RestorePlan:
 
 
 def default_readers(remote: bool, cpu_count: int | None = None) -> int:
-    if remote:
-        return REMOTE_READERS
     cores = cpu_count if cpu_count is not None else (os.cpu_count() or 2)
+    if remote:
+        return min(MAX_REMOTE_READERS, max(MIN_REMOTE_READERS, cores * REMOTE_READERS_PER_CORE))
     return max(MIN_LOCAL_READERS, cores * LOCAL_READERS_PER_CORE)
 
 

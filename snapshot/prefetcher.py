@@ -7,7 +7,7 @@ slower tier is then filled from the tier above it (a local copy) rather than fro
 from __future__ import annotations
 
 from kold.snapshot.cache import NodeCache
-from kold.snapshot.pipeline import ReadSource
+from kold.snapshot.pipeline import LOCAL_PIECE_SIZE, ReadSource
 from kold.snapshot.plan import default_readers
 from kold.snapshot.restorer import _worth_caching, read_files, read_manifest
 from kold.snapshot.store import S3Options, data_key, open_store, parse_snapshot_uri
@@ -32,7 +32,7 @@ def prefetch(uri: str, cache: NodeCache, *, s3: S3Options | None = None, readers
                 tier,
                 manifest,
                 files,
-                source=ReadSource(reader, source_tier),
+                source=ReadSource(reader, source_tier, 0 if remote and source_tier == "store" else LOCAL_PIECE_SIZE),
                 readers=readers or default_readers(remote and source_tier == "store"),
             )
         finally:

@@ -122,3 +122,20 @@ def test_plan_uses_no_more_readers_than_chunks_and_sizes_the_ring() -> None:
     assert plan.total_bytes == size
     with pytest.raises(ValueError):
         make_plan(m, readers=0, staged=False)
+
+
+@pytest.mark.parametrize(
+    ("remote", "cores", "expected"),
+    [
+        (False, 2, 2),  # local: one reader a core, at least two
+        (False, 1, 2),
+        (False, 16, 16),
+        (True, 2, 4),  # remote: two streams a core, between 4 and 16
+        (True, 4, 8),
+        (True, 64, 16),
+    ],
+)
+def test_default_readers_by_source(remote: bool, cores: int, expected: int) -> None:
+    from kold.snapshot.plan import default_readers
+
+    assert default_readers(remote, cpu_count=cores) == expected
