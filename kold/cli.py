@@ -52,13 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         print(f"kold: error: invalid KOLD_* setting: {exc}", file=sys.stderr)
         return 2
+    # The CLI prints its own summaries: library logs show from WARNING up, unless -v asks for all.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else getattr(logging, settings.log_level.upper(), logging.INFO),
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not args.verbose:
-        logging.getLogger("kold").setLevel(logging.WARNING)  # the CLI prints its own summary
     handler: Handler = args.handler
     from kold.snapshot.errors import SnapshotError
 

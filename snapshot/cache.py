@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from kold.snapshot.checksum import chunk_checksum
 from kold.snapshot.devices import HostDestination
 from kold.snapshot.errors import ChunkCorruptedError
 from kold.snapshot.filestore import FileStore
-from kold.snapshot.manifest import Manifest
+from kold.snapshot.manifest import ChunkEntry, Manifest
 from kold.snapshot.pipeline import ReadSource, run_pipeline
 from kold.snapshot.plan import make_plan
 from kold.snapshot.store import SNAPSHOTS_PREFIX, data_key
@@ -123,6 +123,7 @@ class NodeCache:
         buffer: memoryview | None = None,
         source: ReadSource | None = None,
         readers: int = 2,
+        on_chunk: Callable[[ChunkEntry], None] | None = None,
     ) -> bool:
         """Write one entry, from a restored host buffer or by reading a source; False if it does not fit.
 
@@ -152,7 +153,7 @@ class NodeCache:
             if buffer is not None:
                 _write_verified(temp / "data", manifest, buffer)
             elif source is not None:
-                _read_into_file(temp / "data", manifest, source, readers)
+                _read_into_file(temp / "data", manifest, source, readers, on_chunk)
             else:
                 raise ValueError("fill needs a buffer or a source")
             for f in manifest.files:
@@ -200,7 +201,13 @@ def _write_verified(path: Path, manifest: Manifest, buffer: memoryview) -> None:
             f.write(piece)
 
 
-def _read_into_file(path: Path, manifest: Manifest, source: ReadSource, readers: int) -> None:
+def _read_into_file(
+    path: Path,
+    manifest: Manifest,
+    source: ReadSource,
+    readers: int,
+    on_chunk: Callable[[ChunkEntry], None] | None = None,
+) -> None:
     """Parallel ranged reads straight into a shared mapping of the new file: the restore pipeline, aimed at a file."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -212,7 +219,8 @@ def _read_into_file(path: Path, manifest: Manifest, source: ReadSource, readers:
         os.close(fd)
     dest = HostDestination(manifest.data_size, buffer=mapping)
     try:
-        run_pipeline(make_plan(manifest, readers=readers, staged=False), manifest.id, source, dest, verify=True)
+        plan = make_plan(manifest, readers=readers, staged=False)
+        run_pipeline(plan, manifest.id, source, dest, verify=True, on_chunk=on_chunk)
         mapping.flush()
     finally:
         dest.release()

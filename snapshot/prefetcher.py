@@ -6,15 +6,29 @@ slower tier is then filled from the tier above it (a local copy) rather than fro
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from kold.snapshot.cache import NodeCache
+from kold.snapshot.manifest import ChunkEntry
 from kold.snapshot.pipeline import LOCAL_PIECE_SIZE, ReadSource
 from kold.snapshot.plan import default_readers
 from kold.snapshot.restorer import _worth_caching, read_files, read_manifest
 from kold.snapshot.store import S3Options, data_key, open_store, parse_snapshot_uri
 
 
-def prefetch(uri: str, cache: NodeCache, *, s3: S3Options | None = None, readers: int | None = None) -> list[str]:
-    """Fill every tier that should hold the snapshot; returns the names of tiers that now hold it."""
+def prefetch(
+    uri: str,
+    cache: NodeCache,
+    *,
+    s3: S3Options | None = None,
+    readers: int | None = None,
+    on_chunk: Callable[[str, ChunkEntry], None] | None = None,
+) -> list[str]:
+    """Fill every tier that should hold the snapshot; returns the names of tiers that now hold it.
+
+    `on_chunk(tier name, chunk)` is called as each chunk lands in a tier (for progress bars).
+    """
     ref = parse_snapshot_uri(uri)
     store = open_store(ref.store_uri, s3)
     manifest = read_manifest(store, ref)
@@ -34,6 +48,7 @@ def prefetch(uri: str, cache: NodeCache, *, s3: S3Options | None = None, readers
                 files,
                 source=ReadSource(reader, source_tier, 0 if remote and source_tier == "store" else LOCAL_PIECE_SIZE),
                 readers=readers or default_readers(remote and source_tier == "store"),
+                on_chunk=None if on_chunk is None else functools.partial(on_chunk, tier.name),
             )
         finally:
             reader.close()

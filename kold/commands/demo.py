@@ -52,8 +52,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     results: list[tuple[str, dict[str, Any]]] = []
 
-    def run(label: str, **kwargs: Any) -> None:
-        snap = restore(first.uri, **kwargs)
+    def run(label: str, uri: str = first.uri, **kwargs: Any) -> None:
+        snap = restore(uri, **kwargs)
         snap.wait_cache_fill()
         results.append((label, snap.stats.as_dict()))
         print(f"\n[{len(results) + 2}] restore: {label}")
@@ -107,7 +107,7 @@ def _s3_part(snapshot_id: str, model_dir: Path, work: Path, run: Any) -> None:
             options = S3Options(endpoint_url=server.endpoint_url)
             result = build_snapshot(model_dir, "s3://kold/demo", s3=options)
             print(f"\n    published to {result.uri} through rclone serve s3 on loopback")
-            run("S3 (rclone on loopback)", s3=options)
+            run("S3 (rclone on loopback)", result.uri, s3=options)
         finally:
             for key, value in saved.items():
                 if value is None:

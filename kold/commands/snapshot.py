@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +141,23 @@ def print_phase_table(stats: dict[str, Any]) -> None:
 
 def cmd_prefetch(args: argparse.Namespace, settings: Settings) -> int:
     from kold.snapshot import prefetch
+    from kold.snapshot.restorer import read_manifest
+    from kold.snapshot.store import open_store, parse_snapshot_uri
 
-    tiers = prefetch(args.uri, settings.node_cache, s3=settings.s3_options(), readers=settings.restore_readers)
+    ref = parse_snapshot_uri(args.uri)
+    total = read_manifest(open_store(ref.store_uri, settings.s3_options()), ref).data_size
+    counters: dict[str, Callable[[object], None]] = {}
+    lock = threading.Lock()  # reader threads report chunks concurrently
+    with ByteProgress(f"prefetch {ref.snapshot_id[:12]}") as progress:
+
+        def on_chunk(tier: str, chunk: object) -> None:
+            with lock:
+                counter = counters.setdefault(tier, chunk_counter(progress, f"fill {tier} tier", total))
+            counter(chunk)
+
+        tiers = prefetch(
+            args.uri, settings.node_cache, s3=settings.s3_options(), readers=settings.restore_readers, on_chunk=on_chunk
+        )
     where = ", ".join(f"{t.name} ({t.root})" for t in settings.node_cache.tiers if t.name in tiers)
     print(f"snapshot cached in: {where or 'no tier (too large, or every tier disabled)'}")
     return 0 if tiers else 1
