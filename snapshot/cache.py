@@ -26,6 +26,7 @@ from kold.snapshot.checksum import chunk_checksum
 from kold.snapshot.devices import HostDestination
 from kold.snapshot.errors import ChunkCorruptedError
 from kold.snapshot.filestore import FileStore
+from kold.snapshot.hostmem import advise_hugepages
 from kold.snapshot.manifest import ChunkEntry, Manifest
 from kold.snapshot.pipeline import ReadSource, run_pipeline
 from kold.snapshot.plan import make_plan
@@ -215,6 +216,7 @@ def _read_into_file(
         if manifest.data_size == 0:
             return
         mapping = mmap.mmap(fd, manifest.data_size, flags=mmap.MAP_SHARED)
+        advise_hugepages(mapping)  # a tmpfs mounted huge=advise then backs the entry with 2 MiB pages
     finally:
         os.close(fd)
     dest = HostDestination(manifest.data_size, buffer=mapping)

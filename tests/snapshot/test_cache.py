@@ -146,3 +146,13 @@ def test_stale_temporaries_of_dead_fills_are_cleaned(tmp_path: Path, store_uri: 
 def test_unknown_tier_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown cache tier"):
         CacheTier("ram", tmp_path, 1)
+
+
+def test_huge_page_detection_reads_the_mount_table(tmp_path: Path) -> None:
+    from kold.snapshot.hostmem import huge_page_backed
+
+    assert not huge_page_backed(tmp_path)  # pytest's tmp dir is not a huge-page tmpfs here
+    mounts = Path("/proc/self/mountinfo").read_text()
+    huge = [line.split()[4] for line in mounts.splitlines() if "huge=within_size" in line or "huge=always" in line]
+    for mount_point in huge:
+        assert huge_page_backed(Path(mount_point))
