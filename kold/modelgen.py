@@ -3,14 +3,23 @@
 kold never downloads weights: tests, benchmarks and the demo use models generated here, seeded so
 every run (and every machine) gets the same bytes. The shapes are real ones (TinyLlama-1.1B for `1b`)
 so restore benchmarks move realistic tensor sizes; the values are random.
+
+Three architectures share the shapes: `llama` (TinyLlama-style, Zephyr chat format), `mistral`
+(`[INST]` chat format, no sliding window) and `qwen2` (q/k/v biases, tied embeddings as the small
+Qwen2 models have, ChatML). `write_random_model` also writes a real tokenizer: a byte-level BPE
+trained here with `tokenizers` on the English corpus shipped in `kold/data/corpus.txt`, padded to
+the config's `vocab_size` with extra merges when the corpus runs out of pairs (see `train_tokenizer`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,17 +50,130 @@ SIZES: dict[str, LlamaShape] = {
 }
 
 
+ARCHS = ("llama", "mistral", "qwen2")
+
+# Special tokens, at ids 0.. in this order in every generated tokenizer: Llama's <unk>/<s>/</s> at
+# 0/1/2 (the ids config.json names), a pad token, and the role markers of the three chat formats.
+SPECIAL_TOKENS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "[INST]",
+    "[/INST]",
+)
+BOS_ID, EOS_ID, PAD_ID, IM_END_ID = 1, 2, 3, 8
+
+# TinyLlama-1.1B-Chat's template (Zephyr), with the BOS written by the template.
+LLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n"
+    "{% endif %}\n"
+    "{% endfor %}"
+)
+
+# Mistral-7B-Instruct-v0.2's template: system prompt folded into the first user turn, strict alternation.
+MISTRAL_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content'] %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set loop_messages = messages %}\n"
+    "{%- endif %}\n"
+    "\n"
+    "{{- bos_token }}\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('After the optional system message, conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}\n"
+    "    {%- endif %}\n"
+    "    {%- if message['role'] == 'user' %}\n"
+    "        {%- if loop.first and system_message is defined %}\n"
+    "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n"
+    "        {%- else %}\n"
+    "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n"
+    "        {%- endif %}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n"
+    "        {{- ' ' + message['content'] + eos_token}}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception('Only user and assistant roles are supported, with the exception of an "
+    "initial optional system message!') }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+)
+
+# Qwen2-Instruct's template (without tools): ChatML with a default system message.
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
+
+
+def _check_size(size: str) -> None:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r} (choose from {', '.join(SIZES)})")
+
+
+def model_shape(arch: str, size: str) -> LlamaShape:
+    """The shape of `size` for `arch` (qwen2 ties its embeddings, as Qwen2-0.5B/1.5B do)."""
+    _check_arch(arch)
+    _check_size(size)
+    shape = SIZES[size]
+    return replace(shape, tie_word_embeddings=True) if arch == "qwen2" else shape
+
+
 def llama_tensor_specs(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Names and shapes of a LlamaForCausalLM state dict, in Hugging Face's order."""
+    return tensor_specs("llama", shape)
+
+
+def tensor_specs(arch: str, shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of `arch`'s *ForCausalLM state dict, in Hugging Face's order.
+
+    Llama and Mistral share names; Qwen2 adds `q_proj.bias`, `k_proj.bias` and `v_proj.bias`.
+    `lm_head.weight` is absent when the embeddings are tied.
+    """
+    _check_arch(arch)
     h, i = shape.hidden_size, shape.intermediate_size
     head_dim = h // shape.num_attention_heads
     kv = shape.num_key_value_heads * head_dim
+    bias = arch == "qwen2"
     yield "model.embed_tokens.weight", (shape.vocab_size, h)
     for layer in range(shape.num_hidden_layers):
         p = f"model.layers.{layer}"
         yield f"{p}.self_attn.q_proj.weight", (h, h)
+        if bias:
+            yield f"{p}.self_attn.q_proj.bias", (h,)
         yield f"{p}.self_attn.k_proj.weight", (kv, h)
+        if bias:
+            yield f"{p}.self_attn.k_proj.bias", (kv,)
         yield f"{p}.self_attn.v_proj.weight", (kv, h)
+        if bias:
+            yield f"{p}.self_attn.v_proj.bias", (kv,)
         yield f"{p}.self_attn.o_proj.weight", (h, h)
         yield f"{p}.mlp.gate_proj.weight", (i, h)
         yield f"{p}.mlp.up_proj.weight", (i, h)
@@ -61,6 +183,18 @@ def llama_tensor_specs(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]
     yield "model.norm.weight", (h,)
     if not shape.tie_word_embeddings:
         yield "lm_head.weight", (shape.vocab_size, h)
+
+
+def model_nbytes(arch: str, size: str, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the weights `write_random_model(out, arch, size)` writes."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for _, tshape in tensor_specs(arch, model_shape(arch, size)):
+        n = 1
+        for d in tshape:
+            n *= d
+        total += n * itemsize
+    return total
 
 
 def llama_config(shape: LlamaShape, dtype: torch.dtype) -> dict[str, object]:
@@ -77,32 +211,209 @@ def llama_config(shape: LlamaShape, dtype: torch.dtype) -> dict[str, object]:
     }
 
 
+def model_config(arch: str, shape: LlamaShape, dtype: torch.dtype) -> dict[str, object]:
+    """config.json for `arch`, in the form the real checkpoints of that family have."""
+    _check_arch(arch)
+    if arch == "llama":
+        return llama_config(shape, dtype)
+    if arch == "mistral":
+        return {
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000.0,
+            "sliding_window": None,
+            "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            **asdict(shape),
+        }
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "use_sliding_window": False,
+        "sliding_window": shape.max_position_embeddings,
+        "max_window_layers": shape.num_hidden_layers,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": IM_END_ID,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        **asdict(shape),
+    }
+
+
+def generation_config(arch: str) -> dict[str, object]:
+    """generation_config.json: Qwen2 stops on <|im_end|> or </s> (a list), the others on </s> (an int)."""
+    _check_arch(arch)
+    if arch == "qwen2":
+        return {
+            "bos_token_id": BOS_ID,
+            "eos_token_id": [IM_END_ID, EOS_ID],
+            "pad_token_id": PAD_ID,
+            "max_new_tokens": 64,
+        }
+    return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "max_new_tokens": 64}
+
+
+# -- tokenizer ---------------------------------------------------------------------------------------
+
+
+def corpus_text() -> str:
+    """The English prose the tokenizers are trained on (shipped as package data)."""
+    return resources.files("kold").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+
+
+# Qwen2's pre-tokenizer split (digits one by one, letters in runs); transformers' Qwen2Tokenizer
+# rebuilds exactly this pipeline (NFC, this split, byte-level) whatever tokenizer.json says, so the
+# qwen2 tokenizer is trained and saved with it to encode the same either way.
+QWEN2_SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+@functools.lru_cache(maxsize=8)
+def _trained_bpe(vocab_size: int, qwen2_split: bool) -> str:
+    """The trained (and padded) byte-level BPE as tokenizer.json text, before any post-processor."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if qwen2_split:
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:  # GPT-2's split, as Llama 3 style byte-level tokenizers have
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=0,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # paragraphs with their blank line, so newline tokens are learned too
+    paragraphs = [p + "\n\n" for p in corpus_text().split("\n\n") if p.strip()]
+    tok.train_from_iterator(paragraphs, trainer)
+    doc = json.loads(tok.to_str())
+    _pad_merges(doc["model"], vocab_size)
+    return json.dumps(doc)
+
+
+def _pad_merges(model: dict[str, Any], vocab_size: int) -> None:
+    """Grow a trained BPE to `vocab_size` with extra merges when the corpus has no pairs left.
+
+    Each extra token joins a learned word-start piece ("Ġwater") and a learned lowercase piece
+    ("ing"): valid BPE (both halves are tokens, the merge ranks after every trained one), plain
+    text when decoded, and chosen in a fixed order, so the result stays deterministic.
+    """
+    vocab: dict[str, int] = model["vocab"]
+    merges: list[Any] = model["merges"]
+    if len(vocab) >= vocab_size:
+        return
+    by_id = sorted(vocab, key=vocab.__getitem__)
+    starts = [t for t in by_id if t.startswith("Ġ") and len(t) >= 3 and t[1:].isascii() and t[1:].isalpha()]
+    tails = [t for t in by_id if len(t) >= 2 and t.isascii() and t.isalpha() and t.islower()]
+    if not starts or not tails:
+        raise ValueError("the tokenizer corpus is too small to pad the vocabulary")
+    next_id = max(vocab.values()) + 1
+    for shift in range(len(tails)):
+        for index, left in enumerate(starts):
+            right = tails[(index + shift) % len(tails)]
+            token = left + right
+            if token in vocab:
+                continue
+            vocab[token] = next_id
+            merges.append([left, right])
+            next_id += 1
+            if len(vocab) >= vocab_size:
+                return
+    raise ValueError(f"cannot pad the tokenizer to {vocab_size} tokens")
+
+
+def tokenizer_json(arch: str, vocab_size: int) -> str:
+    """tokenizer.json for `arch`: the shared trained BPE plus `arch`'s post-processor (BOS or not)."""
+    from tokenizers import Tokenizer, processors
+
+    _check_arch(arch)
+    tok = Tokenizer.from_str(_trained_bpe(vocab_size, arch == "qwen2"))
+    if arch == "qwen2":  # Qwen2 adds no BOS
+        tok.post_processor = processors.ByteLevel(trim_offsets=False, use_regex=False)
+    else:  # Llama and Mistral prepend <s>, as Llama 3's byte-level tokenizer.json does
+        bos = SPECIAL_TOKENS[BOS_ID]
+        template = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, BOS_ID)]
+        )
+        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
+    if tok.get_vocab_size(with_added_tokens=True) != vocab_size:
+        raise RuntimeError(f"tokenizer has {tok.get_vocab_size(with_added_tokens=True)} tokens, not {vocab_size}")
+    return str(tok.to_str(pretty=True))
+
+
+def tokenizer_config(arch: str, shape: LlamaShape) -> dict[str, object]:
+    """tokenizer_config.json: named special tokens and the chat template of `arch`'s family."""
+    _check_arch(arch)
+    special: dict[str, object]
+    if arch == "qwen2":
+        special = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<pad>", "unk_token": None}
+        template = QWEN2_CHAT_TEMPLATE
+    else:
+        special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+        template = LLAMA_CHAT_TEMPLATE if arch == "llama" else MISTRAL_CHAT_TEMPLATE
+    return {
+        # loads tokenizer.json as it is (a model-specific class could rebuild the pipeline)
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": shape.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": template,
+    }
+
+
+def write_tokenizer(out: Path, arch: str, shape: LlamaShape) -> None:
+    """Write tokenizer.json and tokenizer_config.json for a model of `arch` and `shape`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(tokenizer_json(arch, shape.vocab_size), encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(arch, shape), indent=2), encoding="utf-8")
+
+
+# -- weights -----------------------------------------------------------------------------------------
+
+
 def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype)
     return torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
 
 
-def write_random_llama(
+def write_random_model(
     out: Path,
+    arch: str = "llama",
     size: str = "tiny",
     *,
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     shard_bytes: int = SHARD_BYTES,
     progress: Callable[[int], None] | None = None,
+    tokenizer: bool = True,
 ) -> Path:
-    """Write config.json, generation_config.json and safetensors shards (with an index when >1).
+    """Write a complete random model of `arch` and `size` to `out`, byte-identical for the same arguments.
 
+    Files: config.json, generation_config.json, safetensors shards (with an index when >1) and, with
+    `tokenizer`, tokenizer.json and tokenizer_config.json (with the chat template).
     Memory stays around one shard: each shard is generated, written and dropped before the next.
     `progress` is called with the bytes of each tensor as it is generated.
     """
     from safetensors.torch import save_file
 
-    if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r} (choose from {', '.join(SIZES)})")
-    shape = SIZES[size]
+    shape = model_shape(arch, size)
     out.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        write_tokenizer(out, arch, shape)
     gen = torch.Generator().manual_seed(seed)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -116,7 +427,7 @@ def write_random_llama(
         pending_files.append(path)
         shards[index] = {}
 
-    for name, tshape in llama_tensor_specs(shape):
+    for name, tshape in tensor_specs(arch, shape):
         tensor = random_tensor(name, tshape, dtype, gen)
         nbytes = tensor.numel() * tensor.element_size()
         if shard_sizes[-1] and shard_sizes[-1] + nbytes > shard_bytes:
@@ -145,8 +456,25 @@ def write_random_llama(
         }
         (out / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
 
-    (out / "config.json").write_text(json.dumps(llama_config(shape, dtype), indent=2))
-    (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "max_new_tokens": 64}, indent=2)
-    )
+    (out / "config.json").write_text(json.dumps(model_config(arch, shape, dtype), indent=2))
+    (out / "generation_config.json").write_text(json.dumps(generation_config(arch), indent=2))
     return out
+
+
+def write_random_llama(
+    out: Path,
+    size: str = "tiny",
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    shard_bytes: int = SHARD_BYTES,
+    progress: Callable[[int], None] | None = None,
+    tokenizer: bool = True,
+) -> Path:
+    """A random Llama: weights, config.json, generation_config.json and (unless told not to) the tokenizer files.
+
+    Kept for existing callers (tests, benchmarks, the demo): `write_random_model(out, "llama", ...)`.
+    """
+    return write_random_model(
+        out, "llama", size, dtype=dtype, seed=seed, shard_bytes=shard_bytes, progress=progress, tokenizer=tokenizer
+    )

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from snapshot_helpers import reference_tensors
 
 from kold.modelgen import write_random_llama
-
-SMALL_CHUNK = 64 << 10  # many chunks even for the tiny model, so the pipeline really runs in parallel
 
 
 @pytest.fixture(scope="session")
@@ -26,15 +25,6 @@ def sharded_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def store_uri(tmp_path: Path) -> str:
     return (tmp_path / "store").as_uri()
-
-
-def reference_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_CHUNK, reference_tensors
+from snapshot_helpers import SMALL_CHUNK, reference_tensors
 
 from kold.snapshot import build_snapshot, restore
 from kold.snapshot.errors import ModelSourceError, UnsupportedDtypeError
@@ -20,7 +20,12 @@ def test_build_from_a_model_dir_carries_files_and_bytes(tiny_model: Path, store_
     result = build_snapshot(tiny_model, store_uri, chunk_size=SMALL_CHUNK)
     m = result.manifest
     assert result.uploaded and result.uri.endswith(f"/snapshots/{m.id}")
-    assert {f.name for f in m.files} == {"config.json", "generation_config.json"}
+    assert {f.name for f in m.files} == {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert m.metadata == {"model_type": "llama", "architectures": "LlamaForCausalLM"}
     blob = FileStore(Path(store_uri.removeprefix("file://"))).get_bytes(data_key(m.id))
     assert len(blob) == m.data_size

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_CHUNK
+from snapshot_helpers import SMALL_CHUNK
 
 from kold.snapshot import CacheTier, NodeCache, build_snapshot, restore
 from kold.snapshot.errors import (

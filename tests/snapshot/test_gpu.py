@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_CHUNK
+from snapshot_helpers import SMALL_CHUNK
 
 cupy = pytest.importorskip("cupy", reason="CuPy not installed (pip install 'kold[gpu]')")
 if not torch.cuda.is_available():

@@ -1,0 +1,171 @@
+"""Chat templates, rendered the way Hugging Face transformers renders them (without importing it).
+
+A model's chat template is a Jinja2 program shipped in `tokenizer_config.json` (`chat_template`) or in
+`chat_template.jinja`. transformers compiles it in an `ImmutableSandboxedEnvironment` with
+`trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension, a JSON `tojson` filter that does not
+HTML-escape, and the globals `raise_exception` and `strftime_now`; it renders it with `messages`,
+`tools`, `documents`, `add_generation_prompt` and the tokenizer's named special tokens (`bos_token`,
+`eos_token`, ... , only those that are set). This module does the same, so a prompt rendered here is
+byte-identical to `AutoTokenizer.apply_chat_template(messages, tokenize=False)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
+import jinja2.utils
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# ChatML: the template transformers used for years when a model shipped none.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Names a message's reasoning is passed under; transformers fills them all from whichever is set.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class ChatTemplateError(ValueError):
+    """A template that does not compile, or that rejects the conversation (`raise_exception`)."""
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (assistant-mask markers in some templates): render the body."""
+
+    tags = {"generation"}  # noqa: RUF012 (jinja's Extension API declares it as a class attribute)
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return str(caller())
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore-prefixed attributes, as transformers' does."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        self, rest = args[0], args[1:]
+        attrs = dict(*rest, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: object) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=32)
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compile a template once (cached by its text); `ChatTemplateError` on a syntax error."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["namespace"] = _Namespace
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise ChatTemplateError(f"chat template does not compile: {exc}") from None
+
+
+def _plain(value: Any) -> Any:
+    """JSON-like copies of what the template sees (so it can neither mutate nor reach caller objects)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):  # pydantic models
+        return _plain(dump())
+    return f"<{type(value).__name__}>"
+
+
+def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What transformers hands the template: keys whose value is None dropped, reasoning fields aliased."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if not isinstance(message, Mapping):
+            raise TypeError(f"chat messages must be dicts, got {message!r}")
+        msg = {k: _plain(v) for k, v in message.items() if v is not None}
+        reasoning = next((msg[k] for k in _REASONING_FIELDS if msg.get(k) is not None), None)
+        if reasoning is not None:
+            msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
+        out.append(msg)
+    return out
+
+
+def render_chat_template(
+    source: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    special_tokens: Mapping[str, str] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    documents: list[dict[str, Any]] | None = None,
+    **kwargs: Any,
+) -> str:
+    """Render `source` over `messages` exactly as `apply_chat_template(..., tokenize=False)` does.
+
+    `special_tokens` are the tokenizer's named special tokens (`{"bos_token": "<s>", ...}`, unset ones
+    left out); `kwargs` are extra template variables and override special tokens of the same name.
+    """
+    if not messages:
+        raise ChatTemplateError("cannot apply a chat template to an empty conversation")
+    template = compile_chat_template(source)
+    variables = {**(special_tokens or {}), **kwargs}
+    try:
+        return template.render(
+            messages=normalize_messages(messages),
+            tools=_plain(tools),
+            documents=_plain(documents),
+            add_generation_prompt=add_generation_prompt,
+            **_plain(variables),
+        )
+    except (jinja2.exceptions.TemplateError, TypeError) as exc:  # raise_exception(...), or content it cannot join
+        raise ChatTemplateError(f"chat template rejected the conversation: {exc}") from None
