@@ -77,12 +77,32 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` without random initialisation: every weight is assigned from a snapshot.
+
+    Skipping `reset_parameters` matters for cold starts, not just for time spent drawing random
+    numbers: on the meta device `normal_`/`kaiming_uniform_` go through torch's Python meta
+    decompositions, whose first use imports torch._refs, torch._decomp and sympy (~1.9 s measured
+    on the tiny model). `torch.empty` on meta is a plain C++ call.
+    """
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` without random initialisation (see `Linear`)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back before the weight, as transformers does."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype))  # always assigned from the weights
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,10 +150,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         h, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(h, q_out, bias=config.qkv_bias, dtype=dtype)
-        self.k_proj = nn.Linear(h, kv_out, bias=config.qkv_bias, dtype=dtype)
-        self.v_proj = nn.Linear(h, kv_out, bias=config.qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(q_out, h, bias=config.o_bias, dtype=dtype)
+        self.q_proj = Linear(h, q_out, bias=config.qkv_bias, dtype=dtype)
+        self.k_proj = Linear(h, kv_out, bias=config.qkv_bias, dtype=dtype)
+        self.v_proj = Linear(h, kv_out, bias=config.qkv_bias, dtype=dtype)
+        self.o_proj = Linear(q_out, h, bias=config.o_bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: _Step) -> torch.Tensor:
         b, t, _ = x.shape
@@ -160,9 +180,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
-        self.up_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
-        self.down_proj = nn.Linear(i, h, bias=bias, dtype=dtype)
+        self.gate_proj = Linear(h, i, bias=bias, dtype=dtype)
+        self.up_proj = Linear(h, i, bias=bias, dtype=dtype)
+        self.down_proj = Linear(i, h, bias=bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
@@ -206,7 +226,7 @@ class _Step:
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(config)
@@ -220,7 +240,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.dtype = dtype or config.torch_dtype
         self.model = LlamaModel(config, self.dtype)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=self.dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=self.dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
