@@ -64,6 +64,18 @@ class Settings(BaseSettings):
     restore_readers: int | None = Field(default=None, ge=1, le=256)
     log_level: str = "INFO"
 
+    # -- the runtime (`kold runtime serve`) --
+    # Knative's contract: the container listens on $PORT (no KOLD_ prefix).
+    port: int = Field(default=8080, ge=0, le=65535, validation_alias="PORT")
+    runtime_max_batch: int = Field(default=8, ge=1, le=1024, description="sequences decoded together")
+    runtime_max_seq_len: int | None = Field(default=None, ge=2, description="context limit (default: the model's)")
+    runtime_max_waiting: int = Field(default=256, ge=0, description="requests that may wait for the model to load")
+    runtime_queue_timeout_s: float = Field(default=300.0, gt=0, description="how long one of them may wait")
+    runtime_drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: how long in-flight requests get")
+    # TEST ONLY (never set in production): hold the runtime's restore back this many seconds, so tests
+    # can watch requests queue up during a cold start.
+    runtime_test_restore_delay_s: float = Field(default=0.0, ge=0, le=600)
+
     @property
     def store_uri(self) -> str:
         return self.store or (self.home / "store").as_uri()

@@ -1,0 +1,83 @@
+"""`kold runtime serve`: one instance of the inference runtime (what a Knative pod runs).
+
+Only what the start path needs is imported: the server (FastAPI, uvicorn, prometheus-client) before
+listening; torch, the model and the tokenizer in the background load, after listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from kold.settings import Settings
+
+
+def register(top: Any) -> None:
+    parser = top.add_parser("runtime", help="run the inference runtime of one instance")
+    sub = parser.add_subparsers(dest="runtime_command", required=True, metavar="SUBCOMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a snapshot over OpenAI-compatible HTTP (listens at once, loads in the background)",
+    )
+    serve.add_argument("--snapshot", required=True, metavar="URI", help="snapshot URI: <store>/snapshots/<id>")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: $PORT, as Knative sets it, else 8080; 0: any)")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    serve.add_argument("--max-batch", type=int, help="sequences decoded together (default KOLD_RUNTIME_MAX_BATCH)")
+    serve.add_argument("--max-seq-len", type=int, help="context limit in tokens (default: the model's)")
+    serve.add_argument("--served-model-name", metavar="NAME", help="the model name clients use (default: the id)")
+    serve.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from kold.cli import CLIError
+    from kold.runtime.lifecycle import process_start_time
+    from kold.snapshot.store import parse_snapshot_uri
+
+    process_start = process_start_time()
+    ref = parse_snapshot_uri(args.snapshot)  # a bad URI fails here, before anything listens
+    port = settings.port if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise CLIError(f"--port {port}: not a port number")
+    max_batch = args.max_batch or settings.runtime_max_batch
+    max_seq_len = args.max_seq_len or settings.runtime_max_seq_len
+    if max_batch < 1 or (max_seq_len is not None and max_seq_len < 2):
+        raise CLIError("--max-batch must be >= 1 and --max-seq-len >= 2")
+    _log_events(verbose=args.verbose)
+
+    from kold.runtime.backend import snapshot_loader
+    from kold.runtime.server import ServeOptions, serve
+
+    names = [args.served_model_name or ref.snapshot_id, ref.snapshot_id, ref.uri]
+    options = ServeOptions(
+        host=args.host,
+        port=port,
+        model_names=tuple(dict.fromkeys(names)),
+        max_waiting=settings.runtime_max_waiting,
+        queue_timeout_s=settings.runtime_queue_timeout_s,
+        drain_timeout_s=settings.runtime_drain_timeout_s,
+        test_restore_delay_s=settings.runtime_test_restore_delay_s,
+    )
+    loader = snapshot_loader(
+        ref.uri,
+        device=args.device,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        cache=settings.node_cache,
+        s3=settings.s3_options(),
+        readers=settings.restore_readers,
+    )
+    return serve(options, loader, process_start=process_start)
+
+
+def _log_events(*, verbose: bool) -> None:
+    """The runtime's structured events (startup, first_token, drain) as bare JSON lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    events = logging.getLogger("kold.runtime.events")
+    events.addHandler(handler)
+    events.setLevel(logging.INFO)
+    events.propagate = False
+    logging.getLogger("kold.runtime").setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -1,0 +1,410 @@
+"""The OpenAI HTTP protocol: request and response models, server-sent events, and errors.
+
+Requests are validated strictly (a string where a number belongs is an error, not a coercion) and
+unknown fields are ignored, as OpenAI-compatible servers do for forward compatibility. Every failure
+a client can cause is an exception class below; `ERROR_TABLE` is the one place that maps them (and
+the parsing errors of pydantic and json) to an HTTP status and OpenAI's error body
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error reported to the client in OpenAI's shape. `code` and `param` as OpenAI uses them."""
+
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequestError(APIError):
+    """A request that is well-formed JSON but asks for something invalid or unsupported."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt (plus max_tokens) longer than the model's context."""
+
+    code = "context_length_exceeded"
+
+
+class ModelNotFoundError(APIError):
+    code = "model_not_found"
+
+
+class RouteNotFoundError(APIError):
+    code = "not_found"
+
+
+class MethodNotAllowedError(APIError):
+    code = "method_not_allowed"
+
+
+class UnavailableError(APIError):
+    """The instance cannot take the request now; the client should retry (Retry-After says when)."""
+
+    retry_after: int = 1
+
+
+class QueueFullError(UnavailableError):
+    code = "queue_full"
+
+
+class QueueTimeoutError(UnavailableError):
+    code = "queue_timeout"
+
+
+class DrainingError(UnavailableError):
+    code = "shutting_down"
+
+
+class NotReadyError(UnavailableError):
+    """The weights failed to load, or the instance is stopping before they did."""
+
+    code = "not_ready"
+    retry_after = 5
+
+
+class ClientDisconnectedError(APIError):
+    """The client went away before its response was ready (nobody reads the answer: for the logs)."""
+
+    code = "client_closed_request"
+
+
+class InternalError(APIError):
+    code = "internal_error"
+
+
+# The one table: exception class -> (HTTP status, OpenAI error type). Looked up along the MRO, so a
+# subclass inherits its parent's row unless it has its own.
+ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
+    json.JSONDecodeError: (400, "invalid_request_error"),
+    UnicodeDecodeError: (400, "invalid_request_error"),
+    ValidationError: (400, "invalid_request_error"),
+    InvalidRequestError: (400, "invalid_request_error"),
+    ContextLengthError: (400, "invalid_request_error"),
+    ModelNotFoundError: (404, "invalid_request_error"),
+    RouteNotFoundError: (404, "invalid_request_error"),
+    MethodNotAllowedError: (405, "invalid_request_error"),
+    UnavailableError: (503, "service_unavailable_error"),
+    ClientDisconnectedError: (499, "client_closed_request"),  # nginx's convention
+    InternalError: (500, "server_error"),
+    Exception: (500, "server_error"),
+}
+
+
+def status_for(exc: BaseException) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return ERROR_TABLE[Exception]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def error_body(exc: BaseException) -> tuple[int, ErrorResponse]:
+    """The status and body reporting `exc` (a 500 tells nothing about internals)."""
+    status, kind = status_for(exc)
+    if isinstance(exc, APIError):
+        body = ErrorBody(message=exc.message, type=kind, param=exc.param, code=exc.code)
+    elif isinstance(exc, ValidationError):
+        body = _validation_body(exc, kind)
+    elif isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
+        body = ErrorBody(message=f"the request body is not valid JSON: {exc}", type=kind, code="invalid_json")
+    else:
+        body = ErrorBody(message="internal server error", type=kind, code="internal_error")
+    return status, ErrorResponse(error=body)
+
+
+def _validation_body(exc: ValidationError, kind: str) -> ErrorBody:
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+    # union members add their type names to the location ('prompt', 'str'): keep the field path only
+    loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+    param = ".".join(loc) or None
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return ErrorBody(message=f"{param or 'body'}: {first['msg']}{more}", type=kind, param=param, code="invalid_value")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before"}
+
+
+# -- requests ---------------------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+Stop = str | list[str] | None
+
+
+class _Sampling(_Request):
+    """Fields shared by both endpoints."""
+
+    model: str
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # an extension (vLLM's): -1 or 0 = off
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # an extension (vLLM's): generate max_tokens whatever the model says
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if len(stops) > 4:
+            raise InvalidRequestError("at most 4 stop sequences are allowed", param="stop")
+        if any(not s for s in stops):
+            raise InvalidRequestError("stop sequences must not be empty", param="stop")
+        return stops
+
+    def check_supported(self) -> None:
+        if self.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported by this server", param="logit_bias")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise InvalidRequestError(f"{name} is not supported by this server (leave it 0)", param=name)
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of strings or token id lists (OpenAI accepts a batch)."""
+        p = self.prompt
+        if isinstance(p, str):
+            out: list[str | list[int]] = [p]
+        elif not p:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        elif isinstance(p[0], int):
+            out = [[int(t) for t in p if isinstance(t, int)]]
+        else:
+            out = [x for x in p if isinstance(x, str | list)]
+        for item in out:
+            if not item:
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+        return out
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs is not None:
+            raise InvalidRequestError("logprobs is not supported by this server", param="logprobs")
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported by this server", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of other than n is not supported by this server", param="best_of")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The messages as a chat template takes them (developer messages act as system ones)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs or self.top_logprobs:
+            raise InvalidRequestError("logprobs is not supported by this server", param="logprobs")
+        if self.tools:
+            raise InvalidRequestError("tools are not supported by this server", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise InvalidRequestError("only response_format type 'text' is supported", param="response_format")
+
+
+# -- responses --------------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _without_nulls(self) -> dict[str, str]:  # OpenAI's deltas carry only what changed
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kold"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> bytes:
+    """One server-sent event: `data: {json}` and a blank line."""
+    if isinstance(payload, BaseModel):
+        text = payload.model_dump_json(exclude_none=False)
+    else:
+        text = json.dumps(payload, separators=(",", ":"))
+    # JSON allows raw U+2028/U+2029/U+0085 in strings, but line-splitting clients break on them
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:
+        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+    return b"data: " + text.encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"

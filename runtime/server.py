@@ -1,0 +1,366 @@
+"""The HTTP server of one instance: routes -> service -> engine, plus the lifecycle around them.
+
+`serve(options, loader)` listens at once, then loads the model (restore + tokenizer + engine) in a
+background thread; `/healthz` answers from the first moment, `/readyz` once the weights are in
+place, and inference requests that arrive before that wait (bounded) instead of failing.
+
+SIGTERM (or SIGINT) drains: new inference requests get 503 (Connection: close), in-flight ones run
+to the end (at most `drain_timeout_s`), then uvicorn closes the listener and the process exits 0. A
+second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, TypeVar
+
+import uvicorn
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from kold.runtime.backend import Loaded, Loader
+from kold.runtime.lifecycle import Lifecycle, State
+from kold.runtime.metrics import CONTENT_TYPE, RuntimeMetrics
+from kold.runtime.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DrainingError,
+    MethodNotAllowedError,
+    RouteNotFoundError,
+    UnavailableError,
+    error_body,
+)
+from kold.runtime.service import Disconnected, Service
+
+log = logging.getLogger("kold.runtime")
+events = logging.getLogger("kold.runtime.events")  # one JSON object a line: startup, first_token, drain
+
+INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+R = TypeVar("R", bound=BaseModel)
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model_names: tuple[str, ...] = ("model",)  # the first is the served name; the others are aliases
+    max_waiting: int = 256
+    queue_timeout_s: float = 300.0
+    drain_timeout_s: float = 30.0
+    engine_stop_timeout_s: float = 5.0
+    test_restore_delay_s: float = 0.0  # tests only: hold the restore back to observe the wait queue
+
+
+def error_response(exc: BaseException, *, close: bool = False) -> JSONResponse:
+    status, body = error_body(exc)
+    headers = {}
+    if isinstance(exc, UnavailableError):
+        headers["Retry-After"] = str(exc.retry_after)
+    if close:
+        headers["Connection"] = "close"
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class Runtime:
+    """The app and its lifecycle: readiness, the background load, the drain."""
+
+    def __init__(self, options: ServeOptions, loader: Loader, *, process_start: float | None = None) -> None:
+        self.options = options
+        self.loader = loader
+        self.lifecycle = Lifecycle(
+            max_waiting=options.max_waiting, queue_timeout=options.queue_timeout_s, process_start=process_start
+        )
+        self.metrics = RuntimeMetrics(
+            state=lambda: self.lifecycle.state.value,
+            queue_depth=lambda: self.service.pending(),  # noqa: PLW0108 (service is made below)
+            in_flight=lambda: self.lifecycle.in_flight,
+            engine=lambda: self.service.engine_stats(),  # noqa: PLW0108
+        )
+        self.service = Service(
+            self.lifecycle, self.metrics, model_names=options.model_names, on_first_token=self._log_first_token
+        )
+        self.exit_code = 0
+        self.server: uvicorn.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancel_load = threading.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        self.app = self._build_app()
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+
+    def _build_app(self) -> ASGIApp:
+        # Starlette, FastAPI's core, without FastAPI: its import alone is ~130 ms of the time before
+        # the socket listens, and we use none of what it adds (requests are parsed by protocol.py).
+        service, lifecycle = self.service, self.lifecycle
+
+        async def healthz(request: Request) -> Response:
+            return JSONResponse({"status": "ok", "state": lifecycle.state.value})
+
+        async def readyz(request: Request) -> Response:
+            if lifecycle.ready:
+                return JSONResponse({"status": "ready", "state": lifecycle.state.value})
+            body = {"status": "not ready", "state": lifecycle.state.value, "waiting": lifecycle.waiting}
+            if lifecycle.error:
+                body["error"] = lifecycle.error
+            return JSONResponse(body, status_code=503)
+
+        async def metrics(request: Request) -> Response:
+            return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+        async def models(request: Request) -> Response:
+            return JSONResponse(service.models().model_dump())
+
+        async def completions(request: Request) -> Response:
+            return await self._call(request, CompletionRequest, service.completions, "completions")
+
+        async def chat(request: Request) -> Response:
+            return await self._call(request, ChatCompletionRequest, service.chat, "chat")
+
+        async def http_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, HTTPException)
+            if exc.status_code == 405:
+                return error_response(MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}"))
+            if exc.status_code == 404:
+                return error_response(RouteNotFoundError(f"no route {request.method} {request.url.path}"))
+            return error_response(APIError(str(exc.detail)))
+
+        routes = [
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+        ]
+        app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+        return _DrainGate(app, lifecycle)
+
+    async def _call(
+        self,
+        request: Request,
+        model: type[R],
+        handler: Callable[[R, Disconnected], Awaitable[Response]],
+        endpoint: str,
+    ) -> Response:
+        """Parse, validate, hand to the service; every exception becomes an OpenAI error response."""
+        try:
+            raw = await request.body()
+            parsed = model.model_validate(json.loads(raw))
+            return await handler(parsed, _disconnect_watcher(request))
+        except Exception as exc:
+            status, _ = error_body(exc)
+            if status >= 500 and not isinstance(exc, APIError):
+                log.exception("%s failed", endpoint)
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            return error_response(exc)
+
+    # -- the background load ------------------------------------------------------------------------
+
+    def on_listening(self, loop: asyncio.AbstractEventLoop, address: str) -> None:
+        self._loop = loop
+        self.lifecycle.cold_start.listening = time.time()
+        log.info("kold runtime listening on %s", address)
+        self.lifecycle.transition(State.RESTORING)
+        threading.Thread(target=self._load, name="kold-load", daemon=True).start()
+
+    def _load(self) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        try:
+            if self.options.test_restore_delay_s > 0 and self._cancel_load.wait(self.options.test_restore_delay_s):
+                raise RuntimeError("cancelled before the restore started")
+            loaded = self.loader(self._cancel_load)
+        except BaseException as exc:
+            _call_soon(loop, self._load_failed, exc)
+            return
+        if not _call_soon(loop, self._loaded, loaded):  # the server is gone already
+            loaded.backend.stop(0.0)
+
+    def _loaded(self, loaded: Loaded) -> None:
+        if self.lifecycle.state is not State.RESTORING:  # a SIGTERM came first: nothing will use it
+            threading.Thread(target=loaded.backend.stop, args=(0.0,), daemon=True).start()
+            return
+        cold = self.lifecycle.cold_start
+        cold.restore = dict(loaded.restore)
+        cold.phases.update(loaded.phases)
+        self.service.backend = loaded.backend
+        self.lifecycle.transition(State.READY)
+        self.metrics.record_cold_start(cold)
+        events.info(json.dumps({"event": "startup", "state": "ready", **cold.summary()}, sort_keys=False))
+
+    def _load_failed(self, exc: BaseException) -> None:
+        if self.lifecycle.state is not State.RESTORING:
+            log.info("model load stopped: %s", exc)
+            return
+        message = f"{type(exc).__name__}: {exc}"
+        self.lifecycle.transition(State.FAILED, error=message)
+        events.error(
+            json.dumps({"event": "startup", "state": "failed", "error": message, **self.lifecycle.cold_start.summary()})
+        )
+        from kold.snapshot.errors import SnapshotError
+
+        # a snapshot error says all there is to say; anything else is a bug worth its traceback
+        log.error("model load failed: %s", message, exc_info=None if isinstance(exc, SnapshotError) else exc)
+        self.exit_code = 1
+        self.start_drain()  # answer whoever waits, then exit non-zero: the platform restarts the instance
+
+    def _log_first_token(self) -> None:
+        cold = self.lifecycle.cold_start
+        if cold.first_token is None:
+            return
+        events.info(
+            json.dumps(
+                {
+                    "event": "first_token",
+                    "first_token_ms": round((cold.first_token - cold.process_start) * 1000, 1),
+                    "after_ready_ms": round((cold.first_token - cold.ready) * 1000, 1) if cold.ready else None,
+                }
+            )
+        )
+
+    # -- the drain ----------------------------------------------------------------------------------
+
+    def start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        lifecycle = self.lifecycle
+        if lifecycle.state is not State.DRAINING:
+            lifecycle.transition(State.DRAINING)
+        self._cancel_load.set()
+        started = time.perf_counter()
+        in_flight = lifecycle.in_flight
+        idle = await lifecycle.wait_idle(self.options.drain_timeout_s)
+        events.info(
+            json.dumps(
+                {
+                    "event": "drain",
+                    "in_flight_at_signal": in_flight,
+                    "drained": idle,
+                    "left": lifecycle.in_flight,
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            )
+        )
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def on_signal(self, sig: int) -> None:
+        log.info("signal %s: draining", signal.Signals(sig).name)
+        self.start_drain()
+
+    def finish(self) -> None:
+        """After the server stopped: stop the engine (its own bounded drain) and mark the end."""
+        backend = self.service.backend
+        if backend is not None:
+            backend.stop(self.options.engine_stop_timeout_s)
+        if self.lifecycle.state is not State.STOPPED:
+            if self.lifecycle.state is not State.DRAINING:
+                self.lifecycle.transition(State.DRAINING)
+            self.lifecycle.transition(State.STOPPED)
+
+
+class _DrainGate:
+    """Counts inference requests in flight, and refuses new ones once the instance drains."""
+
+    def __init__(self, app: ASGIApp, lifecycle: Lifecycle) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in INFERENCE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if not self.lifecycle.accepting:
+            reason = DrainingError("the instance is shutting down; retry on another instance")
+            if self.lifecycle.error:
+                reason = DrainingError(f"the model could not be loaded: {self.lifecycle.error}")
+            await error_response(reason, close=True)(scope, receive, send)
+            return
+        with self.lifecycle.track():
+            await self.app(scope, receive, send)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> bool:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: the process is exiting
+        return False
+    return True
+
+
+def _disconnect_watcher(request: Request) -> Disconnected:
+    async def wait() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    return wait
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with our signal handling (drain first) and a hook once the socket listens."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self._signals = 0
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            address = ", ".join(
+                "http://{}:{}".format(*sock.getsockname()[:2]) for server in self.servers for sock in server.sockets
+            )
+            self.runtime.on_listening(asyncio.get_running_loop(), address)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Unlike uvicorn's own handler, never re-raise the signal afterwards: a drained exit is exit 0.
+        self._signals += 1
+        loop = self.runtime._loop
+        if self._signals > 1 or loop is None:
+            self.should_exit = True
+            self.force_exit = self._signals > 1
+            return
+        loop.call_soon_threadsafe(self.runtime.on_signal, sig)
+
+
+def serve(options: ServeOptions, loader: Loader, *, process_start: float | None = None) -> int:
+    """Run the instance until it is drained; the exit status (0, or 1 if the model never loaded)."""
+    runtime = Runtime(options, loader, process_start=process_start)
+    config = uvicorn.Config(
+        runtime.app,
+        host=options.host,
+        port=options.port,
+        loop="asyncio",
+        http="h11",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    server = _Server(config, runtime)
+    runtime.server = server
+    runtime.lifecycle.cold_start.imports_done = time.time()
+    server.run()
+    runtime.finish()
+    if not server.started:
+        return 1
+    return runtime.exit_code

@@ -1,0 +1,420 @@
+"""The service layer: OpenAI requests in, engine generations out, OpenAI responses (or SSE) back.
+
+Routes (server.py) only parse and hand over; the engine only knows token ids. In between, this
+module waits for readiness (bounded, see lifecycle.py), renders chat templates, tokenizes, checks the
+context, submits one generation per (prompt, n), merges their token streams, and times them (TTFT,
+inter-token latency). A client that goes away cancels its generations, which frees their batch slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+from kold.runtime.backend import Backend, EngineStats, Generation, Sampling, TokenEvent
+from kold.runtime.lifecycle import Lifecycle
+from kold.runtime.metrics import RuntimeMetrics
+from kold.runtime.protocol import (
+    SSE_DONE,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    ClientDisconnectedError,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ContextLengthError,
+    DrainingError,
+    InternalError,
+    ModelCard,
+    ModelList,
+    ModelNotFoundError,
+    Usage,
+    error_body,
+    new_id,
+    now,
+    sse,
+)
+from kold.runtime.streams import EventStream, aclose, merge
+
+# -- the service ------------------------------------------------------------------------------------
+
+Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
+
+
+@dataclass
+class _Choice:
+    index: int
+    prompt_tokens: int
+    gen: Generation
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finish: str | None = None
+    last_event: float = 0.0
+
+
+@dataclass
+class _Job:
+    """One HTTP request's generations, with its timing."""
+
+    id: str
+    model: str
+    received: float
+    queue_s: float
+    choices: list[_Choice]
+    headers: dict[str, str]
+    first_token: float | None = None
+    closed: bool = False
+
+    n: int = 1  # choices per prompt: choice i answers prompt i // n
+
+    @property
+    def prompt_tokens(self) -> int:
+        # OpenAI counts each prompt once, not once per choice
+        return sum(c.prompt_tokens for c in self.choices if c.index % self.n == 0)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.tokens for c in self.choices)
+
+    def usage(self) -> Usage:
+        return Usage.of(self.prompt_tokens, self.completion_tokens)
+
+
+class Service:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        metrics: RuntimeMetrics,
+        *,
+        model_names: Sequence[str],
+        on_first_token: Callable[[], None] | None = None,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.model_names = list(model_names)  # the first is the one /v1/models lists
+        self.backend: Backend | None = None
+        self._on_first_token = on_first_token
+        self._first_token_seen = False
+
+    @property
+    def served_name(self) -> str:
+        return self.model_names[0]
+
+    def pending(self) -> int:
+        return self.lifecycle.waiting + (self.backend.pending() if self.backend is not None else 0)
+
+    def engine_stats(self) -> EngineStats | None:
+        return self.backend.stats() if self.backend is not None else None
+
+    def models(self) -> ModelList:
+        created = int(self.lifecycle.cold_start.process_start)
+        max_len = self.backend.max_seq_len if self.backend is not None else None
+        return ModelList(
+            data=[ModelCard(id=self.served_name, created=created, root=self.served_name, max_model_len=max_len)]
+        )
+
+    # -- endpoints --------------------------------------------------------------------------------
+
+    async def completions(self, req: CompletionRequest, disconnected: Disconnected) -> Response:
+        received = time.perf_counter()
+        req.check_supported()
+        stop = tuple(req.stop_list())
+        self._check_model(req.model)
+        queue_s = await self._wait_ready()
+        backend = self._backend()
+        prompts = req.prompts()
+        ids = [backend.encode(p, special=True) if isinstance(p, str) else p for p in prompts]
+        jobs = [
+            (p, i, self._sampling(req, req.max_tokens, len(i), backend, stop))
+            for p, i in zip(prompts, ids, strict=True)
+        ]
+        job = self._submit(backend, [(i, s) for _, i, s in jobs], req.n, req.model, received, queue_s, "cmpl")
+        echo = [self._echo(backend, p) if req.echo else "" for p in prompts]
+        if req.stream:
+            return self._stream(
+                job,
+                self._completion_events(job, echo, bool(req.stream_options and req.stream_options.include_usage)),
+                "completions",
+            )
+        await self._collect(job, disconnected)
+        body = CompletionResponse(
+            id=job.id,
+            created=now(),
+            model=job.model,
+            choices=[
+                CompletionChoice(
+                    index=c.index, text=echo[c.index // req.n] + "".join(c.text), finish_reason=_finish(c.finish)
+                )
+                for c in job.choices
+            ],
+            usage=job.usage(),
+        )
+        return self._json(job, body.model_dump(), "completions")
+
+    async def chat(self, req: ChatCompletionRequest, disconnected: Disconnected) -> Response:
+        received = time.perf_counter()
+        req.check_supported()
+        stop = tuple(req.stop_list())
+        self._check_model(req.model)
+        queue_s = await self._wait_ready()
+        backend = self._backend()
+        text = backend.chat_prompt(req.chat_messages())
+        ids = backend.encode(text, special=False)
+        sampling = self._sampling(req, req.token_limit(), len(ids), backend, stop)
+        job = self._submit(backend, [(ids, sampling)], req.n, req.model, received, queue_s, "chatcmpl")
+        if req.stream:
+            return self._stream(
+                job, self._chat_events(job, bool(req.stream_options and req.stream_options.include_usage)), "chat"
+            )
+        await self._collect(job, disconnected)
+        body = ChatCompletionResponse(
+            id=job.id,
+            created=now(),
+            model=job.model,
+            choices=[
+                ChatChoice(
+                    index=c.index, message=ChatResponseMessage(content="".join(c.text)), finish_reason=_finish(c.finish)
+                )
+                for c in job.choices
+            ],
+            usage=job.usage(),
+        )
+        return self._json(job, body.model_dump(), "chat")
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def _check_model(self, name: str) -> None:
+        if name not in self.model_names:
+            raise ModelNotFoundError(
+                f"the model {name!r} does not exist on this server (it serves {self.served_name!r})",
+                param="model",
+            )
+
+    async def _wait_ready(self) -> float:
+        queue_s = await self.lifecycle.wait_ready()
+        self.metrics.queue_wait.observe(queue_s)
+        return queue_s
+
+    def _backend(self) -> Backend:
+        if self.backend is None:  # ready implies a backend; a bug otherwise
+            raise InternalError("the instance is ready but has no model")
+        return self.backend
+
+    def _sampling(
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        max_tokens: int | None,
+        prompt_len: int,
+        backend: Backend,
+        stop: tuple[str, ...],
+    ) -> Sampling:
+        limit = backend.max_seq_len
+        if prompt_len >= limit:
+            raise ContextLengthError(
+                f"this model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens "
+                "(no room is left for a completion)",
+                param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+            )
+        if max_tokens is None:
+            max_tokens = limit - prompt_len
+        elif prompt_len + max_tokens > limit:
+            param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+            raise ContextLengthError(
+                f"this model's maximum context length is {limit} tokens, but {prompt_len + max_tokens} were "
+                f"requested ({prompt_len} in the prompt, {max_tokens} for the completion)",
+                param=param,
+            )
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(0, req.top_k or 0),
+            seed=req.seed,
+            stop=stop,
+            ignore_eos=req.ignore_eos,
+        )
+
+    def _submit(
+        self,
+        backend: Backend,
+        prompts: list[tuple[list[int], Sampling]],
+        n: int,
+        model: str,
+        received: float,
+        queue_s: float,
+        prefix: str,
+    ) -> _Job:
+        choices: list[_Choice] = []
+        try:
+            for ids, sampling in prompts:
+                for k in range(n):
+                    # n > 1 with a seed: distinct but reproducible samples
+                    s = sampling if sampling.seed is None or k == 0 else _with_seed(sampling, sampling.seed + k)
+                    choices.append(_Choice(len(choices), len(ids), backend.generate(ids, s)))
+        except BaseException:
+            for c in choices:
+                c.gen.cancel()
+            raise
+        self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
+        headers = {"X-Kold-Queue-Ms": f"{queue_s * 1000:.1f}", **self.lifecycle.take_cold_start_headers()}
+        return _Job(new_id(prefix), model, received, queue_s, choices, headers, n=n)
+
+    def _echo(self, backend: Backend, prompt: str | list[int]) -> str:
+        return prompt if isinstance(prompt, str) else backend.decode(prompt)
+
+    async def _events(self, job: _Job) -> AsyncIterator[tuple[_Choice, TokenEvent]]:
+        """Every choice's token events, merged as they come, timed; cancels what is left on exit."""
+        try:
+            async for choice, event in merge([(c, c.gen) for c in job.choices]):
+                t = time.perf_counter()
+                if event.token_id is not None:
+                    choice.tokens += 1
+                    self.metrics.record_tokens()
+                    if job.first_token is None:
+                        job.first_token = t
+                        self.metrics.ttft.observe(t - job.received)
+                        self._first_token()
+                    elif choice.last_event:
+                        self.metrics.itl.observe(t - choice.last_event)
+                    choice.last_event = t
+                if event.text_delta:
+                    choice.text.append(event.text_delta)
+                if event.finish_reason is not None:
+                    choice.finish = event.finish_reason
+                    if event.finish_reason == "error":
+                        raise InternalError(f"the generation failed: {event.error or 'engine error'}")
+                    if event.finish_reason == "cancelled":
+                        raise DrainingError(f"the generation was cancelled: {event.error or 'engine stopped'}")
+                yield choice, event
+        finally:
+            self._close(job)
+
+    def _close(self, job: _Job) -> None:
+        """Cancel the job's unfinished generations (a client that left); once, synchronously."""
+        if job.closed:
+            return
+        job.closed = True
+        unfinished = [c for c in job.choices if c.finish is None]
+        for c in unfinished:
+            c.gen.cancel()
+        if unfinished:
+            self.metrics.cancelled.inc(len(unfinished))
+        self.metrics.e2e.observe(time.perf_counter() - job.received)
+
+    def _first_token(self) -> None:
+        if not self._first_token_seen:
+            self._first_token_seen = True
+            self.lifecycle.cold_start.first_token = time.time()
+            if self._on_first_token is not None:
+                self._on_first_token()
+
+    async def _collect(self, job: _Job, disconnected: Disconnected) -> None:
+        """Run a non-streamed job to the end; a client that disconnects first cancels it."""
+
+        async def consume() -> None:
+            async for _ in self._events(job):
+                pass
+
+        work = asyncio.ensure_future(consume())
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()  # the client left (or we were cancelled): _events cancels the generations
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        if work.cancelled():
+            if watch.done() and not watch.cancelled():
+                raise ClientDisconnectedError("the client closed the connection before the completion was done")
+            raise asyncio.CancelledError
+        work.result()
+
+    async def _completion_events(self, job: _Job, echo: list[str], usage: bool) -> AsyncIterator[bytes]:
+        def chunk(choices: list[CompletionChoice]) -> bytes:
+            return sse(CompletionResponse(id=job.id, created=created, model=job.model, choices=choices))
+
+        created = now()
+        echoed = set()
+        async for choice, event in self._events(job):
+            text = event.text_delta
+            if choice.index not in echoed:
+                echoed.add(choice.index)
+                text = echo[choice.index // job.n] + text
+            if text or event.finish_reason is not None:
+                yield chunk(
+                    [CompletionChoice(index=choice.index, text=text, finish_reason=_finish(event.finish_reason))]
+                )
+        if usage:
+            yield sse(CompletionResponse(id=job.id, created=created, model=job.model, choices=[], usage=job.usage()))
+        yield SSE_DONE
+
+    async def _chat_events(self, job: _Job, usage: bool) -> AsyncIterator[bytes]:
+        def chunk(choice: ChatChunkChoice) -> bytes:
+            return sse(ChatCompletionChunk(id=job.id, created=created, model=job.model, choices=[choice]))
+
+        created = now()
+        for c in job.choices:  # the role first, as OpenAI sends it
+            yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content="")))
+        async for choice, event in self._events(job):
+            if event.text_delta:
+                yield chunk(ChatChunkChoice(index=choice.index, delta=ChatDelta(content=event.text_delta)))
+            if event.finish_reason is not None:
+                yield chunk(
+                    ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=_finish(event.finish_reason))
+                )
+        if usage:
+            yield sse(ChatCompletionChunk(id=job.id, created=created, model=job.model, choices=[], usage=job.usage()))
+        yield SSE_DONE
+
+    def _stream(self, job: _Job, events: AsyncIterator[bytes], endpoint: str) -> Response:
+        outcome = {"status": "disconnected"}  # until the stream ends on its own
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for data in events:
+                    yield data
+                outcome["status"] = "200"
+            except Exception as exc:  # headers are sent: report in the stream, as OpenAI does
+                code, payload = error_body(exc)
+                outcome["status"] = str(code)
+                yield sse(payload.model_dump())
+                yield SSE_DONE
+            finally:
+                await aclose(events)
+
+        def closed() -> None:
+            # however the response ended (a disconnect may cancel it anywhere), free the batch slots now
+            self._close(job)
+            self.metrics.requests.labels(endpoint, outcome["status"]).inc()
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **job.headers}
+        return EventStream(body(), closed, headers=headers)
+
+    def _json(self, job: _Job, body: dict[str, Any], endpoint: str) -> Response:
+        self.metrics.requests.labels(endpoint, "200").inc()
+        return JSONResponse(body, headers=job.headers)
+
+
+def _finish(reason: str | None) -> Any:
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"
+
+
+def _with_seed(s: Sampling, seed: int) -> Sampling:
+    from dataclasses import replace
+
+    return replace(s, seed=seed)
