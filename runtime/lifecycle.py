@@ -94,8 +94,11 @@ class ColdStart:
 
     @property
     def restore_ms(self) -> float | None:
+        """The restore's own work: its wall time less any wait for the concurrent torch import."""
         total = self.restore.get("total_s")
-        return None if total is None else round(float(total) * 1000, 1)
+        if total is None:
+            return None
+        return round((float(total) - float(self.restore.get("import_wait_s", 0.0))) * 1000, 1)
 
     def summary(self) -> dict[str, Any]:
         """The startup log line's fields: milestones in ms after process start, phases in ms."""
