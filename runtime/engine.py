@@ -36,15 +36,13 @@ from kold.runtime.config import ModelConfig
 from kold.runtime.kvcache import KVCache
 from kold.runtime.model import LlamaForCausalLM, build_model, resolve_device
 from kold.runtime.sampling import SamplingParams, find_stop, holdback, make_generator, sample_batch
+from kold.runtime.tokenizer import IncrementalDecoder
 
 if TYPE_CHECKING:
     from kold.snapshot.restorer import RestoredSnapshot
 
 log = logging.getLogger(__name__)
 
-# Prompt ids the detokenizer starts its window with, so the first generated token decodes as it
-# would mid-text (SentencePiece drops a leading space at the start of a decode). vLLM uses 5 too.
-INITIAL_DETOKENIZE_CONTEXT = 5
 # Without an explicit max_seq_len the cache holds this many positions per slot (capped by the model's
 # max_position_embeddings): KV memory is num_slots x max_seq_len, and 2048 covers chat-sized prompts.
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -56,7 +54,7 @@ class TokenizerLike(Protocol):
     @property
     def eos_token_ids(self) -> Sequence[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class InvalidRequestError(ValueError):
@@ -182,39 +180,6 @@ class RequestHandle:
         )
 
 
-class IncrementalDetokenizer:
-    """Text of a growing id sequence, streamed only once it decodes to whole characters.
-
-    Decodes a window (`ids[prefix:]`) against the same window minus the new ids, as TGI and vLLM do:
-    the cost per token stays constant, and tokenizers whose decode depends on the neighbouring ids
-    (SentencePiece spaces, byte fallback) stream exactly the text of decoding everything at once.
-    """
-
-    def __init__(self, tokenizer: TokenizerLike, context: Sequence[int]) -> None:
-        self._tokenizer = tokenizer
-        self._ids = list(context)
-        self._prefix = 0
-        self._read = len(self._ids)
-
-    def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        return self._advance(final=False)
-
-    def flush(self) -> str:
-        """Whatever is still pending (an incomplete character decodes to U+FFFD), at the end."""
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        if self._read == len(self._ids):
-            return ""
-        prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
-        text = self._tokenizer.decode(self._ids[self._prefix :])
-        if not final and (text.endswith("\ufffd") or len(text) <= len(prefix_text)):
-            return ""  # an incomplete UTF-8 sequence (byte fallback): wait for its remaining bytes
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(prefix_text) :]
-
-
 class _Sequence:
     """A request once admitted: its slot, its tokens and its text (scheduler thread only)."""
 
@@ -226,7 +191,8 @@ class _Sequence:
         self.prompt_len = len(request.prompt_ids)
         self.generated: list[int] = []
         self.generator = None if self.params.greedy else make_generator(self.params.seed, engine.device)
-        self.detok = IncrementalDetokenizer(engine.tokenizer, request.prompt_ids[-INITIAL_DETOKENIZE_CONTEXT:])
+        # the last prompt ids are the decoder's left context, so the first token streams as it reads mid-text
+        self.detok = IncrementalDecoder(engine.tokenizer, prompt_ids=request.prompt_ids)
         self.text = ""  # detokenized so far, cut at a stop string
         self.emitted = 0  # characters of self.text already delivered
         self.stop_ids: frozenset[int] = frozenset(self.params.stop_token_ids) | (
@@ -246,7 +212,7 @@ class _Sequence:
         if token in self.stop_ids:  # the end-of-sequence token itself is never text
             finish, new = "stop", self.detok.flush()
         else:
-            new = self.detok.push(token)
+            new = self.detok.step(token)
             if len(self.generated) >= self.params.max_tokens or self.prompt_len + len(self.generated) >= max_seq_len:
                 finish, new = "length", new + self.detok.flush()
         if new:

@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tokenizers
 
@@ -251,6 +251,12 @@ class Tokenizer:
         return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens, prompt_ids=prompt_ids)
 
 
+class Decodes(Protocol):
+    """What incremental decoding needs from a tokenizer (`Tokenizer`, or a test double)."""
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+
 class IncrementalDecoder:
     """Streaming detokenization: feed generated ids one at a time, get text deltas.
 
@@ -265,9 +271,7 @@ class IncrementalDecoder:
     as it reads after the prompt (a first token "▁Hello" streams as " Hello" for SentencePiece models).
     """
 
-    def __init__(
-        self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()
-    ) -> None:
+    def __init__(self, tokenizer: Decodes, *, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         context = list(prompt_ids)[-PROMPT_CONTEXT_TOKENS:] if PROMPT_CONTEXT_TOKENS else []

@@ -20,7 +20,6 @@ from kold.runtime.engine import (
     Engine,
     EngineStoppedError,
     GenerationRequest,
-    IncrementalDetokenizer,
     InvalidRequestError,
     PromptTooLongError,
     RequestHandle,
@@ -51,7 +50,7 @@ class CharTokenizer:
     def __init__(self) -> None:
         self.eos_token_ids = [EOS]
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return "".join(ALPHABET[i % len(ALPHABET)] for i in ids if i != EOS)
 
     def encode(self, text: str) -> list[int]:
@@ -64,7 +63,7 @@ class ByteTokenizer:
     def __init__(self) -> None:
         self.eos_token_ids: list[int] = []
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
@@ -178,10 +177,13 @@ def test_sampling_params_validation() -> None:
     assert SamplingParams(stop="###").stop == ("###",)
 
 
-def test_incremental_detokenizer_streams_whole_characters() -> None:
+def test_incremental_decoder_streams_whole_characters_for_any_decoder() -> None:
+    """The engine streams through runtime/tokenizer.py's IncrementalDecoder, with any `decode`."""
+    from kold.runtime.tokenizer import IncrementalDecoder
+
     text = "héllo wörld €!"
-    detok = IncrementalDetokenizer(ByteTokenizer(), [])
-    deltas = [detok.push(b) for b in text.encode()] + [detok.flush()]
+    detok = IncrementalDecoder(ByteTokenizer())
+    deltas = [detok.step(b) for b in text.encode()] + [detok.flush()]
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
 

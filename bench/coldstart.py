@@ -1,0 +1,246 @@
+"""Cold-start benchmark: process start to first token, kold's runtime beside the naive path.
+
+For each model size, in fresh processes, measured from the parent's spawn to the first generated
+token arriving over HTTP (kold) or being produced (naive):
+
+- `kold-local`: `kold runtime serve --snapshot file://...` (cache tiers off: the store path);
+- `kold-shm`:   the same with the node's shm tier already holding the snapshot (a warm node);
+- `kold-s3`:    `kold runtime serve --snapshot s3://...` against `rclone serve s3` on loopback;
+- `naive`:      a fresh process that loads the Hugging Face directory with `transformers`
+                (`AutoModelForCausalLM.from_pretrained`, safetensors) and generates one token.
+
+kold's rows also carry the runtime's own breakdown from the first response's `X-Kold-*` headers
+(imports, restore, model build). Targets (ratios from the same run): kold's cold start <= 1.5x its
+own restore time, and >= 3x faster than the naive path for the 1b model.
+
+    .venv/bin/python bench/coldstart.py --sizes tiny,1b --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+OUT = Path(__file__).resolve().parent / "out" / "coldstart"
+PROMPT = "The weights of a cold function"
+NAIVE = r"""
+import sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model_dir = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+ids = tok(sys.argv[2], return_tensors="pt")
+with torch.inference_mode():
+    model.generate(**ids, max_new_tokens=1, do_sample=False)
+print("FIRST_TOKEN", flush=True)
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prepare(size: str) -> tuple[Path, str]:
+    """The model directory (with tokenizer) and its snapshot in a local store, made once."""
+    from kold.modelgen import write_random_model
+    from kold.snapshot import build_snapshot
+
+    model_dir = OUT / size / "model"
+    if not (model_dir / "tokenizer.json").is_file():
+        log(f"generating the {size} model in {model_dir}")
+        write_random_model(model_dir, "llama", size)
+    uri = build_snapshot(model_dir, (OUT / size / "store").as_uri()).uri
+    return model_dir, uri
+
+
+def evict(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def kold_first_token(uri: str, env: dict[str, str]) -> dict[str, Any]:
+    """Spawn a runtime, ask for one token as soon as it accepts connections, time the first token."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "kold", "runtime", "serve", "--snapshot", uri, "--port", str(port)]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        body = {"model": uri.rsplit("/", 1)[1], "prompt": PROMPT, "max_tokens": 1, "stream": True}
+        deadline = started + 300
+        while True:
+            try:
+                with (
+                    httpx.Client(timeout=300) as client,
+                    client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as resp,
+                ):
+                    if resp.status_code != 200:
+                        raise RuntimeError(f"runtime answered {resp.status_code}: {resp.read()[:300]!r}")
+                    for line in resp.iter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            first = time.perf_counter() - started
+                            break
+                    headers = {k.lower(): v for k, v in resp.headers.items() if k.lower().startswith("x-kold")}
+                    break
+            except httpx.ConnectError:
+                if time.perf_counter() > deadline or proc.poll() is not None:
+                    err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+                    raise RuntimeError(f"runtime did not come up: {err}") from None
+                time.sleep(0.005)
+        return {"first_token_s": first, **{k: float(v) for k, v in headers.items() if v.replace(".", "").isdigit()}}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def naive_first_token(model_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", NAIVE, str(model_dir), PROMPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("FIRST_TOKEN"):
+            first = time.perf_counter() - started
+            break
+    else:
+        raise RuntimeError(f"naive path failed: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+    proc.wait(60)
+    return {"first_token_s": first}
+
+
+@contextmanager
+def s3_snapshot(model_dir: Path, size: str) -> Iterator[tuple[str, dict[str, str]] | None]:
+    from kold.locals3 import LocalS3Server, find_rclone
+    from kold.snapshot import S3Options, build_snapshot
+
+    if find_rclone() is None:
+        log("no rclone: skipping kold-s3")
+        yield None
+        return
+    with LocalS3Server(OUT / size / "s3", dir_cache_time="5m") as server:
+        server.create_bucket("coldstart")
+        env = {**os.environ, **server.env()}
+        saved = dict(os.environ)
+        os.environ.update(server.env())
+        try:
+            uri = build_snapshot(model_dir, "s3://coldstart/kold", s3=S3Options(endpoint_url=server.endpoint_url)).uri
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        yield uri, env
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="tiny,1b")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--methods", default="kold-local,kold-shm,kold-s3,naive")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    base_env = {**os.environ, "KOLD_CACHE_DISK_BYTES": "0"}
+    for size in args.sizes.split(","):
+        model_dir, uri = prepare(size)
+        data = OUT / size / "store" / "snapshots" / uri.rsplit("/", 1)[1] / "data"
+        shm_dir = Path("/dev/shm") / f"kold-coldstart-{os.getpid()}"
+        rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        with s3_snapshot(model_dir, size) if "kold-s3" in methods else _none() as s3:
+            if "kold-shm" in methods:
+                from kold.snapshot import CacheTier, NodeCache, prefetch
+
+                prefetch(uri, NodeCache([CacheTier("shm", shm_dir, 1 << 40)]))
+            for run in range(1, args.runs + 1):
+                for method in methods:
+                    if method == "kold-local":
+                        evict([data])
+                        env = {**base_env, "KOLD_CACHE_SHM_BYTES": "0"}
+                        row = kold_first_token(uri, env)
+                    elif method == "kold-shm":
+                        env = {**base_env, "KOLD_CACHE_SHM_DIR": str(shm_dir), "KOLD_CACHE_SHM_BYTES": "1TiB"}
+                        row = kold_first_token(uri, env)
+                    elif method == "kold-s3":
+                        if s3 is None:
+                            continue
+                        row = kold_first_token(
+                            s3[0], {**s3[1], "KOLD_CACHE_DISK_BYTES": "0", "KOLD_CACHE_SHM_BYTES": "0"}
+                        )
+                    else:
+                        evict(sorted(model_dir.glob("*.safetensors")))
+                        row = naive_first_token(model_dir)
+                    rows[method].append(row)
+                    log(f"{size:<5} {method:<10} run {run}/{args.runs}: first token {row['first_token_s']:.3f} s")
+        import shutil
+
+        shutil.rmtree(shm_dir, ignore_errors=True)
+        results[size] = rows
+    report(results)
+    (OUT / "coldstart.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+@contextmanager
+def _none() -> Iterator[None]:
+    yield None
+
+
+def report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+    cols = ["x-kold-imports-ms", "x-kold-restore-ms", "x-kold-model-build-ms", "x-kold-cold-start-ms"]
+    print(f"\n{'size':<5} {'method':<10} {'first token s':>13} {'imports ms':>10} {'restore ms':>10} "
+          f"{'build ms':>9} {'ready ms':>9} {'vs naive':>8}")  # fmt: skip
+    for size, rows in results.items():
+        naive = statistics.median(r["first_token_s"] for r in rows.get("naive", [])) if rows.get("naive") else None
+        for method, runs in rows.items():
+            if not runs:
+                continue
+            first = statistics.median(r["first_token_s"] for r in runs)
+            parts = [statistics.median(r.get(c, float("nan")) for r in runs) for c in cols]
+            ratio = f"{naive / first:.2f}x" if naive else "-"
+            print(f"{size:<5} {method:<10} {first:>13.3f} {parts[0]:>10.1f} {parts[1]:>10.1f} {parts[2]:>9.1f} "
+                  f"{parts[3]:>9.1f} {ratio:>8}")  # fmt: skip
+        local = rows.get("kold-local")
+        if local:
+            first = statistics.median(r["first_token_s"] for r in local)
+            restore_ms = statistics.median(r.get("x-kold-restore-ms", float("nan")) for r in local)
+            ratio = first * 1000 / restore_ms
+            print(
+                f"{'PASS' if ratio <= 1.5 else 'FAIL'}  {size}: kold cold start {first:.3f} s = {ratio:.2f}x its restore (need <= 1.5x)"
+            )
+            if naive and size == "1b":
+                print(
+                    f"{'PASS' if naive / first >= 3 else 'FAIL'}  1b: kold {naive / first:.2f}x faster than the naive path (need >= 3x)"
+                )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
