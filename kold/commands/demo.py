@@ -1,9 +1,10 @@
 """`kold demo`: the main job in one command, on a fresh machine.
 
-Until the runtime lands this shows the snapshot engine end to end: make a model, publish it (and
-publish it again: nothing is re-uploaded), restore it from a cold and a hot page cache, through the
-GPU-style pinned ring (its CPU twin here), from the shared-memory tier, and from S3 on loopback,
-then print one table of phase timings.
+Make a model, publish it (and publish it again: nothing is re-uploaded), restore it from a cold and
+a hot page cache, through the GPU-style pinned ring (its CPU twin here), from the shared-memory tier
+and from S3 on loopback (one table of phase timings), then serve it with the runtime: invoke it
+cold (the request waits for the restore) and warm, print the cold-start breakdown, and stop it with
+SIGTERM. (Until the local platform lands, "deploy" is `kold runtime serve` on the snapshot.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from kold.cli import CLIError
 from kold.settings import Settings
 
 
@@ -21,6 +23,7 @@ def register(top: Any) -> None:
     parser.add_argument("--size", default="small", help="model size: tiny, small (default) or 1b")
     parser.add_argument("--workdir", type=Path, default=Path(".kold/demo"), help="where models and stores go")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 (rclone on loopback) part")
+    parser.add_argument("--no-serve", action="store_true", help="skip serving and invoking the model")
     parser.set_defaults(handler=cmd_demo)
 
 
@@ -33,7 +36,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     work: Path = args.workdir.resolve()
     model_dir = work / f"model-{args.size}"
     store_root = work / "store"
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / "tokenizer.json").is_file():
         print(f"[1] making a random {args.size} Llama model in {model_dir}")
         shutil.rmtree(model_dir, ignore_errors=True)
         write_random_llama(model_dir, args.size)
@@ -75,11 +78,102 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if not args.no_s3:
         _s3_part(m.id, model_dir, work, run)
 
-    print("\nsummary")
+    print("\nrestore summary")
     print(f"  {'restore':<48} {'total ms':>9} {'GB/s':>7}")
     for label, stats in results:
         print(f"  {label:<48} {stats['total_s'] * 1000:>9.1f} {stats['gbps']:>7.2f}")
+
+    if not args.no_serve:
+        return _serve_part(first.uri, work, len(results) + 3)
     return 0
+
+
+def _serve_part(uri: str, work: Path, step: int) -> int:
+    """Start a runtime on the snapshot, invoke it cold then warm, print the breakdown, stop it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_path = work / "runtime.log"
+    # cache tiers off, one torch thread: a plain store restore, comparable from machine to machine
+    env = {**os.environ, "KOLD_CACHE_SHM_BYTES": "0", "KOLD_CACHE_DISK_BYTES": "0", "OMP_NUM_THREADS": "1"}
+    print(f"\n[{step}] serving it: kold runtime serve --snapshot {uri} --port {port}  (log: {log_path})")
+    started = time.perf_counter()
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kold", "runtime", "serve", "--snapshot", uri, "--port", str(port)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        messages = [{"role": "user", "content": "Say something about cold starts."}]
+        print(f"\n[{step + 1}] invoke, cold (the request is sent at once and waits for the restore)")
+        cold = _invoke(port, uri.rsplit("/", 1)[1], messages, started, proc)
+        print(f"\n    first token {cold['first_token_s'] * 1000:.0f} ms after the process started")
+        for key, value in sorted(cold["headers"].items()):
+            print(f"    {key}: {value}")
+        print(f"\n[{step + 2}] invoke, warm")
+        warm = _invoke(port, uri.rsplit("/", 1)[1], messages, time.perf_counter(), proc)
+        print(f"\n    first token {warm['first_token_s'] * 1000:.0f} ms after the request; "
+              f"{warm['tokens']} tokens in {warm['total_s'] * 1000:.0f} ms; cold-start headers: "
+              f"{'none (warm)' if not any('cold' in k for k in warm['headers']) else warm['headers']}")  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+    print(f"\n[{step + 3}] SIGTERM: the runtime drained and exited with status {code}")
+    return 0 if code == 0 else 1
+
+
+def _invoke(port: int, model: str, messages: list[dict[str, str]], since: float, proc: Any) -> dict[str, Any]:
+    """One streamed chat completion; prints the text as it arrives."""
+    import json
+    import time
+
+    import httpx
+
+    body = {"model": model, "messages": messages, "max_tokens": 24, "stream": True, "temperature": 0}
+    deadline = time.perf_counter() + 300
+    while True:
+        try:
+            with (
+                httpx.Client(timeout=300) as client,
+                client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp,
+            ):
+                if resp.status_code != 200:
+                    raise CLIError(f"the runtime answered {resp.status_code}: {resp.read().decode()[:300]}")
+                first: float | None = None
+                tokens = 0
+                print("    ", end="", flush=True)
+                for line in resp.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                    if first is None:
+                        first = time.perf_counter() - since
+                    tokens += 1
+                    print(delta, end="", flush=True)
+                headers = {k: v for k, v in resp.headers.items() if k.lower().startswith("x-kold")}
+                return {
+                    "first_token_s": first or 0.0,
+                    "total_s": time.perf_counter() - since,
+                    "tokens": tokens,
+                    "headers": headers,
+                }
+        except httpx.ConnectError:
+            if proc.poll() is not None or time.perf_counter() > deadline:
+                raise CLIError("the runtime did not start: see its log") from None
+            time.sleep(0.01)
 
 
 def _s3_part(snapshot_id: str, model_dir: Path, work: Path, run: Any) -> None:
