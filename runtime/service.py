@@ -126,13 +126,21 @@ class Service:
 
     # -- endpoints --------------------------------------------------------------------------------
 
-    async def completions(self, req: CompletionRequest, disconnected: Disconnected) -> Response:
+    async def _admit(
+        self, req: CompletionRequest | ChatCompletionRequest
+    ) -> tuple[float, tuple[str, ...], float, Backend]:
+        """What both endpoints do first: validate, then wait (bounded) for the model to be ready.
+
+        Returns when the request arrived, its stop strings, how long it queued, and the backend."""
         received = time.perf_counter()
         req.check_supported()
         stop = tuple(req.stop_list())
         self._check_model(req.model)
         queue_s = await self._wait_ready()
-        backend = self._backend()
+        return received, stop, queue_s, self._backend()
+
+    async def completions(self, req: CompletionRequest, disconnected: Disconnected) -> Response:
+        received, stop, queue_s, backend = await self._admit(req)
         prompts = req.prompts()
         ids = [backend.encode(p, special=True) if isinstance(p, str) else p for p in prompts]
         jobs = [
@@ -163,12 +171,7 @@ class Service:
         return self._json(job, body.model_dump(), "completions")
 
     async def chat(self, req: ChatCompletionRequest, disconnected: Disconnected) -> Response:
-        received = time.perf_counter()
-        req.check_supported()
-        stop = tuple(req.stop_list())
-        self._check_model(req.model)
-        queue_s = await self._wait_ready()
-        backend = self._backend()
+        received, stop, queue_s, backend = await self._admit(req)
         text = backend.chat_prompt(req.chat_messages())
         ids = backend.encode(text, special=False)
         sampling = self._sampling(req, req.token_limit(), len(ids), backend, stop)

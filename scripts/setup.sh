@@ -11,10 +11,10 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+if ! .venv/bin/python -W ignore -c "import torch" 2>/dev/null; then
   echo "setup: installing torch==2.13.0 (CPU build)"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import torch" # fail here, clearly, if that did not work
+  .venv/bin/python -W ignore -c "import torch" # fail here, clearly, if that did not work
 fi
 stamp=".venv/.kold-installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
 if [ ! -f "$stamp" ]; then

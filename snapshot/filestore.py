@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from kold.snapshot.errors import ObjectNotFoundError, StoreError
-from kold.snapshot.store import check_key
+from kold.snapshot.store import check_key, put_via_writer
 
 
 class FileReader:
@@ -104,13 +104,7 @@ class FileStore:
             raise ObjectNotFoundError(f"{self.uri}/{key} does not exist") from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        writer = self.open_writer(key)
-        try:
-            writer.write(data)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        put_via_writer(self.open_writer(key), data)
 
     def open_reader(self, key: str) -> FileReader:
         return FileReader(self.path(key))

@@ -47,7 +47,7 @@ from botocore.exceptions import (
 )
 
 from kold.snapshot.errors import ObjectNotFoundError, StoreAuthError, StoreError
-from kold.snapshot.store import S3Options, check_key, default_io_threads
+from kold.snapshot.store import S3Options, check_key, default_io_threads, put_via_writer
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -528,13 +528,7 @@ class S3Store:
                 _finish_body(body, consumed)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        writer = self.open_writer(key)
-        try:
-            writer.write(data)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        put_via_writer(self.open_writer(key), data)
 
     def open_reader(self, key: str) -> S3Reader:
         return S3Reader(self, key, self._head(key))

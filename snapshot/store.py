@@ -173,6 +173,16 @@ class _ClosingReader:
         self.reader.close()
 
 
+def put_via_writer(writer: ObjectWriter, data: bytes) -> None:
+    """Write a whole object through a streaming writer: committed if it all went through, else aborted."""
+    try:
+        writer.write(data)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def reading(store: Store, key: str) -> _ClosingReader:
     return _ClosingReader(store.open_reader(key))
 
@@ -202,5 +212,6 @@ __all__ = [
     "normalize_store_uri",
     "open_store",
     "parse_snapshot_uri",
+    "put_via_writer",
     "reading",
 ]
