@@ -425,13 +425,12 @@ def test_requests_sent_during_the_restore_wait_and_all_succeed(start_runtime: Ca
     again = client.completions.with_raw_response.create(model=model, prompt="again", max_tokens=2)
     assert "x-kold-cold-start-ms" not in again.headers and float(again.headers["x-kold-queue-ms"]) == 0
 
-    # the start path imports what it needs: no torch before listening, never transformers or boto3
-    listening = next(i for i, line in enumerate(rt.lines) if "kold runtime listening" in line)
-    imported = [
-        (i, line.rsplit("|", 1)[1].strip()) for i, line in enumerate(rt.lines) if line.startswith("import time:")
-    ]
-    assert imported and not [m for i, m in imported if i < listening and m.split(".")[0] == "torch"]
-    assert not [m for _, m in imported if m.split(".")[0] in ("transformers", "boto3", "botocore", "fastapi")]
+    # the start path imports what it needs: never transformers, boto3 (a local store) or fastapi. (torch
+    # is imported from the start, in a background thread beside the server's imports: it is the
+    # longest step of a cold start, see kold/commands/runtime.py.)
+    imported = [line.rsplit("|", 1)[1].strip() for line in rt.lines if line.startswith("import time:")]
+    assert any(m.split(".")[0] == "torch" for m in imported)
+    assert not [m for m in imported if m.split(".")[0] in ("transformers", "boto3", "botocore", "fastapi")]
 
     startup = rt.events("startup")
     assert len(startup) == 1 and startup[0]["state"] == "ready"
