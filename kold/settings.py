@@ -62,7 +62,6 @@ class Settings(BaseSettings):
     cache_disk_dir: Path | None = None
     cache_disk_bytes: Size = 20 << 30
     restore_readers: int | None = Field(default=None, ge=1, le=256)
-    log_level: str = "INFO"
 
     # -- the runtime (`kold runtime serve`) --
     # Knative's contract: the container listens on $PORT (no KOLD_ prefix).
