@@ -41,6 +41,7 @@ from kold.snapshot.manifest import ChunkEntry, Manifest
 from kold.snapshot.pipeline import LOCAL_PIECE_SIZE, PipelineStats, ReadSource, run_pipeline
 from kold.snapshot.plan import default_readers, make_plan
 from kold.snapshot.store import (
+    ObjectReader,
     S3Options,
     SnapshotRef,
     Store,
@@ -182,13 +183,15 @@ def restore(
     started = time.perf_counter()
     spec = DeviceSpec.parse(device)
     ref = parse_snapshot_uri(uri)
-    store = open_store(ref.store_uri, s3)
+    # The store is opened only when something is read from it: a cache-tier hit of an s3:// snapshot
+    # then never pays for importing boto3 and building a client (~0.3 s), only a corrupt chunk would.
+    store = _LazyStore(ref.store_uri, s3)
     hit = cache.lookup(ref.snapshot_id) if cache is not None else None
     if hit is not None:
         manifest, files = hit.manifest, dict(hit.files)
     else:
-        manifest = read_manifest(store, ref)
-        files = read_files(store, ref, manifest)
+        manifest = read_manifest(store.get(), ref)
+        files = read_files(store.get(), ref, manifest)
     metadata_done = time.perf_counter()
 
     staged = spec.kind == "cuda" or bool(staging)
@@ -211,7 +214,9 @@ def restore(
             if staged
             else HostDestination(manifest.data_size)
         )
-        store_source = ReadSource(_open_data(store, ref), "store", 0 if remote_store else LOCAL_PIECE_SIZE)
+        store_source = ReadSource(
+            _LazyReader(lambda: _open_data(store.get(), ref)), "store", 0 if remote_store else LOCAL_PIECE_SIZE
+        )
         primary = (
             ReadSource(hit.tier.store.open_reader(data_key(ref.snapshot_id)), hit.tier.name, LOCAL_PIECE_SIZE)
             if hit
@@ -245,7 +250,7 @@ def restore(
         _await_torch(stats)
         buffer = dest.tensor()
         if cache is not None and fill_cache and hit is None:
-            fill = _start_fill(cache, store, ref, manifest, files, dest)
+            fill = _start_fill(cache, store.get(), ref, manifest, files, dest)
 
     views_started = time.perf_counter()
     tensors = tensor_views(buffer, manifest)
@@ -253,6 +258,47 @@ def restore(
     stats.total_s = time.perf_counter() - started
     log.info("restore %s", json.dumps(stats.as_dict(), sort_keys=True))
     return RestoredSnapshot(ref, manifest, files, tensors, buffer, stats, fill)
+
+
+class _LazyStore:
+    """`open_store` on first use."""
+
+    def __init__(self, uri: str, s3: S3Options | None) -> None:
+        self._uri, self._s3 = uri, s3
+        self._store: Store | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Store:
+        with self._lock:
+            if self._store is None:
+                self._store = open_store(self._uri, self._s3)
+            return self._store
+
+
+class _LazyReader:
+    """An ObjectReader opened on its first read: the store as a fallback costs nothing unless used."""
+
+    def __init__(self, opener: Callable[[], ObjectReader]) -> None:
+        self._opener = opener
+        self._reader: ObjectReader | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> ObjectReader:
+        with self._lock:
+            if self._reader is None:
+                self._reader = self._opener()
+            return self._reader
+
+    @property
+    def size(self) -> int:
+        return self._get().size
+
+    def read_into(self, offset: int, dest: memoryview) -> int:
+        return self._get().read_into(offset, dest)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
 
 
 def _await_torch(stats: RestoreStats) -> None:
@@ -264,7 +310,7 @@ def _await_torch(stats: RestoreStats) -> None:
     stats.import_wait_s = time.perf_counter() - started
 
 
-def _open_data(store: Store, ref: SnapshotRef) -> Any:
+def _open_data(store: Store, ref: SnapshotRef) -> ObjectReader:
     try:
         return store.open_reader(data_key(ref.snapshot_id))
     except ObjectNotFoundError:

@@ -156,3 +156,37 @@ def test_huge_page_detection_reads_the_mount_table(tmp_path: Path) -> None:
     huge = [line.split()[4] for line in mounts.splitlines() if "huge=within_size" in line or "huge=always" in line]
     for mount_point in huge:
         assert huge_page_backed(Path(mount_point))
+
+
+def test_a_staged_restore_fills_the_tier_by_reading_the_store_again(
+    tiny_model: Path, store_uri: str, tmp_path: Path, reference
+) -> None:  # type: ignore[no-untyped-def]
+    """Device memory is not read back: the GPU path (here its CPU twin) fills tiers from the store."""
+    uri = build_snapshot(tiny_model, store_uri, chunk_size=SMALL_CHUNK).uri
+    cache = NodeCache([CacheTier("shm", tmp_path / "shm", 1 << 30)])
+    first = restore(uri, cache=cache, staging=True)
+    assert first.stats.source_tier == "store" and first.wait_cache_fill(30)
+    second = restore(uri, cache=cache)
+    assert second.stats.source_tier == "shm"
+    for name, tensor in reference.items():
+        assert torch.equal(second.tensors[name], tensor)
+
+
+def test_a_cache_hit_never_touches_the_store(tiny_model: Path, tmp_path: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    """The store is opened lazily: with the snapshot in a tier, even a vanished store is not needed
+    (for s3:// this skips importing boto3 and building a client on the cold path)."""
+    import shutil
+
+    store_root = tmp_path / "store"
+    uri = build_snapshot(tiny_model, store_root.as_uri(), chunk_size=SMALL_CHUNK).uri
+    for tier_name in ("shm", "disk"):
+        tier = CacheTier(tier_name, tmp_path / tier_name, 1 << 30)
+        snap = restore(uri)
+        NodeCache([tier]).fill(tier, snap.manifest, snap.files, buffer=memoryview(snap.buffer.numpy()))
+    shutil.rmtree(store_root)
+    for tier_name in ("shm", "disk"):
+        cache = NodeCache([CacheTier(tier_name, tmp_path / tier_name, 1 << 30)])
+        got = restore(uri, cache=cache)
+        assert got.stats.source_tier == tier_name
+        for name, tensor in reference.items():
+            assert torch.equal(got.tensors[name], tensor)
