@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kold.snapshot import dtypes
-from kold.snapshot.cache import CacheHit, CacheTier, NodeCache
+from kold.snapshot.cache import TIER_ORDER, CacheHit, CacheTier, NodeCache
 from kold.snapshot.checksum import chunk_checksum
 from kold.snapshot.devices import (
     DeviceSpec,
@@ -249,8 +249,17 @@ def restore(
             hit = None
         _await_torch(stats)
         buffer = dest.tensor()
-        if cache is not None and fill_cache and hit is None:
-            fill = _start_fill(cache, store.get(), ref, manifest, files, dest)
+        if cache is not None and fill_cache:
+            # every tier faster than where the bytes came from: a disk-tier hit promotes to shm
+            faster = [
+                t
+                for t in cache.tiers
+                if _worth_caching(t, ref)
+                and (hit is None or TIER_ORDER.index(t.name) < TIER_ORDER.index(hit.tier.name))
+            ]
+            if faster:
+                source = (hit.tier.store, hit.tier.name) if hit is not None else (store.get(), "store")
+                fill = _start_fill(cache, faster, source, ref, manifest, files, dest)
 
     views_started = time.perf_counter()
     tensors = tensor_views(buffer, manifest)
@@ -383,31 +392,32 @@ def _shm_to_device(
 
 def _start_fill(
     cache: NodeCache,
-    store: Store,
+    tiers: list[CacheTier],
+    source: tuple[Store, str],
     ref: SnapshotRef,
     manifest: Manifest,
     files: dict[str, bytes],
     dest: HostDestination | StagedDestination,
-) -> threading.Thread | None:
-    """Fill the cache tiers in the background: from the restored host buffer, or by re-reading the store."""
-    tiers = [t for t in cache.tiers if _worth_caching(t, ref)]
-    if not tiers:
-        return None
+) -> threading.Thread:
+    """Fill cache tiers in the background: from the restored host buffer, or (device memory) by
+    reading again where the bytes came from (`source`: the store or a slower tier) rather than
+    copying back from the GPU."""
+    source_store, source_tier = source
+    remote = source_tier == "store" and ref.store_uri.startswith("s3://")
 
     def fill() -> None:
         for tier in tiers:
             try:
                 if isinstance(dest, HostDestination):
                     cache.fill(tier, manifest, files, buffer=memoryview(dest.buffer))
-                else:  # device memory: read the store again rather than copy back from the GPU
-                    reader = store.open_reader(data_key(ref.snapshot_id))
+                else:
+                    reader = source_store.open_reader(data_key(ref.snapshot_id))
                     try:
-                        remote = ref.store_uri.startswith("s3://")
                         cache.fill(
                             tier,
                             manifest,
                             files,
-                            source=ReadSource(reader, "store", 0 if remote else LOCAL_PIECE_SIZE),
+                            source=ReadSource(reader, source_tier, 0 if remote else LOCAL_PIECE_SIZE),
                             readers=default_readers(remote),
                         )
                     finally:

@@ -190,3 +190,17 @@ def test_a_cache_hit_never_touches_the_store(tiny_model: Path, tmp_path: Path, r
         assert got.stats.source_tier == tier_name
         for name, tensor in reference.items():
             assert torch.equal(got.tensors[name], tensor)
+
+
+def test_a_disk_tier_hit_is_promoted_to_shm(tmp_path: Path, store_uri: str) -> None:
+    uri = build_snapshot(_state(0), store_uri, chunk_size=4096).uri
+    shm = CacheTier("shm", tmp_path / "shm", 1 << 30)
+    disk = CacheTier("disk", tmp_path / "disk", 1 << 30)
+    snap = restore(uri)
+    NodeCache([disk]).fill(disk, snap.manifest, snap.files, buffer=memoryview(snap.buffer.numpy()))
+    cache = NodeCache([shm, disk])
+    for staging in (False, True):  # from the restored buffer, and (device memory) from the disk tier
+        cache.evict(snap.manifest.id, shm)
+        first = restore(uri, cache=cache, staging=staging)
+        assert first.stats.source_tier == "disk" and first.wait_cache_fill(30)
+        assert restore(uri, cache=cache).stats.source_tier == "shm"
