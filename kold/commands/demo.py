@@ -142,7 +142,14 @@ def _invoke(port: int, model: str, messages: list[dict[str, str]], since: float,
 
     import httpx
 
-    body = {"model": model, "messages": messages, "max_tokens": 24, "stream": True, "temperature": 0}
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": 24,
+        "stream": True,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},  # the last chunk says how many tokens were generated
+    }
     deadline = time.perf_counter() + 300
     while True:
         try:
@@ -158,10 +165,14 @@ def _invoke(port: int, model: str, messages: list[dict[str, str]], since: float,
                 for line in resp.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-                    if first is None:
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = int(chunk["usage"]["completion_tokens"])
+                    if not chunk["choices"]:
+                        continue
+                    delta = chunk["choices"][0]["delta"].get("content") or ""
+                    if delta and first is None:  # the role-only opening chunk carries no token
                         first = time.perf_counter() - since
-                    tokens += 1
                     print(delta, end="", flush=True)
                 headers = {k: v for k, v in resp.headers.items() if k.lower().startswith("x-kold")}
                 return {
