@@ -1,0 +1,335 @@
+"""The instance manager: `kold runtime serve` subprocesses on free loopback ports.
+
+Each instance is one runtime process of one revision. Its stdout and stderr are appended to
+`<log_dir>/<instance id>.log` (what `kold logs` shows). A process that exits while it was not being
+stopped is noticed at once (a waiter task per process): its state becomes FAILED and the pool's
+`on_failure(instance)` callback runs, so the router can retry and replace it. A runtime that could
+not bind its port (another process took it between our probe and its bind) is respawned on another
+port, transparently, a few times.
+
+Stopping is Knative's scale-in: SIGTERM, on which the runtime refuses new requests, finishes the
+in-flight ones and exits 0; SIGKILL if it has not exited within the drain timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+log = logging.getLogger("kold.gateway.pool")
+
+_ID = re.compile(r"^[a-z0-9-]+$")
+_BIND_RETRIES = 3
+_BIND_FAILURE = "address already in use"
+_POLL_S = 0.02
+
+
+class RuntimeSpecLike(Protocol):
+    """What the pool needs of a revision's runtime settings (registry.RuntimeSpec has them)."""
+
+    @property
+    def device(self) -> str: ...
+    @property
+    def max_batch(self) -> int: ...
+    @property
+    def max_seq_len(self) -> int | None: ...
+
+
+class RevisionLike(Protocol):
+    """What the pool needs of a revision (registry.Revision has it)."""
+
+    @property
+    def revision_id(self) -> str: ...
+    @property
+    def snapshot_uri(self) -> str: ...
+    @property
+    def runtime(self) -> RuntimeSpecLike: ...
+
+
+class InstanceState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class Instance:
+    id: str
+    revision_id: str
+    port: int
+    url: str
+    log_path: Path
+    state: InstanceState = InstanceState.STARTING
+    started_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    in_flight: int = 0  # the router's count of requests it sent here and not yet finished
+    exit_code: int | None = None
+    cold_start: dict[str, Any] | None = None  # the runtime's "startup" log line, once ready
+    process: asyncio.subprocess.Process | None = field(default=None, repr=False)
+    _args: list[str] = field(default_factory=list, repr=False)
+    _log_offset: int = field(default=0, repr=False)  # where this process's output begins in the log
+    _bind_retries: int = field(default=0, repr=False)
+    _waiter: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING)
+
+
+def _check_id(value: str, what: str) -> str:
+    if not _ID.match(value):
+        raise ValueError(f"{what} {value!r} must match {_ID.pattern}")
+    return value
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class InstancePool:
+    """Runtime processes of all revisions. `env` is the processes' whole environment (None: ours)."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
+        host: str = "127.0.0.1",
+        on_failure: Callable[[Instance], Any] | None = None,
+    ) -> None:
+        self.log_dir = Path(log_dir)
+        self.python = python
+        self.env = dict(env) if env is not None else None
+        self.host = host
+        self.on_failure = on_failure
+        self._instances: dict[str, Instance] = {}
+        self._numbers = itertools.count(1)
+        self._http: httpx.AsyncClient | None = None
+
+    # -- starting ----------------------------------------------------------------------------------
+
+    async def start(self, revision: RevisionLike) -> Instance:
+        """Spawn a runtime for `revision`; returns at once, STARTING (see `wait_ready`)."""
+        revision_id = _check_id(revision.revision_id, "revision id")
+        while True:
+            instance_id = _check_id(f"{revision_id}-{next(self._numbers)}", "instance id")
+            if instance_id not in self._instances:
+                break
+        spec = revision.runtime
+        args = [
+            "-m",
+            "kold",
+            "runtime",
+            "serve",
+            "--snapshot",
+            revision.snapshot_uri,
+            "--host",
+            self.host,
+            "--max-batch",
+            str(spec.max_batch),
+            "--device",
+            spec.device,
+        ]
+        if spec.max_seq_len is not None:
+            args += ["--max-seq-len", str(spec.max_seq_len)]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        inst = Instance(
+            id=instance_id, revision_id=revision_id, port=0, url="", log_path=self.log_dir / f"{instance_id}.log"
+        )
+        inst._args = args
+        self._instances[inst.id] = inst
+        try:
+            await self._spawn(inst)
+        except BaseException:
+            inst.state = InstanceState.FAILED
+            raise
+        return inst
+
+    async def _spawn(self, inst: Instance) -> None:
+        inst.port = _free_port(self.host)
+        inst.url = f"http://{self.host}:{inst.port}"
+        env = dict(self.env if self.env is not None else os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("PORT", None)
+        with open(inst.log_path, "ab") as out:
+            inst._log_offset = out.tell()
+            out.write(f"--- kold: instance {inst.id} starting on port {inst.port}\n".encode())
+            out.flush()
+            inst.process = await asyncio.create_subprocess_exec(
+                self.python,
+                *inst._args,
+                "--port",
+                str(inst.port),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # a Ctrl-C at the gateway's terminal is the gateway's to handle
+            )
+        log.info("instance %s: pid %s on port %s", inst.id, inst.process.pid, inst.port)
+        inst._waiter = asyncio.create_task(self._wait_exit(inst, inst.process), name=f"kold-wait-{inst.id}")
+
+    async def _wait_exit(self, inst: Instance, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        if process is not inst.process:
+            return
+        inst.exit_code = code
+        if inst.state in (InstanceState.DRAINING, InstanceState.STOPPED):
+            return
+        if (
+            inst.state is InstanceState.STARTING
+            and inst._bind_retries < _BIND_RETRIES
+            and _BIND_FAILURE in self._own_output(inst).lower()
+        ):
+            inst._bind_retries += 1
+            log.warning("instance %s: port %s was taken, retrying on another", inst.id, inst.port)
+            inst.exit_code = None
+            try:
+                await self._spawn(inst)
+                return
+            except Exception:
+                log.exception("instance %s: respawn failed", inst.id)
+        inst.state = InstanceState.FAILED
+        log.warning("instance %s exited unexpectedly with %s", inst.id, code)
+        if self.on_failure is not None:
+            try:
+                result = self.on_failure(inst)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("on_failure(%s) raised", inst.id)
+
+    async def wait_ready(self, inst: Instance, timeout_s: float) -> bool:
+        """Poll /readyz until 200 (READY: True), the process exits (FAILED: False) or the timeout (False)."""
+        deadline = time.monotonic() + timeout_s
+        http = self._client()
+        while True:
+            if inst.state is InstanceState.READY:
+                return True
+            if inst.state is not InstanceState.STARTING:
+                return False
+            process = inst.process
+            if process is not None and process.returncode is not None:
+                # the waiter task decides (FAILED, or a respawn after a bind failure)
+                await asyncio.sleep(_POLL_S)
+            else:
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await http.get(f"{inst.url}/readyz", timeout=max(0.05, min(1.0, deadline - time.monotonic())))
+                    if r.status_code == 200 and inst.state is InstanceState.STARTING and process is inst.process:
+                        inst.state = InstanceState.READY
+                        inst.ready_at = time.time()
+                        inst.cold_start = await self._read_startup_event(inst)
+                        return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_POLL_S)
+
+    async def _read_startup_event(self, inst: Instance, wait_s: float = 0.5) -> dict[str, Any] | None:
+        """The runtime's JSON "startup" line (logged just after /readyz turns 200): best effort."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for line in reversed(self._own_output(inst).splitlines()):
+                start = line.find('{"event": "startup"')
+                if start < 0:
+                    continue
+                with contextlib.suppress(ValueError):
+                    data = json.loads(line[start:])
+                    if isinstance(data, dict):
+                        return data
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(_POLL_S)
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    async def stop(self, inst: Instance, drain_timeout_s: float = 30.0) -> None:
+        """Drain and stop: SIGTERM (the runtime finishes in-flight requests), SIGKILL after the timeout."""
+        process = inst.process
+        if process is None or process.returncode is not None:
+            if inst.state is not InstanceState.FAILED:
+                inst.state = InstanceState.STOPPED
+            if process is not None:
+                inst.exit_code = process.returncode
+            return
+        if inst.state is not InstanceState.FAILED:
+            inst.state = InstanceState.DRAINING
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), drain_timeout_s)
+        except TimeoutError:
+            log.warning("instance %s did not drain within %ss: killing it", inst.id, drain_timeout_s)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        inst.exit_code = process.returncode
+        if inst.state is not InstanceState.FAILED:
+            inst.state = InstanceState.STOPPED
+        if inst._waiter is not None:
+            await asyncio.gather(inst._waiter, return_exceptions=True)
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop every instance (`kold down`)."""
+        live = [i for i in self._instances.values() if i.process is not None and i.process.returncode is None]
+        await asyncio.gather(*(self.stop(i, drain_timeout_s) for i in live), return_exceptions=True)
+        waiters = [i._waiter for i in self._instances.values() if i._waiter is not None]
+        await asyncio.gather(*waiters, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    # -- looking -----------------------------------------------------------------------------------
+
+    def instances(self, revision_id: str | None = None) -> list[Instance]:
+        """All instances the pool started (stopped and failed ones included), oldest first."""
+        return [i for i in self._instances.values() if revision_id is None or i.revision_id == revision_id]
+
+    def get(self, instance_id: str) -> Instance | None:
+        return self._instances.get(instance_id)
+
+    def read_log(self, inst: Instance, tail_lines: int | None = None) -> str:
+        """The instance's captured output (all its processes), or its last `tail_lines` lines."""
+        path = self.log_dir / f"{_check_id(inst.id, 'instance id')}.log"
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                if tail_lines is None:
+                    return f.read()
+                return "".join(deque(f, maxlen=max(0, tail_lines)))
+        except FileNotFoundError:
+            return ""
+
+    def _own_output(self, inst: Instance) -> str:
+        """The output of the instance's current process."""
+        try:
+            with open(inst.log_path, "rb") as f:
+                f.seek(inst._log_offset)
+                return f.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(trust_env=False)
+        return self._http

@@ -1,0 +1,197 @@
+"""The instance pool with real `kold runtime serve` processes on a tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from kold.gateway import pool as pool_module
+from kold.gateway.pool import Instance, InstancePool, InstanceState
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str = "cpu"
+    max_batch: int = 2
+    max_seq_len: int | None = 256
+
+
+@dataclass(frozen=True)
+class Revision:
+    revision_id: str
+    snapshot_uri: str
+    runtime: Runtime = Runtime()
+
+
+@pytest.fixture(scope="module")
+def tiny_snapshot(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from kold.modelgen import write_random_model
+    from kold.snapshot import build_snapshot
+
+    root = tmp_path_factory.mktemp("pool-model")
+    model_dir = write_random_model(root / "tiny", "llama", "tiny", seed=3)
+    return build_snapshot(model_dir, (root / "store").as_uri(), chunk_size=64 << 10).uri
+
+
+@pytest.fixture
+def make_pool(tmp_path: Path) -> Callable[..., InstancePool]:
+    def make(**kwargs: Any) -> InstancePool:
+        env = {
+            **os.environ,
+            "KOLD_HOME": str(tmp_path / "home"),
+            "KOLD_CACHE_SHM_BYTES": "0",
+            "KOLD_CACHE_DISK_BYTES": "0",
+            "OMP_NUM_THREADS": "1",
+        }
+        return InstancePool(tmp_path / "logs", env=env, **kwargs)
+
+    return make
+
+
+def run_with(pool: InstancePool, body: Callable[[], Awaitable[T]]) -> T:
+    """Run `body` in a fresh event loop; the pool is closed (every process stopped) at the end."""
+
+    async def main() -> T:
+        try:
+            return await body()
+        finally:
+            await pool.close(drain_timeout_s=5)
+
+    return asyncio.run(main())
+
+
+async def model_id(http: httpx.AsyncClient, inst: Instance) -> str:
+    return str((await http.get(f"{inst.url}/v1/models")).json()["data"][0]["id"])
+
+
+def test_start_ready_serve_then_stop_drains_a_stream(
+    make_pool: Callable[..., InstancePool], tiny_snapshot: str
+) -> None:
+    pool = make_pool()
+
+    async def body() -> None:
+        inst = await pool.start(Revision("tiny-r1", tiny_snapshot))
+        assert inst.state is InstanceState.STARTING and inst.id == "tiny-r1-1"
+        assert await pool.wait_ready(inst, 60), pool.read_log(inst)
+        assert inst.state is InstanceState.READY and inst.ready_at is not None
+        assert inst.cold_start is not None and inst.cold_start["event"] == "startup"
+        assert inst.cold_start["state"] == "ready"
+        assert pool.instances() == [inst] and pool.instances("tiny-r1") == [inst] and pool.instances("x") == []
+        async with httpx.AsyncClient(timeout=60) as http:
+            assert (await http.get(f"{inst.url}/readyz")).status_code == 200
+            model = await model_id(http, inst)
+            r = await http.post(f"{inst.url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+            # a stream in flight when the instance is stopped is finished, then the runtime exits 0
+            long = {"model": model, "prompt": "go", "max_tokens": 150, "ignore_eos": True, "stream": True}
+            text, finish, done, stop = "", None, False, None
+            async with http.stream("POST", f"{inst.url}/v1/completions", json=long) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if not line:
+                        continue
+                    if stop is None:
+                        stop = asyncio.create_task(pool.stop(inst, drain_timeout_s=30))
+                        await asyncio.sleep(0.05)
+                        assert inst.state is InstanceState.DRAINING
+                    if line == "data: [DONE]":
+                        done = True
+                        break
+                    choice = json.loads(line.removeprefix("data: "))["choices"][0]
+                    text += choice["text"]
+                    finish = choice["finish_reason"] or finish
+            assert stop is not None
+            await stop
+        assert done and finish == "length", pool.read_log(inst)
+        assert inst.state is InstanceState.STOPPED and inst.exit_code == 0, pool.read_log(inst)
+        assert '"event": "drain"' in pool.read_log(inst)
+
+    run_with(pool, body)
+
+
+def test_two_instances_and_a_crash_noticed(make_pool: Callable[..., InstancePool], tiny_snapshot: str) -> None:
+    failed: list[Instance] = []
+    pool = make_pool(on_failure=failed.append)
+
+    async def body() -> None:
+        rev = Revision("tiny-r2", tiny_snapshot)
+        a, b = await pool.start(rev), await pool.start(rev)
+        assert a.id != b.id and a.port != b.port and a.log_path != b.log_path
+        assert all(await asyncio.gather(pool.wait_ready(a, 60), pool.wait_ready(b, 60)))
+        for inst in (a, b):
+            assert '"event": "startup"' in pool.read_log(inst)
+            assert inst.log_path.parent == pool.log_dir and inst.log_path.name == f"{inst.id}.log"
+        assert pool.read_log(a, tail_lines=1).count("\n") <= 1
+
+        assert a.process is not None
+        os.kill(a.process.pid, signal.SIGKILL)
+        for _ in range(250):
+            if failed:
+                break
+            await asyncio.sleep(0.02)
+        assert failed == [a] and a.state is InstanceState.FAILED and a.exit_code == -signal.SIGKILL
+        assert b.state is InstanceState.READY  # the other one is untouched
+        await pool.stop(a)  # stopping a dead instance is harmless and keeps it FAILED
+        assert a.state is InstanceState.FAILED
+
+    run_with(pool, body)
+    assert all(i.state in (InstanceState.STOPPED, InstanceState.FAILED) for i in pool.instances())
+    assert failed == [pool.instances()[0]]  # close() is no failure
+
+
+def test_a_missing_snapshot_fails_with_the_reason_in_the_log(
+    make_pool: Callable[..., InstancePool], tiny_snapshot: str
+) -> None:
+    failed: list[Instance] = []
+    pool = make_pool(on_failure=failed.append)
+    missing = tiny_snapshot.rsplit("/", 1)[0] + "/" + "0" * 32
+
+    async def body() -> None:
+        inst = await pool.start(Revision("bad-r1", missing))
+        assert not await pool.wait_ready(inst, 60)
+        assert inst.state is InstanceState.FAILED and inst.exit_code not in (None, 0)
+        assert failed == [inst]
+        assert '"state": "failed"' in pool.read_log(inst), pool.read_log(inst)
+
+    run_with(pool, body)
+
+
+def test_a_taken_port_is_retried_on_another(
+    make_pool: Callable[..., InstancePool], tiny_snapshot: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = make_pool()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = [int(taken.getsockname()[1])]
+        real = pool_module._free_port
+        monkeypatch.setattr(pool_module, "_free_port", lambda host: ports.pop() if ports else real(host))
+
+        async def body() -> None:
+            inst = await pool.start(Revision("tiny-r3", tiny_snapshot))
+            first = inst.port
+            assert await pool.wait_ready(inst, 60), pool.read_log(inst)
+            assert inst.port != first and inst.state is InstanceState.READY
+            assert "address already in use" in pool.read_log(inst).lower()
+
+        run_with(pool, body)
+
+
+def test_ids_are_validated(make_pool: Callable[..., InstancePool]) -> None:
+    pool = make_pool()
+    with pytest.raises(ValueError, match="revision id"):
+        asyncio.run(pool.start(Revision("../etc", "file:///nowhere/snapshots/x")))
+    assert pool.instances() == []
