@@ -36,12 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from kold.commands import demo, model, runtime, snapshot
+    from kold.commands import demo, model, platform, runtime, snapshot
 
     model.register(top)
     snapshot.register(top)
     demo.register(top)
     runtime.register(top)
+    platform.register(top)
     return parser
 
 

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     # can watch requests queue up during a cold start.
     runtime_test_restore_delay_s: float = Field(default=0.0, ge=0, le=600)
 
+    # -- the local platform (`kold up` and the commands that talk to it) --
+    redis_url: str | None = Field(default=None, description="Redis for the platform; unset: `kold up` starts one")
+    gateway_url: str = Field(default="http://127.0.0.1:8080", description="where the CLI finds the gateway")
+    api_key: str | None = Field(default=None, description="Bearer key the CLI sends to the gateway")
+
     @property
     def store_uri(self) -> str:
         return self.store or (self.home / "store").as_uri()

@@ -1,0 +1,305 @@
+"""The activator: per-function state, holding requests while a function is cold, and scaling.
+
+A request asks `acquire(name)` for an instance of the function's serving revision. With a READY
+instance it gets the least loaded one at once; without one it is held (not failed) until an
+instance becomes READY or the revision's `request_timeout_s` passes (503 + Retry-After). Every
+acquire re-evaluates how many instances the revision needs, Knative-style:
+ceil((in flight + waiting) / target_concurrency), between min_instances and max_instances, and
+starts only the missing ones (counted synchronously, so a burst at a cold function starts as many
+instances as its concurrency needs, not one per request). A background task stops instances idle
+for `idle_timeout_s` (the runtime drains on SIGTERM), down to min_instances (0: scale to zero).
+Invocations are recorded off the critical path by a queue drained in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from kold.gateway.pool import Instance, InstancePool, InstanceState
+from kold.gateway.registry import Invocation, Registry, Revision
+from kold.runtime.protocol import ModelNotFoundError, UnavailableError
+
+log = logging.getLogger("kold.gateway.activator")
+
+SERVING_CACHE_S = 1.0
+REAP_INTERVAL_S = 0.25
+RECORD_BATCH = 500
+RECORD_QUEUE_MAX = 10_000
+DRAIN_TIMEOUT_S = 30.0
+
+
+class ColdStartTimeoutError(UnavailableError):
+    code = "cold_start_timeout"
+    retry_after = 5
+
+
+@dataclass
+class FunctionState:
+    """What the activator tracks per function (all touched from the event loop only)."""
+
+    waiting: int = 0  # requests held for want of a READY instance
+    pending: dict[str, int] = field(default_factory=dict)  # revision id -> starts not yet spawned
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class Gateway:
+    """Per-function state over a registry and an instance pool."""
+
+    def __init__(self, registry: Registry, pool: InstancePool, *, metrics: CollectorRegistry | None = None) -> None:
+        self.registry = registry
+        self.pool = pool
+        if pool.on_failure is None:
+            pool.on_failure = self._on_failure
+        self.functions: dict[str, FunctionState] = {}
+        self._revisions: dict[str, Revision] = {}  # immutable: cached for good
+        self._serving: dict[str, tuple[float, Revision]] = {}
+        self._last_used: dict[str, float] = {}  # instance id -> monotonic time of its last request end
+        self._queue: asyncio.Queue[Invocation] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._starts: set[asyncio.Task[Any]] = set()
+        self._redis_down_logged = False
+        self.metrics = metrics if metrics is not None else CollectorRegistry()
+        self.m_requests = Counter(
+            "kold_gateway_requests", "Requests routed", ["function", "cold"], registry=self.metrics
+        )
+        self.m_dropped = Counter(
+            "kold_gateway_invocation_records_dropped", "Invocation records not written", registry=self.metrics
+        )
+        self.m_starts = Counter(
+            "kold_gateway_instance_starts", "Instances started", ["function"], registry=self.metrics
+        )
+        self.m_stops = Counter(
+            "kold_gateway_instance_stops", "Instances scaled in", ["function"], registry=self.metrics
+        )
+        self.m_waiting = Gauge("kold_gateway_waiting", "Requests held for a cold function", registry=self.metrics)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue(RECORD_QUEUE_MAX)
+        self._tasks = [
+            asyncio.create_task(self._record_loop(), name="kold-gateway-records"),
+            asyncio.create_task(self._reap_loop(), name="kold-gateway-reaper"),
+        ]
+
+    async def close(self, drain_timeout_s: float = 5.0) -> None:
+        for t in [*self._tasks, *self._starts]:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._starts, return_exceptions=True)
+        await self._flush()
+        await self.pool.close(drain_timeout_s)
+
+    def state(self, name: str) -> FunctionState:
+        st = self.functions.get(name)
+        if st is None:
+            st = self.functions[name] = FunctionState()
+        return st
+
+    # -- revisions ---------------------------------------------------------------------------------
+
+    async def revision(self, rev_id: str) -> Revision | None:
+        rev = self._revisions.get(rev_id)
+        if rev is None:
+            rev = await asyncio.to_thread(self.registry.get_revision, rev_id)
+            if rev is not None:
+                self._revisions[rev_id] = rev
+        return rev
+
+    async def serving_revision(self, name: str) -> Revision:
+        """The revision traffic goes to (the latest one while none is serving yet), cached briefly."""
+        cached = self._serving.get(name)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        fn = await asyncio.to_thread(self.registry.get_function, name)
+        if fn is None:
+            self._serving.pop(name, None)
+            raise ModelNotFoundError(f"the function {name!r} does not exist", param="model")
+        rev = await self.revision(fn.serving_revision or fn.latest_revision)
+        if rev is None:
+            raise ModelNotFoundError(f"the function {name!r} has no revision", param="model")
+        self._serving[name] = (time.monotonic() + SERVING_CACHE_S, rev)
+        return rev
+
+    def invalidate(self, name: str) -> None:
+        self._serving.pop(name, None)
+
+    # -- acquiring and releasing instances ----------------------------------------------------------
+
+    def _live(self, rev_id: str) -> list[Instance]:
+        return [i for i in self.pool.instances(rev_id) if i.state in (InstanceState.STARTING, InstanceState.READY)]
+
+    def _ready(self, rev_id: str, exclude: Instance | None = None) -> list[Instance]:
+        return [i for i in self.pool.instances(rev_id) if i.state is InstanceState.READY and i is not exclude]
+
+    def ensure_capacity(self, rev: Revision, extra: int = 0) -> int:
+        """Start the instances `rev` is missing for its load; no await: the count cannot race. Returns starts."""
+        st = self.state(rev.function)
+        sc = rev.scaling
+        load = sum(i.in_flight for i in self._ready(rev.revision_id)) + st.waiting + extra
+        want = min(sc.max_instances, max(sc.min_instances, math.ceil(load / sc.target_concurrency)))
+        have = len(self._live(rev.revision_id)) + st.pending.get(rev.revision_id, 0)
+        for _ in range(want - have):
+            self._spawn(rev)
+        return max(0, want - have)
+
+    def _spawn(self, rev: Revision) -> None:
+        st = self.state(rev.function)
+        st.pending[rev.revision_id] = st.pending.get(rev.revision_id, 0) + 1
+        task = asyncio.create_task(self._start_instance(rev), name=f"kold-start-{rev.revision_id}")
+        self._starts.add(task)
+        task.add_done_callback(self._starts.discard)
+
+    async def _start_instance(self, rev: Revision) -> None:
+        st = self.state(rev.function)
+        counted = True
+        try:
+            inst = await self.pool.start(rev)
+            st.pending[rev.revision_id] -= 1  # from now on pool.instances() counts it
+            counted = False
+            self.m_starts.labels(rev.function).inc()
+            if await self.pool.wait_ready(inst, rev.scaling.request_timeout_s):
+                self._last_used[inst.id] = time.monotonic()
+            else:
+                log.warning("instance %s did not become ready:\n%s", inst.id, self.pool.read_log(inst, 20))
+                await self.pool.stop(inst, 1.0)
+        except Exception:
+            log.exception("starting an instance of %s failed", rev.revision_id)
+        finally:
+            if counted:
+                st.pending[rev.revision_id] -= 1
+            st.notify()
+
+    async def acquire(self, name: str, exclude: Instance | None = None) -> tuple[Instance, Revision, bool, float]:
+        """An instance for one request (its in_flight counted), the revision, whether it was cold, the wait."""
+        t0 = time.monotonic()
+        rev = await self.serving_revision(name)
+        st = self.state(name)
+        deadline = t0 + rev.scaling.request_timeout_s
+        cold = False
+        while True:
+            ready = self._ready(rev.revision_id, exclude)
+            if ready:
+                inst = min(ready, key=lambda i: i.in_flight)
+                inst.in_flight += 1
+                self.ensure_capacity(rev)  # scale out when in flight per READY instance > target
+                self.m_requests.labels(name, "1" if cold else "0").inc()
+                return inst, rev, cold, time.monotonic() - t0
+            cold = True
+            changed = st.changed
+            st.waiting += 1
+            self.m_waiting.inc()
+            try:
+                self.ensure_capacity(rev)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ColdStartTimeoutError(
+                        f"the function {name!r} did not become ready within {rev.scaling.request_timeout_s}s"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
+            finally:
+                st.waiting -= 1
+                self.m_waiting.dec()
+
+    def release(self, inst: Instance) -> None:
+        inst.in_flight = max(0, inst.in_flight - 1)
+        self._last_used[inst.id] = time.monotonic()
+
+    def _on_failure(self, inst: Instance) -> None:
+        """A crashed instance: FAILED already, so routing skips it; wake waiters so they re-plan."""
+        rev = self._revisions.get(inst.revision_id)
+        if rev is not None:
+            self.state(rev.function).notify()
+
+    # -- scale in ----------------------------------------------------------------------------------
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            try:
+                await self.reap_once()
+            except Exception:
+                log.exception("scale-in pass failed")
+
+    async def reap_once(self) -> None:
+        now = time.monotonic()
+        serving = {name: rev.revision_id for name, (_, rev) in self._serving.items()}
+        by_rev: dict[str, list[Instance]] = {}
+        for inst in self.pool.instances():
+            if inst.state is InstanceState.READY:
+                by_rev.setdefault(inst.revision_id, []).append(inst)
+        for rev_id, instances in by_rev.items():
+            rev = self._revisions.get(rev_id)
+            if rev is None:
+                continue
+            floor = rev.scaling.min_instances if serving.get(rev.function, rev_id) == rev_id else 0
+            idle = [
+                i
+                for i in instances
+                if i.in_flight == 0 and now - self._last_used.get(i.id, now) >= rev.scaling.idle_timeout_s
+            ]
+            for inst in idle[: max(0, len(instances) - floor)]:
+                log.info("scaling in %s (idle %.1fs)", inst.id, now - self._last_used.get(inst.id, now))
+                self.m_stops.labels(rev.function).inc()
+                task = asyncio.create_task(self.pool.stop(inst, DRAIN_TIMEOUT_S))
+                self._starts.add(task)
+                task.add_done_callback(self._starts.discard)
+                inst.state = InstanceState.DRAINING  # out of routing at once
+        for _, rev in list(self._serving.values()):
+            if rev.scaling.min_instances:
+                self.ensure_capacity(rev)
+
+    async def stop_function(self, name: str, rev_ids: list[str]) -> None:
+        insts = [i for r in rev_ids for i in self.pool.instances(r) if i.alive]
+        await asyncio.gather(*(self.pool.stop(i, DRAIN_TIMEOUT_S) for i in insts), return_exceptions=True)
+        self.invalidate(name)
+
+    # -- invocation records ------------------------------------------------------------------------
+
+    def record(self, name: str, arrival: float, cold: bool, wait_s: float) -> None:
+        if self._queue is None:
+            return
+        try:
+            self._queue.put_nowait(Invocation(name, arrival, cold, wait_s))
+        except asyncio.QueueFull:
+            self.m_dropped.inc()
+
+    async def _record_loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < RECORD_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._write(batch)
+
+    async def _flush(self) -> None:
+        if self._queue is None:
+            return
+        batch: list[Invocation] = []
+        while not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        if batch:
+            await self._write(batch)
+
+    async def _write(self, batch: list[Invocation]) -> None:
+        try:
+            await asyncio.to_thread(self.registry.record_invocations, batch)
+            self._redis_down_logged = False
+        except Exception as exc:
+            self.m_dropped.inc(len(batch))
+            if not self._redis_down_logged:
+                log.warning("cannot record invocations (%s): dropping them until Redis is back", exc)
+                self._redis_down_logged = True

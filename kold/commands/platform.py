@@ -1,0 +1,345 @@
+"""The local platform: `kold up|down`, `kold deploy|ls|describe|rm|rollback|logs|invoke`, `kold keys`.
+
+`kold up` runs the gateway (router + activator + instance pool) in the foreground; every other
+command is a client of its admin API (kold/platform_client.py), as kubectl is of the API server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kold.cli import CLIError, existing_dir, print_json
+from kold.settings import Settings
+
+
+def register(top: Any) -> None:
+    up = top.add_parser("up", help="start the local platform (gateway, instance manager, controller hook)")
+    up.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback requires API keys)")
+    up.add_argument("--port", type=int, default=8080)
+    up.add_argument("--detach", action="store_true", help="run in the background (stop with `kold down`)")
+    up.set_defaults(handler=cmd_up)
+
+    down = top.add_parser("down", help="stop a platform started with `kold up`")
+    down.set_defaults(handler=cmd_down)
+
+    deploy = top.add_parser("deploy", help="publish a Hugging Face model directory as a function")
+    deploy.add_argument("model_dir", type=existing_dir, metavar="MODEL_DIR")
+    deploy.add_argument("--name", required=True, help="function name (DNS label: a-z, 0-9, '-')")
+    deploy.add_argument("--min-instances", type=int, default=0, help="0 allows scale to zero (default)")
+    deploy.add_argument("--max-instances", type=int, default=4)
+    deploy.add_argument("--target-concurrency", type=int, default=4, help="in-flight requests per instance")
+    deploy.add_argument("--idle-timeout", type=float, default=60.0, help="seconds idle before scaling in")
+    deploy.add_argument("--request-timeout", type=float, default=300.0)
+    deploy.add_argument("--device", default="cpu")
+    deploy.add_argument("--max-batch", type=int, default=8)
+    deploy.add_argument("--target", choices=("local", "knative"), default="local")
+    deploy.set_defaults(handler=cmd_deploy)
+
+    ls = top.add_parser("ls", help="list functions")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=cmd_ls)
+
+    describe = top.add_parser("describe", help="a function's revisions and instances, with cold-start breakdowns")
+    describe.add_argument("name")
+    describe.add_argument("--json", action="store_true")
+    describe.set_defaults(handler=cmd_describe)
+
+    rm = top.add_parser("rm", help="remove a function (its instances drain first)")
+    rm.add_argument("name")
+    rm.set_defaults(handler=cmd_rm)
+
+    rollback = top.add_parser("rollback", help="move a function's traffic back to an earlier revision")
+    rollback.add_argument("name")
+    rollback.add_argument("revision", nargs="?", help="default: the revision before the serving one")
+    rollback.set_defaults(handler=cmd_rollback)
+
+    logs = top.add_parser("logs", help="a function's instance logs")
+    logs.add_argument("name")
+    logs.add_argument("--tail", type=int, default=100)
+    logs.add_argument("--follow", "-f", action="store_true")
+    logs.set_defaults(handler=cmd_logs)
+
+    invoke = top.add_parser("invoke", help="call a function and stream its answer")
+    invoke.add_argument("name")
+    invoke.add_argument("prompt")
+    invoke.add_argument("--chat", action="store_true", help="send as a chat message (default: a completion)")
+    invoke.add_argument("--max-tokens", type=int, default=64)
+    invoke.set_defaults(handler=cmd_invoke)
+
+    keys = top.add_parser("keys", help="API keys for the gateway")
+    sub = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    create = sub.add_parser("create", help="create a key (the secret is shown once)")
+    create.add_argument("label", nargs="?", default="")
+    create.set_defaults(handler=cmd_keys_create)
+    sub.add_parser("ls", help="list keys").set_defaults(handler=cmd_keys_ls)
+    revoke = sub.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=cmd_keys_revoke)
+
+
+# -- the platform process -----------------------------------------------------------------------
+
+
+def _pidfile(settings: Settings) -> Path:
+    return settings.home / "platform.pid"
+
+
+def _running_pid(settings: Settings) -> int | None:
+    try:
+        pid = int(_pidfile(settings).read_text().split()[0])
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    if _running_pid(settings) is not None:
+        raise CLIError(f"a kold platform is already running (pid {_running_pid(settings)}): `kold down` first")
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port {args.port}: not a port number")
+    url = f"http://{args.host}:{args.port}"
+    if args.detach:
+        return _up_detached(args, settings, url)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    _pidfile(settings).write_text(f"{os.getpid()} {url}\n")
+    try:
+        return _serve_platform(args, settings)
+    finally:
+        _pidfile(settings).unlink(missing_ok=True)
+
+
+def _up_detached(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    import httpx
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    log_path = settings.home / "platform.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kold", "up", "--host", args.host, "--port", str(args.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CLIError(f"the platform exited at start: see {log_path}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                print(f"kold platform up at {url} (pid {proc.pid}, log {log_path}); stop it with `kold down`")
+                return 0
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise CLIError(f"the platform did not answer within 60 s: see {log_path}")
+
+
+def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    import redis
+    import uvicorn
+
+    from kold.gateway.app import build_app
+    from kold.gateway.pool import InstancePool
+    from kold.gateway.registry import Registry
+    from kold.localredis import LocalRedis
+
+    logging.getLogger("kold").setLevel(logging.INFO)
+    local_redis = None if settings.redis_url else LocalRedis(settings.home / "redis").start()
+    redis_url = settings.redis_url or (local_redis.url if local_redis else "")
+    try:
+        registry = Registry(redis.Redis.from_url(redis_url), prefix="kold:")
+        # instances inherit our environment: KOLD_STORE, S3 credentials and cache settings reach them
+        pool = InstancePool(settings.home / "logs", env=dict(os.environ))
+        app = build_app(registry, pool, require_keys=not _is_loopback(args.host))
+        print(f"kold platform listening on http://{args.host}:{args.port} (redis {redis_url})", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return 0
+    finally:
+        if local_redis is not None:
+            local_redis.stop()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    pid = _running_pid(settings)
+    if pid is None:
+        print("no kold platform is running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"kold platform stopped (pid {pid})")
+            return 0
+        time.sleep(0.1)
+    raise CLIError(f"the platform (pid {pid}) did not stop within 60 s")
+
+
+# -- clients of the gateway ------------------------------------------------------------------------
+
+
+def _client(settings: Settings) -> Any:
+    from kold.platform_client import PlatformClient
+
+    return PlatformClient(settings.gateway_url, settings.api_key)
+
+
+def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
+    if args.target == "knative":
+        raise CLIError("--target knative is not available yet (it comes with the Knative target); use --target local")
+    from kold.gateway.names import InvalidNameError, validate_function_name
+    from kold.progress import ByteProgress
+    from kold.snapshot import build_snapshot
+
+    try:
+        validate_function_name(args.name)
+    except InvalidNameError as exc:
+        raise CLIError(str(exc)) from None
+    client = _client(settings)
+    client.request("GET", "/healthz")  # fail fast, before building, if no platform runs
+    with ByteProgress(f"publish {args.name}") as progress:
+        built = build_snapshot(args.model_dir, settings.store_uri, s3=settings.s3_options(), progress=progress)
+    state = "published" if built.uploaded else "already in the store"
+    print(f"snapshot {built.manifest.id} {state}: {built.uri}")
+    body = {
+        "snapshot_uri": built.uri,
+        "scaling": {
+            "min_instances": args.min_instances,
+            "max_instances": args.max_instances,
+            "target_concurrency": args.target_concurrency,
+            "idle_timeout_s": args.idle_timeout,
+            "request_timeout_s": args.request_timeout,
+        },
+        "runtime": {"device": args.device, "max_batch": args.max_batch},
+        "wait": True,
+    }
+    print(f"deploying {args.name}: waiting for the new revision's first instance to be ready ...")
+    rev = client.request("POST", f"/admin/functions/{args.name}/revisions", body)
+    base = settings.gateway_url.rstrip("/")
+    print(f"revision {rev.get('revision_id', '?')} is serving")
+    print(f"  {base}/v1/functions/{args.name}/v1/chat/completions")
+    print(f"  OpenAI clients: base_url={base}/v1, model={args.name}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
+    functions = _client(settings).request("GET", "/admin/functions")
+    if args.json:
+        print_json(functions)
+        return 0
+    items = functions.get("functions", functions) if isinstance(functions, dict) else functions
+    if not items:
+        print("no functions: deploy one with `kold deploy MODEL_DIR --name NAME`")
+        return 0
+    print(f"{'NAME':<24} {'SERVING':<20} {'INSTANCES':>9}")
+    for fn in items:
+        instances = fn.get("instances", [])
+        count = len(instances) if isinstance(instances, list) else instances
+        print(f"{fn.get('name', '?'):<24} {fn.get('serving_revision') or '-':<20} {count:>9}")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace, settings: Settings) -> int:
+    print_json(_client(settings).request("GET", f"/admin/functions/{args.name}"))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
+    _client(settings).request("DELETE", f"/admin/functions/{args.name}")
+    print(f"function {args.name} removed")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    body = {"revision": args.revision} if args.revision else {}
+    result = _client(settings).request("POST", f"/admin/functions/{args.name}/rollback", body)
+    print(f"{args.name} now serves {result.get('serving_revision') or result.get('revision_id') or result}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
+    client = _client(settings)
+    seen = ""
+    while True:
+        text = client.request("GET", f"/admin/functions/{args.name}/logs?tail={args.tail}")
+        text = text.get("logs", "") if isinstance(text, dict) else str(text)
+        print(text[len(seen) :] if text.startswith(seen) else text, end="", flush=True)
+        if not args.follow:
+            return 0
+        seen = text
+        time.sleep(1.0)
+
+
+def cmd_invoke(args: argparse.Namespace, settings: Settings) -> int:
+    body: dict[str, Any] = {
+        "model": args.name,
+        "max_tokens": args.max_tokens,
+        "stream_options": {"include_usage": True},
+    }
+    if args.chat:
+        body["messages"] = [{"role": "user", "content": args.prompt}]
+    else:
+        body["prompt"] = args.prompt
+    started = time.perf_counter()
+    first: float | None = None
+    headers: dict[str, str] = {}
+    tokens = 0
+    for response_headers, chunk in _client(settings).stream_chat(args.name, body):
+        headers = response_headers
+        if chunk.get("usage"):
+            tokens = int(chunk["usage"].get("completion_tokens", 0))
+        for choice in chunk.get("choices", []):
+            text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+            if text:
+                first = first if first is not None else time.perf_counter() - started
+                print(text, end="", flush=True)
+    total = time.perf_counter() - started
+    cold = headers.get("x-kold-cold") == "1"
+    print(
+        f"\n\n{'cold' if cold else 'warm'}: first token {1000 * (first or total):.0f} ms, {tokens} tokens in {1000 * total:.0f} ms"
+    )
+    for key in sorted(headers):
+        if key.startswith("x-kold-") and key != "x-kold-cold":
+            print(f"  {key}: {headers[key]}")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    key = _client(settings).request("POST", "/admin/keys", {"label": args.label})
+    print(f"key {key.get('key_id')} created; its secret (shown once, store it now):\n{key.get('secret')}")
+    return 0
+
+
+def cmd_keys_ls(args: argparse.Namespace, settings: Settings) -> int:
+    keys = _client(settings).request("GET", "/admin/keys")
+    items = keys.get("keys", keys) if isinstance(keys, dict) else keys
+    for k in items or []:
+        print(f"{k.get('key_id'):<14} {k.get('label', ''):<24} {k.get('created_at', '')}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    _client(settings).request("DELETE", f"/admin/keys/{args.key_id}")
+    print(f"key {args.key_id} revoked")
+    return 0

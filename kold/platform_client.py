@@ -1,0 +1,60 @@
+"""The CLI's client of the local platform's gateway (admin API and invocation), over HTTP.
+
+The CLI never touches Redis or the instances itself: like `kubectl` and the API server, it asks the
+gateway, which owns the state. Errors come back as one-line `CLIError`s.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from kold.cli import CLIError
+
+
+class PlatformClient:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 600.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            resp = self._client.request(method, path, json=body)
+        except httpx.ConnectError:
+            raise CLIError(f"no kold platform answers at {self.base_url}: start it with `kold up`") from None
+        except httpx.TimeoutException:
+            raise CLIError(f"the platform at {self.base_url} did not answer in time") from None
+        if resp.status_code >= 400:
+            raise CLIError(_error_message(resp))
+        return resp.json() if resp.content else None
+
+    def stream_chat(self, name: str, body: dict[str, Any]) -> Iterator[tuple[dict[str, str], dict[str, Any]]]:
+        """Yield (response headers, SSE chunk) for a streamed chat or completion request."""
+        path = f"/v1/functions/{name}/v1/{'chat/completions' if 'messages' in body else 'completions'}"
+        try:
+            with self._client.stream("POST", path, json={**body, "stream": True}) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise CLIError(_error_message(resp))
+                headers = {k.lower(): v for k, v in resp.headers.items()}
+                for line in resp.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        yield headers, json.loads(line[6:])
+        except httpx.ConnectError:
+            raise CLIError(f"no kold platform answers at {self.base_url}: start it with `kold up`") from None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        error = resp.json().get("error", {})
+        message = error.get("message") if isinstance(error, dict) else str(error)
+    except ValueError:
+        message = resp.text[:300]
+    return f"{message or 'request failed'} (HTTP {resp.status_code})"

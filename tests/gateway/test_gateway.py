@@ -1,0 +1,225 @@
+"""The gateway app end to end: real redis, real runtime subprocesses, uvicorn on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kold.gateway.app import build_app
+from kold.gateway.pool import InstancePool
+from kold.gateway.registry import Registry, ScalingSpec
+
+redis = pytest.importorskip("redis")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.redis
+
+RUNTIME = {"max_batch": 4, "max_seq_len": 128}
+
+
+@pytest.fixture(scope="module")
+def tiny_snapshot(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from kold.modelgen import write_random_model
+    from kold.snapshot import build_snapshot
+
+    root = tmp_path_factory.mktemp("gw-model")
+    model_dir = write_random_model(root / "tiny", "llama", "tiny", seed=3)
+    return build_snapshot(model_dir, (root / "store").as_uri(), chunk_size=64 << 10).uri
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        pytest.skip(f"no redis-server on 127.0.0.1:6379 ({exc})")
+    prefix = f"kold-gw-test-{uuid.uuid4().hex}:"
+    yield Registry(client, prefix=prefix)
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+class Served:
+    def __init__(self, app: Any) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.02)
+        self.app = app
+        self.http = httpx.Client(base_url=self.url, timeout=60, trust_env=False)
+
+    def close(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture
+def serve(registry: Registry, tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    started: list[Served] = []
+
+    def make(require_keys: bool = False) -> Served:
+        env = {
+            **os.environ,
+            "KOLD_HOME": str(tmp_path / "home"),
+            "KOLD_CACHE_SHM_BYTES": "0",
+            "KOLD_CACHE_DISK_BYTES": "0",
+            "OMP_NUM_THREADS": "1",
+        }
+        pool = InstancePool(tmp_path / "logs", env=env)
+        s = Served(build_app(registry, pool, require_keys=require_keys))
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.close()
+
+
+def deploy(registry: Registry, name: str, snapshot: str, **scaling: Any) -> str:
+    """A revision written straight to the registry (no instance): the function starts cold."""
+    from kold.gateway.registry import RuntimeSpec
+
+    rev = registry.create_revision(name, snapshot, scaling=ScalingSpec(**scaling), runtime=RuntimeSpec(**RUNTIME))
+    registry.set_traffic(name, rev.revision_id)
+    return rev.revision_id
+
+
+def chat(s: Served, name: str, **extra: Any) -> httpx.Response:
+    body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **extra}
+    return s.http.post("/v1/chat/completions", json=body)
+
+
+def live_instances(s: Served) -> list[Any]:
+    pool = s.app.state.gateway.pool
+    return [i for i in pool.instances() if i.state.value in ("starting", "ready")]
+
+
+def test_scale_from_zero_then_warm_then_to_zero(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    deploy(registry, "tiny", tiny_snapshot, idle_timeout_s=1.5, request_timeout_s=60)
+    s = serve()
+    r = chat(s, "tiny")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-kold-cold"] == "1" and r.headers["x-kold-instance"].startswith("tiny-")
+    assert r.json()["choices"][0]["message"]["role"] == "assistant"
+    r2 = s.http.post("/v1/functions/tiny/v1/completions", json={"model": "x", "prompt": "hello", "max_tokens": 2})
+    assert r2.status_code == 200, r2.text
+    assert r2.headers["x-kold-cold"] == "0" and r2.headers["x-kold-instance"] == r.headers["x-kold-instance"]
+    # the openai client, streaming
+    client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", http_client=httpx.Client(trust_env=False))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+        )
+    )
+    assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
+    desc = s.http.get("/admin/functions/tiny").json()
+    assert desc["instances"][0]["state"] == "ready" and desc["instances"][0]["cold_start"]["event"] == "startup"
+    # scale to zero after the idle timeout
+    deadline = time.monotonic() + 15
+    while live_instances(s):
+        assert time.monotonic() < deadline, "did not scale to zero"
+        time.sleep(0.2)
+    # invocations recorded off the critical path
+    deadline = time.monotonic() + 5
+    while len(registry.invocations("tiny")) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert registry.invocations("tiny")[0].cold
+
+
+def test_burst_at_cold_function_starts_at_most_max_instances(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    deploy(registry, "burst", tiny_snapshot, max_instances=2, target_concurrency=4, request_timeout_s=90)
+    s = serve()
+    with ThreadPoolExecutor(20) as ex:
+        results = list(ex.map(lambda _: chat(s, "burst", max_tokens=2), range(20)))
+    assert [r.status_code for r in results] == [200] * 20, [r.text for r in results if r.status_code != 200]
+    assert len(s.app.state.gateway.pool.instances()) <= 2
+
+
+def test_errors_and_auth(registry: Registry, serve: Callable[..., Served]) -> None:
+    s = serve()
+    r = chat(s, "nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = s.http.post("/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400 and "error" in r.json()
+    assert s.http.get("/admin/functions").status_code == 200  # no keys: open
+    secret = s.http.post("/admin/keys", json={"label": "t"}).json()["secret"]
+    time.sleep(0.1)
+    r = s.http.get("/admin/functions")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert s.http.get("/admin/functions", headers={"Authorization": "Bearer kold_wrong"}).status_code == 403
+    assert s.http.get("/admin/functions", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    assert s.http.get("/healthz").status_code == 200
+
+
+def test_require_keys_closes_without_keys(registry: Registry, serve: Callable[..., Served]) -> None:
+    s = serve(require_keys=True)
+    assert s.http.get("/v1/models").status_code == 401
+
+
+def test_deploy_new_revision_then_rollback(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    s = serve()
+    body = {"snapshot_uri": tiny_snapshot, "runtime": RUNTIME, "scaling": {"request_timeout_s": 60}, "wait": True}
+    r = s.http.post("/admin/functions/fn/revisions", json=body)
+    assert r.status_code == 201, r.text
+    first = r.json()["revision"]
+    assert chat(s, "fn").headers["x-kold-instance"].startswith(first + "-")
+    r = s.http.post("/admin/functions/fn/revisions", json=body)
+    second = r.json()["revision"]
+    assert registry.get_function("fn").serving_revision == second  # type: ignore[union-attr]
+    resp = chat(s, "fn")
+    assert resp.headers["x-kold-instance"].startswith(second + "-") and resp.headers["x-kold-cold"] == "0"
+    r = s.http.post("/admin/functions/fn/rollback", json={})
+    assert r.json()["serving"] == first
+    assert chat(s, "fn").headers["x-kold-instance"].startswith(first + "-")
+    logs = s.http.get("/admin/functions/fn/logs?tail=5").json()["instances"]
+    assert len(logs) == 2 and all(entry["log"] for entry in logs)
+    assert s.http.delete("/admin/functions/fn").status_code == 200
+    assert registry.get_function("fn") is None and not live_instances(s)
+
+
+def test_crashed_instance_is_replaced(registry: Registry, serve: Callable[..., Served], tiny_snapshot: str) -> None:
+    deploy(registry, "crash", tiny_snapshot, request_timeout_s=60)
+    s = serve()
+    first = chat(s, "crash")
+    assert first.status_code == 200, first.text
+    (inst,) = live_instances(s)
+    assert inst.process is not None
+    inst.process.kill()
+    deadline = time.monotonic() + 10
+    while inst.state.value != "failed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    r = chat(s, "crash")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-kold-instance"] != inst.id and r.headers["x-kold-cold"] == "1"
