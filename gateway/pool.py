@@ -56,6 +56,8 @@ class RevisionLike(Protocol):
     """What the pool needs of a revision (registry.Revision has it)."""
 
     @property
+    def function(self) -> str: ...
+    @property
     def revision_id(self) -> str: ...
     @property
     def snapshot_uri(self) -> str: ...
@@ -151,6 +153,9 @@ class InstancePool:
             str(spec.max_batch),
             "--device",
             spec.device,
+            # clients name the function, and responses should say so too
+            "--served-model-name",
+            revision.function,
         ]
         if spec.max_seq_len is not None:
             args += ["--max-seq-len", str(spec.max_seq_len)]

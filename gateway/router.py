@@ -58,10 +58,10 @@ async def proxy(
     arrival = time.time()
     failed: Instance | None = None
     for attempt in range(2):
-        inst, rev, cold, wait_s = await gateway.acquire(name, exclude=failed)
+        inst, _revision, cold, wait_s = await gateway.acquire(name, exclude=failed)
         if attempt == 0:
             gateway.record(name, arrival, cold, wait_s)
-        content = json.dumps({**body, "model": rev.snapshot_id}).encode()
+        content = json.dumps({**body, "model": name}).encode()  # the runtime serves it under the function's name
         fwd = {k: v for k, v in headers.items() if k.lower() in _FORWARD_REQUEST_HEADERS}
         request = http.build_request("POST", f"{inst.url}{path}", content=content, headers=fwd)
         try:

@@ -33,6 +33,7 @@ class Revision:
     revision_id: str
     snapshot_uri: str
     runtime: Runtime = Runtime()
+    function: str = "tiny"
 
 
 @pytest.fixture(scope="module")
