@@ -2,9 +2,9 @@
 
 Make a model, publish it (and publish it again: nothing is re-uploaded), restore it from a cold and
 a hot page cache, through the GPU-style pinned ring (its CPU twin here), from the shared-memory tier
-and from S3 on loopback (one table of phase timings), then serve it with the runtime: invoke it
-cold (the request waits for the restore) and warm, print the cold-start breakdown, and stop it with
-SIGTERM. (Until the local platform lands, "deploy" is `kold runtime serve` on the snapshot.)
+and from S3 on loopback (one table of phase timings); then the local platform as a user drives it:
+`kold up`, `kold deploy`, wait for scale to zero, `kold invoke` cold (the request is held while an
+instance restores) and warm, `kold describe`, `kold down`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from kold.settings import Settings
 
 def register(top: Any) -> None:
     parser = top.add_parser("demo", help="make a model, publish it, restore it several ways, print the timings")
-    parser.add_argument("--size", default="small", help="model size: tiny, small (default) or 1b")
+    parser.add_argument("--size", default="tiny", help="model size: tiny (default), small or 1b")
     parser.add_argument("--workdir", type=Path, default=Path(".kold/demo"), help="where models and stores go")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 (rclone on loopback) part")
-    parser.add_argument("--no-serve", action="store_true", help="skip serving and invoking the model")
+    parser.add_argument("--no-serve", action="store_true", help="skip the platform part (up, deploy, invoke, down)")
     parser.set_defaults(handler=cmd_demo)
 
 
@@ -84,14 +84,14 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  {label:<48} {stats['total_s'] * 1000:>9.1f} {stats['gbps']:>7.2f}")
 
     if not args.no_serve:
-        return _serve_part(first.uri, work, len(results) + 3)
+        return _platform_part(model_dir, work, len(results) + 3)
     return 0
 
 
-def _serve_part(uri: str, work: Path, step: int) -> int:
-    """Start a runtime on the snapshot, invoke it cold then warm, print the breakdown, stop it."""
+def _platform_part(model_dir: Path, work: Path, step: int) -> int:
+    """The local platform, as a user drives it: up, deploy, invoke cold and warm, describe, down."""
+    import json
     import os
-    import signal
     import socket
     import subprocess
     import sys
@@ -100,91 +100,61 @@ def _serve_part(uri: str, work: Path, step: int) -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log_path = work / "runtime.log"
-    # cache tiers off, one torch thread: a plain store restore, comparable from machine to machine
-    env = {**os.environ, "KOLD_CACHE_SHM_BYTES": "0", "KOLD_CACHE_DISK_BYTES": "0", "OMP_NUM_THREADS": "1"}
-    print(f"\n[{step}] serving it: kold runtime serve --snapshot {uri} --port {port}  (log: {log_path})")
-    started = time.perf_counter()
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kold", "runtime", "serve", "--snapshot", uri, "--port", str(port)],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        messages = [{"role": "user", "content": "Say something about cold starts."}]
-        print(f"\n[{step + 1}] invoke, cold (the request is sent at once and waits for the restore)")
-        cold = _invoke(port, uri.rsplit("/", 1)[1], messages, started, proc)
-        print(f"\n    first token {cold['first_token_s'] * 1000:.0f} ms after the process started")
-        for key, value in sorted(cold["headers"].items()):
-            print(f"    {key}: {value}")
-        print(f"\n[{step + 2}] invoke, warm")
-        warm = _invoke(port, uri.rsplit("/", 1)[1], messages, time.perf_counter(), proc)
-        print(f"\n    first token {warm['first_token_s'] * 1000:.0f} ms after the request; "
-              f"{warm['tokens']} tokens in {warm['total_s'] * 1000:.0f} ms; cold-start headers: "
-              f"{'none (warm)' if not any('cold' in k for k in warm['headers']) else warm['headers']}")  # fmt: skip
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-    print(f"\n[{step + 3}] SIGTERM: the runtime drained and exited with status {code}")
-    return 0 if code == 0 else 1
-
-
-def _invoke(port: int, model: str, messages: list[dict[str, str]], since: float, proc: Any) -> dict[str, Any]:
-    """One streamed chat completion; prints the text as it arrives."""
-    import json
-    import time
-
-    import httpx
-
-    body = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": 24,
-        "stream": True,
-        "temperature": 0,
-        "stream_options": {"include_usage": True},  # the last chunk says how many tokens were generated
+    home = work / "platform"
+    env = {
+        **os.environ,
+        "KOLD_HOME": str(home),
+        "KOLD_GATEWAY_URL": f"http://127.0.0.1:{port}",
+        "KOLD_CACHE_SHM_BYTES": "0",  # cold starts restore from the store, so the breakdown shows a real restore
+        "KOLD_CACHE_DISK_BYTES": "0",
+        "OMP_NUM_THREADS": "1",
     }
-    deadline = time.perf_counter() + 300
-    while True:
-        try:
-            with (
-                httpx.Client(timeout=300) as client,
-                client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp,
-            ):
-                if resp.status_code != 200:
-                    raise CLIError(f"the runtime answered {resp.status_code}: {resp.read().decode()[:300]}")
-                first: float | None = None
-                tokens = 0
-                print("    ", end="", flush=True)
-                for line in resp.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        tokens = int(chunk["usage"]["completion_tokens"])
-                    if not chunk["choices"]:
-                        continue
-                    delta = chunk["choices"][0]["delta"].get("content") or ""
-                    if delta and first is None:  # the role-only opening chunk carries no token
-                        first = time.perf_counter() - since
-                    print(delta, end="", flush=True)
-                headers = {k: v for k, v in resp.headers.items() if k.lower().startswith("x-kold")}
-                return {
-                    "first_token_s": first or 0.0,
-                    "total_s": time.perf_counter() - since,
-                    "tokens": tokens,
-                    "headers": headers,
-                }
-        except httpx.ConnectError:
-            if proc.poll() is not None or time.perf_counter() > deadline:
-                raise CLIError("the runtime did not start: see its log") from None
-            time.sleep(0.01)
+    env.pop("KOLD_REDIS_URL", None)  # the platform starts its own redis-server under KOLD_HOME
+
+    def kold(label: str, *argv: str, show: bool = True) -> str:
+        if show:
+            print(f"\n[{label}] $ kold {' '.join(argv)}", flush=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "kold", *argv], env=env, capture_output=True, text=True, check=False
+        )
+        if show:
+            print(done.stdout, end="", flush=True)
+        if done.returncode != 0:
+            raise CLIError(f"`kold {' '.join(argv)}` failed: {done.stderr.strip() or done.stdout.strip()}")
+        return done.stdout
+
+    kold(f"{step}", "up", "--detach", "--port", str(port))
+    try:
+        kold(f"{step + 1}", "deploy", str(model_dir), "--name", "tiny", "--idle-timeout", "3")
+        print("\n    waiting for the function to scale to zero (idle timeout 3 s) ...", flush=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            described = json.loads(kold("", "describe", "tiny", show=False) or "{}")
+            live = [i for i in described.get("instances", []) if i.get("state") not in ("stopped", "failed")]
+            if not live:
+                break
+            time.sleep(1)
+        print("    no instance is running: the next request is a cold start")
+        kold(f"{step + 2}", "invoke", "tiny", "The cold start of a function", "--max-tokens", "16")
+        kold(f"{step + 3}", "invoke", "tiny", "Say hello", "--chat", "--max-tokens", "16")
+        print(f"\n[{step + 4}] $ kold describe tiny   (summarised)")
+        print(_describe_summary(json.loads(kold("", "describe", "tiny", show=False))))
+    finally:
+        kold(f"{step + 5}", "down")
+    return 0
+
+
+def _describe_summary(doc: dict[str, Any]) -> str:
+    """The parts of `kold describe` a person reads first."""
+    lines = [f"    function {doc.get('name')}: serving {doc.get('serving')}"]
+    for inst in doc.get("instances", []):
+        cold = inst.get("cold_start") or {}
+        phases = cold.get("phases_ms") or {}
+        lines.append(
+            f"    instance {inst.get('id')}: {inst.get('state')}; ready {cold.get('ready_ms', '?')} ms after start "
+            f"(restore {phases.get('restore', '?')} ms, torch import {phases.get('torch_import', '?')} ms)"
+        )
+    return "\n".join(lines)
 
 
 def _s3_part(snapshot_id: str, model_dir: Path, work: Path, run: Any) -> None:

@@ -237,7 +237,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     print(f"deploying {args.name}: waiting for the new revision's first instance to be ready ...")
     rev = client.request("POST", f"/admin/functions/{args.name}/revisions", body)
     base = settings.gateway_url.rstrip("/")
-    print(f"revision {rev.get('revision_id', '?')} is serving")
+    print(f"revision {rev.get('revision', '?')} is serving")
     print(f"  {base}/v1/functions/{args.name}/v1/chat/completions")
     print(f"  OpenAI clients: base_url={base}/v1, model={args.name}")
     return 0
@@ -256,7 +256,7 @@ def cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
     for fn in items:
         instances = fn.get("instances", [])
         count = len(instances) if isinstance(instances, list) else instances
-        print(f"{fn.get('name', '?'):<24} {fn.get('serving_revision') or '-':<20} {count:>9}")
+        print(f"{fn.get('name', '?'):<24} {fn.get('serving') or '-':<20} {count:>9}")
     return 0
 
 
@@ -274,7 +274,7 @@ def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     body = {"revision": args.revision} if args.revision else {}
     result = _client(settings).request("POST", f"/admin/functions/{args.name}/rollback", body)
-    print(f"{args.name} now serves {result.get('serving_revision') or result.get('revision_id') or result}")
+    print(f"{args.name} now serves {result.get('serving')}")
     return 0
 
 

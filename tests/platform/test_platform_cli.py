@@ -81,9 +81,10 @@ def test_deploy_invoke_cold_then_warm_describe_and_down(platform: dict[str, str]
     deployed = kold("deploy", str(model), "--name", "tiny", "--idle-timeout", "60", env=platform)
     assert deployed.returncode == 0, deployed.stderr
     assert "/v1/functions/tiny/v1/chat/completions" in deployed.stdout
+    assert "revision tiny-00001 is serving" in deployed.stdout
 
     listed = kold("ls", env=platform)
-    assert listed.returncode == 0 and "tiny" in listed.stdout
+    assert listed.returncode == 0 and "tiny-00001" in listed.stdout
 
     first = kold("invoke", "tiny", "Hello", "--max-tokens", "8", env=platform)
     assert first.returncode == 0, first.stderr
