@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,12 +56,27 @@ class FunctionState:
         self.changed = asyncio.Event()
 
 
+Controller = Callable[["Gateway", float], Awaitable[None]]
+
+
 class Gateway:
     """Per-function state over a registry and an instance pool."""
 
-    def __init__(self, registry: Registry, pool: InstancePool, *, metrics: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        pool: InstancePool,
+        *,
+        metrics: CollectorRegistry | None = None,
+        controller: Controller | None = None,
+        controller_tick_s: float = 1.0,
+    ) -> None:
         self.registry = registry
         self.pool = pool
+        # the pre-warm controller's hook: called every tick with the gateway (its actuator: prewarm)
+        # and the time; the policies that decide come with the controller (controller/)
+        self.controller = controller
+        self.controller_tick_s = controller_tick_s
         if pool.on_failure is None:
             pool.on_failure = self._on_failure
         self.functions: dict[str, FunctionState] = {}
@@ -94,6 +110,8 @@ class Gateway:
             asyncio.create_task(self._record_loop(), name="kold-gateway-records"),
             asyncio.create_task(self._reap_loop(), name="kold-gateway-reaper"),
         ]
+        if self.controller is not None:
+            self._tasks.append(asyncio.create_task(self._controller_loop(), name="kold-gateway-controller"))
 
     async def close(self, drain_timeout_s: float = 5.0) -> None:
         for t in [*self._tasks, *self._starts]:
@@ -154,6 +172,25 @@ class Gateway:
         for _ in range(want - have):
             self._spawn(rev)
         return max(0, want - have)
+
+    async def prewarm(self, name: str, instances: int = 1) -> int:
+        """The controller's actuator: have `instances` of the serving revision up or starting (capped at
+        max_instances) before demand arrives. Returns how many it started; idle ones scale in as usual."""
+        rev = await self.serving_revision(name)
+        want = min(rev.scaling.max_instances, instances)
+        have = len(self._live(rev.revision_id)) + self.state(name).pending.get(rev.revision_id, 0)
+        for _ in range(want - have):
+            self._spawn(rev)
+        return max(0, want - have)
+
+    async def _controller_loop(self) -> None:
+        assert self.controller is not None
+        while True:
+            try:
+                await self.controller(self, time.time())
+            except Exception:  # a failing policy must never take the gateway down
+                log.exception("the pre-warm controller failed; trying again next tick")
+            await asyncio.sleep(self.controller_tick_s)
 
     def _spawn(self, rev: Revision) -> None:
         st = self.state(rev.function)

@@ -256,6 +256,16 @@ def build_app(
         gw.invalidate(name)
         return JSONResponse({"serving": rev_id})
 
+    async def prewarm(request: Request) -> Response:
+        """Start instances ahead of demand (what the pre-warm controller does on its own)."""
+        fn = await _function(request.path_params["name"])
+        body = await read_json(request)
+        instances = body.get("instances", 1)
+        if not isinstance(instances, int) or isinstance(instances, bool) or instances < 0:
+            raise InvalidRequestError("'instances' must be an integer >= 0", param="instances")
+        started = await gw.prewarm(fn.name, instances)
+        return JSONResponse({"function": fn.name, "started": started}, status_code=202)
+
     async def logs(request: Request) -> Response:
         fn = await _function(request.path_params["name"])
         try:
@@ -303,6 +313,7 @@ def build_app(
         Route("/admin/functions/{name}", endpoint(delete), methods=["DELETE"]),
         Route("/admin/functions/{name}/revisions", endpoint(create_revision), methods=["POST"]),
         Route("/admin/functions/{name}/rollback", endpoint(rollback), methods=["POST"]),
+        Route("/admin/functions/{name}/prewarm", endpoint(prewarm), methods=["POST"]),
         Route("/admin/functions/{name}/logs", endpoint(logs), methods=["GET"]),
         Route("/admin/keys", endpoint(create_key), methods=["POST"]),
         Route("/admin/keys", endpoint(list_keys), methods=["GET"]),

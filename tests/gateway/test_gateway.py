@@ -223,3 +223,49 @@ def test_crashed_instance_is_replaced(registry: Registry, serve: Callable[..., S
     r = chat(s, "crash")
     assert r.status_code == 200, r.text
     assert r.headers["x-kold-instance"] != inst.id and r.headers["x-kold-cold"] == "1"
+
+
+def test_prewarm_starts_an_instance_before_demand(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    """The controller's actuator: an instance started ahead of the request makes the request warm."""
+    deploy(registry, "early", tiny_snapshot, max_instances=2, idle_timeout_s=60, request_timeout_s=60)
+    s = serve()
+    assert s.http.post("/admin/functions/early/prewarm", json={"instances": 5}).json()["started"] == 2  # capped
+    assert s.http.post("/admin/functions/early/prewarm", json={"instances": 1}).json()["started"] == 0
+    deadline = time.monotonic() + 60
+    while not [i for i in live_instances(s) if i.state.value == "ready"]:
+        assert time.monotonic() < deadline, "prewarmed instance never became ready"
+        time.sleep(0.1)
+    r = chat(s, "early")
+    assert r.status_code == 200 and r.headers["x-kold-cold"] == "0"
+    bad = s.http.post("/admin/functions/early/prewarm", json={"instances": "many"})
+    assert bad.status_code == 400
+    assert s.http.post("/admin/functions/nope/prewarm", json={}).status_code == 404
+
+
+def test_the_controller_hook_runs_every_tick(registry: Registry, tmp_path: Path, tiny_snapshot: str) -> None:
+    from kold.gateway.activator import Gateway
+
+    deploy(registry, "ticked", tiny_snapshot, idle_timeout_s=60, request_timeout_s=60)
+    ticks: list[float] = []
+
+    async def controller(gw: Gateway, now: float) -> None:
+        ticks.append(now)
+        if len(ticks) == 2:
+            raise RuntimeError("a broken policy")  # must not stop the loop
+        if len(ticks) == 3:
+            await gw.prewarm("ticked", 1)
+
+    env = {**os.environ, "KOLD_CACHE_SHM_BYTES": "0", "KOLD_CACHE_DISK_BYTES": "0", "OMP_NUM_THREADS": "1"}
+    pool = InstancePool(tmp_path / "logs", env=env)
+    gw = Gateway(registry, pool, controller=controller, controller_tick_s=0.05)
+    s = Served(build_app(registry, pool, require_keys=False, gateway=gw))
+    try:
+        deadline = time.monotonic() + 60
+        while not [i for i in live_instances(s) if i.state.value == "ready"]:
+            assert time.monotonic() < deadline, "the controller's prewarm never produced a ready instance"
+            time.sleep(0.1)
+        assert len(ticks) >= 3 and ticks == sorted(ticks)
+    finally:
+        s.close()
