@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.exceptions import RedisError
 
 from kold.gateway.pool import Instance, InstancePool, InstanceState
 from kold.gateway.registry import Invocation, Registry, Revision
@@ -35,6 +36,12 @@ REAP_INTERVAL_S = 0.25
 RECORD_BATCH = 500
 RECORD_QUEUE_MAX = 10_000
 DRAIN_TIMEOUT_S = 30.0
+
+
+class RegistryUnavailableError(UnavailableError):
+    """Redis cannot be reached and the gateway has nothing cached to go on."""
+
+    code = "registry_unavailable"
 
 
 class ColdStartTimeoutError(UnavailableError):
@@ -141,7 +148,15 @@ class Gateway:
         cached = self._serving.get(name)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        fn = await asyncio.to_thread(self.registry.get_function, name)
+        try:
+            fn = await asyncio.to_thread(self.registry.get_function, name)
+        except RedisError as exc:
+            # Redis is briefly unreachable: a function we know keeps being served by its last known
+            # revision (warm instances need nothing from Redis); one we never saw cannot be.
+            self.redis_unreachable(exc)
+            if cached is not None:
+                return cached[1]
+            raise RegistryUnavailableError("the function registry (Redis) is unreachable") from None
         if fn is None:
             self._serving.pop(name, None)
             raise ModelNotFoundError(f"the function {name!r} does not exist", param="model")
@@ -150,6 +165,12 @@ class Gateway:
             raise ModelNotFoundError(f"the function {name!r} has no revision", param="model")
         self._serving[name] = (time.monotonic() + SERVING_CACHE_S, rev)
         return rev
+
+    def redis_unreachable(self, exc: Exception) -> None:
+        """Say once that Redis is gone (again once it came back and went again)."""
+        if not self._redis_down_logged:
+            log.warning("Redis is unreachable (%s): serving from what the gateway already knows", exc)
+            self._redis_down_logged = True
 
     def invalidate(self, name: str) -> None:
         self._serving.pop(name, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -14,13 +15,14 @@ from typing import Any
 
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kold.gateway.activator import Gateway
+from kold.gateway.activator import Gateway, RegistryUnavailableError
 from kold.gateway.names import InvalidNameError
 from kold.gateway.pool import InstancePool
 from kold.gateway.registry import Registry, RuntimeSpec, ScalingSpec
@@ -38,6 +40,9 @@ from kold.runtime.protocol import (
 log = logging.getLogger("kold.gateway.app")
 
 KEYS_CACHE_S = 1.5
+# How long after its last successful check a key keeps working while Redis is unreachable. Revoking
+# a key takes effect at the next check that reaches Redis.
+VERIFIED_GRACE_S = 300.0
 _ROUTED_PATHS = {"chat/completions", "completions"}
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -75,21 +80,38 @@ def build_app(
     """The gateway app; its lifespan runs the gateway's background tasks and stops instances at the end."""
     gw = gateway if gateway is not None else Gateway(registry, pool)
     client = http if http is not None else httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), trust_env=False)
-    keys_cache: list[float | bool] = [0.0, False]  # expiry, has_keys
+    keys_cache: list[float | bool] = [0.0, False]  # expiry, has_keys (0.0: never read)
+    # keys that verified recently (by sha256): while Redis is briefly unreachable they keep working
+    verified: dict[str, float] = {}
 
     async def check_auth(request: Request) -> None:
         if not require_keys:
             if time.monotonic() >= float(keys_cache[0]):
-                keys_cache[1] = await asyncio.to_thread(registry.has_keys)
-                keys_cache[0] = time.monotonic() + KEYS_CACHE_S
+                try:
+                    keys_cache[1] = await asyncio.to_thread(registry.has_keys)
+                    keys_cache[0] = time.monotonic() + KEYS_CACHE_S
+                except RedisError as exc:
+                    gw.redis_unreachable(exc)
+                    if not keys_cache[0]:
+                        raise RegistryUnavailableError("the key registry (Redis) is unreachable") from None
             if not keys_cache[1]:
                 return
         header = request.headers.get("authorization", "")
         scheme, _, secret = header.partition(" ")
         if not header or not hmac.compare_digest(scheme.lower(), "bearer") or not secret.strip():
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'", 401)
-        if not await asyncio.to_thread(registry.verify_key, secret.strip()):
+        digest = hashlib.sha256(secret.strip().encode()).hexdigest()
+        try:
+            ok = await asyncio.to_thread(registry.verify_key, secret.strip())
+        except RedisError as exc:
+            gw.redis_unreachable(exc)
+            if time.monotonic() - verified.get(digest, float("-inf")) > VERIFIED_GRACE_S:
+                raise RegistryUnavailableError("the key registry (Redis) is unreachable") from None
+            return
+        if not ok:
+            verified.pop(digest, None)
             raise AuthError("invalid API key", 403)
+        verified[digest] = time.monotonic()
 
     def endpoint(fn: Handler, *, auth: bool = True) -> Handler:
         async def wrapped(request: Request) -> Response:

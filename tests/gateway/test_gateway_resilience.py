@@ -1,0 +1,299 @@
+"""The gateway under failure: redeploys under load, instances killed mid-load, Redis going away.
+
+Same approach as test_gateway.py (real redis, real runtime subprocesses on a tiny model, uvicorn
+serving the gateway app in a thread); the few fixture lines are copied, conftest-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kold.gateway.app import build_app
+from kold.gateway.pool import InstancePool
+from kold.gateway.registry import Registry, RuntimeSpec, ScalingSpec
+
+redis = pytest.importorskip("redis")
+uvicorn = pytest.importorskip("uvicorn")
+
+pytestmark = pytest.mark.redis
+
+RUNTIME = {"max_batch": 4, "max_seq_len": 128}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def tiny_snapshot(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from kold.modelgen import write_random_model
+    from kold.snapshot import build_snapshot
+
+    root = tmp_path_factory.mktemp("gw-res-model")
+    model_dir = write_random_model(root / "tiny", "llama", "tiny", seed=3)
+    return build_snapshot(model_dir, (root / "store").as_uri(), chunk_size=64 << 10).uri
+
+
+def _registry_on(client: Any) -> Registry:
+    return Registry(client, prefix=f"kold-gw-res-{uuid.uuid4().hex}:")
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        pytest.skip(f"no redis-server on 127.0.0.1:6379 ({exc})")
+    reg = _registry_on(client)
+    yield reg
+    keys = list(client.scan_iter(match=reg.prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+class Served:
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.02)
+        self.app = app
+        self.http = httpx.Client(base_url=self.url, timeout=60, trust_env=False)
+
+    def close(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[[Registry], Served]]:
+    started: list[Served] = []
+
+    def make(registry: Registry) -> Served:
+        env = {
+            **os.environ,
+            "KOLD_HOME": str(tmp_path / "home"),
+            "KOLD_CACHE_SHM_BYTES": "0",
+            "KOLD_CACHE_DISK_BYTES": "0",
+            "OMP_NUM_THREADS": "1",
+        }
+        pool = InstancePool(tmp_path / "logs", env=env)
+        s = Served(build_app(registry, pool, require_keys=False))
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.close()
+
+
+def deploy(registry: Registry, name: str, snapshot: str, **scaling: Any) -> str:
+    rev = registry.create_revision(name, snapshot, scaling=ScalingSpec(**scaling), runtime=RuntimeSpec(**RUNTIME))
+    registry.set_traffic(name, rev.revision_id)
+    return rev.revision_id
+
+
+def completion(s: Served, name: str, client: httpx.Client | None = None) -> httpx.Response:
+    body = {"model": name, "prompt": "hello", "max_tokens": 4}
+    return (client or s.http).post("/v1/completions", json=body)
+
+
+class Load:
+    """`threads` clients looping non-streamed completions until stopped (bounded by `max_s`)."""
+
+    def __init__(self, s: Served, name: str, threads: int = 4, max_s: float = 120.0) -> None:
+        self.s, self.name, self.max_s = s, name, max_s
+        self.stop = threading.Event()
+        self.results: list[tuple[int, str, str]] = []  # status, instance, body (errors only)
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + self.max_s
+        with httpx.Client(base_url=self.s.url, timeout=60, trust_env=False) as client:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                try:
+                    r = completion(self.s, self.name, client)
+                    item = (r.status_code, r.headers.get("x-kold-instance", ""), "" if r.is_success else r.text)
+                except httpx.HTTPError as exc:
+                    item = (0, "", repr(exc))
+                with self.lock:
+                    self.results.append(item)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.results)
+
+    def finish(self) -> list[tuple[int, str, str]]:
+        self.stop.set()
+        for t in self.threads:
+            t.join(90)
+        return self.results
+
+
+def failures(results: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    return [r for r in results if r[0] != 200]
+
+
+def test_redeploy_under_load_loses_no_request(
+    registry: Registry, serve: Callable[[Registry], Served], tiny_snapshot: str
+) -> None:
+    s = serve(registry)
+    body = {"snapshot_uri": tiny_snapshot, "runtime": RUNTIME, "scaling": {"request_timeout_s": 60}, "wait": True}
+    r = s.http.post("/admin/functions/rd/revisions", json=body)
+    assert r.status_code == 201, r.text
+    first = r.json()["revision"]
+    assert completion(s, "rd").status_code == 200
+    load = Load(s, "rd")
+    try:
+        time.sleep(1.0)
+        r = s.http.post("/admin/functions/rd/revisions", json=body)
+        assert r.status_code == 201, r.text
+        second = r.json()["revision"]
+        time.sleep(1.0)
+    finally:
+        results = load.finish()
+    assert len(results) >= 8, results
+    assert not failures(results), failures(results)[:5]
+    assert any(inst.startswith(first + "-") for _, inst, _ in results)
+    for _ in range(3):
+        resp = completion(s, "rd")
+        assert resp.status_code == 200 and resp.headers["x-kold-instance"].startswith(second + "-")
+
+
+def test_instance_killed_mid_load_is_replaced_without_loss(
+    registry: Registry, serve: Callable[[Registry], Served], tiny_snapshot: str
+) -> None:
+    deploy(registry, "kill", tiny_snapshot, max_instances=2, target_concurrency=4, request_timeout_s=60)
+    s = serve(registry)
+    assert completion(s, "kill").status_code == 200
+    pool = s.app.state.gateway.pool
+    (victim,) = [i for i in pool.instances() if i.state.value == "ready"]
+    load = Load(s, "kill")
+    try:
+        deadline = time.monotonic() + 20
+        while victim.in_flight == 0:  # kill it with requests in flight
+            assert time.monotonic() < deadline, "no request reached the instance"
+            time.sleep(0.005)
+        assert victim.process is not None
+        victim.process.kill()
+        before = load.count()
+        deadline = time.monotonic() + 60
+        while load.count() < before + 8:  # served again after the kill, by a replacement
+            assert time.monotonic() < deadline, "no requests served after the kill"
+            time.sleep(0.1)
+    finally:
+        results = load.finish()
+    assert victim.state.value == "failed"
+    assert not failures(results), failures(results)[:5]
+    assert any(inst and inst != victim.id for _, inst, _ in results[before:])
+    r = completion(s, "kill")
+    assert r.status_code == 200 and r.headers["x-kold-instance"] != victim.id
+
+
+class PrivateRedis:
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen([*args, "--dir", str(self.tmp)], stdout=subprocess.DEVNULL)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                assert time.monotonic() < deadline, "private redis-server did not start"
+                time.sleep(0.05)
+        client.close()
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server binary")
+    pr = PrivateRedis(tmp_path)
+    yield pr
+    pr.kill()
+
+
+def dropped_records(s: Served) -> float:
+    text = s.http.get("/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("kold_gateway_invocation_records_dropped_total"):
+            total += float(line.split()[-1])
+    return total
+
+
+def test_redis_outage_does_not_stop_a_warm_function(
+    private_redis: PrivateRedis, serve: Callable[[Registry], Served], tiny_snapshot: str
+) -> None:
+    client = redis.Redis(host="127.0.0.1", port=private_redis.port, socket_connect_timeout=0.5, socket_timeout=1)
+    registry = _registry_on(client)
+    deploy(registry, "warm", tiny_snapshot, request_timeout_s=60)
+    s = serve(registry)
+    try:
+        assert completion(s, "warm").status_code == 200  # warm it
+        dropped_before = dropped_records(s)
+        private_redis.pause()  # unreachable: connections hang (socket_timeout 1 s), as in a partition
+        outage_end = time.monotonic() + 3.0
+        during = []
+        while time.monotonic() < outage_end:
+            during.append(completion(s, "warm"))
+        private_redis.resume()
+        after = [completion(s, "warm") for _ in range(3)]
+        assert [r.status_code for r in after] == [200] * 3, [r.text for r in after]
+        assert [r.status_code for r in during] == [200] * len(during), [r.text for r in during[-1:]]
+        assert dropped_records(s) >= dropped_before  # records written during the outage may be dropped
+    finally:
+        private_redis.kill()
+        client.close()
