@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import socket
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,10 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+from gateway_helpers import RUNTIME, Served, deploy, instance_env
 
 from kold.gateway.app import build_app
 from kold.gateway.pool import InstancePool
-from kold.gateway.registry import Registry, ScalingSpec
+from kold.gateway.registry import Registry
 
 redis = pytest.importorskip("redis")
 uvicorn = pytest.importorskip("uvicorn")
@@ -26,70 +22,13 @@ openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.redis
 
-RUNTIME = {"max_batch": 4, "max_seq_len": 128}
-
-
-@pytest.fixture(scope="module")
-def tiny_snapshot(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from kold.modelgen import write_random_model
-    from kold.snapshot import build_snapshot
-
-    root = tmp_path_factory.mktemp("gw-model")
-    model_dir = write_random_model(root / "tiny", "llama", "tiny", seed=3)
-    return build_snapshot(model_dir, (root / "store").as_uri(), chunk_size=64 << 10).uri
-
-
-@pytest.fixture
-def registry() -> Iterator[Registry]:
-    client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.exceptions.RedisError as exc:
-        pytest.skip(f"no redis-server on 127.0.0.1:6379 ({exc})")
-    prefix = f"kold-gw-test-{uuid.uuid4().hex}:"
-    yield Registry(client, prefix=prefix)
-    keys = list(client.scan_iter(match=prefix + "*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
-class Served:
-    def __init__(self, app: Any) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.02)
-        self.app = app
-        self.http = httpx.Client(base_url=self.url, timeout=60, trust_env=False)
-
-    def close(self) -> None:
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(30)
-
 
 @pytest.fixture
 def serve(registry: Registry, tmp_path: Path) -> Iterator[Callable[..., Served]]:
     started: list[Served] = []
 
     def make(require_keys: bool = False) -> Served:
-        env = {
-            **os.environ,
-            "KOLD_HOME": str(tmp_path / "home"),
-            "KOLD_CACHE_SHM_BYTES": "0",
-            "KOLD_CACHE_DISK_BYTES": "0",
-            "OMP_NUM_THREADS": "1",
-        }
-        pool = InstancePool(tmp_path / "logs", env=env)
+        pool = InstancePool(tmp_path / "logs", env=instance_env(tmp_path))
         s = Served(build_app(registry, pool, require_keys=require_keys))
         started.append(s)
         return s
@@ -97,15 +36,6 @@ def serve(registry: Registry, tmp_path: Path) -> Iterator[Callable[..., Served]]
     yield make
     for s in started:
         s.close()
-
-
-def deploy(registry: Registry, name: str, snapshot: str, **scaling: Any) -> str:
-    """A revision written straight to the registry (no instance): the function starts cold."""
-    from kold.gateway.registry import RuntimeSpec
-
-    rev = registry.create_revision(name, snapshot, scaling=ScalingSpec(**scaling), runtime=RuntimeSpec(**RUNTIME))
-    registry.set_traffic(name, rev.revision_id)
-    return rev.revision_id
 
 
 def chat(s: Served, name: str, **extra: Any) -> httpx.Response:
@@ -257,8 +187,7 @@ def test_the_controller_hook_runs_every_tick(registry: Registry, tmp_path: Path,
         if len(ticks) == 3:
             await gw.prewarm("ticked", 1)
 
-    env = {**os.environ, "KOLD_CACHE_SHM_BYTES": "0", "KOLD_CACHE_DISK_BYTES": "0", "OMP_NUM_THREADS": "1"}
-    pool = InstancePool(tmp_path / "logs", env=env)
+    pool = InstancePool(tmp_path / "logs", env=instance_env(tmp_path))
     gw = Gateway(registry, pool, controller=controller, controller_tick_s=0.05)
     s = Served(build_app(registry, pool, require_keys=False, gateway=gw))
     try:

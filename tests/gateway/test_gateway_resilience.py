@@ -1,16 +1,13 @@
 """The gateway under failure: redeploys under load, instances killed mid-load, Redis going away.
 
 Same approach as test_gateway.py (real redis, real runtime subprocesses on a tiny model, uvicorn
-serving the gateway app in a thread); the few fixture lines are copied, conftest-free.
+serving the gateway app in a thread), through the shared conftest.py and gateway_helpers.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -21,33 +18,16 @@ from typing import Any
 
 import httpx
 import pytest
+from gateway_helpers import RUNTIME, Served, deploy, free_port, instance_env
 
 from kold.gateway.app import build_app
 from kold.gateway.pool import InstancePool
-from kold.gateway.registry import Registry, RuntimeSpec, ScalingSpec
+from kold.gateway.registry import Registry
 
 redis = pytest.importorskip("redis")
 uvicorn = pytest.importorskip("uvicorn")
 
 pytestmark = pytest.mark.redis
-
-RUNTIME = {"max_batch": 4, "max_seq_len": 128}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def tiny_snapshot(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from kold.modelgen import write_random_model
-    from kold.snapshot import build_snapshot
-
-    root = tmp_path_factory.mktemp("gw-res-model")
-    model_dir = write_random_model(root / "tiny", "llama", "tiny", seed=3)
-    return build_snapshot(model_dir, (root / "store").as_uri(), chunk_size=64 << 10).uri
 
 
 def _registry_on(client: Any) -> Registry:
@@ -55,54 +35,11 @@ def _registry_on(client: Any) -> Registry:
 
 
 @pytest.fixture
-def registry() -> Iterator[Registry]:
-    client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.exceptions.RedisError as exc:
-        pytest.skip(f"no redis-server on 127.0.0.1:6379 ({exc})")
-    reg = _registry_on(client)
-    yield reg
-    keys = list(client.scan_iter(match=reg.prefix + "*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
-class Served:
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.02)
-        self.app = app
-        self.http = httpx.Client(base_url=self.url, timeout=60, trust_env=False)
-
-    def close(self) -> None:
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
-@pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[[Registry], Served]]:
     started: list[Served] = []
 
     def make(registry: Registry) -> Served:
-        env = {
-            **os.environ,
-            "KOLD_HOME": str(tmp_path / "home"),
-            "KOLD_CACHE_SHM_BYTES": "0",
-            "KOLD_CACHE_DISK_BYTES": "0",
-            "OMP_NUM_THREADS": "1",
-        }
-        pool = InstancePool(tmp_path / "logs", env=env)
+        pool = InstancePool(tmp_path / "logs", env=instance_env(tmp_path))
         s = Served(build_app(registry, pool, require_keys=False))
         started.append(s)
         return s
@@ -110,12 +47,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[[Registry], Served]]:
     yield make
     for s in started:
         s.close()
-
-
-def deploy(registry: Registry, name: str, snapshot: str, **scaling: Any) -> str:
-    rev = registry.create_revision(name, snapshot, scaling=ScalingSpec(**scaling), runtime=RuntimeSpec(**RUNTIME))
-    registry.set_traffic(name, rev.revision_id)
-    return rev.revision_id
 
 
 def completion(s: Served, name: str, client: httpx.Client | None = None) -> httpx.Response:

@@ -36,16 +36,6 @@ class Revision:
     function: str = "tiny"
 
 
-@pytest.fixture(scope="module")
-def tiny_snapshot(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from kold.modelgen import write_random_model
-    from kold.snapshot import build_snapshot
-
-    root = tmp_path_factory.mktemp("pool-model")
-    model_dir = write_random_model(root / "tiny", "llama", "tiny", seed=3)
-    return build_snapshot(model_dir, (root / "store").as_uri(), chunk_size=64 << 10).uri
-
-
 @pytest.fixture
 def make_pool(tmp_path: Path) -> Callable[..., InstancePool]:
     def make(**kwargs: Any) -> InstancePool:
