@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import free_port, log
 
 OUT = Path(__file__).resolve().parent / "out" / "coldstart"
 PROMPT = "The weights of a cold function"
@@ -48,16 +48,6 @@ with torch.inference_mode():
     model.generate(**ids, max_new_tokens=1, do_sample=False)
 print("FIRST_TOKEN", flush=True)
 """
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prepare(size: str) -> tuple[Path, str]:

@@ -20,7 +20,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import free_port, log
 
 NAME = "bench"
 RUNTIME = {"max_batch": 4, "max_seq_len": 128}
@@ -49,16 +49,6 @@ registry = Registry(redis.Redis(host="127.0.0.1", port=redis_port), prefix="kold
 app = build_app(registry, InstancePool(logs), require_keys=False)
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 """
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float, what: str) -> None:

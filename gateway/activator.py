@@ -56,7 +56,6 @@ class FunctionState:
     waiting: int = 0  # requests held for want of a READY instance
     pending: dict[str, int] = field(default_factory=dict)  # revision id -> starts not yet spawned
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def notify(self) -> None:
         self.changed.set()
