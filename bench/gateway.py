@@ -7,7 +7,8 @@ One run starts, on loopback:
   gateway routes to its own READY instance of that snapshot.
 
 Measured with max_tokens=1 (`/v1/completions`, non-streamed), alternating direct and gateway:
-- latency: N sequential requests on one keep-alive client: p50 / p99 (ms), and the gateway's added ms;
+- latency: N sequential requests per path, one keep-alive client each, direct and gateway requests
+  interleaved: p50 / p99 (ms), and the gateway's added ms;
 - throughput: C concurrent clients (threads, one httpx client each) for D seconds: requests/s, ratio.
 Medians over R repetitions. Targets: added p50 < 2 ms; throughput through the gateway >= 0.8x direct.
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from common import free_port, log
 
 NAME = "bench"
@@ -80,19 +82,33 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def latency(base: str, n: int) -> tuple[float, float]:
-    """p50, p99 in ms of n sequential requests on one keep-alive client (after 5 warm-up requests)."""
-    times: list[float] = []
-    with httpx.Client(base_url=base, timeout=60, trust_env=False) as client:
+def _timed_post(client: httpx.Client) -> float:
+    t0 = time.perf_counter()
+    r = client.post("/v1/completions", json=BODY)
+    dt = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise RuntimeError(f"{client.base_url}: {r.status_code} {r.text[:300]}")
+    return dt * 1000
+
+
+def latency(direct: str, gateway: str, n: int) -> dict[str, tuple[float, float]]:
+    """p50, p99 in ms of n sequential requests per path, one keep-alive client each, interleaved.
+
+    Direct and gateway requests alternate (which goes first alternates too), so a burst of noise on
+    the 2 shared cores lands on both paths alike instead of on whichever ran during it.
+    """
+    times: dict[str, list[float]] = {"direct": [], "gateway": []}
+    with (
+        httpx.Client(base_url=direct, timeout=60, trust_env=False) as c_direct,
+        httpx.Client(base_url=gateway, timeout=60, trust_env=False) as c_gateway,
+    ):
+        order = [("direct", c_direct), ("gateway", c_gateway)]
         for i in range(n + 5):
-            t0 = time.perf_counter()
-            r = client.post("/v1/completions", json=BODY)
-            dt = time.perf_counter() - t0
-            if r.status_code != 200:
-                raise RuntimeError(f"{base}: {r.status_code} {r.text[:300]}")
-            if i >= 5:
-                times.append(dt * 1000)
-    return percentile(times, 0.5), percentile(times, 0.99)
+            for label, client in order if i % 2 else order[::-1]:
+                dt = _timed_post(client)
+                if i >= 5:  # after 5 warm-up requests
+                    times[label].append(dt)
+    return {k: (percentile(v, 0.5), percentile(v, 0.99)) for k, v in times.items()}
 
 
 def throughput(base: str, clients: int, duration_s: float) -> float:
@@ -190,16 +206,22 @@ def main() -> int:
             r = httpx.post(f"{gateway}/admin/functions/{NAME}/revisions", json=body, timeout=320, trust_env=False)
             if r.status_code != 201:
                 raise RuntimeError(f"deploy failed: {r.status_code} {r.text[:300]}")
-            for base in (direct, gateway):  # warm both
-                latency(base, 20)
+            latency(direct, gateway, 20)  # warm both
 
             rows: dict[str, dict[str, list[float]]] = {
                 "direct": {"p50": [], "p99": [], "rps": []},
                 "gateway": {"p50": [], "p99": [], "rps": []},
             }
+            gw_proc = psutil.Process(procs[2].pid)
+            cpu_ms: list[float] = []
             for rep in range(args.reps):
+                t = gw_proc.cpu_times()
+                lat = latency(direct, gateway, args.requests)
+                t2 = gw_proc.cpu_times()
+                cpu_ms.append((t2.user + t2.system - t.user - t.system) * 1000 / (args.requests + 5))
+                log(f"rep {rep + 1}/{args.reps}: the gateway process used {cpu_ms[-1]:.2f} CPU ms per request")
                 for label, base in (("direct", direct), ("gateway", gateway)):
-                    p50, p99 = latency(base, args.requests)
+                    p50, p99 = lat[label]
                     rps = throughput(base, args.clients, args.duration)
                     rows[label]["p50"].append(p50)
                     rows[label]["p99"].append(p99)
@@ -229,6 +251,8 @@ def main() -> int:
         m = med[label]
         print(f"| {label} | {m['p50']:.2f} | {m['p99']:.2f} | {m['rps']:.1f} |")
     print(f"| gateway - direct | +{added_p50:.2f} | +{added_p99:.2f} | {ratio:.2f}x |")
+    print()
+    print(f"CPU time of the gateway process per proxied request: {statistics.median(cpu_ms):.2f} ms (median)")
     print()
     ok_lat = added_p50 < 2.0
     ok_rps = ratio >= 0.8

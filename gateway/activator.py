@@ -32,8 +32,13 @@ from kold.runtime.protocol import ModelNotFoundError, UnavailableError
 log = logging.getLogger("kold.gateway.activator")
 
 SERVING_CACHE_S = 1.0
+REGISTRY_PROBE_S = 0.5  # while Redis is unreachable, how often the gateway asks again
 REAP_INTERVAL_S = 0.25
 RECORD_BATCH = 500
+# How long the recorder waits after a record for others to share its Redis round trip. The controller
+# reads demand over windows of seconds, so 0.1 s of delay costs it nothing, while writing each record
+# of a busy function on its own cost a thread hop and a round trip per request (bench/gateway.py).
+RECORD_LINGER_S = 0.1
 RECORD_QUEUE_MAX = 10_000
 DRAIN_TIMEOUT_S = 30.0
 
@@ -90,9 +95,15 @@ class Gateway:
         self._serving: dict[str, tuple[float, Revision]] = {}
         self._last_used: dict[str, float] = {}  # instance id -> monotonic time of its last request end
         self._queue: asyncio.Queue[Invocation] | None = None
+        self._in_hand: list[Invocation] = []  # records taken off the queue, not written yet
         self._tasks: list[asyncio.Task[None]] = []
         self._starts: set[asyncio.Task[Any]] = set()
         self._redis_down_logged = False
+        # True from a failed Redis call until the probe reaches Redis again: meanwhile the data path
+        # decides from what it knows at once, instead of each request waiting out the Redis client's
+        # timeouts and retries (seconds) first
+        self.registry_down = False
+        self._probe: asyncio.Task[None] | None = None
         self.metrics = metrics if metrics is not None else CollectorRegistry()
         self.m_requests = Counter(
             "kold_gateway_requests", "Requests routed", ["function", "cold"], registry=self.metrics
@@ -107,6 +118,9 @@ class Gateway:
             "kold_gateway_instance_stops", "Instances scaled in", ["function"], registry=self.metrics
         )
         self.m_waiting = Gauge("kold_gateway_waiting", "Requests held for a cold function", registry=self.metrics)
+        self.m_registry_down = Gauge(
+            "kold_gateway_registry_unreachable", "1 while Redis (the registry) cannot be reached", registry=self.metrics
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -120,9 +134,10 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self._controller_loop(), name="kold-gateway-controller"))
 
     async def close(self, drain_timeout_s: float = 5.0) -> None:
-        for t in [*self._tasks, *self._starts]:
+        probe = [self._probe] if self._probe is not None else []
+        for t in [*self._tasks, *self._starts, *probe]:
             t.cancel()
-        await asyncio.gather(*self._tasks, *self._starts, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._starts, *probe, return_exceptions=True)
         await self._flush()
         await self.pool.close(drain_timeout_s)
 
@@ -145,7 +160,7 @@ class Gateway:
     async def serving_revision(self, name: str) -> Revision:
         """The revision traffic goes to (the latest one while none is serving yet), cached briefly."""
         cached = self._serving.get(name)
-        if cached is not None and cached[0] > time.monotonic():
+        if cached is not None and (cached[0] > time.monotonic() or self.registry_down):
             return cached[1]
         try:
             fn = await asyncio.to_thread(self.registry.get_function, name)
@@ -166,10 +181,28 @@ class Gateway:
         return rev
 
     def redis_unreachable(self, exc: Exception) -> None:
-        """Say once that Redis is gone (again once it came back and went again)."""
+        """A Redis call failed: say so once, and use what is known without asking Redis until it is back."""
         if not self._redis_down_logged:
             log.warning("Redis is unreachable (%s): serving from what the gateway already knows", exc)
             self._redis_down_logged = True
+        self.registry_down = True
+        self.m_registry_down.set(1)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_registry(), name="kold-gateway-probe")
+
+    async def _probe_registry(self) -> None:
+        """Ping Redis every REGISTRY_PROBE_S until it answers (a refused connection fails at once)."""
+        while True:
+            try:
+                await asyncio.to_thread(self.registry.ping)
+            except RedisError:
+                await asyncio.sleep(REGISTRY_PROBE_S)
+                continue
+            log.warning("Redis is reachable again")
+            self.registry_down = False
+            self._redis_down_logged = False
+            self.m_registry_down.set(0)
+            return
 
     def invalidate(self, name: str) -> None:
         self._serving.pop(name, None)
@@ -337,7 +370,10 @@ class Gateway:
     async def _record_loop(self) -> None:
         assert self._queue is not None
         while True:
-            batch = [await self._queue.get()]
+            # held in `_in_hand` while lingering, so a close() during the wait still flushes them
+            self._in_hand = [await self._queue.get()]
+            await asyncio.sleep(RECORD_LINGER_S)
+            batch, self._in_hand = self._in_hand, []
             while len(batch) < RECORD_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             await self._write(batch)
@@ -345,7 +381,7 @@ class Gateway:
     async def _flush(self) -> None:
         if self._queue is None:
             return
-        batch: list[Invocation] = []
+        batch, self._in_hand = self._in_hand, []
         while not self._queue.empty():
             batch.append(self._queue.get_nowait())
         if batch:

@@ -13,13 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kold.gateway.activator import Gateway, RegistryUnavailableError
@@ -27,6 +26,7 @@ from kold.gateway.names import InvalidNameError
 from kold.gateway.pool import InstancePool
 from kold.gateway.registry import Registry, RuntimeSpec, ScalingSpec
 from kold.gateway.router import parse_body, proxy
+from kold.gateway.upstream import UpstreamClient
 from kold.runtime.protocol import (
     APIError,
     InvalidRequestError,
@@ -39,6 +39,8 @@ from kold.runtime.protocol import (
 
 log = logging.getLogger("kold.gateway.app")
 
+# How long the answers "are there keys" and "this key is valid" are reused before Redis is asked
+# again: a revoked key stops working within this time.
 KEYS_CACHE_S = 1.5
 # How long after its last successful check a key keeps working while Redis is unreachable. Revoking
 # a key takes effect at the next check that reaches Redis.
@@ -74,19 +76,30 @@ def build_app(
     pool: InstancePool,
     *,
     require_keys: bool,
-    http: httpx.AsyncClient | None = None,
+    upstream: UpstreamClient | None = None,
     gateway: Gateway | None = None,
+    warm_template: bool = False,
 ) -> Starlette:
-    """The gateway app; its lifespan runs the gateway's background tasks and stops instances at the end."""
+    """The gateway app; its lifespan runs the gateway's background tasks and stops instances at the end.
+
+    `warm_template`: start the pool's fork template in the background at once, so that the first
+    cold start already forks (otherwise the first instance waits for the template's imports).
+    """
     gw = gateway if gateway is not None else Gateway(registry, pool)
-    client = http if http is not None else httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), trust_env=False)
+    client = upstream if upstream is not None else UpstreamClient()
     keys_cache: list[float | bool] = [0.0, False]  # expiry, has_keys (0.0: never read)
     # keys that verified recently (by sha256): while Redis is briefly unreachable they keep working
     verified: dict[str, float] = {}
+    # While Redis is unreachable (gw.registry_down, until the gateway's probe reaches it again), key
+    # checks do not wait for it: they decide from `verified` and the cached has_keys at once.
+
+    def _verified_recently(digest: str) -> None:
+        if time.monotonic() - verified.get(digest, float("-inf")) > VERIFIED_GRACE_S:
+            raise RegistryUnavailableError("the key registry (Redis) is unreachable") from None
 
     async def check_auth(request: Request) -> None:
         if not require_keys:
-            if time.monotonic() >= float(keys_cache[0]):
+            if time.monotonic() >= float(keys_cache[0]) and not (gw.registry_down and keys_cache[0]):
                 try:
                     keys_cache[1] = await asyncio.to_thread(registry.has_keys)
                     keys_cache[0] = time.monotonic() + KEYS_CACHE_S
@@ -101,12 +114,16 @@ def build_app(
         if not header or not hmac.compare_digest(scheme.lower(), "bearer") or not secret.strip():
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'", 401)
         digest = hashlib.sha256(secret.strip().encode()).hexdigest()
+        if time.monotonic() - verified.get(digest, float("-inf")) < KEYS_CACHE_S:
+            return  # checked against Redis moments ago: a revocation takes effect within KEYS_CACHE_S
+        if gw.registry_down:
+            _verified_recently(digest)
+            return
         try:
             ok = await asyncio.to_thread(registry.verify_key, secret.strip())
         except RedisError as exc:
             gw.redis_unreachable(exc)
-            if time.monotonic() - verified.get(digest, float("-inf")) > VERIFIED_GRACE_S:
-                raise RegistryUnavailableError("the key registry (Redis) is unreachable") from None
+            _verified_recently(digest)
             return
         if not ok:
             verified.pop(digest, None)
@@ -131,24 +148,25 @@ def build_app(
     # -- data path --
 
     async def by_model(request: Request) -> Response:
-        body = parse_body(await request.body())
+        raw = await request.body()
+        body = parse_body(raw)
         name = body.get("model")
         if not isinstance(name, str) or not name:
             raise InvalidRequestError("'model' (the function name) is required", param="model")
         kind = request.url.path.removeprefix("/v1/")
-        return await _route(name, kind, body, request)
+        return await _route(name, kind, body, raw, request)
 
     async def by_path(request: Request) -> Response:
         name = request.path_params["name"]
         kind = request.path_params["rest"]
         if kind not in _ROUTED_PATHS:
             raise RouteNotFoundError(f"no route POST {request.url.path}")
-        body = parse_body(await request.body())
-        return await _route(name, kind, body, request)
+        raw = await request.body()
+        return await _route(name, kind, parse_body(raw), raw, request)
 
-    async def _route(name: str, kind: str, body: dict[str, Any], request: Request) -> Response:
+    async def _route(name: str, kind: str, body: dict[str, Any], raw: bytes, request: Request) -> Response:
         try:
-            return await proxy(gw, client, name, f"/v1/{kind}", body, dict(request.headers))
+            return await proxy(gw, client, name, f"/v1/{kind}", body, dict(request.headers), raw)
         except InvalidNameError:
             raise ModelNotFoundError(f"the function {name!r} does not exist", param="model") from None
 
@@ -288,12 +306,116 @@ def build_app(
         started = await gw.prewarm(fn.name, instances)
         return JSONResponse({"function": fn.name, "started": started}, status_code=202)
 
+    # -- logs: a snapshot as JSON, or (follow=1) a text stream like `tail -F` --
+
+    log_poll_s = 0.2  # how often a follow stream looks for new output (and new instances)
+    log_read_max = 1 << 20  # bytes read per instance per look, so a flood cannot stall the loop
+    log_tail_window = 8 << 20  # the last lines are searched in at most this much of the file's end
+
+    def _read_tail(path: str, lines: int) -> tuple[bytes, int]:
+        """The file's last `lines` lines and the offset of its end (where following starts)."""
+        try:
+            with open(path, "rb") as f:
+                end = f.seek(0, 2)
+                start = max(0, end - log_tail_window)
+                f.seek(start)
+                data = f.read(end - start)
+        except FileNotFoundError:
+            return b"", 0
+        if start and b"\n" in data:
+            data = data[data.index(b"\n") + 1 :]  # a cut first line is not a line
+        kept = data.splitlines(keepends=True)[-lines:] if lines > 0 else []
+        return b"".join(kept), end
+
+    def _read_from(path: str, offset: int) -> tuple[bytes, int]:
+        """What was appended since `offset`; a file now shorter (truncated, replaced) is read from its start."""
+        try:
+            with open(path, "rb") as f:
+                if f.seek(0, 2) < offset:
+                    offset = 0
+                f.seek(offset)
+                data = f.read(log_read_max)
+        except FileNotFoundError:
+            return b"", offset
+        return data, offset + len(data)
+
+    async def _follow_logs(name: str, rev_ids: frozenset[str], tail: int, stopping: Any) -> AsyncIterator[bytes]:
+        """The function's instances' last `tail` lines, then their new output as it is appended.
+
+        Instances started later (also of revisions deployed after the stream began: revision ids are
+        `<name>-<n>`) are picked up from the pool, never from Redis, so following survives a Redis
+        outage. Whole lines only; once more than one instance has shown up, each line is prefixed with
+        `[instance id] `. Ends when the client disconnects (Starlette cancels this generator) or
+        when the server shuts down (`app.state.log_streams_stopping`, set by `kold up`): an open
+        stream must not hold up a graceful shutdown.
+        """
+        skip = {i.id for i in pool.instances() if i.revision_id not in rev_ids}  # e.g. a former same-named function
+        offsets: dict[str, int] = {}  # instance id -> how far its log was sent
+        pending: dict[str, bytes] = {}  # instance id -> a line read without its end yet
+
+        def read(jobs: list[tuple[str, str, int | None]]) -> list[tuple[str, bytes, int]]:
+            """(instance id, log path, offset or None: from the last lines) -> (id, bytes, new offset)."""
+            return [(i, *(_read_tail(path, tail) if at is None else _read_from(path, at))) for i, path, at in jobs]
+
+        first = True
+        while stopping is None or not stopping.is_set():
+            jobs: list[tuple[str, str, int | None]] = []
+            alive: dict[str, bool] = {}
+            for inst in pool.instances():  # on the event loop: the pool's dict is not thread-safe
+                if inst.id in skip:
+                    continue
+                if inst.revision_id not in rev_ids and inst.revision_id.rpartition("-")[0] != name:
+                    skip.add(inst.id)
+                    continue
+                alive[inst.id] = inst.alive  # taken before reading: what it wrote before it stopped is read
+                jobs.append((inst.id, str(inst.log_path), offsets.get(inst.id, None if first else 0)))
+            first = False
+            results = await asyncio.to_thread(read, jobs) if jobs else []
+            for inst_id, data, end in results:
+                offsets[inst_id] = end
+                if not data and not alive[inst_id]:
+                    skip.add(inst_id)  # stopped and read to the end: never written again
+            prefix_lines = len(offsets) > 1
+            chunks: list[bytes] = []
+            for inst_id, data, _ in results:
+                buf = pending.pop(inst_id, b"") + data
+                cut = buf.rfind(b"\n") + 1
+                if not cut and len(buf) > log_read_max:
+                    cut = len(buf)  # a line without end: passed on as it is rather than held forever
+                if cut < len(buf):
+                    pending[inst_id] = buf[cut:]
+                if cut:
+                    prefix = f"[{inst_id}] ".encode() if prefix_lines else b""
+                    lines = buf[:cut].split(b"\n")  # the last is b"" unless the line had no end
+                    chunks += [prefix + line + b"\n" for line in lines[:-1]]
+                    chunks += [prefix + lines[-1]] if lines[-1] else []
+            if chunks:
+                yield b"".join(chunks)
+            await asyncio.sleep(log_poll_s)
+
     async def logs(request: Request) -> Response:
-        fn = await _function(request.path_params["name"])
+        """`?tail=N`: each instance's last N lines as JSON; `&follow=1`: a text/plain stream that goes on."""
+        try:
+            fn = await _function(request.path_params["name"])
+        except RedisError as exc:
+            gw.redis_unreachable(exc)
+            raise RegistryUnavailableError("the function registry (Redis) is unreachable") from None
         try:
             tail = int(request.query_params.get("tail", "100"))
         except ValueError:
             raise InvalidRequestError("tail must be an integer", param="tail") from None
+        if tail < 0:
+            raise InvalidRequestError("tail must be >= 0", param="tail")
+        follow = request.query_params.get("follow", "0").lower()
+        if follow not in ("0", "1", "false", "true"):
+            raise InvalidRequestError("follow must be 0 or 1", param="follow")
+        if follow in ("1", "true"):
+            stopping = getattr(request.app.state, "log_streams_stopping", None)
+            return StreamingResponse(
+                _follow_logs(fn.name, frozenset(fn.revisions), tail, stopping),
+                media_type="text/plain; charset=utf-8",
+                headers={"Cache-Control": "no-cache"},
+            )
         out = [
             {"id": i.id, "state": i.state.value, "log": pool.read_log(i, tail)}
             for r in fn.revisions
@@ -345,11 +467,15 @@ def build_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gw.start()
+        warming = asyncio.create_task(pool.warm_template()) if warm_template else None
         try:
             yield
         finally:
+            if warming is not None:
+                warming.cancel()
+                await asyncio.gather(warming, return_exceptions=True)
             await gw.close()
-            if http is None:
+            if upstream is None:
                 await client.aclose()
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)

@@ -1,6 +1,10 @@
-"""The instance manager: `kold runtime serve` subprocesses on free loopback ports.
+"""The instance manager: `kold runtime serve` processes on free loopback ports.
 
-Each instance is one runtime process of one revision. Its stdout and stderr are appended to
+Each instance is one runtime process of one revision. By default it is forked from the pool's fork
+template (fork_template.py: one process that has imported torch and the runtime already, so an
+instance skips ~2 s of imports); with `start_method="spawn"`, or when the template cannot start or
+has died, it is a fresh `python -m kold runtime serve ...` subprocess. Both go through one small
+process handle (`InstanceProcess`), so everything below is the same for either. Its stdout and stderr are appended to
 `<log_dir>/<instance id>.log` (what `kold logs` shows). A process that exits while it was not being
 stopped is noticed at once (a waiter task per process): its state becomes FAILED and the pool's
 `on_failure(instance)` callback runs, so the router can retry and replace it. A runtime that could
@@ -29,9 +33,11 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
+
+from kold.gateway.fork_template import ForkTemplate, TemplateError
 
 log = logging.getLogger("kold.gateway.pool")
 
@@ -39,6 +45,22 @@ _ID = re.compile(r"^[a-z0-9-]+$")
 _BIND_RETRIES = 3
 _BIND_FAILURE = "address already in use"
 _POLL_S = 0.02
+_TEMPLATE_LOG = "fork-template.log"  # in log_dir; no instance's (an instance id ends in its number)
+
+StartMethod = Literal["fork-template", "spawn"]
+
+
+class InstanceProcess(Protocol):
+    """What the pool needs of an instance's process: asyncio's `Process` (spawned) has it, and so has
+    `ForkedProcess` (forked from the template, which is its parent)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+    async def wait(self) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
 
 
 class RuntimeSpecLike(Protocol):
@@ -86,8 +108,9 @@ class Instance:
     in_flight: int = 0  # the router's count of requests it sent here and not yet finished
     exit_code: int | None = None
     cold_start: dict[str, Any] | None = None  # the runtime's "startup" log line, once ready
-    process: asyncio.subprocess.Process | None = field(default=None, repr=False)
-    _args: list[str] = field(default_factory=list, repr=False)
+    process: InstanceProcess | None = field(default=None, repr=False)
+    start_method: StartMethod | None = None  # how its current process was started
+    _args: list[str] = field(default_factory=list, repr=False)  # the `kold` CLI's, less --port
     _log_offset: int = field(default=0, repr=False)  # where this process's output begins in the log
     _bind_retries: int = field(default=0, repr=False)
     _waiter: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -110,7 +133,13 @@ def _free_port(host: str) -> int:
 
 
 class InstancePool:
-    """Runtime processes of all revisions. `env` is the processes' whole environment (None: ours)."""
+    """Runtime processes of all revisions. `env` is the processes' whole environment (None: ours).
+
+    `start_method`: "fork-template" (the default when `python` is this interpreter) forks instances
+    from a template process started on the first `start` (or by `warm_template`); "spawn" (the
+    default for another interpreter) runs each as a fresh subprocess. A template that cannot start,
+    or dies, makes the pool spawn from then on (logged once).
+    """
 
     def __init__(
         self,
@@ -120,12 +149,22 @@ class InstancePool:
         env: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         on_failure: Callable[[Instance], Any] | None = None,
+        start_method: StartMethod | None = None,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.python = python
         self.env = dict(env) if env is not None else None
         self.host = host
         self.on_failure = on_failure
+        if start_method is None:
+            same = os.path.abspath(python) == os.path.abspath(sys.executable)
+            start_method = "fork-template" if same else "spawn"
+        if start_method not in ("fork-template", "spawn"):
+            raise ValueError(f"start_method {start_method!r}: 'fork-template' or 'spawn'")
+        self.start_method: StartMethod = start_method
+        self._template: ForkTemplate | None = None
+        self._template_start: asyncio.Task[ForkTemplate | None] | None = None
+        self._template_failed = False  # it could not start or died: spawn from now on
         self._instances: dict[str, Instance] = {}
         self._numbers = itertools.count(1)
         self._http: httpx.AsyncClient | None = None
@@ -133,7 +172,7 @@ class InstancePool:
     # -- starting ----------------------------------------------------------------------------------
 
     async def start(self, revision: RevisionLike) -> Instance:
-        """Spawn a runtime for `revision`; returns at once, STARTING (see `wait_ready`)."""
+        """Start a runtime for `revision` (forked or spawned); returns at once, STARTING (see `wait_ready`)."""
         revision_id = _check_id(revision.revision_id, "revision id")
         while True:
             instance_id = _check_id(f"{revision_id}-{next(self._numbers)}", "instance id")
@@ -141,8 +180,6 @@ class InstancePool:
                 break
         spec = revision.runtime
         args = [
-            "-m",
-            "kold",
             "runtime",
             "serve",
             "--snapshot",
@@ -166,37 +203,94 @@ class InstancePool:
         inst._args = args
         self._instances[inst.id] = inst
         try:
-            await self._spawn(inst)
+            await self._launch(inst)
         except BaseException:
             inst.state = InstanceState.FAILED
             raise
         return inst
 
-    async def _spawn(self, inst: Instance) -> None:
-        inst.port = _free_port(self.host)
-        inst.url = f"http://{self.host}:{inst.port}"
+    def _instance_env(self) -> dict[str, str]:
         env = dict(self.env if self.env is not None else os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env.pop("PORT", None)
+        return env
+
+    async def _launch(self, inst: Instance) -> None:
+        """Start the instance's process on a fresh port: forked from the template, else spawned."""
+        inst.port = _free_port(self.host)
+        inst.url = f"http://{self.host}:{inst.port}"
+        env = self._instance_env()
+        argv = [*inst._args, "--port", str(inst.port)]
+        template = await self._usable_template()
+        process: InstanceProcess | None = None
         with open(inst.log_path, "ab") as out:
             inst._log_offset = out.tell()
             out.write(f"--- kold: instance {inst.id} starting on port {inst.port}\n".encode())
             out.flush()
-            inst.process = await asyncio.create_subprocess_exec(
-                self.python,
-                *inst._args,
-                "--port",
-                str(inst.port),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # a Ctrl-C at the gateway's terminal is the gateway's to handle
-            )
-        log.info("instance %s: pid %s on port %s", inst.id, inst.process.pid, inst.port)
-        inst._waiter = asyncio.create_task(self._wait_exit(inst, inst.process), name=f"kold-wait-{inst.id}")
+            if template is not None:
+                try:
+                    process = await template.fork(argv, env, out.fileno())
+                    inst.start_method = "fork-template"
+                except TemplateError as exc:
+                    self._template_unusable(str(exc))
+            if process is None:
+                process = await asyncio.create_subprocess_exec(
+                    self.python,
+                    "-m",
+                    "kold",
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,  # a Ctrl-C at the gateway's terminal is the gateway's to handle
+                )
+                inst.start_method = "spawn"
+        inst.process = process
+        log.info("instance %s: pid %s on port %s (%s)", inst.id, process.pid, inst.port, inst.start_method)
+        inst._waiter = asyncio.create_task(self._wait_exit(inst, process), name=f"kold-wait-{inst.id}")
 
-    async def _wait_exit(self, inst: Instance, process: asyncio.subprocess.Process) -> None:
+    # -- the fork template -------------------------------------------------------------------------
+
+    async def warm_template(self) -> bool:
+        """Start the fork template now rather than on the first instance; whether it is usable."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return await self._usable_template() is not None
+
+    async def _usable_template(self) -> ForkTemplate | None:
+        """The running template (started on first use, by one task however many wait), or None: spawn."""
+        if self.start_method != "fork-template" or self._template_failed:
+            return None
+        if self._template_start is None:
+            self._template_start = asyncio.create_task(self._start_template(), name="kold-template-start")
+        template = await asyncio.shield(self._template_start)
+        if template is not None and not template.alive:
+            self._template_unusable("it is not running")
+            return None
+        return template
+
+    async def _start_template(self) -> ForkTemplate | None:
+        template = ForkTemplate(
+            self.python,
+            self._instance_env(),
+            str(self.log_dir / _TEMPLATE_LOG),
+            on_exit=lambda code: self._template_unusable(f"it exited with {code}"),
+        )
+        self._template = template
+        try:
+            await template.start()
+        except Exception as exc:  # whatever went wrong, spawning still works
+            self._template_unusable(str(exc))
+            return None
+        log.info("fork template: pid %s, imports done in %ss", template.pid, template.info.get("preload_s"))
+        return template
+
+    def _template_unusable(self, reason: str) -> None:
+        if not self._template_failed:
+            self._template_failed = True
+            log.warning("fork template unusable (%s): instances are spawned from now on", reason)
+
+    async def _wait_exit(self, inst: Instance, process: InstanceProcess) -> None:
         code = await process.wait()
         if process is not inst.process:
             return
@@ -212,7 +306,7 @@ class InstancePool:
             log.warning("instance %s: port %s was taken, retrying on another", inst.id, inst.port)
             inst.exit_code = None
             try:
-                await self._spawn(inst)
+                await self._launch(inst)
                 return
             except Exception:
                 log.exception("instance %s: respawn failed", inst.id)
@@ -246,6 +340,8 @@ class InstancePool:
                         inst.state = InstanceState.READY
                         inst.ready_at = time.time()
                         inst.cold_start = await self._read_startup_event(inst)
+                        if inst.cold_start is not None:  # the runtime cannot know how it was started
+                            inst.cold_start["start_method"] = inst.start_method
                         return True
             if time.monotonic() >= deadline:
                 return False
@@ -296,11 +392,16 @@ class InstancePool:
             await asyncio.gather(inst._waiter, return_exceptions=True)
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
-        """Stop every instance (`kold down`)."""
+        """Stop every instance (`kold down`), then the fork template."""
         live = [i for i in self._instances.values() if i.process is not None and i.process.returncode is None]
         await asyncio.gather(*(self.stop(i, drain_timeout_s) for i in live), return_exceptions=True)
         waiters = [i._waiter for i in self._instances.values() if i._waiter is not None]
         await asyncio.gather(*waiters, return_exceptions=True)
+        if self._template_start is not None and not self._template_start.done():
+            self._template_start.cancel()
+            await asyncio.gather(self._template_start, return_exceptions=True)
+        if self._template is not None:
+            await self._template.close()
         if self._http is not None:
             await self._http.aclose()
             self._http = None

@@ -415,6 +415,10 @@ class Registry:
         stored = self.redis.hget(self._key_key(_text(key_id)), "sha256")
         return stored is not None and hmac.compare_digest(_text(stored), digest)
 
+    def ping(self) -> None:
+        """Raises RedisError while Redis cannot be reached."""
+        self.redis.ping()
+
     def has_keys(self) -> bool:
         """Whether any key exists (no keys: the gateway decides whether that means open or closed)."""
         return bool(self.redis.scard(self._keys_key))

@@ -3,7 +3,7 @@
 The body's `model` (the function name) is replaced by the revision's snapshot id, the name the
 runtime serves. Response bytes are passed through as they arrive (SSE unbuffered); the runtime's
 headers are kept and `X-Kold-Instance` / `X-Kold-Cold` added. A request whose instance failed
-before any response byte (a crash, a refused connection) is retried once on another instance.
+before any byte reached the client (a crash, a refused connection) is retried once on another instance.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from kold.gateway.activator import Gateway
 from kold.gateway.pool import Instance
+from kold.gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from kold.runtime.protocol import InvalidRequestError, UnavailableError
 
 log = logging.getLogger("kold.gateway.router")
@@ -48,53 +48,66 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 async def proxy(
     gateway: Gateway,
-    http: httpx.AsyncClient,
+    upstream_client: UpstreamClient,
     name: str,
     path: str,
     body: dict[str, Any],
     headers: dict[str, str],
+    raw: bytes | None = None,
 ) -> Response:
-    """Hold for an instance of `name`, forward `body` to `path` on it, stream the response back."""
+    """Hold for an instance of `name`, forward the request to `path` on it, pass the response back.
+
+    `raw` is the body as the client sent it: forwarded unchanged when its `model` already is the
+    function's name (the runtime serves under that name), which saves re-encoding it on the hot path.
+    A streamed request (`"stream": true`) is passed through chunk by chunk as the runtime writes it;
+    any other is read whole and returned with its length, one message instead of a chunked stream —
+    and a non-streamed request whose instance fails before the whole answer arrived is retried too,
+    since nothing reached the client yet.
+    """
     arrival = time.time()
+    if raw is None or body.get("model") != name:
+        raw = json.dumps({**body, "model": name}).encode()
+    fwd = [(k, v) for k, v in headers.items() if k.lower() in _FORWARD_REQUEST_HEADERS]
+    streamed = bool(body.get("stream"))
     failed: Instance | None = None
     for attempt in range(2):
         inst, _revision, cold, wait_s = await gateway.acquire(name, exclude=failed)
         if attempt == 0:
             gateway.record(name, arrival, cold, wait_s)
-        content = json.dumps({**body, "model": name}).encode()  # the runtime serves it under the function's name
-        fwd = {k: v for k, v in headers.items() if k.lower() in _FORWARD_REQUEST_HEADERS}
-        request = http.build_request("POST", f"{inst.url}{path}", content=content, headers=fwd)
         try:
-            upstream = await http.send(request, stream=True)
-        except httpx.TransportError as exc:
+            upstream = await upstream_client.request("POST", gateway.pool.host, inst.port, path, fwd, raw)
+            content = None if streamed else await upstream.aread()
+        except UpstreamError as exc:
             gateway.release(inst)
-            log.warning("instance %s failed before responding (%s)", inst.id, exc)
+            log.warning("instance %s failed before the answer was complete (%s)", inst.id, exc)
             failed = inst
             continue
         except BaseException:
             gateway.release(inst)
             raise
-        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+        out_headers = {k: v for k, v in upstream.headers if k.lower() not in _HOP_BY_HOP}
         out_headers["X-Kold-Instance"] = inst.id
         out_headers["X-Kold-Cold"] = "1" if cold else "0"
+        if content is not None:
+            gateway.release(inst)
+            return Response(content, status_code=upstream.status_code, headers=out_headers)
         released = False
 
-        def done(inst: Instance = inst, upstream: httpx.Response = upstream) -> None:
+        def done(inst: Instance = inst, upstream: UpstreamResponse = upstream) -> None:
             nonlocal released
+            upstream.close()  # a no-op once the body was read to the end (the connection is pooled then)
             if not released:
                 released = True
                 gateway.release(inst)
 
-        async def stream(upstream: httpx.Response = upstream) -> AsyncIterator[bytes]:
+        async def stream(upstream: UpstreamResponse = upstream) -> AsyncIterator[bytes]:
             try:
-                async for chunk in upstream.aiter_raw():
+                async for chunk in upstream.iter_raw():
                     yield chunk
             finally:
-                await upstream.aclose()
                 done()
 
-        async def cleanup(upstream: httpx.Response = upstream) -> None:
-            await upstream.aclose()
+        async def cleanup() -> None:  # async: Starlette would run a plain function in a worker thread
             done()
 
         return StreamingResponse(

@@ -28,6 +28,8 @@ class PlatformClient:
             raise CLIError(f"no kold platform answers at {self.base_url}: start it with `kold up`") from None
         except httpx.TimeoutException:
             raise CLIError(f"the platform at {self.base_url} did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise CLIError(f"the platform at {self.base_url} failed to answer: {exc or type(exc).__name__}") from None
         if resp.status_code >= 400:
             raise CLIError(_error_message(resp))
         return resp.json() if resp.content else None
@@ -46,6 +48,26 @@ class PlatformClient:
                         yield headers, json.loads(line[6:])
         except httpx.ConnectError:
             raise CLIError(f"no kold platform answers at {self.base_url}: start it with `kold up`") from None
+
+    def stream_logs(self, name: str, tail: int) -> Iterator[str]:
+        """Yield a function's log text as the gateway streams it (`logs?follow=1`), like `tail -F`.
+
+        The gateway first sends each instance's last `tail` lines, then new output as it is written,
+        also of instances started later; the iterator ends only when the platform ends the stream
+        (it shuts down). No read timeout: a quiet function sends nothing for as long as it is quiet.
+        """
+        params = {"tail": str(tail), "follow": "1"}
+        try:
+            timeout = httpx.Timeout(None, connect=5.0)
+            with self._client.stream("GET", f"/admin/functions/{name}/logs", params=params, timeout=timeout) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise CLIError(_error_message(resp))
+                yield from resp.iter_text()
+        except httpx.ConnectError:
+            raise CLIError(f"no kold platform answers at {self.base_url}: start it with `kold up`") from None
+        except httpx.TransportError as exc:
+            raise CLIError(f"the log stream from {self.base_url} broke off: {exc or type(exc).__name__}") from None
 
     def close(self) -> None:
         self._client.close()

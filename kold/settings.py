@@ -10,7 +10,7 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -77,6 +77,11 @@ class Settings(BaseSettings):
 
     # -- the local platform (`kold up` and the commands that talk to it) --
     redis_url: str | None = Field(default=None, description="Redis for the platform; unset: `kold up` starts one")
+    # fork-template: instances fork from a process that has imported torch and the runtime already
+    # (a cold start skips ~2 s of imports); spawn: each instance is a fresh `kold runtime serve`.
+    instance_start: Literal["fork-template", "spawn"] = Field(
+        default="fork-template", description="how the local platform starts instances"
+    )
     gateway_url: str = Field(default="http://127.0.0.1:8080", description="where the CLI finds the gateway")
     api_key: str | None = Field(default=None, description="Bearer key the CLI sends to the gateway")
 

@@ -49,8 +49,11 @@ class FileReader:
         return done
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        """Idempotent: a second close must not hit a descriptor number another thread has reopened."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class FileWriter:

@@ -237,7 +237,8 @@ def restore(
             dest.finish()
         finally:
             primary.reader.close()
-            store_source.reader.close()
+            if store_source is not primary:
+                store_source.reader.close()
         _record(stats, pstats, plan.readers, dest.copy_seconds)
         if hit is not None and pstats.corrupt_in_primary and cache is not None:
             log.warning(

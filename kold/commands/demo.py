@@ -4,7 +4,7 @@ Make a model, publish it (and publish it again: nothing is re-uploaded), restore
 a hot page cache, through the GPU-style pinned ring (its CPU twin here), from the shared-memory tier
 and from S3 on loopback (one table of phase timings); then the local platform as a user drives it:
 `kold up`, `kold deploy`, wait for scale to zero, `kold invoke` cold (the request is held while an
-instance restores) and warm, `kold describe`, `kold down`.
+instance restores) and warm, `kold describe`, `kold logs`, `kold down`.
 """
 
 from __future__ import annotations
@@ -89,72 +89,69 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _platform_part(model_dir: Path, work: Path, step: int) -> int:
-    """The local platform, as a user drives it: up, deploy, invoke cold and warm, describe, down."""
-    import json
+    """The local platform, as a user drives it: up, deploy, invoke cold and warm, describe, logs, down.
+
+    What a user types runs as `kold` commands (their output is the demo); what the demo itself needs
+    to know (has the function scaled to zero yet?) it asks the gateway's admin API through
+    PlatformClient, like every other client of the platform, rather than parsing a command's output.
+    """
     import os
     import socket
     import subprocess
     import sys
     import time
 
+    from kold.platform_client import PlatformClient
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     home = work / "platform"
+    gateway_url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
         "KOLD_HOME": str(home),
-        "KOLD_GATEWAY_URL": f"http://127.0.0.1:{port}",
+        "KOLD_GATEWAY_URL": gateway_url,
         "KOLD_CACHE_SHM_BYTES": "0",  # cold starts restore from the store, so the breakdown shows a real restore
         "KOLD_CACHE_DISK_BYTES": "0",
         "OMP_NUM_THREADS": "1",
     }
     env.pop("KOLD_REDIS_URL", None)  # the platform starts its own redis-server under KOLD_HOME
+    env.pop("KOLD_API_KEY", None)  # a fresh loopback platform has no keys
 
-    def kold(label: str, *argv: str, show: bool = True) -> str:
-        if show:
-            print(f"\n[{label}] $ kold {' '.join(argv)}", flush=True)
+    def kold(label: str, *argv: str) -> None:
+        print(f"\n[{label}] $ kold {' '.join(argv)}", flush=True)
         done = subprocess.run(
             [sys.executable, "-m", "kold", *argv], env=env, capture_output=True, text=True, check=False
         )
-        if show:
-            print(done.stdout, end="", flush=True)
+        print(done.stdout, end="", flush=True)
         if done.returncode != 0:
             raise CLIError(f"`kold {' '.join(argv)}` failed: {done.stderr.strip() or done.stdout.strip()}")
-        return done.stdout
 
     kold(f"{step}", "up", "--detach", "--port", str(port))
+    client = PlatformClient(gateway_url, timeout_s=30.0)
     try:
         kold(f"{step + 1}", "deploy", str(model_dir), "--name", "tiny", "--idle-timeout", "3")
         print("\n    waiting for the function to scale to zero (idle timeout 3 s) ...", flush=True)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            described = json.loads(kold("", "describe", "tiny", show=False) or "{}")
-            live = [i for i in described.get("instances", []) if i.get("state") not in ("stopped", "failed")]
+        while True:
+            described = client.request("GET", "/admin/functions/tiny") or {}
+            live = [i for i in described.get("instances") or [] if i.get("state") not in ("stopped", "failed")]
             if not live:
+                print("    no instance is running: the next request is a cold start")
                 break
-            time.sleep(1)
-        print("    no instance is running: the next request is a cold start")
+            if time.monotonic() >= deadline:
+                print(f"    still {len(live)} instance(s) after 60 s: the next request may be warm")
+                break
+            time.sleep(0.5)
         kold(f"{step + 2}", "invoke", "tiny", "The cold start of a function", "--max-tokens", "16")
         kold(f"{step + 3}", "invoke", "tiny", "Say hello", "--chat", "--max-tokens", "16")
-        print(f"\n[{step + 4}] $ kold describe tiny   (summarised)")
-        print(_describe_summary(json.loads(kold("", "describe", "tiny", show=False))))
+        kold(f"{step + 4}", "describe", "tiny")
+        kold(f"{step + 5}", "logs", "tiny", "--tail", "2")
     finally:
-        kold(f"{step + 5}", "down")
+        client.close()
+        kold(f"{step + 6}", "down")
     return 0
-
-
-def _describe_summary(doc: dict[str, Any]) -> str:
-    """The parts of `kold describe` a person reads first."""
-    lines = [f"    function {doc.get('name')}: serving {doc.get('serving')}"]
-    for inst in doc.get("instances", []):
-        cold = inst.get("cold_start") or {}
-        phases = cold.get("phases_ms") or {}
-        lines.append(
-            f"    instance {inst.get('id')}: {inst.get('state')}; ready {cold.get('ready_ms', '?')} ms after start "
-            f"(restore {phases.get('restore', '?')} ms, torch import {phases.get('torch_import', '?')} ms)"
-        )
-    return "\n".join(lines)
 
 
 def _s3_part(snapshot_id: str, model_dir: Path, work: Path, run: Any) -> None:

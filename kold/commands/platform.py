@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def register(top: Any) -> None:
     rollback.add_argument("revision", nargs="?", help="default: the revision before the serving one")
     rollback.set_defaults(handler=cmd_rollback)
 
-    logs = top.add_parser("logs", help="a function's instance logs")
+    logs = top.add_parser("logs", help="a function's instance logs (--follow: as they are written, like tail -F)")
     logs.add_argument("name")
     logs.add_argument("--tail", type=int, default=100)
     logs.add_argument("--follow", "-f", action="store_true")
@@ -148,6 +149,8 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
 
     import redis
     import uvicorn
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
 
     from kold.gateway.app import build_app
     from kold.gateway.pool import InstancePool
@@ -158,12 +161,27 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
     local_redis = None if settings.redis_url else LocalRedis(settings.home / "redis").start()
     redis_url = settings.redis_url or (local_redis.url if local_redis else "")
     try:
-        registry = Registry(redis.Redis.from_url(redis_url), prefix="kold:")
+        # Bounded waits: with no socket timeout a hung Redis (a partition) would hold requests for ever,
+        # and redis-py's default 10 retries with backoff make each failed call ~15 s; the gateway keeps
+        # warm functions and recently verified keys working while Redis is away, once a call has failed.
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 1)
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=2.0, retry=retry)
+        registry = Registry(client, prefix="kold:")
         # instances inherit our environment: KOLD_STORE, S3 credentials and cache settings reach them
-        pool = InstancePool(settings.home / "logs", env=dict(os.environ))
-        app = build_app(registry, pool, require_keys=not _is_loopback(args.host))
+        pool = InstancePool(settings.home / "logs", env=dict(os.environ), start_method=settings.instance_start)
+        app = build_app(registry, pool, require_keys=not _is_loopback(args.host), warm_template=True)
+        # `kold logs --follow` streams never end on their own: they end when this event is set, or
+        # uvicorn's graceful shutdown (`kold down`, Ctrl-C) would wait for them forever
+        stopping = threading.Event()
+        app.state.log_streams_stopping = stopping
+
+        class Server(uvicorn.Server):
+            async def shutdown(self, sockets: list[Any] | None = None) -> None:
+                stopping.set()
+                await super().shutdown(sockets)
+
         print(f"kold platform listening on http://{args.host}:{args.port} (redis {redis_url})", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
         return 0
     finally:
         if local_redis is not None:
@@ -260,35 +278,238 @@ def cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _function_name(name: str) -> str:
+    """The name, checked here so that a bad one is a one-line error, never a URL path like `../keys`."""
+    from kold.gateway.names import InvalidNameError, validate_function_name
+
+    try:
+        return validate_function_name(name)
+    except InvalidNameError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def cmd_describe(args: argparse.Namespace, settings: Settings) -> int:
-    print_json(_client(settings).request("GET", f"/admin/functions/{args.name}"))
+    doc = _client(settings).request("GET", f"/admin/functions/{_function_name(args.name)}")
+    if args.json:
+        print_json(doc)
+    else:
+        print(format_describe(doc if isinstance(doc, dict) else {}, settings.gateway_url))
     return 0
 
 
+_ENDED_SHOWN = 5  # stopped/failed instances listed by `describe` (the newest); --json has all
+
+
+def format_describe(doc: dict[str, Any], gateway_url: str, now: float | None = None) -> str:
+    """`kold describe`'s view of GET /admin/functions/NAME: the function, its revisions, its instances.
+
+    Written for people, like `kubectl describe`: every field may be missing or None (an older
+    gateway, an instance that is not ready yet) and shows as '-' rather than failing.
+    """
+    now = time.time() if now is None else now
+    name = str(doc.get("name") or "?")
+    serving = doc.get("serving")
+    revisions = [r for r in _list(doc.get("revisions")) if isinstance(r, dict)]
+    instances = [i for i in _list(doc.get("instances")) if isinstance(i, dict)]
+    base = gateway_url.rstrip("/")
+    shown = next((r for r in revisions if r.get("id") == serving), revisions[-1] if revisions else {})
+
+    fields = [
+        ("Name", name),
+        ("URL", f"{base}/v1/functions/{name}/v1/chat/completions"),
+        ("", f"{base}/v1/functions/{name}/v1/completions"),
+        ("OpenAI clients", f"base_url={base}/v1, model={name}"),
+        ("Serving", serving or "- (no revision is serving yet)"),
+    ]
+    scaling = _dict(shown.get("scaling"))
+    if scaling:
+        fields.append(
+            (
+                "Scaling",
+                f"{_v(scaling.get('min_instances'))}..{_v(scaling.get('max_instances'))} instances, "
+                f"{_v(scaling.get('target_concurrency'))} in flight per instance, "
+                f"idle timeout {_v(scaling.get('idle_timeout_s'))} s, request timeout {_v(scaling.get('request_timeout_s'))} s",
+            )
+        )
+    runtime = _dict(shown.get("runtime"))
+    if runtime:
+        seq = runtime.get("max_seq_len")
+        seq_text = "the model's" if seq is None else str(seq)
+        fields.append(
+            (
+                "Runtime",
+                f"device {_v(runtime.get('device'))}, max batch {_v(runtime.get('max_batch'))}, "
+                f"max sequence length {seq_text}",
+            )
+        )
+    width = max(len(k) for k, _ in fields) + 2
+    lines = [f"{k + ':' if k else '':<{width}}{v}" for k, v in fields]
+
+    lines += ["", "Revisions:"]
+    rows = [
+        [
+            str(r.get("id") or "-"),
+            _snapshot_short(r.get("snapshot_uri")),
+            _when(r.get("created_at"), now),
+            "*" if serving is not None and r.get("id") == serving else "",
+        ]
+        for r in revisions
+    ]
+    lines += _table(["ID", "SNAPSHOT", "CREATED", "SERVING"], rows) if rows else ["  (none)"]
+
+    live = [i for i in instances if i.get("state") not in ("stopped", "failed")]
+    ended = [i for i in instances if i.get("state") in ("stopped", "failed")]
+    listed = live + ended[-_ENDED_SHOWN:]
+    lines += ["", f"Instances ({len(live)} running):"]
+    rows = []
+    for inst in sorted(listed, key=lambda i: _number(i.get("started_at")) or 0.0):
+        cold = _dict(inst.get("cold_start"))
+        phases = _dict(cold.get("phases_ms"))
+        rows.append(
+            [
+                str(inst.get("id") or "-"),
+                str(inst.get("state") or "-"),
+                _port(inst.get("url")),
+                _v(inst.get("in_flight")),
+                _age(inst.get("started_at"), now),
+                _ms(cold.get("imports_ms")),
+                _ms(phases.get("torch_import")),
+                _ms(phases.get("restore")),
+                _v(_dict(cold.get("restore")).get("source_tier")),
+                _ms(phases.get("model")),
+                _ms(cold.get("ready_ms")),
+            ]
+        )
+    headers = ["ID", "STATE", "PORT", "IN-FLIGHT", "AGE", "IMPORTS", "TORCH", "RESTORE", "TIER", "BUILD", "READY"]
+    lines += _table(headers, rows, right={2, 3, 4, 5, 6, 7, 9, 10}) if rows else ["  (none: scaled to zero)"]
+    if rows:
+        lines.append(
+            "  cold start (ms): IMPORTS and READY after the process started; TORCH (import), RESTORE, BUILD took"
+        )
+        lines.append(
+            "  that long (they overlap: the restore runs while torch imports); TIER: where the weights came from"
+        )
+    if len(ended) > _ENDED_SHOWN:
+        lines.append(f"  ({len(ended) - _ENDED_SHOWN} earlier stopped instances not shown: --json lists all)")
+    return "\n".join(lines)
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> list[str]:
+    """Columns as wide as their widest cell, two spaces apart, indented like kubectl's sections."""
+    widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(headers)]
+    right = right or set()
+
+    def line(cells: list[str]) -> str:
+        return (
+            "  "
+            + "  ".join(
+                cell.rjust(w) if c in right else cell.ljust(w)
+                for c, (cell, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+        )
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _v(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _ms(value: Any) -> str:
+    number = _number(value)
+    return "-" if number is None else f"{number:.0f}"
+
+
+def _port(url: Any) -> str:
+    host, _, port = str(url or "").rpartition(":")
+    return port if host and port.isdigit() else "-"
+
+
+def _snapshot_short(uri: Any) -> str:
+    """The snapshot id's first 12 hex digits (a store URI ends in snapshots/<id>)."""
+    tail = str(uri or "").rstrip("/").rpartition("/")[2]
+    return tail[:12] if tail else "-"
+
+
+def _age(started: Any, now: float) -> str:
+    """Like kubectl: 42s, 3m12s, 2h5m, 4d3h."""
+    start = _number(started)
+    if start is None:
+        return "-"
+    s = max(0, int(now - start))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+def _when(ts: Any, now: float) -> str:
+    stamp = _number(ts)
+    if stamp is None:
+        return "-"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stamp))} ({_age(stamp, now)} ago)"
+
+
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
-    _client(settings).request("DELETE", f"/admin/functions/{args.name}")
+    _client(settings).request("DELETE", f"/admin/functions/{_function_name(args.name)}")
     print(f"function {args.name} removed")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     body = {"revision": args.revision} if args.revision else {}
-    result = _client(settings).request("POST", f"/admin/functions/{args.name}/rollback", body)
+    result = _client(settings).request("POST", f"/admin/functions/{_function_name(args.name)}/rollback", body)
     print(f"{args.name} now serves {result.get('serving')}")
     return 0
 
 
 def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
+    name = _function_name(args.name)
+    if args.tail < 0:
+        raise CLIError(f"--tail {args.tail}: must be >= 0")
     client = _client(settings)
-    seen = ""
-    while True:
-        text = client.request("GET", f"/admin/functions/{args.name}/logs?tail={args.tail}")
-        text = text.get("logs", "") if isinstance(text, dict) else str(text)
-        print(text[len(seen) :] if text.startswith(seen) else text, end="", flush=True)
-        if not args.follow:
+    try:
+        if args.follow:
+            for text in client.stream_logs(name, args.tail):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            print("kold: the platform ended the log stream (it is shutting down)", file=sys.stderr)
             return 0
-        seen = text
-        time.sleep(1.0)
+        doc = client.request("GET", f"/admin/functions/{name}/logs?tail={args.tail}")
+        sys.stdout.write(format_logs(doc if isinstance(doc, dict) else {}))
+        sys.stdout.flush()
+        return 0
+    except KeyboardInterrupt:  # Ctrl-C is how one stops following: a normal end, not an error
+        return 0
+    except BrokenPipeError:  # `kold logs NAME -f | head`: the reader is gone; so is our stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def format_logs(doc: dict[str, Any]) -> str:
+    """GET .../logs as text: each instance's lines, prefixed `[instance id] ` when there are several
+    (as `logs --follow` streams them)."""
+    instances = [i for i in _list(doc.get("instances")) if isinstance(i, dict) and i.get("log")]
+    out = []
+    for inst in instances:
+        prefix = f"[{inst.get('id')}] " if len(instances) > 1 else ""
+        out += [f"{prefix}{line}\n" for line in str(inst["log"]).splitlines()]
+    return "".join(out)
 
 
 def cmd_invoke(args: argparse.Namespace, settings: Settings) -> int:
@@ -305,7 +526,7 @@ def cmd_invoke(args: argparse.Namespace, settings: Settings) -> int:
     first: float | None = None
     headers: dict[str, str] = {}
     tokens = 0
-    for response_headers, chunk in _client(settings).stream_chat(args.name, body):
+    for response_headers, chunk in _client(settings).stream_chat(_function_name(args.name), body):
         headers = response_headers
         if chunk.get("usage"):
             tokens = int(chunk["usage"].get("completion_tokens", 0))

@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 from gateway_helpers import RUNTIME, Served, deploy, free_port, instance_env
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from kold.gateway.app import build_app
 from kold.gateway.pool import InstancePool
@@ -35,12 +37,12 @@ def _registry_on(client: Any) -> Registry:
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[[Registry], Served]]:
+def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     started: list[Served] = []
 
-    def make(registry: Registry) -> Served:
+    def make(registry: Registry, *, require_keys: bool = False) -> Served:
         pool = InstancePool(tmp_path / "logs", env=instance_env(tmp_path))
-        s = Served(build_app(registry, pool, require_keys=False))
+        s = Served(build_app(registry, pool, require_keys=require_keys))
         started.append(s)
         return s
 
@@ -49,9 +51,10 @@ def serve(tmp_path: Path) -> Iterator[Callable[[Registry], Served]]:
         s.close()
 
 
-def completion(s: Served, name: str, client: httpx.Client | None = None) -> httpx.Response:
+def completion(s: Served, name: str, client: httpx.Client | None = None, key: str | None = None) -> httpx.Response:
     body = {"model": name, "prompt": "hello", "max_tokens": 4}
-    return (client or s.http).post("/v1/completions", json=body)
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    return (client or s.http).post("/v1/completions", json=body, headers=headers)
 
 
 class Load:
@@ -94,7 +97,7 @@ def failures(results: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
 
 
 def test_redeploy_under_load_loses_no_request(
-    registry: Registry, serve: Callable[[Registry], Served], tiny_snapshot: str
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
 ) -> None:
     s = serve(registry)
     body = {"snapshot_uri": tiny_snapshot, "runtime": RUNTIME, "scaling": {"request_timeout_s": 60}, "wait": True}
@@ -120,7 +123,7 @@ def test_redeploy_under_load_loses_no_request(
 
 
 def test_instance_killed_mid_load_is_replaced_without_loss(
-    registry: Registry, serve: Callable[[Registry], Served], tiny_snapshot: str
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
 ) -> None:
     deploy(registry, "kill", tiny_snapshot, max_instances=2, target_concurrency=4, request_timeout_s=60)
     s = serve(registry)
@@ -206,7 +209,7 @@ def dropped_records(s: Served) -> float:
 
 
 def test_redis_outage_does_not_stop_a_warm_function(
-    private_redis: PrivateRedis, serve: Callable[[Registry], Served], tiny_snapshot: str
+    private_redis: PrivateRedis, serve: Callable[..., Served], tiny_snapshot: str
 ) -> None:
     client = redis.Redis(host="127.0.0.1", port=private_redis.port, socket_connect_timeout=0.5, socket_timeout=1)
     registry = _registry_on(client)
@@ -225,6 +228,58 @@ def test_redis_outage_does_not_stop_a_warm_function(
         assert [r.status_code for r in after] == [200] * 3, [r.text for r in after]
         assert [r.status_code for r in during] == [200] * len(during), [r.text for r in during[-1:]]
         assert dropped_records(s) >= dropped_before  # records written during the outage may be dropped
+    finally:
+        private_redis.kill()
+        client.close()
+
+
+def test_api_keys_during_a_redis_outage(
+    private_redis: PrivateRedis, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    """A key verified before the outage keeps working through it (VERIFIED_GRACE_S); one never seen
+    gets a 503 JSON error at once (the gateway cannot tell, so it neither admits nor rejects it, and
+    once Redis is known to be gone it does not wait for it again); once Redis is back, keys verify
+    again and a revoked key is refused at once, grace or not."""
+    # one attempt per Redis call (redis-py would retry 10 times with backoff: ~15 s a call while paused)
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=private_redis.port,
+        socket_connect_timeout=0.5,
+        socket_timeout=1,
+        retry=Retry(NoBackoff(), 0),
+    )
+    registry = _registry_on(client)
+    deploy(registry, "keyed", tiny_snapshot, request_timeout_s=60)
+    known, unknown, admin = (registry.create_key(label) for label in ("known", "unknown", "admin"))
+    s = serve(registry, require_keys=True)
+    try:
+        assert completion(s, "keyed").status_code == 401  # keys are on
+        assert completion(s, "keyed", key=known.secret).status_code == 200  # warms it, and verifies the key
+        private_redis.pause()  # unreachable: connections hang (socket_timeout 1 s), as in a partition
+        try:
+            during = [completion(s, "keyed", key=known.secret) for _ in range(2)]
+            started = time.monotonic()
+            refused = completion(s, "keyed", key=unknown.secret)
+            refused_s = time.monotonic() - started
+        finally:
+            private_redis.resume()
+        assert [r.status_code for r in during] == [200, 200], [r.text for r in during]
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["content-type"].startswith("application/json") and "Retry-After" in refused.headers
+        assert refused.json()["error"]["message"] and "Traceback" not in refused.text
+        assert refused_s < 0.9, refused_s  # decided without waiting for Redis's timeout
+
+        admin_auth = {"Authorization": f"Bearer {admin.secret}"}
+        deadline = time.monotonic() + 10
+        while (r := s.http.get("/admin/keys", headers=admin_auth)).status_code == 503:  # until it sees Redis
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+        revoked = s.http.delete(f"/admin/keys/{known.key_id}", headers=admin_auth)
+        assert revoked.status_code == 200, revoked.text
+        after = completion(s, "keyed", key=known.secret)
+        assert after.status_code == 403 and after.json()["error"]["code"] == "invalid_api_key", after.text
+        assert completion(s, "keyed", key=unknown.secret).status_code == 200  # it was valid all along
     finally:
         private_redis.kill()
         client.close()

@@ -1,12 +1,15 @@
-"""The instance pool with real `kold runtime serve` processes on a tiny model."""
+"""The instance pool with real `kold runtime serve` processes on a tiny model, forked from the fork
+template (the default) or spawned."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from kold.gateway import fork_template
 from kold.gateway import pool as pool_module
 from kold.gateway.pool import Instance, InstancePool, InstanceState
 
@@ -67,18 +71,24 @@ async def model_id(http: httpx.AsyncClient, inst: Instance) -> str:
     return str((await http.get(f"{inst.url}/v1/models")).json()["data"][0]["id"])
 
 
+FORKED = "forked from the template"
+
+
+@pytest.mark.parametrize("method", ["fork-template", "spawn"])
 def test_start_ready_serve_then_stop_drains_a_stream(
-    make_pool: Callable[..., InstancePool], tiny_snapshot: str
+    make_pool: Callable[..., InstancePool], tiny_snapshot: str, method: str
 ) -> None:
-    pool = make_pool()
+    pool = make_pool(start_method=method)
 
     async def body() -> None:
         inst = await pool.start(Revision("tiny-r1", tiny_snapshot))
         assert inst.state is InstanceState.STARTING and inst.id == "tiny-r1-1"
+        assert inst.start_method == method
         assert await pool.wait_ready(inst, 60), pool.read_log(inst)
         assert inst.state is InstanceState.READY and inst.ready_at is not None
         assert inst.cold_start is not None and inst.cold_start["event"] == "startup"
-        assert inst.cold_start["state"] == "ready"
+        assert inst.cold_start["state"] == "ready" and inst.cold_start["start_method"] == method
+        assert (FORKED in pool.read_log(inst)) == (method == "fork-template")
         assert pool.instances() == [inst] and pool.instances("tiny-r1") == [inst] and pool.instances("x") == []
         async with httpx.AsyncClient(timeout=60) as http:
             assert (await http.get(f"{inst.url}/readyz")).status_code == 200
@@ -113,14 +123,18 @@ def test_start_ready_serve_then_stop_drains_a_stream(
     run_with(pool, body)
 
 
-def test_two_instances_and_a_crash_noticed(make_pool: Callable[..., InstancePool], tiny_snapshot: str) -> None:
+@pytest.mark.parametrize("method", ["fork-template", "spawn"])
+def test_two_instances_and_a_crash_noticed(
+    make_pool: Callable[..., InstancePool], tiny_snapshot: str, method: str
+) -> None:
     failed: list[Instance] = []
-    pool = make_pool(on_failure=failed.append)
+    pool = make_pool(on_failure=failed.append, start_method=method)
 
     async def body() -> None:
         rev = Revision("tiny-r2", tiny_snapshot)
         a, b = await pool.start(rev), await pool.start(rev)
         assert a.id != b.id and a.port != b.port and a.log_path != b.log_path
+        assert a.start_method == b.start_method == method
         assert all(await asyncio.gather(pool.wait_ready(a, 60), pool.wait_ready(b, 60)))
         for inst in (a, b):
             assert '"event": "startup"' in pool.read_log(inst)
@@ -186,3 +200,96 @@ def test_ids_are_validated(make_pool: Callable[..., InstancePool]) -> None:
     with pytest.raises(ValueError, match="revision id"):
         asyncio.run(pool.start(Revision("../etc", "file:///nowhere/snapshots/x")))
     assert pool.instances() == []
+
+
+def test_the_default_start_method(make_pool: Callable[..., InstancePool]) -> None:
+    assert make_pool().start_method == "fork-template"  # python is this interpreter
+    assert make_pool(python="/usr/bin/python3-elsewhere").start_method == "spawn"
+    with pytest.raises(ValueError, match="start_method"):
+        make_pool(start_method="vfork")
+
+
+def test_a_forked_instance_skips_the_imports_and_says_so(
+    make_pool: Callable[..., InstancePool], tiny_snapshot: str
+) -> None:
+    pool = make_pool()
+
+    async def body() -> None:
+        assert await pool.warm_template()
+        template_ready = time.time()
+        inst = await pool.start(Revision("tiny-r5", tiny_snapshot))
+        assert await pool.wait_ready(inst, 60), pool.read_log(inst)
+        assert inst.process is not None and inst.start_method == "fork-template"
+        log = pool.read_log(inst)
+        assert FORKED in log and '"event": "startup"' in log
+        cold = inst.cold_start
+        assert cold is not None
+        # the breakdown counts from the fork, not from the template's start (/proc's 10 ms ticks aside)
+        assert cold["process_start"] >= template_ready - 0.05
+        assert 0 <= cold["imports_ms"] <= cold["ready_ms"]
+        assert cold["phases_ms"]["torch_import"] >= 0  # torch was in sys.modules: nothing to wait for
+        # the instance is its own session, not the template's nor ours
+        assert os.getsid(inst.process.pid) == inst.process.pid
+
+    run_with(pool, body)
+    assert "kold fork template" not in (pool.log_dir / "fork-template.log").read_text()  # nothing failed
+
+
+def test_a_template_that_cannot_start_falls_back_to_spawn(
+    make_pool: Callable[..., InstancePool],
+    tiny_snapshot: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(fork_template, "MODULE", "kold.gateway.no_such_template")
+    pool = make_pool(start_method="fork-template")
+
+    async def body() -> None:
+        rev = Revision("tiny-r6", tiny_snapshot)
+        a, b = await pool.start(rev), await pool.start(rev)
+        assert a.start_method == b.start_method == "spawn"
+        assert all(await asyncio.gather(pool.wait_ready(a, 60), pool.wait_ready(b, 60)))
+        assert FORKED not in pool.read_log(a)
+
+    with caplog.at_level(logging.WARNING, logger="kold.gateway.pool"):
+        run_with(pool, body)
+    assert sum("fork template unusable" in r.getMessage() for r in caplog.records) == 1
+    assert "no_such_template" in (pool.log_dir / "fork-template.log").read_text()
+
+
+def test_when_the_template_dies_its_instances_live_on_and_new_ones_are_spawned(
+    make_pool: Callable[..., InstancePool], tiny_snapshot: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    failed: list[Instance] = []
+    pool = make_pool(on_failure=failed.append)
+
+    async def body() -> None:
+        rev = Revision("tiny-r7", tiny_snapshot)
+        a = await pool.start(rev)
+        assert await pool.wait_ready(a, 60), pool.read_log(a)
+        assert a.start_method == "fork-template"
+        template = pool._template
+        assert template is not None and template.pid is not None
+        os.kill(template.pid, signal.SIGKILL)
+        for _ in range(250):
+            if not template.alive:
+                break
+            await asyncio.sleep(0.02)
+        assert not template.alive
+
+        b = await pool.start(rev)
+        assert b.start_method == "spawn"
+        assert await pool.wait_ready(b, 60), pool.read_log(b)
+        async with httpx.AsyncClient(timeout=60) as http:  # the orphaned instance still serves
+            body = {"model": await model_id(http, a), "prompt": "hi", "max_tokens": 2}
+            assert (await http.post(f"{a.url}/v1/completions", json=body)).status_code == 200
+        assert a.state is InstanceState.READY and not failed
+
+        await pool.stop(a, drain_timeout_s=30)  # signalled through its pidfd; its exit seen through it
+        assert a.state is InstanceState.STOPPED and a.exit_code == 255  # its status went with the template
+        assert '"event": "drain"' in pool.read_log(a)
+
+    with caplog.at_level(logging.WARNING, logger="kold.gateway.pool"):
+        run_with(pool, body)
+    assert not failed
+    assert sum("fork template unusable" in r.getMessage() for r in caplog.records) == 1

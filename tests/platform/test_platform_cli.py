@@ -3,10 +3,16 @@ a `kold up --detach` process (its own private redis-server), real runtime instan
 
 from __future__ import annotations
 
+import json
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +61,9 @@ def test_commands_without_a_platform_say_so(env: dict[str, str]) -> None:
         (("deploy", ".", "--name", "ok", "--target", "knative"), "not available yet"),
         (("deploy", "/definitely/not/here", "--name", "ok"), "not a directory"),
         (("up", "--port", "0"), "not a port number"),
+        (("describe", "Bad_Name"), "lowercase letters"),
+        (("logs", "../keys", "--follow"), "lowercase letters"),
+        (("logs", "tiny", "--tail", "-1"), "must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line(env: dict[str, str], args: tuple[str, ...], message: str) -> None:
@@ -94,4 +103,93 @@ def test_deploy_invoke_cold_then_warm_describe_and_down(platform: dict[str, str]
     assert "warm:" in second.stdout
 
     described = kold("describe", "tiny", env=platform)
-    assert described.returncode == 0 and "tiny-00001" in described.stdout
+    assert described.returncode == 0, described.stderr
+    out = described.stdout
+    assert "Name:" in out and "/v1/functions/tiny/v1/chat/completions" in out and "Serving:" in out
+    assert "Instances (1 running):" in out
+    (row,) = [line.split() for line in out.splitlines() if line.strip().startswith("tiny-00001-1 ")]
+    assert row[1] == "ready" and row[2].isdigit()  # state, port
+    assert row[-1].isdigit()  # READY ms, from the runtime's startup event
+    doc = json.loads(kold("describe", "tiny", "--json", env=platform).stdout)
+    (inst,) = doc["instances"]
+    assert inst["id"] == "tiny-00001-1" and inst["state"] == "ready"
+
+    _logs_and_follow(platform, inst["id"])
+
+
+def _logs_and_follow(env: dict[str, str], instance_id: str) -> None:
+    """`kold logs`, and `kold logs --follow`: a line written after it started arrives; Ctrl-C ends it
+    cleanly; a follow stream still open does not hold up `kold down`."""
+    logs = kold("logs", "tiny", "--tail", "1000", env=env)
+    assert logs.returncode == 0 and f"--- kold: instance {instance_id} starting" in logs.stdout, logs.stderr
+
+    missing = kold("logs", "nosuch", "--follow", env=env, timeout=30)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+    log_file = Path(env["KOLD_HOME"]) / "logs" / f"{instance_id}.log"
+    follow = Following(env)
+    try:
+        assert follow.lines.get(timeout=30)  # the --tail 1 line: the stream is open
+        marker = f"written after the follow began {uuid.uuid4().hex}"
+        with open(log_file, "a") as f:
+            f.write(marker + "\n")
+        follow.wait_for(marker)
+        follow.proc.send_signal(signal.SIGINT)
+        assert follow.proc.wait(10) == 0
+        assert "Traceback" not in follow.stderr()
+    finally:
+        follow.kill()
+
+    follow = Following(env)
+    try:
+        assert follow.lines.get(timeout=30)
+        down = kold("down", env=env, timeout=60)
+        assert down.returncode == 0 and "stopped" in down.stdout, down.stderr
+        assert follow.proc.wait(15) == 0  # the platform ended the stream as it shut down
+        assert "ended the log stream" in follow.stderr()
+    finally:
+        follow.kill()
+
+
+class Following:
+    """`kold logs tiny --follow --tail 1` in the background, its stdout lines in a queue."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kold", "logs", "tiny", "--follow", "--tail", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            try:
+                seen.append(self.lines.get(timeout=max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+            if text in seen[-1]:
+                return
+        raise AssertionError(f"{text!r} did not arrive; got {seen}")
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.thread.join(10)
