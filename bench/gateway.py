@@ -43,13 +43,13 @@ import sys, logging
 from pathlib import Path
 from typing import Any
 import redis, uvicorn
-from kold.gateway.app import build_app
+from kold.gateway.app import build_app, server_config
 from kold.gateway.pool import InstancePool
 from kold.gateway.registry import Registry
 redis_port, port, logs = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 registry = Registry(redis.Redis(host="127.0.0.1", port=redis_port), prefix="kold-bench:")
 app = build_app(registry, InstancePool(logs), require_keys=False)
-uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+uvicorn.Server(server_config(app, "127.0.0.1", port)).run()  # as `kold up` serves it
 """
 
 

@@ -152,7 +152,7 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
-    from kold.gateway.app import build_app
+    from kold.gateway.app import build_app, server_config
     from kold.gateway.pool import InstancePool
     from kold.gateway.registry import Registry
     from kold.localredis import LocalRedis
@@ -181,7 +181,7 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
                 await super().shutdown(sockets)
 
         print(f"kold platform listening on http://{args.host}:{args.port} (redis {redis_url})", flush=True)
-        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
+        Server(server_config(app, args.host, args.port)).run()
         return 0
     finally:
         if local_redis is not None:
