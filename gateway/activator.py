@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from kold.gateway.pool import Instance, InstancePool, InstanceState
@@ -121,6 +121,35 @@ class Gateway:
         self.m_registry_down = Gauge(
             "kold_gateway_registry_unreachable", "1 while Redis (the registry) cannot be reached", registry=self.metrics
         )
+        self.m_wait = Histogram(
+            "kold_gateway_wait_seconds",
+            "Time a request waited for a ready instance (a cold start's wait, ~0 when warm)",
+            ["function", "cold"],
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+            registry=self.metrics,
+        )
+        self.m_instances = Gauge(
+            "kold_gateway_instances",
+            "Live instances by function and state",
+            ["function", "state"],
+            registry=self.metrics,
+        )
+        self.m_failures = Counter(
+            "kold_gateway_instance_failures", "Instances that exited unexpectedly", ["function"], registry=self.metrics
+        )
+
+    def refresh_instance_gauge(self) -> None:
+        """Set `kold_gateway_instances` from the pool (called at scrape time: always current, no bookkeeping)."""
+        counts: dict[tuple[str, str], int] = {}
+        for inst in self.pool.instances():
+            rev = self._revisions.get(inst.revision_id)
+            if rev is not None and inst.alive:
+                key = (rev.function, inst.state.value)
+                counts[key] = counts.get(key, 0) + 1
+        self.m_instances.clear()
+        for fn in {f for f, _ in counts}:  # every live state of a function that has instances, zeros included
+            for state in (InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING):
+                self.m_instances.labels(fn, state.value).set(counts.get((fn, state.value), 0))
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -286,6 +315,7 @@ class Gateway:
                 inst.in_flight += 1
                 self.ensure_capacity(rev)  # scale out when in flight per READY instance > target
                 self.m_requests.labels(name, "1" if cold else "0").inc()
+                self.m_wait.labels(name, "1" if cold else "0").observe(time.monotonic() - t0)
                 return inst, rev, cold, time.monotonic() - t0
             cold = True
             changed = st.changed
@@ -312,6 +342,7 @@ class Gateway:
         """A crashed instance: FAILED already, so routing skips it; wake waiters so they re-plan."""
         rev = self._revisions.get(inst.revision_id)
         if rev is not None:
+            self.m_failures.labels(rev.function).inc()
             self.state(rev.function).notify()
 
     # -- scale in ----------------------------------------------------------------------------------

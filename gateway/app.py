@@ -193,6 +193,7 @@ def build_app(
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
+        gw.refresh_instance_gauge()
         return Response(generate_latest(gw.metrics), media_type=CONTENT_TYPE_LATEST)
 
     # -- admin --

@@ -70,11 +70,24 @@ def test_scale_from_zero_then_warm_then_to_zero(
     assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
     desc = s.http.get("/admin/functions/tiny").json()
     assert desc["instances"][0]["state"] == "ready" and desc["instances"][0]["cold_start"]["event"] == "startup"
+    metrics = s.http.get("/metrics").text
+    assert 'kold_gateway_requests_total{cold="1",function="tiny"} 1.0' in metrics
+    assert 'kold_gateway_requests_total{cold="0",function="tiny"} 2.0' in metrics
+    assert 'kold_gateway_wait_seconds_count{cold="1",function="tiny"} 1.0' in metrics
+    assert 'kold_gateway_instances{function="tiny",state="ready"} 1.0' in metrics
     # scale to zero after the idle timeout
     deadline = time.monotonic() + 15
     while live_instances(s):
         assert time.monotonic() < deadline, "did not scale to zero"
         time.sleep(0.2)
+    metrics = s.http.get("/metrics").text
+    ready = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('kold_gateway_instances{function="tiny",state="ready"}')
+    ]
+    assert ready in ([], ['kold_gateway_instances{function="tiny",state="ready"} 0.0'])
+    assert 'kold_gateway_instance_stops_total{function="tiny"} 1.0' in metrics
     # invocations recorded off the critical path
     deadline = time.monotonic() + 5
     while len(registry.invocations("tiny")) < 3:
