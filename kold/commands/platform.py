@@ -293,176 +293,10 @@ def cmd_describe(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(doc)
     else:
+        from kold.describe import format_describe
+
         print(format_describe(doc if isinstance(doc, dict) else {}, settings.gateway_url))
     return 0
-
-
-_ENDED_SHOWN = 5  # stopped/failed instances listed by `describe` (the newest); --json has all
-
-
-def format_describe(doc: dict[str, Any], gateway_url: str, now: float | None = None) -> str:
-    """`kold describe`'s view of GET /admin/functions/NAME: the function, its revisions, its instances.
-
-    Written for people, like `kubectl describe`: every field may be missing or None (an older
-    gateway, an instance that is not ready yet) and shows as '-' rather than failing.
-    """
-    now = time.time() if now is None else now
-    name = str(doc.get("name") or "?")
-    serving = doc.get("serving")
-    revisions = [r for r in _list(doc.get("revisions")) if isinstance(r, dict)]
-    instances = [i for i in _list(doc.get("instances")) if isinstance(i, dict)]
-    base = gateway_url.rstrip("/")
-    shown = next((r for r in revisions if r.get("id") == serving), revisions[-1] if revisions else {})
-
-    fields = [
-        ("Name", name),
-        ("URL", f"{base}/v1/functions/{name}/v1/chat/completions"),
-        ("", f"{base}/v1/functions/{name}/v1/completions"),
-        ("OpenAI clients", f"base_url={base}/v1, model={name}"),
-        ("Serving", serving or "- (no revision is serving yet)"),
-    ]
-    scaling = _dict(shown.get("scaling"))
-    if scaling:
-        fields.append(
-            (
-                "Scaling",
-                f"{_v(scaling.get('min_instances'))}..{_v(scaling.get('max_instances'))} instances, "
-                f"{_v(scaling.get('target_concurrency'))} in flight per instance, "
-                f"idle timeout {_v(scaling.get('idle_timeout_s'))} s, request timeout {_v(scaling.get('request_timeout_s'))} s",
-            )
-        )
-    runtime = _dict(shown.get("runtime"))
-    if runtime:
-        seq = runtime.get("max_seq_len")
-        seq_text = "the model's" if seq is None else str(seq)
-        fields.append(
-            (
-                "Runtime",
-                f"device {_v(runtime.get('device'))}, max batch {_v(runtime.get('max_batch'))}, "
-                f"max sequence length {seq_text}",
-            )
-        )
-    width = max(len(k) for k, _ in fields) + 2
-    lines = [f"{k + ':' if k else '':<{width}}{v}" for k, v in fields]
-
-    lines += ["", "Revisions:"]
-    rows = [
-        [
-            str(r.get("id") or "-"),
-            _snapshot_short(r.get("snapshot_uri")),
-            _when(r.get("created_at"), now),
-            "*" if serving is not None and r.get("id") == serving else "",
-        ]
-        for r in revisions
-    ]
-    lines += _table(["ID", "SNAPSHOT", "CREATED", "SERVING"], rows) if rows else ["  (none)"]
-
-    live = [i for i in instances if i.get("state") not in ("stopped", "failed")]
-    ended = [i for i in instances if i.get("state") in ("stopped", "failed")]
-    listed = live + ended[-_ENDED_SHOWN:]
-    lines += ["", f"Instances ({len(live)} running):"]
-    rows = []
-    for inst in sorted(listed, key=lambda i: _number(i.get("started_at")) or 0.0):
-        cold = _dict(inst.get("cold_start"))
-        phases = _dict(cold.get("phases_ms"))
-        rows.append(
-            [
-                str(inst.get("id") or "-"),
-                str(inst.get("state") or "-"),
-                _port(inst.get("url")),
-                _v(inst.get("in_flight")),
-                _age(inst.get("started_at"), now),
-                _ms(cold.get("imports_ms")),
-                _ms(phases.get("torch_import")),
-                _ms(phases.get("restore")),
-                _v(_dict(cold.get("restore")).get("source_tier")),
-                _ms(phases.get("model")),
-                _ms(cold.get("ready_ms")),
-            ]
-        )
-    headers = ["ID", "STATE", "PORT", "IN-FLIGHT", "AGE", "IMPORTS", "TORCH", "RESTORE", "TIER", "BUILD", "READY"]
-    lines += _table(headers, rows, right={2, 3, 4, 5, 6, 7, 9, 10}) if rows else ["  (none: scaled to zero)"]
-    if rows:
-        lines.append(
-            "  cold start (ms): IMPORTS and READY after the process started; TORCH (import), RESTORE, BUILD took"
-        )
-        lines.append(
-            "  that long (they overlap: the restore runs while torch imports); TIER: where the weights came from"
-        )
-    if len(ended) > _ENDED_SHOWN:
-        lines.append(f"  ({len(ended) - _ENDED_SHOWN} earlier stopped instances not shown: --json lists all)")
-    return "\n".join(lines)
-
-
-def _table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> list[str]:
-    """Columns as wide as their widest cell, two spaces apart, indented like kubectl's sections."""
-    widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(headers)]
-    right = right or set()
-
-    def line(cells: list[str]) -> str:
-        return (
-            "  "
-            + "  ".join(
-                cell.rjust(w) if c in right else cell.ljust(w)
-                for c, (cell, w) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-        )
-
-    return [line(headers), *(line(r) for r in rows)]
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _v(value: Any) -> str:
-    return "-" if value is None or value == "" else str(value)
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _ms(value: Any) -> str:
-    number = _number(value)
-    return "-" if number is None else f"{number:.0f}"
-
-
-def _port(url: Any) -> str:
-    host, _, port = str(url or "").rpartition(":")
-    return port if host and port.isdigit() else "-"
-
-
-def _snapshot_short(uri: Any) -> str:
-    """The snapshot id's first 12 hex digits (a store URI ends in snapshots/<id>)."""
-    tail = str(uri or "").rstrip("/").rpartition("/")[2]
-    return tail[:12] if tail else "-"
-
-
-def _age(started: Any, now: float) -> str:
-    """Like kubectl: 42s, 3m12s, 2h5m, 4d3h."""
-    start = _number(started)
-    if start is None:
-        return "-"
-    s = max(0, int(now - start))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60}m"
-    return f"{s // 86400}d{s % 86400 // 3600}h"
-
-
-def _when(ts: Any, now: float) -> str:
-    stamp = _number(ts)
-    if stamp is None:
-        return "-"
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stamp))} ({_age(stamp, now)} ago)"
 
 
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
@@ -504,7 +338,8 @@ def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
 def format_logs(doc: dict[str, Any]) -> str:
     """GET .../logs as text: each instance's lines, prefixed `[instance id] ` when there are several
     (as `logs --follow` streams them)."""
-    instances = [i for i in _list(doc.get("instances")) if isinstance(i, dict) and i.get("log")]
+    raw = doc.get("instances")
+    instances = [i for i in (raw if isinstance(raw, list) else []) if isinstance(i, dict) and i.get("log")]
     out = []
     for inst in instances:
         prefix = f"[{inst.get('id')}] " if len(instances) > 1 else ""
