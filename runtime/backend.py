@@ -8,6 +8,8 @@ listens: torch (through the engine and the model), tokenizers, jinja2.
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,11 +19,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kold.runtime.protocol import ContextLengthError, DrainingError, InvalidRequestError
 
 if TYPE_CHECKING:
+    import torch
+
     from kold.runtime.engine import Engine
+    from kold.runtime.kvcache import KVCache
+    from kold.runtime.model import LlamaForCausalLM
     from kold.runtime.tokenizer import Tokenizer
     from kold.snapshot.cache import NodeCache
     from kold.snapshot.store import S3Options
 
+log = logging.getLogger(__name__)
 
 # -- what the service needs from the engine and the tokenizer ----------------------------------------
 
@@ -148,6 +155,123 @@ class EngineBackend:
         self.engine.stop(drain_timeout)
 
 
+@dataclass
+class _Prepared:
+    """What `_Prebuild` makes without the weights: an unbound model, its KV cache, the tokenizer."""
+
+    config_json: bytes  # compared with the restored snapshot's before the model is used
+    weights_dtype: torch.dtype  # the snapshot's, which the skeleton is built in
+    model: LlamaForCausalLM  # on the meta device
+    cache: KVCache
+    tokenizer: Tokenizer
+
+
+class _Prebuild:
+    """Everything a cold start needs that does not depend on the weights, done beside the restore.
+
+    The restore of a 1b model takes seconds; the model skeleton (meta device, no initialisation), the
+    KV cache (hundreds of MB, zeroed: ~0.3-0.5 s of page faults for the 1b model on the 2-core VM)
+    and the tokenizer need only the snapshot's config.json, its tokenizer files and the weights'
+    dtype. This thread reads those (from the node cache entry or the store: a few small objects,
+    which the restore reads again) and builds them as soon as torch is imported, so that after the
+    restore only `bind_weights` (assigning views) is left. A failure here is not fatal: the loader
+    then builds after the restore as before, and a real problem with the snapshot is reported by the
+    restore or by that build.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        device: str,
+        max_batch: int,
+        max_seq_len: int | None,
+        dtype: str | None,
+        cache: NodeCache | None,
+        s3: S3Options | None,
+    ) -> None:
+        self.uri, self.device, self.max_batch, self.max_seq_len = uri, device, max_batch, max_seq_len
+        self.dtype, self.node_cache, self.s3 = dtype, cache, s3
+        self.phases: dict[str, float] = {}
+        self.result: _Prepared | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kold-prebuild", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> _Prepared | None:
+        self._thread.join()
+        return self.result
+
+    def _run(self) -> None:
+        try:
+            self.result = self._build()
+        except BaseException as exc:  # the loader logs it and builds after the restore
+            self.error = exc
+
+    def _metadata(self) -> tuple[dict[str, bytes], str]:
+        """The snapshot's small files and the weights' dtype name, as the restore will find them."""
+        from kold.snapshot.restorer import read_files, read_manifest
+        from kold.snapshot.store import open_store, parse_snapshot_uri
+
+        ref = parse_snapshot_uri(self.uri)
+        hit = self.node_cache.lookup(ref.snapshot_id) if self.node_cache is not None else None
+        if hit is not None:
+            manifest, files = hit.manifest, dict(hit.files)
+        else:
+            store = open_store(ref.store_uri, self.s3)
+            manifest = read_manifest(store, ref)
+            files = read_files(store, ref, manifest)
+        embed = [t.dtype for t in manifest.tensors if t.name == EMBED]
+        if not embed:
+            raise ValueError(f"the snapshot has no {EMBED!r} (not a Llama-family model?)")
+        return files, embed[0]
+
+    def _build(self) -> _Prepared:
+        from kold.runtime.config import ModelConfig, context_length
+        from kold.snapshot import dtypes
+
+        started = time.perf_counter()
+        files, dtype_name = self._metadata()
+        config = ModelConfig.from_hf(json.loads(files.get("config.json") or b"{}"))
+        t = time.perf_counter()
+        from kold.runtime.tokenizer import Tokenizer  # tokenizers + jinja2: no torch, so before waiting for it
+
+        tokenizer = Tokenizer.from_files(files)
+        self.phases["tokenizer"] = time.perf_counter() - t
+        t = time.perf_counter()
+        from kold.runtime.kvcache import KVCache
+        from kold.runtime.model import build_skeleton, resolve_device
+
+        self.phases["prebuild_import_wait"] = time.perf_counter() - t  # mostly torch's import, begun at start
+        t = time.perf_counter()
+        weights_dtype = dtypes.to_torch(dtypes.by_name(dtype_name))
+        model = build_skeleton(config, weights_dtype)
+        compute = parse_dtype(self.dtype) or weights_dtype
+        max_seq_len = context_length(config, self.max_seq_len)
+        cache = KVCache(config, self.max_batch, max_seq_len, compute, resolve_device(self.device))
+        self.phases["skeleton"] = time.perf_counter() - t
+        self.phases["prebuild"] = time.perf_counter() - started
+        return _Prepared(files.get("config.json", b""), weights_dtype, model, cache, tokenizer)
+
+
+EMBED = "model.embed_tokens.weight"
+DTYPES = ("auto", "bfloat16", "float32", "float16")
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """`--dtype`: None or "auto" -> None (keep the snapshot's dtype); else the torch dtype of that name."""
+    import torch
+
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r} (one of {', '.join(DTYPES)})")
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
+
+
 def snapshot_loader(
     uri: str,
     *,
@@ -157,8 +281,19 @@ def snapshot_loader(
     cache: NodeCache | None = None,
     s3: S3Options | None = None,
     readers: int | None = None,
+    dtype: str | None = None,
 ) -> Loader:
-    """A loader (see server.py) for the snapshot at `uri`; phases are timed for the startup log."""
+    """A loader (see server.py) for the snapshot at `uri`; phases are timed for the startup log.
+
+    Phases (seconds), in the startup event (and `model`, `prebuild` in the `X-Kold-*` headers):
+    `restore` (its own work) and `torch_import` run side by side; so does the prebuild — `prebuild`
+    (all of it, from process start when the load is begun early), made of `prebuild_import_wait`
+    (waiting for torch's import), `tokenizer` and `skeleton` (meta model + KV cache). After the
+    restore, on the critical path: `model` (from the restore's end to a started engine), made of
+    `prebuild_wait` (the part of the prebuild the restore did not hide), `bind` (assigning the views,
+    plus a dtype conversion if `dtype` asks for one) and the engine's start.
+    `dtype`: the compute dtype ("auto" or None: the snapshot's; see `DTYPES`).
+    """
 
     def load(cancel: threading.Event) -> Loaded:
         phases: dict[str, float] = {}
@@ -166,7 +301,7 @@ def snapshot_loader(
         # torch's import (~1.5-2 s on a small machine) and the restore overlap: the restore's readers
         # move bytes into a host buffer without torch (they release the GIL in every read), and only
         # its last step, making tensor views, waits for the import to finish (Python's per-module
-        # import lock makes the two threads agree).
+        # import lock makes the two threads agree). A no-op when torch is imported already.
         def import_torch() -> None:
             t0 = time.perf_counter()
             import torch  # noqa: F401
@@ -175,21 +310,54 @@ def snapshot_loader(
 
         importer = threading.Thread(target=import_torch, name="kold-import-torch", daemon=True)
         importer.start()
+        prebuild = _Prebuild(
+            uri,
+            device=device,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            dtype=dtype,
+            cache=cache,
+            s3=s3,
+        )
+        prebuild.start()
         from kold.snapshot import restore
 
         snap = restore(uri, device, cache=cache, s3=s3, readers=readers, cancel=cancel)
         phases["restore"] = snap.stats.total_s - snap.stats.import_wait_s
         importer.join()
         t = time.perf_counter()
+        prepared = prebuild.join()
+        phases["prebuild_wait"] = time.perf_counter() - t
+        phases.update(prebuild.phases)
         from kold.runtime.engine import Engine
+        from kold.runtime.model import bind_weights
         from kold.runtime.tokenizer import Tokenizer
 
-        phases["runtime_import"] = time.perf_counter() - t
-        t = time.perf_counter()
-        tokenizer = Tokenizer.from_files(snap.files)
-        phases["tokenizer"] = time.perf_counter() - t
-        t = time.perf_counter()
-        engine = Engine.from_snapshot(snap, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
+        compute = parse_dtype(dtype)
+        embed = snap.tensors.get(EMBED)
+        if (
+            prepared is not None
+            and embed is not None
+            and prepared.config_json == snap.files.get("config.json", b"")
+            and prepared.weights_dtype == embed.dtype
+        ):
+            b = time.perf_counter()
+            model = bind_weights(prepared.model, snap, compute_dtype=compute)
+            phases["bind"] = time.perf_counter() - b
+            engine = Engine(
+                model, prepared.tokenizer, model.config, max_batch=max_batch, max_seq_len=max_seq_len,
+                cache=prepared.cache,
+            )  # fmt: skip
+            tokenizer = prepared.tokenizer
+        else:  # the prebuild failed or saw other metadata than the restore: build after the restore
+            if prebuild.error is not None:
+                log.warning("building beside the restore failed (%s); building after it", prebuild.error)
+            b = time.perf_counter()
+            tokenizer = Tokenizer.from_files(snap.files)
+            phases["tokenizer"] = time.perf_counter() - b
+            engine = Engine.from_snapshot(
+                snap, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, compute_dtype=compute
+            )
         engine.start()
         phases["model"] = time.perf_counter() - t
         stats: dict[str, Any] = snap.stats.as_dict()

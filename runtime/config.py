@@ -233,3 +233,15 @@ def _rope(c: Mapping[str, Any], default_theta: float) -> tuple[float, RopeScalin
     return float(theta), RopeScaling(
         "llama3", value("factor", float), low, high, value("original_max_position_embeddings", int)
     )
+
+
+# Without an explicit max_seq_len the engine's cache holds this many positions per slot (capped by the
+# model's max_position_embeddings): KV memory is num_slots x max_seq_len, and 2048 covers chat-sized prompts.
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def context_length(config: ModelConfig, max_seq_len: int | None) -> int:
+    """The engine's context (KV positions per slot): `max_seq_len`, else the model's capped at the default.
+
+    Here, not in engine.py, so that a cold start sizes the KV cache before torch is imported."""
+    return max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)

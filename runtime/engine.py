@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from kold.runtime.config import ModelConfig
+from kold.runtime.config import ModelConfig, context_length
 from kold.runtime.kvcache import KVCache
 from kold.runtime.model import LlamaForCausalLM, build_model, resolve_device
 from kold.runtime.sampling import SamplingParams, find_stop, holdback, make_generator, sample_batch
@@ -42,10 +42,6 @@ if TYPE_CHECKING:
     from kold.snapshot.restorer import RestoredSnapshot
 
 log = logging.getLogger(__name__)
-
-# Without an explicit max_seq_len the cache holds this many positions per slot (capped by the model's
-# max_position_embeddings): KV memory is num_slots x max_seq_len, and 2048 covers chat-sized prompts.
-DEFAULT_MAX_SEQ_LEN = 2048
 
 
 class TokenizerLike(Protocol):
@@ -248,7 +244,10 @@ class Engine:
         max_batch: int = 8,
         max_seq_len: int | None = None,
         device: torch.device | str | None = None,
+        cache: KVCache | None = None,
     ) -> None:
+        """`cache`: a KV cache allocated ahead (a cold start allocates it while the restore runs); it must
+        have `max_batch` slots of `max_seq_len` positions in the model's dtype, on its device."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or model.config
@@ -258,9 +257,21 @@ class Engine:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
-        self.max_seq_len = max_seq_len or min(self.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        self.max_seq_len = context_length(self.config, max_seq_len)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
-        self.cache = KVCache(self.config, max_batch, self.max_seq_len, model.dtype, self.device)
+        if cache is None:
+            cache = KVCache(self.config, max_batch, self.max_seq_len, model.dtype, self.device)
+        elif (cache.num_slots, cache.max_seq_len, cache.dtype, cache.device) != (
+            max_batch,
+            self.max_seq_len,
+            model.dtype,
+            self.device,
+        ):
+            raise ValueError(
+                f"the KV cache ({cache.num_slots} slots x {cache.max_seq_len}, {cache.dtype}, {cache.device}) does "
+                f"not fit this engine ({max_batch} x {self.max_seq_len}, {model.dtype}, {self.device})"
+            )
+        self.cache = cache
 
         self._cond = threading.Condition()
         self._waiting: deque[tuple[GenerationRequest, RequestHandle]] = deque()
@@ -281,9 +292,10 @@ class Engine:
         *,
         max_batch: int = 8,
         max_seq_len: int | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> Engine:
         """An engine over a restored snapshot, on the device it was restored to (not started)."""
-        model = build_model(snapshot)
+        model = build_model(snapshot, compute_dtype=compute_dtype)
         return cls(model, tokenizer, model.config, max_batch=max_batch, max_seq_len=max_seq_len)
 
     # -- caller side -------------------------------------------------------------------------------

@@ -133,8 +133,10 @@ class ColdStart:
                     out[f"X-Kold-Restore-{header}-Ms"] = f"{float(self.restore[key]) * 1000:.1f}"
             if self.restore.get("source_tier"):
                 out["X-Kold-Restore-Source"] = str(self.restore["source_tier"])
-        if "model" in self.phases:
+        if "model" in self.phases:  # after the restore, on the critical path (bind + engine start)
             out["X-Kold-Model-Build-Ms"] = f"{self.phases['model'] * 1000:.1f}"
+        if "prebuild" in self.phases:  # beside the restore: skeleton, KV cache, tokenizer, warm-up
+            out["X-Kold-Model-Prebuild-Ms"] = f"{self.phases['prebuild'] * 1000:.1f}"
         if self.imports_done is not None:
             out["X-Kold-Imports-Ms"] = f"{self._ms(self.imports_done):.1f}"
         return out

@@ -300,14 +300,49 @@ class LlamaForCausalLM(nn.Module):
         return logits
 
 
+def build_skeleton(config: ModelConfig, dtype: torch.dtype) -> LlamaForCausalLM:
+    """The module tree on the meta device: no storage, no initialisation, only the config is needed.
+
+    Split from `bind_weights` so that a cold start builds it while the restore still moves bytes.
+    """
+    with torch.device("meta"):
+        return LlamaForCausalLM(config, dtype=dtype)
+
+
+def bind_weights(
+    model: LlamaForCausalLM,
+    snapshot: RestoredSnapshot | Mapping[str, torch.Tensor],
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> LlamaForCausalLM:
+    """Assign the snapshot's tensors to a `build_skeleton` model (no copy), compute the RoPE buffer.
+
+    compute_dtype: cast the weights to this dtype after binding (a copy: memory for both until the
+    snapshot's buffer is released). None keeps the snapshot's dtype.
+    """
+    from kold.snapshot import load_into
+
+    tensors = snapshot if isinstance(snapshot, Mapping) else snapshot.tensors
+    device = tensors["model.embed_tokens.weight"].device
+    load_into(model, snapshot, tied=tied_weights(model.config))
+    model.materialize_buffers(device)
+    if compute_dtype is not None and compute_dtype != model.dtype:
+        model.to(compute_dtype)  # params are converted in place (param.data), so tied weights stay tied
+        model.dtype = compute_dtype
+    return model.eval()
+
+
 def build_model(
-    snapshot: RestoredSnapshot | Mapping[str, torch.Tensor], config: ModelConfig | None = None
+    snapshot: RestoredSnapshot | Mapping[str, torch.Tensor],
+    config: ModelConfig | None = None,
+    *,
+    compute_dtype: torch.dtype | None = None,
 ) -> LlamaForCausalLM:
     """Meta-build, bind the snapshot's tensors (no copy), compute the RoPE buffer; ready for inference.
 
-    The model lives where the snapshot was restored (`restore(uri, device)`), in the weights' dtype:
-    the tensors are authoritative, config.json's `torch_dtype` is only a hint. `config` defaults to the
-    snapshot's config.json (required for a plain state dict).
+    The model lives where the snapshot was restored (`restore(uri, device)`), in the weights' dtype
+    unless `compute_dtype` says otherwise: the tensors are authoritative, config.json's `torch_dtype`
+    is only a hint. `config` defaults to the snapshot's config.json (required for a plain state dict).
     """
     if isinstance(snapshot, Mapping):
         tensors: Mapping[str, torch.Tensor] = snapshot
@@ -319,10 +354,4 @@ def build_model(
     embed = tensors.get("model.embed_tokens.weight")
     if embed is None:
         raise ValueError("build_model: the snapshot has no 'model.embed_tokens.weight' (not a Llama-family model?)")
-    from kold.snapshot import load_into
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config, dtype=embed.dtype)
-    load_into(model, snapshot, tied=tied_weights(config))
-    model.materialize_buffers(embed.device)
-    return model.eval()
+    return bind_weights(build_skeleton(config, embed.dtype), snapshot, compute_dtype=compute_dtype)

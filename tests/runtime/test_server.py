@@ -386,7 +386,8 @@ def metric(runtime: RuntimeProcess, name: str) -> float:
 
 
 def test_requests_sent_during_the_restore_wait_and_all_succeed(start_runtime: Callable[..., RuntimeProcess]) -> None:
-    env = {"KOLD_RUNTIME_TEST_RESTORE_DELAY_S": "1.5", "PYTHONPROFILEIMPORTTIME": "1"}
+    # the delay must outlast the six clients getting queued on a loaded 2-core machine (1.5 s was flaky)
+    env = {"KOLD_RUNTIME_TEST_RESTORE_DELAY_S": "3", "PYTHONPROFILEIMPORTTIME": "1"}
     rt = start_runtime("--max-batch", "4", env=env)
     rt.wait_listening()
     r = httpx.get(f"{rt.base}/readyz")
