@@ -127,7 +127,7 @@ class Service:
     # -- endpoints --------------------------------------------------------------------------------
 
     async def _admit(
-        self, req: CompletionRequest | ChatCompletionRequest
+        self, req: CompletionRequest | ChatCompletionRequest, disconnected: Disconnected
     ) -> tuple[float, tuple[str, ...], float, Backend]:
         """What both endpoints do first: validate, then wait (bounded) for the model to be ready.
 
@@ -136,11 +136,11 @@ class Service:
         req.check_supported()
         stop = tuple(req.stop_list())
         self._check_model(req.model)
-        queue_s = await self._wait_ready()
+        queue_s = await self._wait_ready(disconnected)
         return received, stop, queue_s, self._backend()
 
     async def completions(self, req: CompletionRequest, disconnected: Disconnected) -> Response:
-        received, stop, queue_s, backend = await self._admit(req)
+        received, stop, queue_s, backend = await self._admit(req, disconnected)
         prompts = req.prompts()
         ids = [backend.encode(p, special=True) if isinstance(p, str) else p for p in prompts]
         jobs = [
@@ -171,7 +171,7 @@ class Service:
         return self._json(job, body.model_dump(), "completions")
 
     async def chat(self, req: ChatCompletionRequest, disconnected: Disconnected) -> Response:
-        received, stop, queue_s, backend = await self._admit(req)
+        received, stop, queue_s, backend = await self._admit(req, disconnected)
         text = backend.chat_prompt(req.chat_messages())
         ids = backend.encode(text, special=False)
         sampling = self._sampling(req, req.token_limit(), len(ids), backend, stop)
@@ -204,8 +204,24 @@ class Service:
                 param="model",
             )
 
-    async def _wait_ready(self) -> float:
-        queue_s = await self.lifecycle.wait_ready()
+    async def _wait_ready(self, disconnected: Disconnected) -> float:
+        """Wait for the model, unless the client leaves first: a request that waits out a restore
+        must not keep its place in the bounded wait queue (or run a generation) for nobody."""
+        if self.lifecycle.ready:
+            queue_s = 0.0
+        else:
+            ready = asyncio.ensure_future(self.lifecycle.wait_ready())
+            gone = asyncio.ensure_future(disconnected())
+            try:
+                await asyncio.wait({ready, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+                if not ready.done():
+                    ready.cancel()
+                    await asyncio.gather(ready, return_exceptions=True)  # leaves the queue (waiting -= 1)
+            if not ready.done() or ready.cancelled():
+                raise ClientDisconnectedError("the client closed the connection while the model was loading")
+            queue_s = ready.result()
         self.metrics.queue_wait.observe(queue_s)
         return queue_s
 

@@ -369,6 +369,59 @@ def test_fake_client_disconnect_cancels_the_generation(stream: bool) -> None:
     run(main)
 
 
+def test_fake_client_gone_while_the_model_loads_leaves_the_wait_queue() -> None:
+    """A request waiting for the restore whose client disconnects is dropped at once (its place in
+    the bounded queue freed), not kept until the model is ready and then generated for nobody."""
+
+    async def main() -> None:
+        backend = FakeBackend()
+        async with app_client(backend, release=False, max_waiting=1) as (client, runtime, loader):
+            body = json.dumps({"model": "fake", "prompt": "x", "max_tokens": 5}).encode()
+            gone = asyncio.Event()
+            sent: list[dict[str, Any]] = []
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive() -> dict[str, Any]:
+                if messages:
+                    return messages.pop()
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0", "spec_version": "2.3"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/v1/completions",
+                "raw_path": b"/v1/completions",
+                "query_string": b"",
+                "root_path": "",
+                "headers": [(b"content-type", b"application/json")],
+                "client": ("127.0.0.1", 1),
+                "server": ("127.0.0.1", 2),
+            }
+            task = asyncio.ensure_future(runtime.app(scope, receive, send))
+            while runtime.lifecycle.waiting == 0:
+                await asyncio.sleep(0.005)
+            gone.set()
+            await asyncio.wait_for(task, 2)
+            assert runtime.lifecycle.waiting == 0 and not runtime.lifecycle.ready  # left while still loading
+            # its place is free: the queue (max 1) takes another request, which is served once ready
+            waiter = asyncio.ensure_future(client.post("/v1/completions", json={"model": "fake", "prompt": "y"}))
+            while runtime.lifecycle.waiting == 0:
+                await asyncio.sleep(0.005)
+            loader.release.set()
+            r = await asyncio.wait_for(waiter, 5)
+            assert r.status_code == 200, r.text
+            assert len(backend.generations) == 1  # only the second request generated
+
+    run(main)
+
+
 # -- real processes ---------------------------------------------------------------------------------
 
 
