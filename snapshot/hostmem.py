@@ -66,6 +66,45 @@ def populate_read(mapping: mmap.mmap, size: int) -> bool:
     return bool(result == 0)
 
 
+def resident_fraction(fd: int, size: int, *, samples: int = 256, window: int = 16) -> float | None:
+    """The fraction of a file's pages that are in the page cache, from `mincore` on a temporary mapping.
+
+    Why: a restore reads a cold file faster with O_DIRECT (no page-cache fill, no kernel copy), a hot
+    one faster through the cache; this is how the reader finds out which. The mapping is never touched,
+    so nothing is faulted in or read. A big file is sampled (`samples` evenly spaced windows of `window`
+    pages): `mincore` over every page of a hot 2.2 GB file costs ~50 ms here, the sample well under 1 ms.
+    None where the query is unavailable (no libc, mmap refused).
+    """
+    import ctypes
+
+    libc = _libc()
+    if libc is None or size <= 0:
+        return None
+    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        return None
+    try:
+        pages = (size + PAGE - 1) // PAGE
+        if pages <= samples * window:
+            ranges = [(0, pages)]
+        else:
+            stride = pages // samples
+            ranges = [(i * stride, window) for i in range(samples)]
+        vec = (ctypes.c_ubyte * min(pages, window if len(ranges) > 1 else pages))()
+        resident = checked = 0
+        for first, count in ranges:
+            length = min(count * PAGE, size - first * PAGE)
+            if libc.mincore(ctypes.c_void_p(address + first * PAGE), ctypes.c_size_t(length), vec) != 0:
+                return None
+            n = (length + PAGE - 1) // PAGE
+            flags = bytes(vec)[:n]
+            resident += n - flags.count(0)
+            checked += n
+    finally:
+        libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
+    return resident / checked
+
+
 def _libc() -> Any:
     import ctypes
     import ctypes.util
@@ -77,10 +116,22 @@ def _libc() -> Any:
             return None
         _LIBC = ctypes.CDLL(name, use_errno=True)
         _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _LIBC.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        _LIBC.mmap.restype = ctypes.c_void_p
+        _LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     return _LIBC
 
 
 MADV_POPULATE_READ = 22  # <linux/mman.h>; Python's mmap module does not export it
+_MAP_FAILED = (1 << 64) - 1  # (void *) -1 as ctypes returns it for a c_void_p result
 _LIBC: Any = None
 
 

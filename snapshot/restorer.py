@@ -36,6 +36,7 @@ from kold.snapshot.errors import (
     ObjectNotFoundError,
     SnapshotNotFoundError,
 )
+from kold.snapshot.filestore import FileReader
 from kold.snapshot.hostmem import buffer_address, map_file
 from kold.snapshot.manifest import ChunkEntry, Manifest
 from kold.snapshot.pipeline import LOCAL_PIECE_SIZE, PipelineStats, ReadSource, run_pipeline
@@ -69,6 +70,7 @@ class RestoreStats:
     readers: int = 0
     verified: bool = False
     mapped: bool = False  # CPU restore from the shm tier by mapping (no copy)
+    direct_io: bool = False  # the data file was cold and read with O_DIRECT (no page cache)
     metadata_s: float = 0.0
     fetch_s: float = 0.0
     h2d_s: float = 0.0
@@ -218,7 +220,9 @@ def restore(
             _LazyReader(lambda: _open_data(store.get(), ref)), "store", 0 if remote_store else LOCAL_PIECE_SIZE
         )
         primary = (
-            ReadSource(hit.tier.store.open_reader(data_key(ref.snapshot_id)), hit.tier.name, LOCAL_PIECE_SIZE)
+            ReadSource(
+                _direct_if_cold(hit.tier.store.open_reader(data_key(ref.snapshot_id))), hit.tier.name, LOCAL_PIECE_SIZE
+            )
             if hit
             else store_source
         )
@@ -235,6 +239,7 @@ def restore(
                 on_chunk=on_chunk,
             )
             dest.finish()
+            stats.direct_io = _reads_direct(primary.reader)
         finally:
             primary.reader.close()
             if store_source is not primary:
@@ -303,6 +308,10 @@ class _LazyReader:
     def size(self) -> int:
         return self._get().size
 
+    @property
+    def opened(self) -> ObjectReader | None:
+        return self._reader
+
     def read_into(self, offset: int, dest: memoryview) -> int:
         return self._get().read_into(offset, dest)
 
@@ -320,9 +329,24 @@ def _await_torch(stats: RestoreStats) -> None:
     stats.import_wait_s = time.perf_counter() - started
 
 
+def _direct_if_cold(reader: ObjectReader) -> ObjectReader:
+    """A local data file that is not in the page cache is read with O_DIRECT: straight into the
+    destination, without filling the page cache and copying out of it (see `FileReader`). A hot file,
+    or one on tmpfs, keeps buffered reads. Decided once per file, from `mincore` (milliseconds)."""
+    if isinstance(reader, FileReader):
+        reader.direct_if_cold()
+    return reader
+
+
+def _reads_direct(reader: ObjectReader) -> bool:
+    if isinstance(reader, _LazyReader):
+        return _reads_direct(reader.opened) if reader.opened is not None else False
+    return isinstance(reader, FileReader) and reader.direct
+
+
 def _open_data(store: Store, ref: SnapshotRef) -> ObjectReader:
     try:
-        return store.open_reader(data_key(ref.snapshot_id))
+        return _direct_if_cold(store.open_reader(data_key(ref.snapshot_id)))
     except ObjectNotFoundError:
         raise SnapshotNotFoundError(
             f"snapshot {ref.snapshot_id}: its data object is missing from {store.uri}"
