@@ -320,42 +320,52 @@ def test_fake_drain_refuses_new_requests_and_waits_for_in_flight() -> None:
     run(main)
 
 
+def post_then_leave(
+    runtime: Runtime, body: dict[str, Any]
+) -> tuple[asyncio.Future[None], asyncio.Event, asyncio.Event]:
+    """POST /v1/completions by driving the ASGI app by hand: a client that goes away when `gone` is set.
+
+    Returns the app's task, `gone`, and an event set once a non-empty response body chunk was sent."""
+    raw = json.dumps(body).encode()
+    received = asyncio.Event()
+    gone = asyncio.Event()
+    messages = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            received.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    return asyncio.ensure_future(runtime.app(scope, receive, send)), gone, received
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_fake_client_disconnect_cancels_the_generation(stream: bool) -> None:
     async def main() -> None:
         backend = FakeBackend(token_delay=0.01)
         async with app_client(backend) as (_, runtime, _):
-            # drive the ASGI app by hand: a client that goes away after the first chunk
-            body = json.dumps({"model": "fake", "prompt": "x", "max_tokens": 60, "stream": stream}).encode()
-            received = asyncio.Event()
-            gone = asyncio.Event()
-            messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-            async def receive() -> dict[str, Any]:
-                if messages:
-                    return messages.pop()
-                await gone.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict[str, Any]) -> None:
-                if message["type"] == "http.response.body" and message.get("body"):
-                    received.set()
-
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0", "spec_version": "2.3"},
-                "http_version": "1.1",
-                "method": "POST",
-                "scheme": "http",
-                "path": "/v1/completions",
-                "raw_path": b"/v1/completions",
-                "query_string": b"",
-                "root_path": "",
-                "headers": [(b"content-type", b"application/json")],
-                "client": ("127.0.0.1", 1),
-                "server": ("127.0.0.1", 2),
-            }
-            task = asyncio.ensure_future(runtime.app(scope, receive, send))
+            # a client that goes away after the first chunk
+            body = {"model": "fake", "prompt": "x", "max_tokens": 60, "stream": stream}
+            task, gone, received = post_then_leave(runtime, body)
             if stream:
                 await asyncio.wait_for(received.wait(), 2)
             else:
@@ -376,35 +386,7 @@ def test_fake_client_gone_while_the_model_loads_leaves_the_wait_queue() -> None:
     async def main() -> None:
         backend = FakeBackend()
         async with app_client(backend, release=False, max_waiting=1) as (client, runtime, loader):
-            body = json.dumps({"model": "fake", "prompt": "x", "max_tokens": 5}).encode()
-            gone = asyncio.Event()
-            sent: list[dict[str, Any]] = []
-            messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-            async def receive() -> dict[str, Any]:
-                if messages:
-                    return messages.pop()
-                await gone.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict[str, Any]) -> None:
-                sent.append(message)
-
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0", "spec_version": "2.3"},
-                "http_version": "1.1",
-                "method": "POST",
-                "scheme": "http",
-                "path": "/v1/completions",
-                "raw_path": b"/v1/completions",
-                "query_string": b"",
-                "root_path": "",
-                "headers": [(b"content-type", b"application/json")],
-                "client": ("127.0.0.1", 1),
-                "server": ("127.0.0.1", 2),
-            }
-            task = asyncio.ensure_future(runtime.app(scope, receive, send))
+            task, gone, _ = post_then_leave(runtime, {"model": "fake", "prompt": "x", "max_tokens": 5})
             while runtime.lifecycle.waiting == 0:
                 await asyncio.sleep(0.005)
             gone.set()
