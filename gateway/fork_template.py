@@ -76,8 +76,10 @@ PRELOAD: tuple[str, ...] = (
     "kold.snapshot.loading",
     "kold.snapshot.restorer",
     "uvicorn.lifespan.off",
-    "uvicorn.loops.asyncio",
-    "uvicorn.protocols.http.h11_impl",
+    "uvicorn.loops.auto",
+    "uvicorn.loops.uvloop",
+    "uvicorn.protocols.http.auto",
+    "uvicorn.protocols.http.httptools_impl",
 )
 MODULE = "kold.gateway.fork_template"  # what the pool runs with `python -m`
 READY_TIMEOUT_S = 120.0  # the imports take ~2 s; a template this late is treated as broken
