@@ -2,9 +2,10 @@
 
 Each instance is one runtime process of one revision. By default it is forked from the pool's fork
 template (fork_template.py: one process that has imported torch and the runtime already, so an
-instance skips ~2 s of imports); with `start_method="spawn"`, or when the template cannot start or
-has died, it is a fresh `python -m kold runtime serve ...` subprocess. Both go through one small
-process handle (`InstanceProcess`), so everything below is the same for either. Its stdout and stderr are appended to
+instance skips ~2 s of imports); with `start_method="spawn"`, or while the template cannot start or
+has died (until a new one is tried), it is a fresh `python -m kold runtime serve ...` subprocess.
+Both go through one small process handle (`InstanceProcess`), so everything below is the same for
+either. Its stdout and stderr are appended to
 `<log_dir>/<instance id>.log` (what `kold logs` shows). A process that exits while it was not being
 stopped is noticed at once (a waiter task per process): its state becomes FAILED and the pool's
 `on_failure(instance)` callback runs, so the router can retry and replace it. A runtime that could
@@ -46,6 +47,8 @@ _BIND_RETRIES = 3
 _BIND_FAILURE = "address already in use"
 _POLL_S = 0.02
 _TEMPLATE_LOG = "fork-template.log"  # in log_dir; no instance's (an instance id ends in its number)
+TEMPLATE_RETRY_S = 10.0  # after the template's first failure, spawn this long before trying a new one
+TEMPLATE_RETRY_MAX_S = 600.0
 
 StartMethod = Literal["fork-template", "spawn"]
 
@@ -138,7 +141,7 @@ class InstancePool:
     `start_method`: "fork-template" (the default when `python` is this interpreter) forks instances
     from a template process started on the first `start` (or by `warm_template`); "spawn" (the
     default for another interpreter) runs each as a fresh subprocess. A template that cannot start,
-    or dies, makes the pool spawn from then on (logged once).
+    or dies, makes the pool spawn for a back-off period, then try a new template.
     """
 
     def __init__(
@@ -164,7 +167,9 @@ class InstancePool:
         self.start_method: StartMethod = start_method
         self._template: ForkTemplate | None = None
         self._template_start: asyncio.Task[ForkTemplate | None] | None = None
-        self._template_failed = False  # it could not start or died: spawn from now on
+        self._template_failures = 0
+        self._template_retry_at: float | None = None  # after a failure: spawn until then
+        self._template_closing: set[asyncio.Future[None]] = set()
         self._instances: dict[str, Instance] = {}
         self._numbers = itertools.count(1)
         self._http: httpx.AsyncClient | None = None
@@ -232,7 +237,7 @@ class InstancePool:
                     process = await template.fork(argv, env, out.fileno())
                     inst.start_method = "fork-template"
                 except TemplateError as exc:
-                    self._template_unusable(str(exc))
+                    self._template_unusable(str(exc), template)
             if process is None:
                 process = await asyncio.create_subprocess_exec(
                     self.python,
@@ -258,14 +263,19 @@ class InstancePool:
         return await self._usable_template() is not None
 
     async def _usable_template(self) -> ForkTemplate | None:
-        """The running template (started on first use, by one task however many wait), or None: spawn."""
-        if self.start_method != "fork-template" or self._template_failed:
+        """The running template (started on first use, by one task however many wait), or None: spawn.
+
+        After a failure, instances are spawned until `_template_retry_at`; the next instance after that
+        starts a new template (waiting for its imports, as the very first one did)."""
+        if self.start_method != "fork-template":
             return None
         if self._template_start is None:
+            if self._template_retry_at is not None and time.monotonic() < self._template_retry_at:
+                return None
             self._template_start = asyncio.create_task(self._start_template(), name="kold-template-start")
         template = await asyncio.shield(self._template_start)
         if template is not None and not template.alive:
-            self._template_unusable("it is not running")
+            self._template_unusable("it is not running", template)
             return None
         return template
 
@@ -274,21 +284,37 @@ class InstancePool:
             self.python,
             self._instance_env(),
             str(self.log_dir / _TEMPLATE_LOG),
-            on_exit=lambda code: self._template_unusable(f"it exited with {code}"),
+            on_exit=lambda code: self._template_unusable(f"it exited with {code}", template),
         )
         self._template = template
         try:
             await template.start()
         except Exception as exc:  # whatever went wrong, spawning still works
-            self._template_unusable(str(exc))
+            self._template_unusable(str(exc), template)
             return None
+        if self._template_failures:
+            log.warning("fork template: restarted (pid %s); instances are forked again", template.pid)
         log.info("fork template: pid %s, imports done in %ss", template.pid, template.info.get("preload_s"))
         return template
 
-    def _template_unusable(self, reason: str) -> None:
-        if not self._template_failed:
-            self._template_failed = True
-            log.warning("fork template unusable (%s): instances are spawned from now on", reason)
+    def _template_unusable(self, reason: str, template: ForkTemplate) -> None:
+        """Spawn for a while (backing off: TEMPLATE_RETRY_S, doubling, at most TEMPLATE_RETRY_MAX_S),
+        then try a new template: a gateway that runs for weeks should not lose fast starts for good
+        because its template was OOM-killed once."""
+        if template is not self._template:
+            return  # an old template, already replaced
+        self._template_failures += 1
+        delay = min(TEMPLATE_RETRY_MAX_S, TEMPLATE_RETRY_S * 2 ** (self._template_failures - 1))
+        self._template_retry_at = time.monotonic() + delay
+        log.warning(
+            "fork template unusable (%s): instances are spawned for the next %.0f s, then a new template is tried",
+            reason,
+            delay,
+        )
+        self._template, self._template_start = None, None
+        closing = asyncio.ensure_future(template.close())  # harmless if it is gone already
+        self._template_closing.add(closing)
+        closing.add_done_callback(self._template_closing.discard)
 
     async def _wait_exit(self, inst: Instance, process: InstanceProcess) -> None:
         code = await process.wait()
@@ -402,6 +428,7 @@ class InstancePool:
             await asyncio.gather(self._template_start, return_exceptions=True)
         if self._template is not None:
             await self._template.close()
+        await asyncio.gather(*self._template_closing, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
             self._http = None

@@ -258,9 +258,13 @@ def test_a_template_that_cannot_start_falls_back_to_spawn(
 
 
 def test_when_the_template_dies_its_instances_live_on_and_new_ones_are_spawned(
-    make_pool: Callable[..., InstancePool], tiny_snapshot: str, caplog: pytest.LogCaptureFixture
+    make_pool: Callable[..., InstancePool],
+    tiny_snapshot: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     failed: list[Instance] = []
+    monkeypatch.setattr(pool_module, "TEMPLATE_RETRY_S", 1.0)
     pool = make_pool(on_failure=failed.append)
 
     async def body() -> None:
@@ -289,7 +293,16 @@ def test_when_the_template_dies_its_instances_live_on_and_new_ones_are_spawned(
         assert a.state is InstanceState.STOPPED and a.exit_code == 255  # its status went with the template
         assert '"event": "drain"' in pool.read_log(a)
 
+        # after the back-off, the next instance starts a new template and is forked from it
+        await asyncio.sleep(1.1)
+        c = await pool.start(rev)
+        assert c.start_method == "fork-template"
+        assert await pool.wait_ready(c, 60), pool.read_log(c)
+        assert pool._template is not None and pool._template.pid != template.pid
+        assert FORKED in pool.read_log(c)
+
     with caplog.at_level(logging.WARNING, logger="kold.gateway.pool"):
         run_with(pool, body)
     assert not failed
     assert sum("fork template unusable" in r.getMessage() for r in caplog.records) == 1
+    assert sum("fork template: restarted" in r.getMessage() for r in caplog.records) == 1
