@@ -74,6 +74,8 @@ class ScalingSpec:
     max_instances: int = 4
     target_concurrency: int = 4  # in-flight requests per instance before another one is wanted
     idle_timeout_s: float = 60.0
+    # how long a request may wait for a ready instance (then 503), and then for that instance to begin
+    # its answer (then 504; Knative's timeoutSeconds)
     request_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ before any byte reached the client (a crash, a refused connection) is retried on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from kold.gateway.activator import Gateway
 from kold.gateway.pool import Instance
 from kold.gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
-from kold.runtime.protocol import InvalidRequestError, UnavailableError
+from kold.runtime.protocol import InvalidRequestError, ResponseTimeoutError, UnavailableError
 
 log = logging.getLogger("kold.gateway.router")
 
@@ -71,12 +72,21 @@ async def proxy(
     streamed = bool(body.get("stream"))
     failed: Instance | None = None
     for attempt in range(2):
-        inst, _revision, cold, wait_s = await gateway.acquire(name, exclude=failed)
+        inst, revision, cold, wait_s = await gateway.acquire(name, exclude=failed)
         if attempt == 0:
             gateway.record(name, arrival, cold, wait_s)
+        timeout_s = revision.scaling.request_timeout_s
         try:
-            upstream = await upstream_client.request("POST", gateway.pool.host, inst.port, path, fwd, raw)
-            content = None if streamed else await upstream.aread()
+            # Like Knative's timeoutSeconds: the instance has the function's request timeout to begin
+            # its answer (a non-streamed answer begins when it is complete); on expiry the connection
+            # is closed, which cancels the generation in the runtime.
+            async with asyncio.timeout(timeout_s):
+                upstream = await upstream_client.request("POST", gateway.pool.host, inst.port, path, fwd, raw)
+                content = None if streamed else await upstream.aread()
+        except TimeoutError:
+            gateway.release(inst)
+            log.warning("instance %s did not answer within %ss", inst.id, timeout_s)
+            raise ResponseTimeoutError(f"the function {name!r} did not answer within {timeout_s:g} s") from None
         except UpstreamError as exc:
             gateway.release(inst)
             log.warning("instance %s failed before the answer was complete (%s)", inst.id, exc)

@@ -165,18 +165,22 @@ class UpstreamClient:
                 conn = await self._connect(host, port)
             response = UpstreamResponse(self, key, conn)
             try:
-                conn.writer.write(payload)
-                await conn.writer.drain()
-            except OSError as exc:
+                try:
+                    conn.writer.write(payload)
+                    await conn.writer.drain()
+                except OSError as exc:
+                    response.close()
+                    if reused:
+                        continue
+                    raise UpstreamNoResponseError(f"could not send the request: {exc}") from exc
+                try:
+                    await response._read_head()
+                except UpstreamNoResponseError:
+                    if reused:
+                        continue
+                    raise
+            except BaseException:  # cancelled (a timeout, the client gone): the half-used connection is closed
                 response.close()
-                if reused:
-                    continue
-                raise UpstreamNoResponseError(f"could not send the request: {exc}") from exc
-            try:
-                await response._read_head()
-            except UpstreamNoResponseError:
-                if reused:
-                    continue
                 raise
             return response
         raise UpstreamNoResponseError(f"{host}:{port} closed the connection")  # pragma: no cover

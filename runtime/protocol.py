@@ -89,6 +89,13 @@ class InternalError(APIError):
     code = "internal_error"
 
 
+class ResponseTimeoutError(APIError):
+    """The instance did not begin its answer within the function's request timeout (the gateway's
+    504, like Knative's `timeoutSeconds`)."""
+
+    code = "response_timeout"
+
+
 # The one table: exception class -> (HTTP status, OpenAI error type). Looked up along the MRO, so a
 # subclass inherits its parent's row unless it has its own.
 ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
@@ -103,6 +110,7 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
     UnavailableError: (503, "service_unavailable_error"),
     ClientDisconnectedError: (499, "client_closed_request"),  # nginx's convention
     InternalError: (500, "server_error"),
+    ResponseTimeoutError: (504, "timeout_error"),
     Exception: (500, "server_error"),
 }
 

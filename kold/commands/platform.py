@@ -38,7 +38,12 @@ def register(top: Any) -> None:
     deploy.add_argument("--max-instances", type=int, default=4)
     deploy.add_argument("--target-concurrency", type=int, default=4, help="in-flight requests per instance")
     deploy.add_argument("--idle-timeout", type=float, default=60.0, help="seconds idle before scaling in")
-    deploy.add_argument("--request-timeout", type=float, default=300.0)
+    deploy.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a request may wait for a cold start (then 503), and then for its answer to begin (then 504)",
+    )
     deploy.add_argument("--device", default="cpu")
     deploy.add_argument("--max-batch", type=int, default=8)
     deploy.add_argument("--target", choices=("local", "knative"), default="local")

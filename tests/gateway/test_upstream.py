@@ -243,3 +243,44 @@ def test_abandoning_a_stream_closes_its_connection() -> None:
             assert not any(client._idle.values())
 
     asyncio.run(main())
+
+
+def test_the_router_gives_up_with_504_when_an_instance_does_not_answer_in_time() -> None:
+    """The function's request timeout bounds the wait for the answer to begin (Knative's
+    timeoutSeconds): 504 with the function named, the instance released, its connection dropped."""
+    from types import SimpleNamespace
+
+    from kold.gateway.router import proxy
+    from kold.runtime.protocol import ResponseTimeoutError, status_for
+
+    async def never(path: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(3600)
+        return False
+
+    async def main() -> None:
+        async with scripted(never) as srv:
+            inst = SimpleNamespace(id="slow-00001-1", port=srv.port)
+            revision = SimpleNamespace(scaling=SimpleNamespace(request_timeout_s=0.3))
+            released: list[object] = []
+
+            class Gateway:
+                pool = SimpleNamespace(host="127.0.0.1")
+
+                async def acquire(self, name: str, exclude: object = None) -> tuple[object, object, bool, float]:
+                    return inst, revision, False, 0.0
+
+                def record(self, *args: object) -> None:
+                    pass
+
+                def release(self, instance: object) -> None:
+                    released.append(instance)
+
+            client = UpstreamClient()
+            with pytest.raises(ResponseTimeoutError, match=r"'slow' did not answer within 0\.3 s") as err:
+                await proxy(Gateway(), client, "slow", "/v1/completions", {"model": "slow"}, {}, b"{}")  # type: ignore[arg-type]
+            assert status_for(err.value) == (504, "timeout_error")
+            assert released == [inst]
+            assert not any(client._idle.values())
+            assert len(srv.requests) == 1  # sent once, not retried elsewhere
+
+    asyncio.run(main())
