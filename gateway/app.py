@@ -451,6 +451,7 @@ def build_app(
     async def revoke_key(request: Request) -> Response:
         ok = await asyncio.to_thread(registry.revoke_key, request.path_params["key_id"])
         keys_cache[0] = 0.0
+        verified.clear()  # by digest, not key id: forget them all, so the revoked one stops at once here
         if not ok:
             raise RouteNotFoundError(f"no key {request.path_params['key_id']!r}")
         return JSONResponse({"revoked": request.path_params["key_id"]})

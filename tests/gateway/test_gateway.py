@@ -121,6 +121,12 @@ def test_errors_and_auth(registry: Registry, serve: Callable[..., Served]) -> No
     assert s.http.get("/admin/functions", headers={"Authorization": "Bearer kold_wrong"}).status_code == 403
     assert s.http.get("/admin/functions", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
     assert s.http.get("/healthz").status_code == 200
+    # a key revoked through the gateway stops working at once there (its recent check is not reused)
+    second = s.http.post("/admin/keys", json={"label": "u"}, headers={"Authorization": f"Bearer {secret}"}).json()
+    assert s.http.get("/admin/functions", headers={"Authorization": f"Bearer {second['secret']}"}).status_code == 200
+    revoked = s.http.delete(f"/admin/keys/{second['key_id']}", headers={"Authorization": f"Bearer {secret}"})
+    assert revoked.status_code == 200, revoked.text
+    assert s.http.get("/admin/functions", headers={"Authorization": f"Bearer {second['secret']}"}).status_code == 403
 
 
 def test_require_keys_closes_without_keys(registry: Registry, serve: Callable[..., Served]) -> None:
