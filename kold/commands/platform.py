@@ -185,6 +185,13 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
                 stopping.set()
                 await super().shutdown(sockets)
 
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                super().handle_exit(sig, frame)
+                # uvicorn re-raises a captured SIGTERM/SIGINT once it has shut down, which would kill
+                # this process before the `finally`s below: the private redis-server and the pid file
+                # would be left behind by every `kold down`
+                self._captured_signals.clear()
+
         print(f"kold platform listening on http://{args.host}:{args.port} (redis {redis_url})", flush=True)
         Server(server_config(app, args.host, args.port)).run()
         return 0

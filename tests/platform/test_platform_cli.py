@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -81,6 +82,20 @@ def platform(env: dict[str, str]) -> Iterator[dict[str, str]]:
     finally:
         down = kold("down", env=env, timeout=90)
         assert down.returncode == 0, down.stderr
+        # `kold down` leaves nothing behind: the private redis-server is stopped, the pid file removed
+        home = Path(env["KOLD_HOME"])
+        redis_port = int(re.findall(r"redis redis://127\.0\.0\.1:(\d+)", (home / "platform.log").read_text())[-1])
+        deadline = time.monotonic() + 15
+        while _accepts(redis_port):
+            assert time.monotonic() < deadline, "the private redis-server outlived `kold down`"
+            time.sleep(0.1)
+        assert not list(home.glob("*.pid")), list(home.glob("*.pid"))
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_deploy_invoke_cold_then_warm_describe_and_down(platform: dict[str, str], tmp_path: Path) -> None:
