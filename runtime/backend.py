@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from kold.runtime.model import LlamaForCausalLM
     from kold.runtime.tokenizer import Tokenizer
     from kold.snapshot.cache import NodeCache
+    from kold.snapshot.manifest import Manifest
     from kold.snapshot.store import S3Options
 
 log = logging.getLogger(__name__)
@@ -170,35 +171,34 @@ class _Prebuild:
     """Everything a cold start needs that does not depend on the weights, done beside the restore.
 
     The restore of a 1b model takes seconds; the model skeleton (meta device, no initialisation), the
-    KV cache (hundreds of MB, zeroed: ~0.3-0.5 s of page faults for the 1b model on the 2-core VM)
-    and the tokenizer need only the snapshot's config.json, its tokenizer files and the weights'
-    dtype. This thread reads those (from the node cache entry or the store: a few small objects,
-    which the restore reads again) and builds them as soon as torch is imported, so that after the
-    restore only `bind_weights` (assigning views) is left. A failure here is not fatal: the loader
-    then builds after the restore as before, and a real problem with the snapshot is reported by the
-    restore or by that build.
+    KV cache (hundreds of MB) and the tokenizer need only the snapshot's config.json, its tokenizer
+    files and the weights' dtype. The restore hands those over as soon as it has read them (its
+    `on_metadata`, before any data: no second read), and this thread builds from them as soon as
+    torch is imported, so that after the restore only `bind_weights` (assigning views) is left. A
+    failure here is not fatal: the loader then builds after the restore as before, and a real
+    problem with the snapshot is reported by the restore or by that build.
     """
 
-    def __init__(
-        self,
-        uri: str,
-        *,
-        device: str,
-        max_batch: int,
-        max_seq_len: int | None,
-        dtype: str | None,
-        cache: NodeCache | None,
-        s3: S3Options | None,
-    ) -> None:
-        self.uri, self.device, self.max_batch, self.max_seq_len = uri, device, max_batch, max_seq_len
-        self.dtype, self.node_cache, self.s3 = dtype, cache, s3
+    def __init__(self, *, device: str, max_batch: int, max_seq_len: int | None, dtype: str | None) -> None:
+        self.device, self.max_batch, self.max_seq_len, self.dtype = device, max_batch, max_seq_len, dtype
         self.phases: dict[str, float] = {}
         self.result: _Prepared | None = None
         self.error: BaseException | None = None
+        self._metadata: tuple[Manifest, dict[str, bytes]] | None = None
+        self._offered = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kold-prebuild", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def offer(self, manifest: Manifest, files: dict[str, bytes]) -> None:
+        """The restore's `on_metadata`: what the build needs, as soon as the restore has it."""
+        self._metadata = (manifest, files)
+        self._offered.set()
+
+    def abandon(self) -> None:
+        """The restore ended without offering its metadata (it failed): stop waiting for it."""
+        self._offered.set()
 
     def join(self) -> _Prepared | None:
         self._thread.join()
@@ -210,19 +210,12 @@ class _Prebuild:
         except BaseException as exc:  # the loader logs it and builds after the restore
             self.error = exc
 
-    def _metadata(self) -> tuple[dict[str, bytes], str]:
-        """The snapshot's small files and the weights' dtype name, as the restore will find them."""
-        from kold.snapshot.restorer import read_files, read_manifest
-        from kold.snapshot.store import open_store, parse_snapshot_uri
-
-        ref = parse_snapshot_uri(self.uri)
-        hit = self.node_cache.lookup(ref.snapshot_id) if self.node_cache is not None else None
-        if hit is not None:
-            manifest, files = hit.manifest, dict(hit.files)
-        else:
-            store = open_store(ref.store_uri, self.s3)
-            manifest = read_manifest(store, ref)
-            files = read_files(store, ref, manifest)
+    def _wait_metadata(self) -> tuple[dict[str, bytes], str]:
+        """The snapshot's small files and the weights' dtype name."""
+        self._offered.wait()
+        if self._metadata is None:
+            raise RuntimeError("the restore ended before it read the snapshot's metadata")
+        manifest, files = self._metadata
         embed = [t.dtype for t in manifest.tensors if t.name == EMBED]
         if not embed:
             raise ValueError(f"the snapshot has no {EMBED!r} (not a Llama-family model?)")
@@ -233,7 +226,7 @@ class _Prebuild:
         from kold.snapshot import dtypes
 
         started = time.perf_counter()
-        files, dtype_name = self._metadata()
+        files, dtype_name = self._wait_metadata()
         config = ModelConfig.from_hf(json.loads(files.get("config.json") or b"{}"))
         t = time.perf_counter()
         from kold.runtime.tokenizer import Tokenizer  # tokenizers + jinja2: no torch, so before waiting for it
@@ -310,19 +303,14 @@ def snapshot_loader(
 
         importer = threading.Thread(target=import_torch, name="kold-import-torch", daemon=True)
         importer.start()
-        prebuild = _Prebuild(
-            uri,
-            device=device,
-            max_batch=max_batch,
-            max_seq_len=max_seq_len,
-            dtype=dtype,
-            cache=cache,
-            s3=s3,
-        )
+        prebuild = _Prebuild(device=device, max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype)
         prebuild.start()
         from kold.snapshot import restore
 
-        snap = restore(uri, device, cache=cache, s3=s3, readers=readers, cancel=cancel)
+        try:
+            snap = restore(uri, device, cache=cache, s3=s3, readers=readers, cancel=cancel, on_metadata=prebuild.offer)
+        finally:
+            prebuild.abandon()  # a no-op once the metadata was offered; else the prebuild ends at once
         phases["restore"] = snap.stats.total_s - snap.stats.import_wait_s
         importer.join()
         t = time.perf_counter()

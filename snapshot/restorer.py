@@ -175,12 +175,16 @@ def restore(
     fill_cache: bool = True,
     cancel: threading.Event | None = None,
     on_chunk: Callable[[ChunkEntry], None] | None = None,
+    on_metadata: Callable[[Manifest, dict[str, bytes]], None] | None = None,
 ) -> RestoredSnapshot:
     """Restore a snapshot onto `device` ("cpu", "cuda", "cuda:N").
 
     verify: None checks chunks read from the store and trusts cache tiers (verified when filled);
     True checks everything; False checks nothing. staging: force the GPU-style pinned-ring path on
-    the CPU (the CPU twin of a CUDA restore, for tests and benchmarks).
+    the CPU (the CPU twin of a CUDA restore, for tests and benchmarks). on_metadata: called with the
+    manifest and the snapshot's small files as soon as they are read, before any data, so a caller
+    can prepare what needs no weights (the runtime builds its model skeleton) while the data moves;
+    an exception it raises is its own business (logged, the restore goes on).
     """
     started = time.perf_counter()
     spec = DeviceSpec.parse(device)
@@ -195,6 +199,11 @@ def restore(
         manifest = read_manifest(store.get(), ref)
         files = read_files(store.get(), ref, manifest)
     metadata_done = time.perf_counter()
+    if on_metadata is not None:
+        try:
+            on_metadata(manifest, dict(files))
+        except Exception:
+            log.exception("snapshot %s: on_metadata failed", ref.snapshot_id)
 
     staged = spec.kind == "cuda" or bool(staging)
     stats = RestoreStats(ref.snapshot_id, str(spec), hit.tier.name if hit else "store", manifest.data_size)

@@ -59,7 +59,7 @@ def test_a_failed_prebuild_falls_back_to_building_after_the_restore(
     def broken(self: object) -> None:
         raise OSError("metadata unreadable")
 
-    monkeypatch.setattr(backend._Prebuild, "_metadata", broken)
+    monkeypatch.setattr(backend._Prebuild, "_wait_metadata", broken)
     loaded = snapshot_loader(tiny_snapshot, max_batch=1, max_seq_len=32)(threading.Event())
     try:
         assert "bind" not in loaded.phases and "prebuild" not in loaded.phases and "tokenizer" in loaded.phases

@@ -96,6 +96,31 @@ def test_on_chunk_sees_every_chunk_once(published: str) -> None:
     assert sorted(seen) == list(range(snap.manifest.num_chunks))
 
 
+def test_on_metadata_hands_over_the_manifest_and_files_before_any_data(published: str) -> None:
+    calls: list[tuple[str, int, set[str]]] = []
+    chunks_before: list[int] = []
+    chunks: list[int] = []
+
+    def on_metadata(manifest, files) -> None:  # type: ignore[no-untyped-def]
+        calls.append((manifest.id, manifest.num_chunks, set(files)))
+        chunks_before.append(len(chunks))
+
+    snap = restore(published, readers=2, on_metadata=on_metadata, on_chunk=lambda c: chunks.append(c.index))
+    assert calls == [(snap.manifest.id, snap.manifest.num_chunks, set(snap.files))]
+    assert "config.json" in calls[0][2]
+    assert chunks_before == [0] and len(chunks) == snap.manifest.num_chunks
+
+
+def test_a_failing_on_metadata_does_not_fail_the_restore(published: str) -> None:
+    def on_metadata(manifest, files) -> None:  # type: ignore[no-untyped-def]
+        raise RuntimeError("the caller's problem")
+
+    plain = restore(published)
+    snap = restore(published, on_metadata=on_metadata)
+    assert snap.tensors.keys() == plain.tensors.keys()
+    assert all(torch.equal(snap.tensors[k], plain.tensors[k]) for k in plain.tensors)
+
+
 def test_cuda_without_cupy_or_a_gpu_is_a_clear_error(published: str) -> None:
     try:
         import cupy  # noqa: F401
