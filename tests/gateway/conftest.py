@@ -1,12 +1,14 @@
-"""Fixtures of the gateway tests: a tiny model's snapshot, and a registry on the real redis-server
-under a fresh key prefix that is removed afterwards."""
+"""Fixtures of the gateway tests: a tiny model's snapshot, a registry on the real redis-server
+under a fresh key prefix that is removed afterwards, and gateway apps served on loopback."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from gateway_helpers import Served, instance_env
 
 from kold.gateway.registry import Registry
 
@@ -35,3 +37,23 @@ def registry() -> Iterator[Registry]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    """`serve(registry, require_keys=False)`: a gateway app over `registry` under uvicorn on loopback,
+    its instances logging under tmp_path; all of them closed at the end."""
+    from kold.gateway.app import build_app
+    from kold.gateway.pool import InstancePool
+
+    started: list[Served] = []
+
+    def make(registry: Registry, *, require_keys: bool = False) -> Served:
+        pool = InstancePool(tmp_path / "logs", env=instance_env(tmp_path))
+        s = Served(build_app(registry, pool, require_keys=require_keys))
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,21 +23,6 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture
-def serve(registry: Registry, tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    started: list[Served] = []
-
-    def make(require_keys: bool = False) -> Served:
-        pool = InstancePool(tmp_path / "logs", env=instance_env(tmp_path))
-        s = Served(build_app(registry, pool, require_keys=require_keys))
-        started.append(s)
-        return s
-
-    yield make
-    for s in started:
-        s.close()
-
-
 def chat(s: Served, name: str, **extra: Any) -> httpx.Response:
     body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **extra}
     return s.http.post("/v1/chat/completions", json=body)
@@ -52,7 +37,7 @@ def test_scale_from_zero_then_warm_then_to_zero(
     registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
 ) -> None:
     deploy(registry, "tiny", tiny_snapshot, idle_timeout_s=1.5, request_timeout_s=60)
-    s = serve()
+    s = serve(registry)
     r = chat(s, "tiny")
     assert r.status_code == 200, r.text
     assert r.headers["x-kold-cold"] == "1" and r.headers["x-kold-instance"].startswith("tiny-")
@@ -100,7 +85,7 @@ def test_burst_at_cold_function_starts_at_most_max_instances(
     registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
 ) -> None:
     deploy(registry, "burst", tiny_snapshot, max_instances=2, target_concurrency=4, request_timeout_s=90)
-    s = serve()
+    s = serve(registry)
     with ThreadPoolExecutor(20) as ex:
         results = list(ex.map(lambda _: chat(s, "burst", max_tokens=2), range(20)))
     assert [r.status_code for r in results] == [200] * 20, [r.text for r in results if r.status_code != 200]
@@ -108,7 +93,7 @@ def test_burst_at_cold_function_starts_at_most_max_instances(
 
 
 def test_errors_and_auth(registry: Registry, serve: Callable[..., Served]) -> None:
-    s = serve()
+    s = serve(registry)
     r = chat(s, "nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = s.http.post("/v1/chat/completions", content=b"{not json")
@@ -130,14 +115,14 @@ def test_errors_and_auth(registry: Registry, serve: Callable[..., Served]) -> No
 
 
 def test_require_keys_closes_without_keys(registry: Registry, serve: Callable[..., Served]) -> None:
-    s = serve(require_keys=True)
+    s = serve(registry, require_keys=True)
     assert s.http.get("/v1/models").status_code == 401
 
 
 def test_deploy_new_revision_then_rollback(
     registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
 ) -> None:
-    s = serve()
+    s = serve(registry)
     body = {"snapshot_uri": tiny_snapshot, "runtime": RUNTIME, "scaling": {"request_timeout_s": 60}, "wait": True}
     r = s.http.post("/admin/functions/fn/revisions", json=body)
     assert r.status_code == 201, r.text
@@ -159,7 +144,7 @@ def test_deploy_new_revision_then_rollback(
 
 def test_crashed_instance_is_replaced(registry: Registry, serve: Callable[..., Served], tiny_snapshot: str) -> None:
     deploy(registry, "crash", tiny_snapshot, request_timeout_s=60)
-    s = serve()
+    s = serve(registry)
     first = chat(s, "crash")
     assert first.status_code == 200, first.text
     (inst,) = live_instances(s)
@@ -179,7 +164,7 @@ def test_prewarm_starts_an_instance_before_demand(
 ) -> None:
     """The controller's actuator: an instance started ahead of the request makes the request warm."""
     deploy(registry, "early", tiny_snapshot, max_instances=2, idle_timeout_s=60, request_timeout_s=60)
-    s = serve()
+    s = serve(registry)
     assert s.http.post("/admin/functions/early/prewarm", json={"instances": 5}).json()["started"] == 2  # capped
     assert s.http.post("/admin/functions/early/prewarm", json={"instances": 1}).json()["started"] == 0
     deadline = time.monotonic() + 60

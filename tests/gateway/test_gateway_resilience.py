@@ -18,12 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_helpers import RUNTIME, Served, deploy, free_port, instance_env
+from gateway_helpers import RUNTIME, Served, deploy, free_port
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kold.gateway.app import build_app
-from kold.gateway.pool import InstancePool
 from kold.gateway.registry import Registry
 
 redis = pytest.importorskip("redis")
@@ -34,21 +32,6 @@ pytestmark = pytest.mark.redis
 
 def _registry_on(client: Any) -> Registry:
     return Registry(client, prefix=f"kold-gw-res-{uuid.uuid4().hex}:")
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    started: list[Served] = []
-
-    def make(registry: Registry, *, require_keys: bool = False) -> Served:
-        pool = InstancePool(tmp_path / "logs", env=instance_env(tmp_path))
-        s = Served(build_app(registry, pool, require_keys=require_keys))
-        started.append(s)
-        return s
-
-    yield make
-    for s in started:
-        s.close()
 
 
 def completion(s: Served, name: str, client: httpx.Client | None = None, key: str | None = None) -> httpx.Response:
