@@ -64,3 +64,12 @@ def deploy(registry: Registry, name: str, snapshot: str, **scaling: Any) -> str:
     rev = registry.create_revision(name, snapshot, scaling=ScalingSpec(**scaling), runtime=RuntimeSpec(**RUNTIME))
     registry.set_traffic(name, rev.revision_id)
     return rev.revision_id
+
+
+def deploy_and_wait(s: Served, name: str, snapshot: str) -> str:
+    """A revision deployed through the admin API (`wait`: answered once it serves); its id."""
+    body = {"snapshot_uri": snapshot, "runtime": RUNTIME, "scaling": {"request_timeout_s": 60}, "wait": True}
+    r = s.http.post(f"/admin/functions/{name}/revisions", json=body)
+    assert r.status_code == 201, r.text
+    revision: str = r.json()["revision"]
+    return revision

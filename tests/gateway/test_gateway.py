@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_helpers import RUNTIME, Served, deploy, instance_env
+from gateway_helpers import Served, deploy, deploy_and_wait, instance_env
 
 from kold.gateway.app import build_app
 from kold.gateway.pool import InstancePool
@@ -123,13 +123,9 @@ def test_deploy_new_revision_then_rollback(
     registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
 ) -> None:
     s = serve(registry)
-    body = {"snapshot_uri": tiny_snapshot, "runtime": RUNTIME, "scaling": {"request_timeout_s": 60}, "wait": True}
-    r = s.http.post("/admin/functions/fn/revisions", json=body)
-    assert r.status_code == 201, r.text
-    first = r.json()["revision"]
+    first = deploy_and_wait(s, "fn", tiny_snapshot)
     assert chat(s, "fn").headers["x-kold-instance"].startswith(first + "-")
-    r = s.http.post("/admin/functions/fn/revisions", json=body)
-    second = r.json()["revision"]
+    second = deploy_and_wait(s, "fn", tiny_snapshot)
     assert registry.get_function("fn").serving_revision == second  # type: ignore[union-attr]
     resp = chat(s, "fn")
     assert resp.headers["x-kold-instance"].startswith(second + "-") and resp.headers["x-kold-cold"] == "0"

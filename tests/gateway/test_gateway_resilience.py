@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_helpers import RUNTIME, Served, deploy, free_port
+from gateway_helpers import Served, deploy, deploy_and_wait, free_port
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -83,17 +83,12 @@ def test_redeploy_under_load_loses_no_request(
     registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
 ) -> None:
     s = serve(registry)
-    body = {"snapshot_uri": tiny_snapshot, "runtime": RUNTIME, "scaling": {"request_timeout_s": 60}, "wait": True}
-    r = s.http.post("/admin/functions/rd/revisions", json=body)
-    assert r.status_code == 201, r.text
-    first = r.json()["revision"]
+    first = deploy_and_wait(s, "rd", tiny_snapshot)
     assert completion(s, "rd").status_code == 200
     load = Load(s, "rd")
     try:
         time.sleep(1.0)
-        r = s.http.post("/admin/functions/rd/revisions", json=body)
-        assert r.status_code == 201, r.text
-        second = r.json()["revision"]
+        second = deploy_and_wait(s, "rd", tiny_snapshot)
         time.sleep(1.0)
     finally:
         results = load.finish()
