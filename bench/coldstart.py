@@ -17,6 +17,10 @@ kold's rows also carry the runtime's own breakdown from the first response's `X-
 own restore time, and >= 3x faster than the naive path for the 1b model.
 
     .venv/bin/python bench/coldstart.py --sizes tiny,1b --runs 3
+    python bench/coldstart.py --device cuda          # on a GPU machine: every method on CUDA, bf16
+
+With `--device cuda` the runtime restores onto the GPU (`kold runtime serve --device cuda`) and the
+naive path loads with `device_map` onto it; the process start includes CUDA's initialisation for both.
 """
 
 from __future__ import annotations
@@ -46,10 +50,11 @@ NAIVE = r"""
 import sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model_dir = sys.argv[1]
+model_dir, device = sys.argv[1], sys.argv[3]
 tok = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-ids = tok(sys.argv[2], return_tensors="pt")
+kwargs = {} if device == "cpu" else {"device_map": device}
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **kwargs)
+ids = tok(sys.argv[2], return_tensors="pt").to(device)
 with torch.inference_mode():
     model.generate(**ids, max_new_tokens=1, do_sample=False)
 print("FIRST_TOKEN", flush=True)
@@ -107,10 +112,10 @@ def stream_first_token(port: int, model: str, started: float, failed: Callable[[
     return {"first_token_s": first, **{k: float(v) for k, v in headers.items() if v.replace(".", "").isdigit()}}
 
 
-def kold_first_token(uri: str, env: dict[str, str]) -> dict[str, Any]:
+def kold_first_token(uri: str, env: dict[str, str], device: str = "cpu") -> dict[str, Any]:
     """Spawn a runtime, ask for one token as soon as it accepts connections, time the first token."""
     port = free_port()
-    cmd = [sys.executable, "-m", "kold", "runtime", "serve", "--snapshot", uri, "--port", str(port)]
+    cmd = [sys.executable, "-m", "kold", "runtime", "serve", "--snapshot", uri, "--port", str(port), "--device", device]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -137,9 +142,10 @@ class ForkedRuntimes:
     The pool's asyncio loop runs in a thread of its own; the request is the same as for a spawned one.
     """
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, device: str = "cpu") -> None:
         from kold.gateway.pool import InstancePool
 
+        self.device = device
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="bench-pool", daemon=True)
         self.thread.start()
@@ -157,7 +163,7 @@ class ForkedRuntimes:
             function="bench",
             revision_id="bench",
             snapshot_uri=uri,
-            runtime=SimpleNamespace(device="cpu", max_batch=8, max_seq_len=None),
+            runtime=SimpleNamespace(device=self.device, max_batch=8, max_seq_len=None),
         )
         started = time.perf_counter()
         inst = self._run(self.pool.start(revision))
@@ -177,10 +183,10 @@ class ForkedRuntimes:
         self.thread.join(10)
 
 
-def naive_first_token(model_dir: Path) -> dict[str, Any]:
+def naive_first_token(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-c", NAIVE, str(model_dir), PROMPT],
+        [sys.executable, "-c", NAIVE, str(model_dir), PROMPT, device],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -224,7 +230,9 @@ def main() -> int:
     parser.add_argument("--sizes", default="tiny,1b")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--methods", default="kold-local,kold-fork,kold-shm,kold-s3,naive")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    device = args.device
     methods = args.methods.split(",")
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     base_env = {**os.environ, "KOLD_CACHE_DISK_BYTES": "0"}
@@ -237,7 +245,7 @@ def main() -> int:
             forked = None
             if "kold-fork" in methods:
                 fork_env = {**base_env, "KOLD_CACHE_SHM_BYTES": "0"}
-                forked = ForkedRuntimes(fork_env, OUT / size / "fork-logs")
+                forked = ForkedRuntimes(fork_env, OUT / size / "fork-logs", device)
             if "kold-shm" in methods:
                 from kold.snapshot import CacheTier, NodeCache, prefetch
 
@@ -247,23 +255,23 @@ def main() -> int:
                     if method == "kold-local":
                         evict([data])
                         env = {**base_env, "KOLD_CACHE_SHM_BYTES": "0"}
-                        row = kold_first_token(uri, env)
+                        row = kold_first_token(uri, env, device)
                     elif method == "kold-fork":
                         assert forked is not None
                         evict([data])
                         row = forked.first_token(uri)
                     elif method == "kold-shm":
                         env = {**base_env, "KOLD_CACHE_SHM_DIR": str(shm_dir), "KOLD_CACHE_SHM_BYTES": "1TiB"}
-                        row = kold_first_token(uri, env)
+                        row = kold_first_token(uri, env, device)
                     elif method == "kold-s3":
                         if s3 is None:
                             continue
                         row = kold_first_token(
-                            s3[0], {**s3[1], "KOLD_CACHE_DISK_BYTES": "0", "KOLD_CACHE_SHM_BYTES": "0"}
+                            s3[0], {**s3[1], "KOLD_CACHE_DISK_BYTES": "0", "KOLD_CACHE_SHM_BYTES": "0"}, device
                         )
                     else:
                         evict(sorted(model_dir.glob("*.safetensors")))
-                        row = naive_first_token(model_dir)
+                        row = naive_first_token(model_dir, device)
                     rows[method].append(row)
                     log(f"{size:<5} {method:<10} run {run}/{args.runs}: first token {row['first_token_s']:.3f} s")
             if forked is not None:
@@ -273,7 +281,7 @@ def main() -> int:
         shutil.rmtree(shm_dir, ignore_errors=True)
         results[size] = rows
     report(results)
-    (OUT / "coldstart.json").write_text(json.dumps(results, indent=2))
+    (OUT / f"coldstart{'' if device == 'cpu' else '-' + device}.json").write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/restore.py                      # 1b (~2.2 GB bf16), every method, 3 runs
     .venv/bin/python bench/restore.py --size small --runs 1 --methods safetensors,kold
+    python bench/restore.py --device cuda                   # on a GPU machine: every method to CUDA
 
 Each run of each method is a fresh process (`--worker`), so no method inherits another's allocator
 state, mappings or warm imports. Runs go round-robin (run 1 of every method, then run 2, ...) so drift
@@ -14,6 +15,11 @@ and the touch: one byte of every 4 KiB page of every tensor is read (plus each t
 every page is resident and mapped — reading every *byte* with torch (uint8 sum) runs at ~0.13 GB/s on
 this machine and would drown every method in the touch. Interpreter start and imports are not timed.
 Nothing is subtracted from any time.
+
+With `--device cuda` every method delivers the tensors in GPU memory (peers the way their users move
+them there), the touch samples them on the device and ends with a device-wide synchronize, and the
+limits are the host-to-device copy from pinned and from pageable memory. CUDA is initialised in each
+worker before the timed part (every method would pay the same for its context).
 """
 
 from __future__ import annotations
@@ -52,17 +58,26 @@ def touch(tensors: Tensors) -> tuple[int, int]:
     """Read one byte of every page of every tensor; (bytes, fingerprint of the bytes read).
 
     The fingerprint depends only on each tensor's contents (samples are taken from each tensor's own
-    start), so every method that restores the same model must report the same one.
+    start), so every method that restores the same model must report the same one. On a GPU the
+    samples are summed on the device and read back once (a read-back per tensor cost ~0.1 s for the
+    1b model's 200 tensors: noise that would fall on every method but the limits).
     """
     import torch
 
-    total = fingerprint = 0
+    total = 0
+    parts: list[torch.Tensor] = []
     for t in tensors.values():
         if t.numel() == 0:
             continue
         flat = t.reshape(-1).view(torch.uint8)
-        fingerprint += int(flat[::PAGE].sum()) + int(flat[-1])
+        parts.append(flat[::PAGE].sum(dtype=torch.int64) + flat[-1].to(torch.int64))
         total += flat.numel()
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in parts:
+        by_device.setdefault(p.device, []).append(p)
+    fingerprint = sum(int(torch.stack(ps).sum()) for ps in by_device.values())
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # every stream: a loader's copies must be done, not just enqueued
     return total, fingerprint
 
 
@@ -116,6 +131,10 @@ def worker(name: str, spec: Spec) -> dict[str, Any]:
         fill_kold_shm(spec, huge=name == "kold-shm-huge-fill")
         return {"method": name}
     method = METHODS[name]
+    if spec.device != "cpu":
+        import torch
+
+        torch.zeros(1, device=spec.device)  # the CUDA context, untimed and the same for every method
     try:
         load = method.prepare(spec)
     except Skip as e:
@@ -182,16 +201,17 @@ def run_worker(name: str, spec: Spec, heartbeat: Clock | None = None) -> dict[st
     return result
 
 
-def select(spec: str) -> list[str]:
-    """Method names from a comma list of names and/or tiers ("hot", "cold", "s3", "limit", "kold", "peer")."""
+def select(spec: str, device: str = "cpu") -> list[str]:
+    """Method names from a comma list of names and/or tiers ("hot", "cold", "s3", "limit", "kold", "peer");
+    only those that run on `device`."""
     if not spec:
-        return list(METHODS)
+        return [n for n, m in METHODS.items() if m.runs_on(device)]
     names: list[str] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         if item in METHODS:
             picked = [item]
         else:
-            picked = [n for n, m in METHODS.items() if item in (m.tier, m.owner)]
+            picked = [n for n, m in METHODS.items() if item in (m.tier, m.owner) and m.runs_on(device)]
         if not picked:
             raise SystemExit(f"unknown method {item!r}; choose from {', '.join(METHODS)} or {', '.join(TIERS)}")
         names += [n for n in picked if n not in names]
@@ -200,10 +220,10 @@ def select(spec: str) -> list[str]:
 
 def run_all(args: argparse.Namespace) -> int:
     from restore_prep import prepare, s3_server, warm
-    from restore_report import Outcome, machine, plot, table, targets, versions
+    from restore_report import Outcome, gpu_targets, machine, plot, table, targets, versions
 
     clock = Clock()
-    names = select(args.methods)
+    names = select(args.methods, args.device)
     wants = {METHODS[n].inputs for n in names}
     kold = any(METHODS[n].owner == "kold" for n in names)
     clock.log(f"restore benchmark: size {args.size}, {args.runs} runs x {len(names)} methods: {', '.join(names)}")
@@ -212,7 +232,8 @@ def run_all(args: argparse.Namespace) -> int:
         clock.log(f"WARNING: load average {load_before:.2f}: something else is using the CPUs, timings will be noisy")
     spec, chunk, kold_skip = prepare(args.out, args.size, kold=kold, pt="pt" in wants, tensors="tensors" in wants,
                                      log=clock.log)  # fmt: skip
-    clock.log(f"model: {len(spec.model_files)} shards, {spec.tensor_bytes / 1e9:.3f} GB of tensors")
+    spec = replace(spec, device=args.device)
+    clock.log(f"model: {len(spec.model_files)} shards, {spec.tensor_bytes / 1e9:.3f} GB of tensors, to {args.device}")
     outcomes = {n: Outcome(n) for n in names}
     if kold_skip:
         for n in names:
@@ -267,10 +288,10 @@ def run_all(args: argparse.Namespace) -> int:
                               f"peak RSS {result['peak_rss'] / 1e6:6.0f} MB")  # fmt: skip
 
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    info = {"date": date, "size": args.size, "runs": args.runs, "tensor_bytes": spec.tensor_bytes,
+    info = {"date": date, "size": args.size, "device": args.device, "runs": args.runs, "tensor_bytes": spec.tensor_bytes,
             "kold_chunk_size": chunk, "machine": machine(), "versions": versions(),
             "load_average": {"start": load_before, "end": os.getloadavg()[0]}}  # fmt: skip
-    checks = targets(outcomes, spec.tensor_bytes, chunk)
+    checks = targets(outcomes, spec.tensor_bytes, chunk) if args.device == "cpu" else gpu_targets(outcomes)
     print()
     print(table(outcomes))
     print("\nx peer = fastest peer of the same tier / this method (limits: vs the fastest hot peer); "
@@ -280,7 +301,7 @@ def run_all(args: argparse.Namespace) -> int:
         print(f"{c['verdict']:<4}  {c['target']}: {c['detail']}")
     print("\nversions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
 
-    stem = args.out / f"restore-{args.size}"
+    stem = args.out / (f"restore-{args.size}" + ("" if args.device == "cpu" else f"-{args.device.replace(':', '')}"))
     doc = {**info, "targets": checks, "methods": {
         n: {"tier": METHODS[n].tier, "owner": METHODS[n].owner, "about": METHODS[n].about,
             "median_s": o.median_s if o.ok else None, "gbps": o.gbps if o.ok else None,
@@ -288,8 +309,9 @@ def run_all(args: argparse.Namespace) -> int:
             "skipped": o.skipped, "errors": o.errors, "runs": o.runs}
         for n, o in outcomes.items()}}  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2))
-    plot(outcomes, stem.with_suffix(".png"), f"restore of a {spec.tensor_bytes / 1e9:.2f} GB bf16 Llama ({args.size}), "
-         f"median of {args.runs}, {info['machine']['cpus']} cores, {date}")  # fmt: skip
+    where = info["machine"].get("gpu_name") or f"{info['machine']['cpus']} cores"
+    plot(outcomes, stem.with_suffix(".png"), f"restore of a {spec.tensor_bytes / 1e9:.2f} GB bf16 Llama ({args.size}) "
+         f"to {args.device}, median of {args.runs}, {where}, {date}")  # fmt: skip
     clock.log(f"wrote {stem}.json and {stem}.png")
     return 1 if any(o.errors for o in outcomes.values()) else 0
 
@@ -302,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="fresh-process runs per method; the median is reported")
     p.add_argument("--methods", default="", help=f"comma list of methods or tiers ({', '.join(TIERS)}, kold, peer)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="work and results directory (gitignored)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the tensors must end up")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -311,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.list:
         for m in METHODS.values():
-            print(f"{m.name:<18} {m.tier:<5} {m.about}")
+            print(f"{m.name:<18} {m.tier:<5} {'/'.join(m.devices):<9} {m.about}")
         return 0
     if args.runs < 1:
         p.error("--runs must be >= 1")

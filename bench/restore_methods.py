@@ -51,6 +51,7 @@ class Spec:
     s3_sizes: list[int] = field(default_factory=list)
     s3_files: list[str] = field(default_factory=list)  # the S3 server's files behind s3_keys
     kold_s3_files: list[str] = field(default_factory=list)  # ... and behind kold_s3_uri
+    device: str = "cpu"  # where every method must deliver the tensors: "cpu" or "cuda"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -68,6 +69,10 @@ class Method:
     inputs: str  # files the parent warms (hot, s3) or the worker evicts (cold): see `input_files`
     prepare: Callable[[Spec], Load]
     about: str
+    devices: tuple[str, ...] = ("cpu", "cuda")  # the limits are per device; every loader runs on both
+
+    def runs_on(self, device: str) -> bool:
+        return device.split(":", maxsplit=1)[0] in self.devices
 
     @property
     def cold(self) -> bool:
@@ -100,6 +105,30 @@ def _memcpy(spec: Spec, *, fresh: bool) -> Load:
     return load
 
 
+def _h2d(spec: Spec, *, pinned: bool) -> Load:
+    """The host-to-device limit: one copy of the model's bytes from (pinned or pageable) host memory
+    into a device buffer allocated beforehand. Pinned is what the DMA engines run at; pageable is what
+    a plain `tensor.to("cuda")` of ordinary host memory gets (the driver stages it)."""
+    src = torch.empty(spec.tensor_bytes, dtype=torch.uint8, pin_memory=pinned).fill_(1)
+    dst = torch.empty(spec.tensor_bytes, dtype=torch.uint8, device=spec.device)
+    # One untimed copy first: the first DMA from a fresh pinned buffer also maps it for the GPU (it
+    # ran at 23 GB/s against 54 after, on an H100); the limit is the bandwidth, not that set-up.
+    dst.copy_(src, non_blocking=pinned)
+    torch.cuda.synchronize()
+
+    def load() -> Tensors:
+        dst.copy_(src, non_blocking=pinned)
+        torch.cuda.synchronize()
+        return {"buffer": dst}
+
+    return load
+
+
+def to_device(tensors: Mapping[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """Move each tensor to `device` as a loader's user would (`tensor.to`), one at a time."""
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
 def _readinto(spec: Spec) -> Load:
     sizes = [os.path.getsize(f) for f in spec.model_files]
     buffers = [torch.empty(n, dtype=torch.uint8).fill_(0) for n in sizes]  # preallocated and touched
@@ -128,6 +157,9 @@ def _safetensors(spec: Spec) -> Load:
     def load() -> Tensors:
         out: dict[str, torch.Tensor] = {}
         for path in spec.model_files:  # shard by shard, as transformers does: one mapping alive at a time
+            if spec.device != "cpu":  # safetensors' own device path: each tensor read and moved in turn
+                out.update(load_file(path, device=spec.device))
+                continue
             mapped = load_file(path)  # views of a MAP_PRIVATE mmap of the file: lazy until read
             out.update({k: v.clone() for k, v in mapped.items()})
             del mapped
@@ -139,6 +171,8 @@ def _safetensors(spec: Spec) -> Load:
 def _torch_mmap(spec: Spec) -> Load:
     def load() -> Tensors:
         mapped = torch.load(spec.pt_path, mmap=True, weights_only=True)
+        if spec.device != "cpu":
+            return to_device(mapped, spec.device)
         return {k: v.clone() for k, v in mapped.items()}
 
     return load
@@ -148,8 +182,9 @@ def _tensorizer(spec: Spec, readers: int) -> Load:
     from tensorizer import TensorDeserializer
 
     def load() -> Tensors:
-        # On CPU tensorizer allocates one torch.empty per tensor and readinto()s it: owned memory.
-        with TensorDeserializer(spec.tensors_path, device="cpu", num_readers=readers) as d:
+        # On CPU tensorizer allocates one torch.empty per tensor and readinto()s it: owned memory. On
+        # CUDA it stages through its own pinned buffers.
+        with TensorDeserializer(spec.tensors_path, device=spec.device, num_readers=readers) as d:
             return dict(d)
 
     return load
@@ -167,8 +202,12 @@ def _runai(spec: Spec, *, s3: bool) -> Load:
 
     def load() -> Tensors:
         # owned=True (the default) hands every tensor to the caller, no copy needed to keep it.
+        # To a GPU the streamer reads into its host buffers and the caller moves each tensor as it is
+        # yielded (how vLLM uses it; a device destination needs its distributed mode).
         with SafetensorsStreamer() as streamer:
             streamer.stream_files(paths, device="cpu")
+            if spec.device != "cpu":
+                return {name: t.to(spec.device) for name, t in streamer.get_tensors()}
             return dict(streamer.get_tensors())
 
     return load
@@ -264,7 +303,9 @@ def _boto3(spec: Spec, *, tuned: bool) -> Load:
             buf = torch.empty(size, dtype=torch.uint8)
             writer: Any = _BufferWriter(buf.numpy().data)  # duck-typed file object
             client.download_fileobj(spec.s3_bucket, key, writer, Config=cfg)
-            out.update(safetensors_views(buf))
+            out.update(
+                to_device(safetensors_views(buf), spec.device) if spec.device != "cpu" else safetensors_views(buf)
+            )
         return out
 
     return load
@@ -319,9 +360,11 @@ def _kold_load(spec: Spec, mode: str) -> Load:
     if not uri:
         raise Skip("no kold snapshot was built")
     holder: list[Any] = []
+    if spec.device != "cpu":
+        import cupy  # noqa: F401  (imported untimed, like every loader's own modules)
 
     def load() -> Tensors:
-        restored = restore(uri, "cpu", **kwargs)
+        restored = restore(uri, spec.device, **kwargs)
         holder.append(restored)  # the owner of the one buffer outlives the touch
         tensors: Tensors = restored.tensors
         return tensors
@@ -343,13 +386,18 @@ def fill_kold_shm(spec: Spec, huge: bool = False) -> None:
 
 def _all() -> list[Method]:
     m = Method
+    cpu, cuda = ("cpu",), ("cuda",)
     return [
         m("memcpy-touched", "limit", "limit", "", lambda s: _memcpy(s, fresh=False),
-          "torch copy_ of the model's bytes into memory already faulted in"),
+          "torch copy_ of the model's bytes into memory already faulted in", cpu),
         m("memcpy-fresh", "limit", "limit", "", lambda s: _memcpy(s, fresh=True),
-          "torch copy_ into a fresh torch.empty: page-fault bound"),
+          "torch copy_ into a fresh torch.empty: page-fault bound", cpu),
         m("readinto-hot", "limit", "limit", "safetensors", _readinto,
           "one thread, FileIO.readinto of each shard into a preallocated, touched buffer"),
+        m("h2d-pinned", "limit", "limit", "", lambda s: _h2d(s, pinned=True),
+          "one copy of the model's bytes, pinned host memory -> device buffer", cuda),
+        m("h2d-pageable", "limit", "limit", "", lambda s: _h2d(s, pinned=False),
+          "one copy of the model's bytes, pageable host memory -> device buffer", cuda),
         m("safetensors", "hot", "peer", "safetensors", _safetensors, "safetensors.torch.load_file + clone"),
         m("torch-mmap", "hot", "peer", "pt", _torch_mmap, "torch.load(mmap=True, weights_only=True) + clone"),
         m("tensorizer-1", "hot", "peer", "tensors", lambda s: _tensorizer(s, 1), "TensorDeserializer num_readers=1"),

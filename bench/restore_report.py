@@ -167,10 +167,43 @@ def targets(outcomes: dict[str, Outcome], tensor_bytes: int, chunk_size: int) ->
     return out
 
 
+def gpu_targets(outcomes: dict[str, Outcome]) -> list[dict[str, Any]]:
+    """The issue's GPU targets: >= 80% of the pinned host-to-device bandwidth measured in the same run,
+    and faster than every peer loading to CUDA (hot and cold, each against its own tier)."""
+    got = {name: o for name, o in outcomes.items() if o.ok}
+    out: list[dict[str, Any]] = []
+
+    def add(label: str, passed: bool | None, detail: str) -> None:
+        verdict = "SKIP" if passed is None else "PASS" if passed else "FAIL"
+        out.append({"target": label, "verdict": verdict, "detail": detail})
+
+    if "kold" in got and "h2d-pinned" in got:
+        frac = got["h2d-pinned"].median_s / got["kold"].median_s
+        add("kold to CUDA >= 80% of pinned H2D bandwidth", frac >= 0.8,
+            f"kold {got['kold'].gbps:.2f} GB/s vs pinned H2D {got['h2d-pinned'].gbps:.2f} GB/s: {frac:.0%}")  # fmt: skip
+    else:
+        add("kold to CUDA >= 80% of pinned H2D bandwidth", None, "not measured: kold, h2d-pinned")
+    for tier, name in (("hot", "kold"), ("cold", "kold-cold")):
+        best = fastest(outcomes, tier)
+        label = f"kold {tier} to CUDA faster than every {tier} peer"
+        if name not in got or best is None:
+            add(label, None, f"not measured: {name}" + ("" if best else f", a {tier} peer"))
+            continue
+        x = best.median_s / got[name].median_s
+        add(label, x > 1.0, f"{name} {got[name].median_s:.3f} s vs {best.name} {best.median_s:.3f} s: {x:.2f}x")
+    for name in ("kold-shm", "kold-shm-huge"):
+        if name in got:
+            stats = [r.get("kold_stats", {}) for r in got[name].runs]
+            tiers = {s.get("source_tier") for s in stats}
+            add(f"{name} to CUDA copies from the registered mapping (no staging)", tiers == {"shm"},
+                f"source tier {sorted(map(str, tiers))}, {got[name].gbps:.2f} GB/s")  # fmt: skip
+    return out
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("kold", "torch", "safetensors", "tensorizer", "runai-model-streamer", "runai-model-streamer-s3",
-                "boto3", "s3transfer", "numpy"):  # fmt: skip
+                "boto3", "s3transfer", "numpy", "cupy-cuda12x", "cupy-cuda13x"):  # fmt: skip
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -194,6 +227,7 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
         "gpu": torch.cuda.is_available(),
+        "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
         "kernel": platform.release(),
         "processor": platform.processor() or platform.machine(),
     }

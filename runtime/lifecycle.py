@@ -115,6 +115,7 @@ class ColdStart:
             out["restore"] = {
                 "snapshot_id": r.get("snapshot_id"),
                 "source_tier": r.get("source_tier"),
+                "device": r.get("device"),
                 "bytes": r.get("data_bytes"),
                 "gbps": r.get("gbps"),
                 **{f"{k.removesuffix('_s')}_ms": round(float(r[k]) * 1000, 1) for k in _RESTORE_PHASES if k in r},

@@ -24,6 +24,7 @@ from kold.snapshot import dtypes
 from kold.snapshot.cache import TIER_ORDER, CacheHit, CacheTier, NodeCache
 from kold.snapshot.checksum import chunk_checksum
 from kold.snapshot.devices import (
+    CopyEngine,
     DeviceSpec,
     HostDestination,
     StagedDestination,
@@ -250,6 +251,9 @@ def restore(
             dest.finish()
             stats.direct_io = _reads_direct(primary.reader)
         finally:
+            if isinstance(dest, StagedDestination):
+                dest.engine.synchronize()  # on failure too: no copy may still read the ring
+                dest.release_staging()
             primary.reader.close()
             if store_source is not primary:
                 store_source.reader.close()
@@ -405,23 +409,40 @@ def _from_shm(
 def _shm_to_device(
     mapping: mmap.mmap | None, manifest: Manifest, spec: DeviceSpec, stats: RestoreStats, started: float
 ) -> torch.Tensor:
-    """Register the mapping as pinned memory and copy it to the device chunk by chunk: no staging copy."""
+    """Copy the shm tier's mapping to the device chunk by chunk with no staging copy: each chunk is
+    page-locked in place (read-only: the tier's pages are pinned, never copied) just before its async
+    copy, so pinning chunk i+1 overlaps the DMA of chunk i. Unpinning, once every copy is done, runs
+    off the critical path, and only then is the mapping closed."""
     engine = make_engine(spec)
     dest = StagedDestination(engine, manifest.data_size, manifest.chunk_size, slots=0)
     if mapping is not None:
         address = buffer_address(mapping)
-        engine.register_host(address, manifest.data_size)
+        registered: list[int] = []
         try:
             for chunk in manifest.chunks():
+                engine.register_host(address + chunk.offset, chunk.size, read_only=True)
+                registered.append(address + chunk.offset)
                 dest.commit_external(chunk, address + chunk.offset)
             dest.finish()
         finally:
-            engine.unregister_host(address)
-            mapping.close()
+            engine.synchronize()  # nothing may still read the pages when they are unpinned
+            threading.Thread(
+                target=_unpin_and_close, args=(engine, registered, mapping), name="kold-unpin", daemon=True
+            ).start()
     stats.fetch_s = time.perf_counter() - started
     stats.h2d_s = dest.copy_seconds
     stats.readers = 0
     return dest.tensor()
+
+
+def _unpin_and_close(engine: CopyEngine, addresses: list[int], mapping: mmap.mmap) -> None:
+    for address in addresses:
+        try:
+            engine.unregister_host(address)
+        except Exception:  # keep the mapping rather than unmap pages the driver may still hold
+            log.warning("could not unpin the shm mapping; leaving it mapped", exc_info=True)
+            return
+    mapping.close()
 
 
 def _start_fill(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,14 @@ import torch
 from snapshot_helpers import SMALL_CHUNK
 
 from kold.snapshot import CacheTier, NodeCache, build_snapshot, prefetch, restore
+from kold.snapshot.devices import CopyEvent, HostCopyEngine
+
+
+@pytest.fixture
+def published_small(tmp_path: Path) -> tuple[str, int]:
+    """A snapshot of several 4 KiB chunks in a local store: (uri, number of chunks)."""
+    result = build_snapshot(_state(7), (tmp_path / "store").as_uri(), chunk_size=4096)
+    return result.uri, len(list(result.manifest.chunks()))
 
 
 def _state(seed: int, n: int = 4) -> dict[str, torch.Tensor]:
@@ -204,3 +213,82 @@ def test_a_disk_tier_hit_is_promoted_to_shm(tmp_path: Path, store_uri: str) -> N
         first = restore(uri, cache=cache, staging=staging)
         assert first.stats.source_tier == "disk" and first.wait_cache_fill(30)
         assert restore(uri, cache=cache).stats.source_tier == "shm"
+
+
+class RecordingEngine(HostCopyEngine):
+    """The CPU twin, recording what a CUDA engine would be asked to pin, copy and unpin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[object, ...]] = []
+        self.released = threading.Event()
+
+    def alloc_pinned(self, nbytes: int) -> tuple[memoryview, int]:
+        self.calls.append(("alloc", nbytes))
+        return super().alloc_pinned(nbytes)
+
+    def register_host(self, address: int, nbytes: int, *, read_only: bool = False) -> None:
+        self.calls.append(("register", address, nbytes, read_only))
+
+    def unregister_host(self, address: int) -> None:
+        self.calls.append(("unregister", address))
+
+    def copy_to_device_async(self, src_address: int, dst_offset: int, nbytes: int, stream: int) -> CopyEvent:
+        self.calls.append(("copy", src_address, nbytes))
+        return super().copy_to_device_async(src_address, dst_offset, nbytes, stream)
+
+    def release_host(self) -> None:
+        self.calls.append(("release",))
+        self.released.set()
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_staged_shm_restore_pins_each_chunk_read_only_before_its_copy_and_unpins_after(
+    tiny_model: Path, store_uri: str, tmp_path: Path, reference, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The GPU path from the shm tier: no staging ring; each chunk of the tier's (private, file-backed)
+    mapping is pinned read-only (pinning for writing would copy every page) right before its copy."""
+    from kold.snapshot import restorer
+
+    uri = build_snapshot(tiny_model, store_uri, chunk_size=SMALL_CHUNK).uri
+    cache = NodeCache([CacheTier("shm", tmp_path / "shm", 1 << 30)])
+    prefetch(uri, cache)
+    engine = RecordingEngine()
+    monkeypatch.setattr(restorer, "make_engine", lambda spec: engine)
+    snap = restore(uri, cache=cache, staging=True)
+    for name, tensor in reference.items():
+        assert torch.equal(snap.tensors[name], tensor)
+    calls = list(engine.calls)
+    assert not [c for c in calls if c[0] == "alloc"]  # no staging copy
+    copies = [c for c in calls if c[0] == "copy"]
+    assert len(copies) == len(list(snap.manifest.chunks())) > 1
+    for copy in copies:
+        reg = [i for i, c in enumerate(calls) if c[0] == "register" and c[1] == copy[1]]
+        assert reg and reg[0] < calls.index(copy), "a chunk was copied before it was pinned"
+        assert calls[reg[0]][2:] == (copy[2], True)  # its whole range, read-only
+    pinned = {c[1] for c in calls if c[0] == "register"}
+    assert _wait_until(lambda: {c[1] for c in engine.calls if c[0] == "unregister"} == pinned)
+
+
+def test_staged_restore_pins_chunk_sized_slots_and_releases_the_ring(
+    published_small: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kold.snapshot import restorer
+
+    uri, chunks = published_small
+    engine = RecordingEngine()
+    monkeypatch.setattr(restorer, "make_engine", lambda spec: engine)
+    snap = restore(uri, staging=True, readers=2)
+    allocs = [c for c in engine.calls if c[0] == "alloc"]
+    assert 1 <= len(allocs) <= 2 + 2  # at most one per ring slot (readers + 2)
+    assert {c[1] for c in allocs} == {snap.manifest.chunk_size}
+    assert len([c for c in engine.calls if c[0] == "copy"]) == chunks
+    assert engine.released.wait(10)  # the ring is unpinned once the copies are done
