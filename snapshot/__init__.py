@@ -19,6 +19,7 @@ from kold.snapshot.errors import (
     ModelSourceError,
     ObjectNotFoundError,
     RestoreCancelledError,
+    RestoreIncompleteError,
     SnapshotError,
     SnapshotNotFoundError,
     StoreAuthError,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from kold.snapshot.loading import load_into
     from kold.snapshot.manifest import Manifest
     from kold.snapshot.prefetcher import prefetch
+    from kold.snapshot.progress import RestoreProgress
     from kold.snapshot.restorer import RestoredSnapshot, RestoreStats, restore
     from kold.snapshot.store import S3Options, SnapshotRef, open_store, parse_snapshot_uri
 
@@ -44,6 +46,7 @@ _LAZY = {
     "load_into": "loading",
     "Manifest": "manifest",
     "prefetch": "prefetcher",
+    "RestoreProgress": "progress",
     "restore": "restorer",
     "RestoredSnapshot": "restorer",
     "RestoreStats": "restorer",
@@ -74,6 +77,8 @@ __all__ = [
     "NodeCache",
     "ObjectNotFoundError",
     "RestoreCancelledError",
+    "RestoreIncompleteError",
+    "RestoreProgress",
     "RestoreStats",
     "RestoredSnapshot",
     "S3Options",

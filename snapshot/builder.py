@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from kold.snapshot.checksum import chunk_checksum
 from kold.snapshot.errors import ModelSourceError
+from kold.snapshot.layout import execution_key
 from kold.snapshot.manifest import MIN_ALIGNMENT, FileEntry, Manifest, TensorEntry, layout_tensors
 from kold.snapshot.sources import ModelSource, TensorSource, from_model_dir, from_state_dict
 from kold.snapshot.store import S3Options, SnapshotRef, Store, data_key, file_key, manifest_key, open_store
@@ -76,7 +77,9 @@ def _publish(
 ) -> BuildResult:
     if not source.tensors:
         raise ModelSourceError(f"{source.description}: no tensors to publish")
-    entries, data_size = layout_tensors([(t.name, t.dtype, t.shape) for t in source.tensors])
+    # in the order a forward pass needs them (layout.py): a runtime can compute while the rest lands
+    ordered = sorted(source.tensors, key=lambda t: execution_key(t.name))
+    entries, data_size = layout_tensors([(t.name, t.dtype, t.shape) for t in ordered])
     by_name = {t.name: t for t in source.tensors}
     buffer = bytearray(min(chunk_size, max(data_size, 1)))
 

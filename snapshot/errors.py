@@ -60,6 +60,10 @@ class RestoreCancelledError(SnapshotError):
     """The restore was cancelled by its caller."""
 
 
+class RestoreIncompleteError(SnapshotError):
+    """Bytes a consumer waited for (`RestoreProgress.wait_until`) never landed: the restore failed."""
+
+
 class TensorMismatchError(SnapshotError):
     """`load_into` found names, shapes or dtypes in the snapshot that do not fit the module."""
 

@@ -42,6 +42,7 @@ from kold.snapshot.hostmem import buffer_address, map_file
 from kold.snapshot.manifest import ChunkEntry, Manifest
 from kold.snapshot.pipeline import LOCAL_PIECE_SIZE, PipelineStats, ReadSource, run_pipeline
 from kold.snapshot.plan import default_readers, make_plan
+from kold.snapshot.progress import RestoreProgress
 from kold.snapshot.store import (
     ObjectReader,
     S3Options,
@@ -177,6 +178,7 @@ def restore(
     cancel: threading.Event | None = None,
     on_chunk: Callable[[ChunkEntry], None] | None = None,
     on_metadata: Callable[[Manifest, dict[str, bytes]], None] | None = None,
+    progress: RestoreProgress | None = None,
 ) -> RestoredSnapshot:
     """Restore a snapshot onto `device` ("cpu", "cuda", "cuda:N").
 
@@ -185,8 +187,37 @@ def restore(
     the CPU (the CPU twin of a CUDA restore, for tests and benchmarks). on_metadata: called with the
     manifest and the snapshot's small files as soon as they are read, before any data, so a caller
     can prepare what needs no weights (the runtime builds its model skeleton) while the data moves;
-    an exception it raises is its own business (logged, the restore goes on).
+    an exception it raises is its own business (logged, the restore goes on). progress: told about
+    the host destination as soon as it exists and about each chunk as it lands, so a consumer can
+    start on the first tensors before the restore ends (see progress.py; CPU restores that fill a
+    buffer only); it is always ended, with the error if the restore fails.
     """
+    try:
+        restored = _restore(uri, device, readers, verify, cache, s3, staging, fill_cache, cancel, on_chunk,
+                            on_metadata, progress)  # fmt: skip
+    except BaseException as exc:
+        if progress is not None:
+            progress.end(exc)
+        raise
+    if progress is not None:
+        progress.end()
+    return restored
+
+
+def _restore(
+    uri: str,
+    device: str,
+    readers: int | None,
+    verify: bool | None,
+    cache: NodeCache | None,
+    s3: S3Options | None,
+    staging: bool | None,
+    fill_cache: bool,
+    cancel: threading.Event | None,
+    on_chunk: Callable[[ChunkEntry], None] | None,
+    on_metadata: Callable[[Manifest, dict[str, bytes]], None] | None,
+    progress: RestoreProgress | None,
+) -> RestoredSnapshot:
     started = time.perf_counter()
     spec = DeviceSpec.parse(device)
     ref = parse_snapshot_uri(uri)
@@ -237,6 +268,10 @@ def restore(
             else store_source
         )
         stats.verified = verify if verify is not None else hit is None
+        landed = on_chunk
+        if progress is not None and isinstance(dest, HostDestination):
+            progress.begin(manifest, dest.buffer)
+            landed = _chain(progress.landed, on_chunk)
         try:
             pstats = run_pipeline(
                 plan,
@@ -246,7 +281,7 @@ def restore(
                 fallback=store_source if hit else None,
                 verify=stats.verified,
                 cancel=cancel,
-                on_chunk=on_chunk,
+                on_chunk=landed,
             )
             dest.finish()
             stats.direct_io = _reads_direct(primary.reader)
@@ -286,6 +321,19 @@ def restore(
     stats.total_s = time.perf_counter() - started
     log.info("restore %s", json.dumps(stats.as_dict(), sort_keys=True))
     return RestoredSnapshot(ref, manifest, files, tensors, buffer, stats, fill)
+
+
+def _chain(
+    first: Callable[[ChunkEntry], None], then: Callable[[ChunkEntry], None] | None
+) -> Callable[[ChunkEntry], None]:
+    if then is None:
+        return first
+
+    def both(chunk: ChunkEntry) -> None:
+        first(chunk)
+        then(chunk)
+
+    return both
 
 
 class _LazyStore:
