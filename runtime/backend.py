@@ -21,12 +21,14 @@ from kold.runtime.protocol import ContextLengthError, DrainingError, InvalidRequ
 if TYPE_CHECKING:
     import torch
 
+    from kold.runtime.early import LayerGate
     from kold.runtime.engine import Engine
     from kold.runtime.kvcache import KVCache
     from kold.runtime.model import LlamaForCausalLM
     from kold.runtime.tokenizer import Tokenizer
     from kold.snapshot.cache import NodeCache
     from kold.snapshot.manifest import Manifest
+    from kold.snapshot.progress import RestoreProgress
     from kold.snapshot.store import S3Options
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,12 @@ class Loaded:
     phases: dict[str, float] = field(default_factory=dict)  # seconds by phase
 
 
-Loader = Callable[[threading.Event], Loaded]  # runs in a thread; the event asks it to give up
+class Loader(Protocol):
+    """Loads the model in a thread. `cancel` asks it to give up. `early`, when given, may be called
+    once with a backend that takes requests before the load is over (it computes behind the restore:
+    runtime/early.py); the loader then returns that same backend in its `Loaded`."""
+
+    def __call__(self, cancel: threading.Event, early: Callable[[Backend], None] | None = None) -> Loaded: ...
 
 
 # -- the real one: kold's engine and tokenizer -------------------------------------------------------
@@ -179,11 +186,22 @@ class _Prebuild:
     problem with the snapshot is reported by the restore or by that build.
     """
 
-    def __init__(self, *, device: str, max_batch: int, max_seq_len: int | None, dtype: str | None) -> None:
+    def __init__(
+        self,
+        *,
+        device: str,
+        max_batch: int,
+        max_seq_len: int | None,
+        dtype: str | None,
+        progress: RestoreProgress | None = None,
+        on_early: Callable[[Backend], None] | None = None,
+    ) -> None:
         self.device, self.max_batch, self.max_seq_len, self.dtype = device, max_batch, max_seq_len, dtype
+        self.progress, self.on_early = progress, on_early
         self.phases: dict[str, float] = {}
         self.result: _Prepared | None = None
         self.error: BaseException | None = None
+        self.early: _Early | None = None  # the engine serving behind the restore, if one was started
         self._metadata: tuple[Manifest, dict[str, bytes]] | None = None
         self._offered = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kold-prebuild", daemon=True)
@@ -209,6 +227,49 @@ class _Prebuild:
             self.result = self._build()
         except BaseException as exc:  # the loader logs it and builds after the restore
             self.error = exc
+            return
+        if self.progress is not None and self.on_early is not None:
+            try:
+                self.early = self._serve_early(self.result, self.progress, self.on_early)
+            except Exception:  # never fatal: the loader binds after the restore as usual
+                log.warning("could not serve behind the restore; serving after it", exc_info=True)
+
+    def _serve_early(
+        self, prepared: _Prepared, progress: RestoreProgress, on_early: Callable[[Backend], None]
+    ) -> _Early | None:
+        """Bind the model to the restore's host buffer while it fills, gate its forward on what has
+        landed (runtime/early.py), start the engine and hand it over: requests run from now on."""
+        compute = parse_dtype(self.dtype)
+        if compute is not None and compute != prepared.weights_dtype:
+            return None  # a dtype conversion reads every weight: it has to wait for all of them
+        got = progress.wait_destination()
+        if got is None or progress.ended:  # a GPU or shm-tier restore, a failed one, or already done
+            return None
+        from kold.runtime.early import LayerGate
+        from kold.runtime.engine import Engine
+        from kold.runtime.model import bind_weights
+        from kold.snapshot.devices import host_tensor
+        from kold.snapshot.restorer import tensor_views
+
+        t = time.perf_counter()
+        manifest, buffer = got
+        model = bind_weights(prepared.model, tensor_views(host_tensor(buffer, manifest.data_size), manifest))
+        gate = LayerGate(model, manifest, progress)
+        model.gate = gate
+        engine = Engine(
+            model, prepared.tokenizer, model.config, max_batch=self.max_batch, max_seq_len=self.max_seq_len,
+            cache=prepared.cache,
+        )  # fmt: skip
+        engine.start()
+        backend = EngineBackend(engine, prepared.tokenizer)
+        self.phases["early_bind"] = time.perf_counter() - t
+        early = _Early(engine, backend, gate)
+        try:
+            on_early(backend)
+        except BaseException:
+            engine.stop(0.0)
+            raise
+        return early
 
     def _wait_metadata(self) -> tuple[dict[str, bytes], str]:
         """The snapshot's small files and the weights' dtype name."""
@@ -249,6 +310,13 @@ class _Prebuild:
         return _Prepared(files.get("config.json", b""), weights_dtype, model, cache, tokenizer)
 
 
+@dataclass
+class _Early:
+    engine: Engine
+    backend: EngineBackend
+    gate: LayerGate
+
+
 EMBED = "model.embed_tokens.weight"
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 
@@ -286,9 +354,13 @@ def snapshot_loader(
     `prebuild_wait` (the part of the prebuild the restore did not hide), `bind` (assigning the views,
     plus a dtype conversion if `dtype` asks for one) and the engine's start.
     `dtype`: the compute dtype ("auto" or None: the snapshot's; see `DTYPES`).
+
+    With `early` (the server passes it) and a CPU restore that fills a buffer, the model is bound to
+    that buffer while it fills and starts serving behind the restore (runtime/early.py): `early_bind`
+    is then the prebuild's binding, `early_gate_wait` how long forward passes waited for weights.
     """
 
-    def load(cancel: threading.Event) -> Loaded:
+    def load(cancel: threading.Event, early: Callable[[Backend], None] | None = None) -> Loaded:
         phases: dict[str, float] = {}
 
         # torch's import (~1.5-2 s on a small machine) and the restore overlap: the restore's readers
@@ -303,20 +375,34 @@ def snapshot_loader(
 
         importer = threading.Thread(target=import_torch, name="kold-import-torch", daemon=True)
         importer.start()
-        prebuild = _Prebuild(device=device, max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype)
-        prebuild.start()
-        from kold.snapshot import restore
+        from kold.snapshot import RestoreProgress, restore
 
+        progress = RestoreProgress() if early is not None and device == "cpu" else None
+        prebuild = _Prebuild(device=device, max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype,
+                             progress=progress, on_early=early)  # fmt: skip
+        prebuild.start()
         try:
-            snap = restore(uri, device, cache=cache, s3=s3, readers=readers, cancel=cancel, on_metadata=prebuild.offer)
-        finally:
-            prebuild.abandon()  # a no-op once the metadata was offered; else the prebuild ends at once
+            snap = restore(uri, device, cache=cache, s3=s3, readers=readers, cancel=cancel,
+                           on_metadata=prebuild.offer, progress=progress)  # fmt: skip
+        except BaseException:
+            prebuild.abandon()
+            prebuild.join()
+            if prebuild.early is not None:  # its requests already failed at the gate
+                prebuild.early.engine.stop(0.0)
+            raise
+        prebuild.abandon()  # a no-op once the metadata was offered; else the prebuild ends at once
         phases["restore"] = snap.stats.total_s - snap.stats.import_wait_s
         importer.join()
         t = time.perf_counter()
         prepared = prebuild.join()
         phases["prebuild_wait"] = time.perf_counter() - t
         phases.update(prebuild.phases)
+        if prebuild.early is not None:  # already serving: every byte has landed, the gate can go
+            served = prebuild.early
+            served.engine.model.gate = None
+            phases["early_gate_wait"] = served.gate.waited_s
+            phases["model"] = time.perf_counter() - t
+            return Loaded(served.backend, restore=snap.stats.as_dict(), phases=phases)
         from kold.runtime.engine import Engine
         from kold.runtime.model import bind_weights
         from kold.runtime.tokenizer import Tokenizer

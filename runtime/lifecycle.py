@@ -80,6 +80,7 @@ class ColdStart:
     imports_done: float | None = None  # the runtime's modules imported, the app built
     listening: float | None = None
     restore_started: float | None = None
+    serving: float | None = None  # the model took requests before the restore ended (see serve_early)
     ready: float | None = None
     first_token: float | None = None
     phases: dict[str, float] = field(default_factory=dict)  # seconds: torch_import, restore, tokenizer, model, ...
@@ -107,6 +108,7 @@ class ColdStart:
             "imports_ms": self._ms(self.imports_done),
             "listening_ms": self._ms(self.listening),
             "restore_started_ms": self._ms(self.restore_started),
+            "serving_early_ms": self._ms(self.serving),
             "ready_ms": self._ms(self.ready),
             "phases_ms": {k: round(v * 1000, 1) for k, v in self.phases.items()},
         }
@@ -140,6 +142,8 @@ class ColdStart:
             out["X-Kold-Model-Prebuild-Ms"] = f"{self.phases['prebuild'] * 1000:.1f}"
         if self.imports_done is not None:
             out["X-Kold-Imports-Ms"] = f"{self._ms(self.imports_done):.1f}"
+        if self.serving is not None:  # requests ran (layer by layer) behind the restore from then on
+            out["X-Kold-Serving-Early-Ms"] = f"{self._ms(self.serving):.1f}"
         return out
 
 
@@ -158,6 +162,9 @@ class Lifecycle:
         self.waiting = 0
         self.in_flight = 0
         self._settled = asyncio.Event()  # set once the state leaves starting/restoring
+        # set once requests can run: READY, or still RESTORING with a model computing behind the restore
+        self._open = asyncio.Event()
+        self.serving_early = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._cold_headers_sent = False
@@ -177,10 +184,25 @@ class Lifecycle:
             self.cold_start.ready = now
         if new not in (State.STARTING, State.RESTORING):
             self._settled.set()
+            self._open.set()
+
+    def serve_early(self) -> None:
+        """The model can take requests while its weights are still landing (it computes each layer
+        once that layer is in place): waiting requests run now. Readiness (`/readyz`) still waits for
+        the whole restore, so routers keep sending new work to instances that are fully up."""
+        if self.state is State.RESTORING:
+            self.serving_early = True
+            self.cold_start.serving = time.time()
+            self._open.set()
 
     @property
     def ready(self) -> bool:
         return self.state is State.READY
+
+    @property
+    def can_serve(self) -> bool:
+        """Requests run now: ready, or serving early during the restore."""
+        return self.state is State.READY or (self.state is State.RESTORING and self.serving_early)
 
     @property
     def accepting(self) -> bool:
@@ -190,9 +212,10 @@ class Lifecycle:
     # -- the wait for readiness -------------------------------------------------------------------
 
     async def wait_ready(self) -> float:
-        """Wait until the instance is ready; the seconds waited. Raises an `UnavailableError` when
-        the queue is full, the wait times out, the restore failed or the instance is stopping."""
-        if self.state is State.READY:
+        """Wait until requests can run (ready, or serving early); the seconds waited. Raises an
+        `UnavailableError` when the queue is full, the wait times out, the restore failed or the
+        instance is stopping."""
+        if self.can_serve:
             return 0.0
         self._raise_if_settled()
         if self.waiting >= self.max_waiting:
@@ -202,16 +225,30 @@ class Lifecycle:
         started = time.perf_counter()
         self.waiting += 1
         try:
-            await asyncio.wait_for(self._settled.wait(), self.queue_timeout)
+            await asyncio.wait_for(self._open.wait(), self.queue_timeout)
         except TimeoutError:
             raise QueueTimeoutError(
                 f"the model did not finish loading within {self.queue_timeout:g} s of this request"
             ) from None
         finally:
             self.waiting -= 1
-        if not self.ready:
+        if not self.can_serve:
             self._raise_if_settled()
         return time.perf_counter() - started
+
+    async def wait_settled(self) -> None:
+        """For a request running early: wait until the restore is over. Raises like `wait_ready`
+        if it failed (or the instance is stopping); bounded by the queue timeout."""
+        if self.state is State.READY:
+            return
+        try:
+            await asyncio.wait_for(self._settled.wait(), self.queue_timeout)
+        except TimeoutError:
+            raise QueueTimeoutError(
+                f"the model did not finish loading within {self.queue_timeout:g} s of this request"
+            ) from None
+        if not self.ready:
+            self._raise_if_settled()
 
     def _raise_if_settled(self) -> None:
         if self.state is State.FAILED or self.error is not None:  # failed, then draining to exit

@@ -24,7 +24,7 @@ another slot's keys or the stale tail of their own slot.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -243,6 +243,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=self.dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Called with a stage (0: embeddings, i + 1: layer i, L + 1: norm and head) before the forward
+        # reads that stage's weights, while they may still be landing (runtime/early.py); None after.
+        self.gate: Callable[[int], None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -290,12 +293,19 @@ class LlamaForCausalLM(nn.Module):
         if kv_len is None:
             kv_len = int(positions.max()) + 1
         step = _Step(cache, slots, positions, kv_len, self.config.sliding_window)
+        gate = self.gate
+        if gate is not None:
+            gate(0)
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(positions, x.dtype)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            if gate is not None:
+                gate(i + 1)
             x = layer(x, rope, step)
         if last_only:
             x = x[:, -1:]
+        if gate is not None:
+            gate(len(self.model.layers) + 1)
         logits: torch.Tensor = self.lm_head(self.model.norm(x))
         return logits
 

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kold.runtime.backend import Loaded, Loader
+from kold.runtime.backend import Backend, Loaded, Loader
 from kold.runtime.lifecycle import Lifecycle, State
 from kold.runtime.metrics import CONTENT_TYPE, RuntimeMetrics
 from kold.runtime.protocol import (
@@ -184,12 +184,24 @@ class Runtime:
         try:
             if self.options.test_restore_delay_s > 0 and self._cancel_load.wait(self.options.test_restore_delay_s):
                 raise RuntimeError("cancelled before the restore started")
-            loaded = self.loader(self._cancel_load)
+            loaded = self.loader(self._cancel_load, early=self._serve_early_from_loader)
         except BaseException as exc:
             _call_soon(loop, self._load_failed, exc)
             return
         if not _call_soon(loop, self._loaded, loaded):  # the server is gone already
             loaded.backend.stop(0.0)
+
+    def _serve_early_from_loader(self, backend: Backend) -> None:
+        """The loader's `early`: called from its thread with a model that computes behind the restore."""
+        if self._loop is not None:
+            _call_soon(self._loop, self._serve_early, backend)
+
+    def _serve_early(self, backend: Backend) -> None:
+        if self.lifecycle.state is not State.RESTORING:  # stopping: the loader's result is discarded too
+            return
+        self.service.backend = backend
+        self.lifecycle.serve_early()
+        log.info("serving behind the restore: requests run as the weights land")
 
     def _loaded(self, loaded: Loaded) -> None:
         if self.lifecycle.state is not State.RESTORING:  # a SIGTERM came first: nothing will use it
@@ -204,6 +216,7 @@ class Runtime:
         events.info(json.dumps({"event": "startup", "state": "ready", **cold.summary()}, sort_keys=False))
 
     def _load_failed(self, exc: BaseException) -> None:
+        self.service.backend = None  # a model serving early is gone with the restore (the loader stopped it)
         if self.lifecycle.state is not State.RESTORING:
             log.info("model load stopped: %s", exc)
             return

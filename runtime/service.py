@@ -148,6 +148,7 @@ class Service:
             for p, i in zip(prompts, ids, strict=True)
         ]
         job = self._submit(backend, [(i, s) for _, i, s in jobs], req.n, req.model, received, queue_s, "cmpl")
+        await self._await_weights(job, disconnected)
         echo = [self._echo(backend, p) if req.echo else "" for p in prompts]
         if req.stream:
             return self._stream(
@@ -176,6 +177,7 @@ class Service:
         ids = backend.encode(text, special=False)
         sampling = self._sampling(req, req.token_limit(), len(ids), backend, stop)
         job = self._submit(backend, [(ids, sampling)], req.n, req.model, received, queue_s, "chatcmpl")
+        await self._await_weights(job, disconnected)
         if req.stream:
             return self._stream(
                 job, self._chat_events(job, bool(req.stream_options and req.stream_options.include_usage)), "chat"
@@ -224,6 +226,31 @@ class Service:
             queue_s = ready.result()
         self.metrics.queue_wait.observe(queue_s)
         return queue_s
+
+    async def _await_weights(self, job: _Job, disconnected: Disconnected) -> None:
+        """A job admitted while the weights were still landing runs at once (its prefill follows the
+        restore layer by layer); its response starts once the restore is over, so the first response
+        carries the whole cold-start breakdown. Its first token cannot come sooner anyway: the LM
+        head lands last. If the restore fails, or the client leaves, the job is cancelled."""
+        if self.lifecycle.ready:
+            return
+        settled = asyncio.ensure_future(self.lifecycle.wait_settled())
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({settled, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not settled.done():
+                settled.cancel()
+                await asyncio.gather(settled, return_exceptions=True)
+        if not settled.done() or settled.cancelled():
+            self._close(job)
+            raise ClientDisconnectedError("the client closed the connection while the model was loading")
+        error = settled.exception()
+        if error is not None:
+            self._close(job)
+            raise error
+        job.headers.update(self.lifecycle.take_cold_start_headers())
 
     def _backend(self) -> Backend:
         if self.backend is None:  # ready implies a backend; a bug otherwise

@@ -12,13 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from kold.runtime.backend import EngineStats, Loaded, Sampling
+from kold.runtime.backend import Backend, EngineStats, Loaded, Sampling
 
 # -- a fake backend: words are tokens, generation counts up --------------------------------------
 
@@ -91,14 +91,19 @@ class FakeBackend:
 
 
 class ControlledLoader:
-    """A loader that waits for `release` (or fails when told to)."""
+    """A loader that waits for `release` (or fails when told to); with `serve_early` set, it hands
+    its backend over early once that event is set, as a restore that computes behind itself does."""
 
     def __init__(self, backend: FakeBackend) -> None:
         self.backend = backend
         self.release = threading.Event()
+        self.serve_early: threading.Event | None = None
         self.fail: str | None = None
 
-    def __call__(self, cancel: threading.Event) -> Loaded:
+    def __call__(self, cancel: threading.Event, early: Callable[[Backend], None] | None = None) -> Loaded:
+        if self.serve_early is not None and early is not None:
+            self.serve_early.wait(10)
+            early(self.backend)
         self.release.wait(10)
         if self.fail:
             raise RuntimeError(self.fail)

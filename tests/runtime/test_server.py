@@ -104,9 +104,11 @@ def test_wait_queue_is_bounded_and_times_out() -> None:
 
 @asynccontextmanager
 async def app_client(
-    backend: FakeBackend | None = None, *, release: bool = True, **options: Any
+    backend: FakeBackend | None = None, *, release: bool = True, early: bool = False, **options: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime, ControlledLoader]]:
     loader = ControlledLoader(backend or FakeBackend())
+    if early:  # the loader hands its backend over before the load ends, once told to
+        loader.serve_early = threading.Event()
     runtime = Runtime(ServeOptions(model_names=("fake", "alias"), **options), loader)
     runtime.on_listening(asyncio.get_running_loop(), "test")
     if release:
@@ -632,3 +634,58 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(start_runtime: Callable[.
     assert len(results) == 3 and all(finish == "length" for finish, _ in results), results
     drain = rt.events("drain")
     assert len(drain) == 1 and drain[0]["drained"] is True and drain[0]["in_flight_at_signal"] == 3, rt.output
+
+
+def test_a_request_runs_while_serving_early_and_answers_once_ready() -> None:
+    """A loader that serves behind its restore: the waiting request reaches the model at once, its
+    response (with the cold-start headers) starts once the load is over; /readyz waits for that."""
+
+    async def main() -> None:
+        backend = FakeBackend()
+        async with app_client(backend, release=False, early=True) as (client, runtime, loader):
+            assert loader.serve_early is not None
+            request = asyncio.ensure_future(
+                client.post("/v1/completions", json={"model": "fake", "prompt": "a b", "max_tokens": 2})
+            )
+            await asyncio.sleep(0.05)
+            assert not backend.generations  # waiting: nothing serves yet
+            loader.serve_early.set()
+            for _ in range(200):
+                if backend.generations:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(backend.generations) == 1  # it runs before the load is over
+            assert runtime.lifecycle.serving_early and not request.done()
+            assert (await client.get("/readyz")).status_code == 503
+            loader.release.set()
+            r = await request
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == " t0 t1"
+            assert "x-kold-cold-start-ms" in r.headers and "x-kold-serving-early-ms" in r.headers
+            assert (await client.get("/readyz")).status_code == 200
+
+    run(main)
+
+
+def test_a_load_that_fails_while_serving_early_fails_the_waiting_request() -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        async with app_client(backend, release=False, early=True) as (client, runtime, loader):
+            assert loader.serve_early is not None
+            loader.fail = "chunk 7 is corrupt"
+            request = asyncio.ensure_future(
+                client.post("/v1/completions", json={"model": "fake", "prompt": "a b", "max_tokens": 2})
+            )
+            loader.serve_early.set()
+            for _ in range(200):
+                if backend.generations:
+                    break
+                await asyncio.sleep(0.01)
+            loader.release.set()
+            r = await request
+            assert r.status_code == 503, r.text
+            assert "chunk 7 is corrupt" in r.json()["error"]["message"]
+            assert backend.generations[0].cancelled  # the generation it started is cancelled
+            assert runtime.service.backend is None
+
+    run(main)
