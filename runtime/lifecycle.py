@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -225,11 +225,7 @@ class Lifecycle:
         started = time.perf_counter()
         self.waiting += 1
         try:
-            await asyncio.wait_for(self._open.wait(), self.queue_timeout)
-        except TimeoutError:
-            raise QueueTimeoutError(
-                f"the model did not finish loading within {self.queue_timeout:g} s of this request"
-            ) from None
+            await self._bounded(self._open.wait())
         finally:
             self.waiting -= 1
         if not self.can_serve:
@@ -241,14 +237,17 @@ class Lifecycle:
         if it failed (or the instance is stopping); bounded by the queue timeout."""
         if self.state is State.READY:
             return
+        await self._bounded(self._settled.wait())
+        if not self.ready:
+            self._raise_if_settled()
+
+    async def _bounded(self, wait: Coroutine[Any, Any, Any]) -> None:
         try:
-            await asyncio.wait_for(self._settled.wait(), self.queue_timeout)
+            await asyncio.wait_for(wait, self.queue_timeout)
         except TimeoutError:
             raise QueueTimeoutError(
                 f"the model did not finish loading within {self.queue_timeout:g} s of this request"
             ) from None
-        if not self.ready:
-            self._raise_if_settled()
 
     def _raise_if_settled(self) -> None:
         if self.state is State.FAILED or self.error is not None:  # failed, then draining to exit

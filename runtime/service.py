@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.responses import JSONResponse, Response
 
@@ -49,6 +49,7 @@ from kold.runtime.streams import EventStream, aclose, merge
 
 # -- the service ------------------------------------------------------------------------------------
 
+T = TypeVar("T")
 Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
 
 
@@ -209,21 +210,13 @@ class Service:
     async def _wait_ready(self, disconnected: Disconnected) -> float:
         """Wait for the model, unless the client leaves first: a request that waits out a restore
         must not keep its place in the bounded wait queue (or run a generation) for nobody."""
-        if self.lifecycle.ready:
-            queue_s = 0.0
-        else:
-            ready = asyncio.ensure_future(self.lifecycle.wait_ready())
-            gone = asyncio.ensure_future(disconnected())
-            try:
-                await asyncio.wait({ready, gone}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                gone.cancel()
-                if not ready.done():
-                    ready.cancel()
-                    await asyncio.gather(ready, return_exceptions=True)  # leaves the queue (waiting -= 1)
-            if not ready.done() or ready.cancelled():
-                raise ClientDisconnectedError("the client closed the connection while the model was loading")
-            queue_s = ready.result()
+        queue_s = 0.0
+        if not self.lifecycle.can_serve:
+            queue_s = await _unless_gone(
+                self.lifecycle.wait_ready(),
+                disconnected,
+                "the client closed the connection while the model was loading",
+            )
         self.metrics.queue_wait.observe(queue_s)
         return queue_s
 
@@ -234,22 +227,15 @@ class Service:
         head lands last. If the restore fails, or the client leaves, the job is cancelled."""
         if self.lifecycle.ready:
             return
-        settled = asyncio.ensure_future(self.lifecycle.wait_settled())
-        gone = asyncio.ensure_future(disconnected())
         try:
-            await asyncio.wait({settled, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not settled.done():
-                settled.cancel()
-                await asyncio.gather(settled, return_exceptions=True)
-        if not settled.done() or settled.cancelled():
+            await _unless_gone(
+                self.lifecycle.wait_settled(),
+                disconnected,
+                "the client closed the connection while the model was loading",
+            )
+        except BaseException:
             self._close(job)
-            raise ClientDisconnectedError("the client closed the connection while the model was loading")
-        error = settled.exception()
-        if error is not None:
-            self._close(job)
-            raise error
+            raise
         job.headers.update(self.lifecycle.take_cold_start_headers())
 
     def _backend(self) -> Backend:
@@ -464,3 +450,20 @@ def _with_seed(s: Sampling, seed: int) -> Sampling:
     from dataclasses import replace
 
     return replace(s, seed=seed)
+
+
+async def _unless_gone(work: Awaitable[T], disconnected: Disconnected, message: str) -> T:
+    """`work`'s result, unless the client leaves first: then `work` is cancelled (a queued wait
+    gives its place up) and `ClientDisconnectedError(message)` is raised."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if not task.done() or task.cancelled():
+        raise ClientDisconnectedError(message)
+    return task.result()

@@ -119,6 +119,20 @@ def greedy(
     return out
 
 
+def hf_greedy(reference: Any, ids: list[int]) -> list[int]:
+    """transformers' own greedy continuation of `ids`: exactly NEW_TOKENS tokens."""
+    with torch.inference_mode():
+        generated = reference.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
+    tokens: list[int] = generated[0, len(ids) :].tolist()
+    return tokens
+
+
 def prompt(seed: int, length: int = PROMPT_LEN) -> list[int]:
     return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -218,14 +232,7 @@ def test_logits_and_greedy_tokens_match_transformers(variant: str) -> None:
         expected = reference(torch.tensor([ids])).logits
         got = model(torch.tensor([ids]), torch.arange(PROMPT_LEN)[None], cache, torch.tensor([1]))
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-        generated = reference.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, PROMPT_LEN, dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-        )
-    expected_tokens = generated[0, PROMPT_LEN:].tolist()
+    expected_tokens = hf_greedy(reference, ids)
     assert len(expected_tokens) == NEW_TOKENS
     assert greedy(model, ids, NEW_TOKENS) == expected_tokens
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 from runtime_helpers import RuntimeProcess
-from test_model import NEW_TOKENS, PROMPT_LEN, VARIANTS, checkpoint, hf_model, prompt
+from test_model import NEW_TOKENS, VARIANTS, checkpoint, hf_greedy, hf_model, prompt
 
 from kold.runtime.config import ModelConfig
 from kold.runtime.kvcache import KVCache
@@ -53,18 +53,11 @@ def test_fp32_on_cuda_matches_transformers(variant: str) -> None:
     ids = prompt(1)
     with torch.inference_mode():
         expected = reference(torch.tensor([ids])).logits
-        generated = reference.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, PROMPT_LEN, dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-        )
     model = on_cuda(config, checkpoint(reference, config), torch.float32)
     assert model.device.type == "cuda"
     logits, tokens = greedy_on(model, ids, NEW_TOKENS)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-    assert tokens == generated[0, PROMPT_LEN:].tolist()
+    assert tokens == hf_greedy(reference, ids)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
