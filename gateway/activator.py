@@ -244,11 +244,21 @@ class Gateway:
     def _ready(self, rev_id: str, exclude: Instance | None = None) -> list[Instance]:
         return [i for i in self.pool.instances(rev_id) if i.state is InstanceState.READY and i is not exclude]
 
+    def _accepting(self, rev: Revision, exclude: Instance | None = None) -> list[Instance]:
+        """Starting instances that already take requests (they run them behind their restore), while
+        they have room: the request that woke an instance goes there at once instead of waiting."""
+        limit = rev.scaling.target_concurrency
+        return [
+            i
+            for i in self.pool.instances(rev.revision_id)
+            if i.state is InstanceState.STARTING and i.accepting and i.in_flight < limit and i is not exclude
+        ]
+
     def ensure_capacity(self, rev: Revision, extra: int = 0) -> int:
         """Start the instances `rev` is missing for its load; no await: the count cannot race. Returns starts."""
         st = self.state(rev.function)
         sc = rev.scaling
-        load = sum(i.in_flight for i in self._ready(rev.revision_id)) + st.waiting + extra
+        load = sum(i.in_flight for i in self._live(rev.revision_id)) + st.waiting + extra
         want = min(sc.max_instances, max(sc.min_instances, math.ceil(load / sc.target_concurrency)))
         have = len(self._live(rev.revision_id)) + st.pending.get(rev.revision_id, 0)
         for _ in range(want - have):
@@ -289,7 +299,7 @@ class Gateway:
             st.pending[rev.revision_id] -= 1  # from now on pool.instances() counts it
             counted = False
             self.m_starts.labels(rev.function).inc()
-            if await self.pool.wait_ready(inst, rev.scaling.request_timeout_s):
+            if await self.pool.wait_ready(inst, rev.scaling.request_timeout_s, on_accepting=lambda _: st.notify()):
                 self._last_used[inst.id] = time.monotonic()
             else:
                 log.warning("instance %s did not become ready:\n%s", inst.id, self.pool.read_log(inst, 20))
@@ -310,8 +320,10 @@ class Gateway:
         cold = False
         while True:
             ready = self._ready(rev.revision_id, exclude)
-            if ready:
-                inst = min(ready, key=lambda i: i.in_flight)
+            early = [] if ready else self._accepting(rev, exclude)
+            if ready or early:
+                cold = cold or bool(early)  # an instance still restoring: this request pays its cold start
+                inst = min(ready or early, key=lambda i: i.in_flight)
                 inst.in_flight += 1
                 self.ensure_capacity(rev)  # scale out when in flight per READY instance > target
                 self.m_requests.labels(name, "1" if cold else "0").inc()

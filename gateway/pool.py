@@ -109,6 +109,9 @@ class Instance:
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
     in_flight: int = 0  # the router's count of requests it sent here and not yet finished
+    # STARTING, but the runtime listens and is restoring: it queues requests and runs them behind
+    # the restore (runtime/early.py), so the request that woke it need not wait for READY
+    accepting: bool = False
     exit_code: int | None = None
     cold_start: dict[str, Any] | None = None  # the runtime's "startup" log line, once ready
     process: InstanceProcess | None = field(default=None, repr=False)
@@ -346,8 +349,12 @@ class InstancePool:
             except Exception:
                 log.exception("on_failure(%s) raised", inst.id)
 
-    async def wait_ready(self, inst: Instance, timeout_s: float) -> bool:
-        """Poll /readyz until 200 (READY: True), the process exits (FAILED: False) or the timeout (False)."""
+    async def wait_ready(
+        self, inst: Instance, timeout_s: float, on_accepting: Callable[[Instance], None] | None = None
+    ) -> bool:
+        """Poll /readyz until 200 (READY: True), the process exits (FAILED: False) or the timeout (False).
+
+        The first "restoring" answer marks the instance `accepting` and calls `on_accepting`."""
         deadline = time.monotonic() + timeout_s
         http = self._client()
         while True:
@@ -362,6 +369,12 @@ class InstancePool:
             else:
                 with contextlib.suppress(httpx.HTTPError):
                     r = await http.get(f"{inst.url}/readyz", timeout=max(0.05, min(1.0, deadline - time.monotonic())))
+                    if r.status_code != 200 and not inst.accepting and process is inst.process:
+                        with contextlib.suppress(ValueError):
+                            if r.json().get("state") == "restoring":
+                                inst.accepting = True
+                                if on_accepting is not None:
+                                    on_accepting(inst)
                     if r.status_code == 200 and inst.state is InstanceState.STARTING and process is inst.process:
                         inst.state = InstanceState.READY
                         inst.ready_at = time.time()

@@ -95,6 +95,14 @@ async def proxy(
         except BaseException:
             gateway.release(inst)
             raise
+        if upstream.status_code == 503 and attempt == 0:
+            # unavailable (its restore failed, or it is draining): once more on another instance;
+            # nothing has reached the client yet
+            upstream.close()
+            gateway.release(inst)
+            log.warning("instance %s answered 503; trying another", inst.id)
+            failed = inst
+            continue
         out_headers = {k: v for k, v in upstream.headers if k.lower() not in _HOP_BY_HOP}
         out_headers["X-Kold-Instance"] = inst.id
         out_headers["X-Kold-Cold"] = "1" if cold else "0"

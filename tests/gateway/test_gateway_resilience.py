@@ -105,9 +105,11 @@ def test_instance_killed_mid_load_is_replaced_without_loss(
 ) -> None:
     deploy(registry, "kill", tiny_snapshot, max_instances=2, target_concurrency=4, request_timeout_s=60)
     s = serve(registry)
-    assert completion(s, "kill").status_code == 200
+    first = completion(s, "kill")
+    assert first.status_code == 200
     pool = s.app.state.gateway.pool
-    (victim,) = [i for i in pool.instances() if i.state.value == "ready"]
+    # the instance that answered (it may have served that cold request before the pool saw it READY)
+    (victim,) = [i for i in pool.instances() if i.id == first.headers["x-kold-instance"]]
     load = Load(s, "kill")
     try:
         deadline = time.monotonic() + 20
@@ -261,3 +263,19 @@ def test_api_keys_during_a_redis_outage(
     finally:
         private_redis.kill()
         client.close()
+
+
+def test_the_waking_request_goes_to_the_instance_while_it_restores(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime queues requests during its restore and runs them behind it: the gateway sends the
+    request that woke an instance as soon as the runtime answers "restoring", not once it is READY.
+    Seen from the runtime: that request waited in its own queue for the (held back) restore."""
+    monkeypatch.setenv("KOLD_RUNTIME_TEST_RESTORE_DELAY_S", "1.5")
+    deploy(registry, "eager", tiny_snapshot, max_instances=1, request_timeout_s=60)
+    s = serve(registry)
+    r = completion(s, "eager")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-kold-cold"] == "1"
+    assert float(r.headers["x-kold-queue-ms"]) > 500, r.headers  # it was in the runtime during the restore
+    assert "x-kold-cold-start-ms" in r.headers  # and its answer still carries the cold-start breakdown
