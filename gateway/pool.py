@@ -370,7 +370,7 @@ class InstancePool:
                 with contextlib.suppress(httpx.HTTPError):
                     r = await http.get(f"{inst.url}/readyz", timeout=max(0.05, min(1.0, deadline - time.monotonic())))
                     if r.status_code != 200 and not inst.accepting and process is inst.process:
-                        with contextlib.suppress(ValueError):
+                        with contextlib.suppress(ValueError, AttributeError):  # not the runtime's JSON
                             if r.json().get("state") == "restoring":
                                 inst.accepting = True
                                 if on_accepting is not None:
