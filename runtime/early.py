@@ -48,11 +48,10 @@ class LayerGate:
             if name in ends:
                 stage = stage_of(name, n)
                 need[stage] = max(need[stage], ends[name])
-        need[n + 1] = max([need[n + 1], *(ends[name] for name, _ in model.named_parameters() if name in ends)])
-        for s in range(1, n + 2):  # a stage runs after the ones before it: waits are monotone
+        for s in range(1, n + 2):  # a stage runs after the ones before it: waits are monotone, and the
+            # last (norm and head) covers every tensor the model reads
             need[s] = max(need[s], need[s - 1])
         self.need = need
-        self.waits = 0  # how many stages had to wait (the forward caught up with the restore)
         self.waited_s = 0.0
 
     def __call__(self, stage: int) -> None:
@@ -61,5 +60,4 @@ class LayerGate:
             return
         started = time.perf_counter()
         self.progress.wait_until(offset)
-        self.waits += 1
         self.waited_s += time.perf_counter() - started

@@ -17,7 +17,6 @@ byte below `offset`.
 from __future__ import annotations
 
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from kold.snapshot.errors import RestoreIncompleteError
@@ -37,7 +36,6 @@ class RestoreProgress:
         self._prefix = 0  # chunks [0, _prefix) have all landed
         self._ended = False
         self._error: BaseException | None = None
-        self.waited_s = 0.0  # how long consumers were blocked in wait_until (what the overlap did not hide)
 
     # -- the restore's side ------------------------------------------------------------------------
 
@@ -89,9 +87,7 @@ class RestoreProgress:
         with self._cond:
             if self._prefix_end() >= offset:
                 return
-            started = time.perf_counter()
             self._cond.wait_for(lambda: self._prefix_end() >= offset or self._ended)
-            self.waited_s += time.perf_counter() - started
             if self._prefix_end() < offset:
                 snapshot = self._manifest.id if self._manifest is not None else "?"
                 raise RestoreIncompleteError(
