@@ -7,6 +7,12 @@ token arriving over HTTP (kold) or being produced (naive):
 - `kold-fork`:  the same runtime forked from the local platform's fork template (how `kold up` starts
                 instances: torch and the runtime imported once, before the runs), timed from the pool's
                 start request; page cache evicted like kold-local, so only the process start differs;
+- `kold-gateway`: the local platform end to end: a streamed request sent to the gateway (served as
+                `kold up` serves it, fork template warm) for a function scaled to zero; timed from the
+                request to its first token: activator, fork, restore and serving behind it; page cache
+                evicted like kold-local;
+- `kold-local-pool`, `kold-fork-pool`: kold-local and kold-fork restoring into the node's host pool
+                (`KOLD_HOST_POOL_DIR`: pre-faulted memory, one segment filled before the runs);
 - `kold-shm`:   the same with the node's shm tier already holding the snapshot (a warm node);
 - `kold-s3`:    `kold runtime serve --snapshot s3://...` against `rclone serve s3` on loopback;
 - `naive`:      a fresh process that loads the Hugging Face directory with `transformers`
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -42,7 +49,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
-from common import free_port, log
+from common import free_port, host_pool, log
 
 OUT = Path(__file__).resolve().parent / "out" / "coldstart"
 PROMPT = "The weights of a cold function"
@@ -183,6 +190,111 @@ class ForkedRuntimes:
         self.thread.join(10)
 
 
+GATEWAY = r"""
+import os, sys
+from pathlib import Path
+import redis, uvicorn
+from kold.gateway.app import build_app, server_config
+from kold.gateway.pool import InstancePool
+from kold.gateway.registry import Registry
+redis_port, port, logs = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+registry = Registry(redis.Redis(host="127.0.0.1", port=redis_port), prefix="kold-bench-coldstart:")
+pool = InstancePool(logs, env=dict(os.environ), start_method="fork-template")
+app = build_app(registry, pool, require_keys=False, warm_template=True)
+uvicorn.Server(server_config(app, "127.0.0.1", port)).run()  # as `kold up` serves it
+"""
+
+
+class GatewayPlatform:
+    """`kold-gateway`: the local platform's gateway, a private redis-server as its registry, and one
+    function deployed with min_instances 0 and a 1 s idle timeout. Each run waits until the function
+    has scaled to zero, then times a streamed request sent to the gateway up to its first token."""
+
+    NAME = "bench"
+
+    def __init__(self, env: dict[str, str], work: Path, device: str = "cpu") -> None:
+        import shutil
+
+        redis_bin = shutil.which("redis-server")
+        if redis_bin is None:
+            raise RuntimeError("no redis-server on PATH")
+        work.mkdir(parents=True, exist_ok=True)
+        redis_port, port = free_port(), free_port()
+        self.device = device
+        self.base = f"http://127.0.0.1:{port}"
+        self.logs = [open(work / name, "wb") for name in ("redis.log", "gateway.log")]  # noqa: SIM115
+        self.procs = [
+            subprocess.Popen([redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(work)], stdout=self.logs[0], stderr=subprocess.STDOUT),
+            subprocess.Popen([sys.executable, "-c", GATEWAY, str(redis_port), str(port), str(work / "instances")],
+                             env=env, stdout=self.logs[1], stderr=subprocess.STDOUT),
+        ]  # fmt: skip
+        self.client = httpx.Client(base_url=self.base, timeout=300, trust_env=False)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"the gateway did not start (see {work / 'gateway.log'})")
+            time.sleep(0.05)
+        self.deployed: str | None = None
+
+    def deploy(self, uri: str) -> None:
+        body = {
+            "snapshot_uri": uri,
+            "runtime": {"device": self.device, "max_batch": 8},
+            "scaling": {"min_instances": 0, "max_instances": 1, "idle_timeout_s": 1, "request_timeout_s": 300},
+            "wait": True,  # the rollout starts an instance (and the fork template) and waits for READY
+        }
+        r = self.client.post(f"/admin/functions/{self.NAME}/revisions", json=body)
+        if r.status_code != 201:
+            raise RuntimeError(f"deploy failed: {r.status_code} {r.text[:300]}")
+        self.deployed = uri
+
+    def _scaled_to_zero(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            desc = self.client.get(f"/admin/functions/{self.NAME}").json()
+            if all(i["state"] in ("stopped", "failed") for i in desc["instances"]):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"function {self.NAME} did not scale to zero in {timeout_s:.0f} s")
+
+    def first_token(self, uri: str, before: Callable[[], None] | None = None) -> dict[str, Any]:
+        if uri != self.deployed:
+            self.deploy(uri)
+        self._scaled_to_zero()
+        if before is not None:
+            before()
+        body = {"model": self.NAME, "prompt": PROMPT, "max_tokens": 1, "stream": True}
+        started = time.perf_counter()
+        with self.client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"gateway answered {resp.status_code}: {resp.read()[:300]!r}")
+            for line in resp.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    first = time.perf_counter() - started
+                    break
+            else:
+                raise RuntimeError("the stream ended without a token")
+            headers = {k.lower(): v for k, v in resp.headers.items() if k.lower().startswith("x-kold")}
+        return {"first_token_s": first, **{k: float(v) for k, v in headers.items() if v.replace(".", "").isdigit()}}
+
+    def close(self) -> None:
+        self.client.close()
+        for proc in reversed(self.procs):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for f in self.logs:
+            f.close()
+
+
 def naive_first_token(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
     started = time.perf_counter()
     proc = subprocess.Popen(
@@ -229,7 +341,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,1b")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--methods", default="kold-local,kold-fork,kold-shm,kold-s3,naive")
+    parser.add_argument("--methods", default="kold-local,kold-fork,kold-gateway,kold-shm,kold-s3,naive")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     device = args.device
@@ -241,28 +353,41 @@ def main() -> int:
         data = OUT / size / "store" / "snapshots" / uri.rsplit("/", 1)[1] / "data"
         shm_dir = Path("/dev/shm") / f"kold-coldstart-{os.getpid()}"
         rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-        with s3_snapshot(model_dir, size) if "kold-s3" in methods else _none() as s3:
-            forked = None
-            if "kold-fork" in methods:
-                fork_env = {**base_env, "KOLD_CACHE_SHM_BYTES": "0"}
-                forked = ForkedRuntimes(fork_env, OUT / size / "fork-logs", device)
+        with contextlib.ExitStack() as stack:
+            s3 = stack.enter_context(s3_snapshot(model_dir, size)) if "kold-s3" in methods else None
+            env = {**base_env, "KOLD_CACHE_SHM_BYTES": "0"}
+            pool_env = dict(env)
+            if any(m.endswith("-pool") for m in methods):  # the node's pre-faulted host memory
+                pool_dir = stack.enter_context(host_pool(OUT / size / "pool", data.stat().st_size, log))
+                pool_env["KOLD_HOST_POOL_DIR"] = str(pool_dir)
+            forked: dict[str, ForkedRuntimes] = {}
+            for method, fork_env in (("kold-fork", env), ("kold-fork-pool", pool_env)):
+                if method in methods:
+                    forked[method] = ForkedRuntimes(fork_env, OUT / size / f"{method}-logs", device)
+                    stack.callback(forked[method].close)
+            gateway = None
+            if "kold-gateway" in methods:
+                gateway = GatewayPlatform(env, OUT / size / "gateway", device)
+                stack.callback(gateway.close)
+                gateway.deploy(uri)
             if "kold-shm" in methods:
                 from kold.snapshot import CacheTier, NodeCache, prefetch
 
                 prefetch(uri, NodeCache([CacheTier("shm", shm_dir, 1 << 40)]))
             for run in range(1, args.runs + 1):
                 for method in methods:
-                    if method == "kold-local":
+                    if method in ("kold-local", "kold-local-pool"):
                         evict([data])
-                        env = {**base_env, "KOLD_CACHE_SHM_BYTES": "0"}
-                        row = kold_first_token(uri, env, device)
-                    elif method == "kold-fork":
-                        assert forked is not None
+                        row = kold_first_token(uri, pool_env if method.endswith("-pool") else env, device)
+                    elif method in forked:
                         evict([data])
-                        row = forked.first_token(uri)
+                        row = forked[method].first_token(uri)
+                    elif method == "kold-gateway":
+                        assert gateway is not None
+                        row = gateway.first_token(uri, before=lambda data=data: evict([data]))  # type: ignore[misc]
                     elif method == "kold-shm":
-                        env = {**base_env, "KOLD_CACHE_SHM_DIR": str(shm_dir), "KOLD_CACHE_SHM_BYTES": "1TiB"}
-                        row = kold_first_token(uri, env, device)
+                        shm_env = {**base_env, "KOLD_CACHE_SHM_DIR": str(shm_dir), "KOLD_CACHE_SHM_BYTES": "1TiB"}
+                        row = kold_first_token(uri, shm_env, device)
                     elif method == "kold-s3":
                         if s3 is None:
                             continue
@@ -273,9 +398,7 @@ def main() -> int:
                         evict(sorted(model_dir.glob("*.safetensors")))
                         row = naive_first_token(model_dir, device)
                     rows[method].append(row)
-                    log(f"{size:<5} {method:<10} run {run}/{args.runs}: first token {row['first_token_s']:.3f} s")
-            if forked is not None:
-                forked.close()
+                    log(f"{size:<5} {method:<14} run {run}/{args.runs}: first token {row['first_token_s']:.3f} s")
         import shutil
 
         shutil.rmtree(shm_dir, ignore_errors=True)
@@ -285,18 +408,13 @@ def main() -> int:
     return 0
 
 
-@contextmanager
-def _none() -> Iterator[None]:
-    yield None
-
-
 def report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
     """Medians per size and method. `build ms` is the model build left after the restore (on the critical
     path); `prebuild ms` the part done beside the restore (skeleton, KV cache, tokenizer); `to token ms`
     the first token after ready (prefill + HTTP)."""
     cols = ["x-kold-imports-ms", "x-kold-restore-ms", "x-kold-model-build-ms", "x-kold-model-prebuild-ms",
             "x-kold-cold-start-ms"]  # fmt: skip
-    print(f"\n{'size':<5} {'method':<10} {'first token s':>13} {'imports ms':>10} {'restore ms':>10} "
+    print(f"\n{'size':<5} {'method':<14} {'first token s':>13} {'imports ms':>10} {'restore ms':>10} "
           f"{'build ms':>9} {'prebuild ms':>11} {'ready ms':>9} {'to token ms':>11} {'vs naive':>8}")  # fmt: skip
     for size, rows in results.items():
         naive = statistics.median(r["first_token_s"] for r in rows.get("naive", [])) if rows.get("naive") else None
@@ -307,9 +425,10 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
             parts = [statistics.median(r.get(c, float("nan")) for r in runs) for c in cols]
             after = statistics.median(r["first_token_s"] * 1000 - r.get(cols[-1], float("nan")) for r in runs)
             ratio = f"{naive / first:.2f}x" if naive else "-"
-            print(f"{size:<5} {method:<10} {first:>13.3f} {parts[0]:>10.1f} {parts[1]:>10.1f} {parts[2]:>9.1f} "
+            print(f"{size:<5} {method:<14} {first:>13.3f} {parts[0]:>10.1f} {parts[1]:>10.1f} {parts[2]:>9.1f} "
                   f"{parts[3]:>11.1f} {parts[4]:>9.1f} {after:>11.1f} {ratio:>8}")  # fmt: skip
-        for method in ("kold-local", "kold-fork"):  # both read the store from a cold page cache
+        # every one of these reads the store from a cold page cache
+        for method in ("kold-local", "kold-local-pool", "kold-fork", "kold-fork-pool", "kold-gateway"):
             runs = rows.get(method)
             if not runs:
                 continue

@@ -34,7 +34,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from common import host_pool, huge_tmpfs  # noqa: E402
 from restore_methods import METHODS, PAGE, Skip, Spec, Tensors, fill_kold_shm, input_files  # noqa: E402
 
 DEFAULT_OUT = HERE / "out"
@@ -98,28 +98,6 @@ def peak_rss() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-@contextlib.contextmanager
-def huge_tmpfs(path: Path, size: int, log: Any) -> Iterator[Path | None]:
-    """Mount a tmpfs with transparent huge pages (huge=within_size) for the duration, when allowed.
-
-    A node that serves models from the shm tier should give it such a mount: 2 MiB pages make the
-    mapping ~500x fewer page-table entries. Mounting needs root; elsewhere this yields None.
-    """
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"huge=within_size,size={size + (1 << 30)}", "kold-bench-huge", str(path)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if mounted.returncode != 0:
-        log(f"no huge-page tmpfs for kold-shm-huge: {mounted.stderr.strip() or 'mount failed'}")
-        yield None
-        return
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], capture_output=True, check=False)
 
 
 def worker(name: str, spec: Spec) -> dict[str, Any]:
@@ -256,6 +234,9 @@ def run_all(args: argparse.Namespace) -> int:
                 huge_tmpfs(args.out / args.size / "hugeshm", 2 * spec.tensor_bytes, clock.log)
             )
             spec = replace(spec, kold_shm_huge_dir=str(huge_dir) if huge_dir else "")
+        if any(n.startswith("kold-pool") for n in names) and spec.kold_local_uri:
+            pool_dir = stack.enter_context(host_pool(args.out / args.size / "pool", spec.tensor_bytes, clock.log))
+            spec = replace(spec, kold_pool_dir=str(pool_dir))
         for shm_method in ("kold-shm", "kold-shm-huge"):
             if shm_method in names and not outcomes[shm_method].skipped:
                 clock.log(f"filling the tier of {shm_method} (untimed, its own process)")

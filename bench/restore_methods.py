@@ -45,6 +45,7 @@ class Spec:
     kold_s3_uri: str = ""
     kold_shm_dir: str = ""
     kold_shm_huge_dir: str = ""  # a huge-page tmpfs mounted by the parent (root only), else empty
+    kold_pool_dir: str = ""  # the node's host pool, filled by the parent (huge-page tmpfs when root)
     s3_endpoint: str = ""
     s3_bucket: str = ""
     s3_keys: list[str] = field(default_factory=list)  # the safetensors shards, uploaded
@@ -338,7 +339,8 @@ def kold_shm_cache(spec: Spec, huge: bool = False) -> Any:
 
 
 def _kold_load(spec: Spec, mode: str) -> Load:
-    """kold's restore in one of its modes: "local" (file:// store), "shm" (node cache tier), "s3".
+    """kold's restore in one of its modes: "local" (file:// store), "pool" (the same, into the node's
+    pre-faulted host pool), "shm" / "shm-huge" (node cache tier), "s3".
 
     ADAPT HERE if kold's restore API changes; apart from `restore_prep.build_kold` (which publishes
     the snapshots) nothing else in the benchmark calls kold.snapshot.
@@ -355,6 +357,13 @@ def _kold_load(spec: Spec, mode: str) -> Load:
         # The shm tier was filled by an earlier process (`fill_kold_shm`); here it is a cache hit, which
         # kold serves on the CPU by mapping the shm file (shared by every instance on the node).
         uri, kwargs = spec.kold_local_uri, {"cache": kold_shm_cache(spec)}
+    elif mode == "pool":
+        # the destination is a segment of the node's pre-faulted host pool, claimed by this restore
+        if not spec.kold_pool_dir:
+            raise Skip("no host pool was filled")
+        from kold.snapshot import HostPool
+
+        uri, kwargs = spec.kold_local_uri, {"cache": None, "pool": HostPool(Path(spec.kold_pool_dir))}
     else:
         uri, kwargs = spec.kold_local_uri, {"cache": None}
     if not uri:
@@ -404,6 +413,8 @@ def _all() -> list[Method]:
         m("tensorizer-4", "hot", "peer", "tensors", lambda s: _tensorizer(s, 4), "TensorDeserializer num_readers=4"),
         m("runai", "hot", "peer", "safetensors", lambda s: _runai(s, s3=False), "SafetensorsStreamer, local files"),
         m("kold", "hot", "kold", "kold", lambda s: _kold_load(s, "local"), "kold restore, file:// store"),
+        m("kold-pool", "hot", "kold", "kold", lambda s: _kold_load(s, "pool"),
+          "kold restore, file:// store, into the node's pre-faulted host pool"),
         m("kold-shm", "hot", "kold", "", lambda s: _kold_load(s, "shm"), "kold restore from the shm tier"),
         m("kold-shm-huge", "hot", "kold", "", lambda s: _kold_load(s, "shm-huge"),
           "kold restore from the shm tier on a huge-page tmpfs"),
@@ -412,6 +423,7 @@ def _all() -> list[Method]:
         m("tensorizer-4-cold", "cold", "peer", "tensors", lambda s: _tensorizer(s, 4), "tensorizer x4, evicted"),
         m("runai-cold", "cold", "peer", "safetensors", lambda s: _runai(s, s3=False), "runai, evicted"),
         m("kold-cold", "cold", "kold", "kold", lambda s: _kold_load(s, "local"), "kold restore, evicted"),
+        m("kold-pool-cold", "cold", "kold", "kold", lambda s: _kold_load(s, "pool"), "kold restore into the pool, evicted"),
         m("boto3-default", "s3", "peer", "s3-shards", lambda s: _boto3(s, tuned=False), "download_fileobj, TransferConfig()"),
         m("boto3-tuned", "s3", "peer", "s3-shards", lambda s: _boto3(s, tuned=True), "download_fileobj, 32 MiB x 8"),
         m("runai-s3", "s3", "peer", "s3-shards", lambda s: _runai(s, s3=True), "SafetensorsStreamer from s3://"),

@@ -134,6 +134,13 @@ def targets(outcomes: dict[str, Outcome], tensor_bytes: int, chunk_size: int) ->
           lambda: speedup("kold", got["memcpy-touched"], 0.5))  # fmt: skip
     check("kold local cold >= fastest peer cold", ["kold-cold"] + ([] if cold else ["a cold peer"]),
           lambda: speedup("kold-cold", cold, 1.0))  # fmt: skip
+    # the same three with the node's pre-faulted host pool as the destination (hostpool.py)
+    check("kold-pool local hot >= 1.5x fastest peer hot", ["kold-pool"] + ([] if hot else ["a hot peer"]),
+          lambda: speedup("kold-pool", hot, 1.5))  # fmt: skip
+    check("kold-pool local hot >= 0.5x memcpy into touched memory", ["kold-pool", "memcpy-touched"],
+          lambda: speedup("kold-pool", got["memcpy-touched"], 0.5))  # fmt: skip
+    check("kold-pool local cold >= fastest peer cold", ["kold-pool-cold"] + ([] if cold else ["a cold peer"]),
+          lambda: speedup("kold-pool-cold", cold, 1.0))  # fmt: skip
 
     def shm() -> tuple[bool, str]:
         frac = got["kold-shm"].median_s / got["kold"].median_s
@@ -152,7 +159,7 @@ def targets(outcomes: dict[str, Outcome], tensor_bytes: int, chunk_size: int) ->
           lambda: speedup("kold-s3", got["runai-s3"], 1.5))  # fmt: skip
 
     limit = tensor_bytes + 2 * chunk_size
-    for name in ("kold", "kold-cold", "kold-s3"):
+    for name in ("kold", "kold-cold", "kold-s3", "kold-pool"):
 
         def rss(name: str = name) -> tuple[bool, str]:
             if not chunk_size:

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
     from kold.snapshot.cache import NodeCache
+    from kold.snapshot.hostpool import HostPool
     from kold.snapshot.store import S3Options
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -34,6 +35,8 @@ def parse_size(value: object) -> int:
 
 
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+# an optional directory: an empty variable (KOLD_X=) means unset, not the current directory
+OptionalDir = Annotated[Path | None, BeforeValidator(lambda v: None if v == "" else v)]
 
 
 def _state_dir() -> Path:
@@ -59,9 +62,12 @@ class Settings(BaseSettings):
     # A quarter of RAM in /dev/shm by default: enough for a few hot models without starving instances.
     cache_shm_dir: Path = Path("/dev/shm/kold")
     cache_shm_bytes: Size = Field(default_factory=lambda: _physical_memory() // 4)
-    cache_disk_dir: Path | None = None
+    cache_disk_dir: OptionalDir = None
     cache_disk_bytes: Size = 20 << 30
     restore_readers: int | None = Field(default=None, ge=1, le=256)
+    # pre-faulted host memory that CPU restores claim instead of faulting in fresh pages (see
+    # snapshot/hostpool.py); unset: no pool. Best on a tmpfs mounted with huge=within_size.
+    host_pool_dir: OptionalDir = Field(default=None, description="the node's host memory pool directory")
 
     # -- the runtime (`kold runtime serve`) --
     # Knative's contract: the container listens on $PORT (no KOLD_ prefix).
@@ -93,6 +99,12 @@ class Settings(BaseSettings):
         from kold.snapshot.store import S3Options
 
         return S3Options(endpoint_url=self.s3_endpoint, region=self.s3_region, max_concurrency=self.s3_concurrency)
+
+    @property
+    def host_pool(self) -> HostPool | None:
+        from kold.snapshot.hostpool import HostPool
+
+        return HostPool(self.host_pool_dir) if self.host_pool_dir is not None else None
 
     @cached_property
     def node_cache(self) -> NodeCache:

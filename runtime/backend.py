@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from kold.runtime.model import LlamaForCausalLM
     from kold.runtime.tokenizer import Tokenizer
     from kold.snapshot.cache import NodeCache
+    from kold.snapshot.hostpool import HostPool
     from kold.snapshot.manifest import Manifest
     from kold.snapshot.progress import RestoreProgress
     from kold.snapshot.store import S3Options
@@ -343,6 +344,7 @@ def snapshot_loader(
     s3: S3Options | None = None,
     readers: int | None = None,
     dtype: str | None = None,
+    pool: HostPool | None = None,
 ) -> Loader:
     """A loader (see server.py) for the snapshot at `uri`; phases are timed for the startup log.
 
@@ -353,7 +355,8 @@ def snapshot_loader(
     restore, on the critical path: `model` (from the restore's end to a started engine), made of
     `prebuild_wait` (the part of the prebuild the restore did not hide), `bind` (assigning the views,
     plus a dtype conversion if `dtype` asks for one) and the engine's start.
-    `dtype`: the compute dtype ("auto" or None: the snapshot's; see `DTYPES`).
+    `dtype`: the compute dtype ("auto" or None: the snapshot's; see `DTYPES`). `pool`: the node's
+    pre-faulted host memory, which a CPU restore claims instead of faulting in fresh pages.
 
     With `early` (the server passes it) and a CPU restore that fills a buffer, the model is bound to
     that buffer while it fills and starts serving behind the restore (runtime/early.py): `early_bind`
@@ -383,7 +386,7 @@ def snapshot_loader(
         prebuild.start()
         try:
             snap = restore(uri, device, cache=cache, s3=s3, readers=readers, cancel=cancel,
-                           on_metadata=prebuild.offer, progress=progress)  # fmt: skip
+                           on_metadata=prebuild.offer, progress=progress, pool=pool)  # fmt: skip
         except BaseException:
             prebuild.abandon()
             prebuild.join()

@@ -13,6 +13,7 @@ from kold.snapshot.errors import (
     ChunkCorruptedError,
     ChunkTruncatedError,
     DeviceUnavailableError,
+    HostPoolError,
     InvalidURIError,
     ManifestError,
     ManifestVersionError,
@@ -31,6 +32,7 @@ from kold.snapshot.errors import (
 if TYPE_CHECKING:
     from kold.snapshot.builder import BuildResult, build_snapshot
     from kold.snapshot.cache import CacheTier, NodeCache
+    from kold.snapshot.hostpool import HostPool
     from kold.snapshot.loading import load_into
     from kold.snapshot.manifest import Manifest
     from kold.snapshot.prefetcher import prefetch
@@ -43,6 +45,7 @@ _LAZY = {
     "BuildResult": "builder",
     "CacheTier": "cache",
     "NodeCache": "cache",
+    "HostPool": "hostpool",
     "load_into": "loading",
     "Manifest": "manifest",
     "prefetch": "prefetcher",
@@ -69,6 +72,8 @@ __all__ = [
     "ChunkCorruptedError",
     "ChunkTruncatedError",
     "DeviceUnavailableError",
+    "HostPool",
+    "HostPoolError",
     "InvalidURIError",
     "Manifest",
     "ManifestError",

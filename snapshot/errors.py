@@ -70,3 +70,7 @@ class TensorMismatchError(SnapshotError):
 
 class DeviceUnavailableError(SnapshotError):
     """A restore asked for a device (CUDA) this process cannot use."""
+
+
+class HostPoolError(SnapshotError):
+    """The node's host memory pool cannot do what was asked (no room, bad size, unusable directory)."""

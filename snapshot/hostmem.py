@@ -146,11 +146,27 @@ def huge_page_backed(path: Path) -> bool:
     """Whether files under `path` get 2 MiB pages: a hugetlbfs, or a tmpfs mounted with huge=always
     or huge=within_size (or any tmpfs when the kernel forces huge shmem). Mapping such a file costs
     ~500x fewer page-table entries, which is what makes a restore from the shm tier nearly free."""
+    mount = mount_of(path)
+    if mount is None:
+        return False
+    fstype, options = mount
+    if fstype == "hugetlbfs":
+        return True
+    if fstype != "tmpfs":
+        return False
     try:
         forced = "[force]" in Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
+    except OSError:
+        forced = False
+    return forced or any(opt in ("huge=always", "huge=within_size") for opt in options.split(","))
+
+
+def mount_of(path: Path) -> tuple[str, str] | None:
+    """(filesystem type, super options) of the mount holding `path`, from /proc/self/mountinfo."""
+    try:
         mounts = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
-        return False
+        return None
     target = str(path.resolve())
     best: tuple[int, str, str] = (-1, "", "")
     for line in mounts:
@@ -161,9 +177,4 @@ def huge_page_backed(path: Path) -> bool:
         mount_point, fstype, options = fields[4], fields[sep + 1], fields[-1]
         if (target == mount_point or target.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) > best[0]:
             best = (len(mount_point), fstype, options)
-    _, fstype, options = best
-    if fstype == "hugetlbfs":
-        return True
-    if fstype != "tmpfs":
-        return False
-    return forced or any(opt in ("huge=always", "huge=within_size") for opt in options.split(","))
+    return (best[1], best[2]) if best[0] >= 0 else None

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 
     import torch
 
+    from kold.snapshot.hostpool import HostPool
+
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +74,7 @@ class RestoreStats:
     readers: int = 0
     verified: bool = False
     mapped: bool = False  # CPU restore from the shm tier by mapping (no copy)
+    pooled: bool = False  # CPU restore into a segment of the node's pre-faulted host pool
     direct_io: bool = False  # the data file was cold and read with O_DIRECT (no page cache)
     metadata_s: float = 0.0
     fetch_s: float = 0.0
@@ -179,6 +182,7 @@ def restore(
     on_chunk: Callable[[ChunkEntry], None] | None = None,
     on_metadata: Callable[[Manifest, dict[str, bytes]], None] | None = None,
     progress: RestoreProgress | None = None,
+    pool: HostPool | None = None,
 ) -> RestoredSnapshot:
     """Restore a snapshot onto `device` ("cpu", "cuda", "cuda:N").
 
@@ -194,7 +198,7 @@ def restore(
     """
     try:
         restored = _restore(uri, device, readers, verify, cache, s3, staging, fill_cache, cancel, on_chunk,
-                            on_metadata, progress)  # fmt: skip
+                            on_metadata, progress, pool)  # fmt: skip
     except BaseException as exc:
         if progress is not None:
             progress.end(exc)
@@ -217,6 +221,7 @@ def _restore(
     on_chunk: Callable[[ChunkEntry], None] | None,
     on_metadata: Callable[[Manifest, dict[str, bytes]], None] | None,
     progress: RestoreProgress | None,
+    pool: HostPool | None,
 ) -> RestoredSnapshot:
     started = time.perf_counter()
     spec = DeviceSpec.parse(device)
@@ -252,11 +257,13 @@ def _restore(
     if buffer is None:
         remote_store = ref.store_uri.startswith("s3://")
         plan = make_plan(manifest, readers=readers or default_readers(remote_store and hit is None), staged=staged)
-        dest: HostDestination | StagedDestination = (
-            StagedDestination(make_engine(spec), manifest.data_size, plan.slot_size, plan.ring_slots)
-            if staged
-            else HostDestination(manifest.data_size)
-        )
+        dest: HostDestination | StagedDestination
+        if staged:
+            dest = StagedDestination(make_engine(spec), manifest.data_size, plan.slot_size, plan.ring_slots)
+        else:
+            claimed = _claim(pool, manifest.data_size, ref.snapshot_id)
+            stats.pooled = claimed is not None
+            dest = HostDestination(manifest.data_size, buffer=claimed)
         store_source = ReadSource(
             _LazyReader(lambda: _open_data(store.get(), ref)), "store", 0 if remote_store else LOCAL_PIECE_SIZE
         )
@@ -321,6 +328,19 @@ def _restore(
     stats.total_s = time.perf_counter() - started
     log.info("restore %s", json.dumps(stats.as_dict(), sort_keys=True))
     return RestoredSnapshot(ref, manifest, files, tensors, buffer, stats, fill)
+
+
+def _claim(pool: HostPool | None, nbytes: int, snapshot_id: str) -> mmap.mmap | None:
+    if pool is None:
+        return None
+    try:
+        claimed = pool.claim(nbytes)
+    except OSError as exc:  # an unusable pool must not fail a restore that fresh memory can serve
+        log.warning("snapshot %s: host pool %s unusable (%s); using fresh memory", snapshot_id, pool.directory, exc)
+        return None
+    if claimed is None:
+        log.info("snapshot %s: no free segment of %s bytes in %s; using fresh memory", snapshot_id, nbytes, pool)
+    return claimed
 
 
 def _chain(

@@ -87,6 +87,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         s3=settings.s3_options(),
         readers=settings.restore_readers,
         dtype=args.dtype,
+        pool=settings.host_pool,
     )
     return serve(options, loader, process_start=process_start)
 

@@ -1,4 +1,4 @@
-"""`kold snapshot build|inspect|restore|prefetch`."""
+"""`kold snapshot build|inspect|restore|prefetch|pool`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kold.cli import existing_dir, print_json
+from kold.cli import CLIError, existing_dir, print_json
 from kold.progress import ByteProgress, chunk_counter
 from kold.settings import Settings
+
+if TYPE_CHECKING:
+    from kold.snapshot.hostpool import HostPool
 
 
 def register(top: Any) -> None:
@@ -44,6 +47,15 @@ def register(top: Any) -> None:
     prefetch = sub.add_parser("prefetch", help="warm this node's cache tiers with a snapshot")
     prefetch.add_argument("uri", metavar="URI")
     prefetch.set_defaults(handler=cmd_prefetch)
+
+    pool = sub.add_parser("pool", help="this node's pre-faulted host memory for CPU restores (KOLD_HOST_POOL_DIR)")
+    pool_sub = pool.add_subparsers(dest="pool_command", required=True, metavar="ACTION")
+    fill = pool_sub.add_parser("fill", help="add segments, every page faulted in now")
+    fill.add_argument("--size", required=True, help="bytes per segment, at least the largest snapshot (e.g. 3GiB)")
+    fill.add_argument("--count", type=int, default=1, help="segments to add: instances that restore at once")
+    fill.set_defaults(handler=cmd_pool_fill)
+    pool_sub.add_parser("status", help="list the segments and which are in use").set_defaults(handler=cmd_pool_status)
+    pool_sub.add_parser("clear", help="remove every segment no instance holds").set_defaults(handler=cmd_pool_clear)
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
@@ -108,6 +120,7 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
             cache=None if args.no_cache else settings.node_cache,
             s3=settings.s3_options(),
             on_chunk=chunk_counter(progress, "fetch", total),
+            pool=settings.host_pool,
         )
     if args.json:
         print_json(snap.stats.as_dict())
@@ -121,6 +134,7 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
 
 def print_phase_table(stats: dict[str, Any]) -> None:
     source = stats["source_tier"] + (" (mapped, no copy)" if stats["mapped"] else "")
+    source += ", into a host pool segment" if stats.get("pooled") else ""
     print(f"snapshot {stats['snapshot_id']}  device {stats['device']}  source {source}")
     rows = [
         ("metadata", stats["metadata_s"], ""),
@@ -178,3 +192,54 @@ def evict_page_cache(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def _pool(settings: Settings) -> HostPool:
+    from kold.snapshot.errors import HostPoolError
+
+    pool = settings.host_pool
+    if pool is None:
+        raise HostPoolError(
+            "no host pool is configured: set KOLD_HOST_POOL_DIR to a directory on a huge-page tmpfs "
+            "(mount -t tmpfs -o huge=within_size,size=8g tmpfs DIR)"
+        )
+    return pool
+
+
+def cmd_pool_fill(args: argparse.Namespace, settings: Settings) -> int:
+    from kold.settings import parse_size
+
+    pool = _pool(settings)
+    try:
+        size = parse_size(args.size)
+    except ValueError as exc:
+        raise CLIError(f"--size: {exc}") from None
+    if not pool.huge_pages:
+        print(f"warning: {pool.directory} is not on a huge-page tmpfs: mapping a segment costs a page-table "
+              "entry per 4 KiB (~0.3-0.8 s for 2 GB), so the pool saves little over fresh memory")  # fmt: skip
+    done = 0
+
+    def made(path: Path) -> None:
+        nonlocal done
+        done += 1
+        print(f"[{done}/{args.count}] {path.name}  {size / 2**30:.2f} GiB faulted in", flush=True)
+
+    pool.fill(args.count, size, on_segment=made)
+    return cmd_pool_status(args, settings)
+
+
+def cmd_pool_status(args: argparse.Namespace, settings: Settings) -> int:
+    pool = _pool(settings)
+    segments = pool.segments()
+    pages = "2 MiB pages" if pool.huge_pages else "4 KiB pages"
+    print(f"host pool {pool.directory} ({pages}): {len(segments)} segments, "
+          f"{sum(s.size for s in segments) / 2**30:.2f} GiB, {sum(s.in_use for s in segments)} in use")  # fmt: skip
+    for s in segments:
+        print(f"  {s.path.name}  {s.size / 2**30:8.2f} GiB  {'in use' if s.in_use else 'free'}")
+    return 0
+
+
+def cmd_pool_clear(args: argparse.Namespace, settings: Settings) -> int:
+    removed, busy = _pool(settings).clear()
+    print(f"removed {removed} segments" + (f"; {busy} in use stay until their instances end" if busy else ""))
+    return 0

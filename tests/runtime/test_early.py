@@ -152,3 +152,31 @@ def test_the_gate_waits_for_each_stage_in_order(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 2, 3]])
     model(ids, torch.arange(3)[None], KVCache(config, 1, 16, torch.float32), torch.tensor([0]))
     assert calls == [0, 1, 2, 3, 4]
+
+
+def test_a_runtime_restoring_into_the_host_pool_serves_behind_it_from_the_segment(tiny_snapshot: str) -> None:
+    import uuid
+
+    from kold.snapshot import HostPool
+
+    normal = snapshot_loader(tiny_snapshot, max_batch=2, max_seq_len=64)(threading.Event())
+    try:
+        expected, _ = generate(normal.backend)
+        data_size = normal.backend.engine.model.lm_head.weight.untyped_storage().nbytes()  # type: ignore[attr-defined]
+    finally:
+        normal.backend.stop(0)
+    pool = HostPool(Path("/dev/shm") / f"kold-test-pool-{uuid.uuid4().hex[:8]}")
+    try:
+        pool.fill(1, data_size)
+        handed: list[backend.Backend] = []
+        loaded = snapshot_loader(tiny_snapshot, max_batch=2, max_seq_len=64, pool=pool)(
+            threading.Event(), early=handed.append
+        )
+        try:
+            assert handed and loaded.backend is handed[0]
+            assert pool.segments()[0].in_use  # the weights the engine computes with live in the segment
+            assert generate(loaded.backend)[0] == expected
+        finally:
+            loaded.backend.stop(0)
+    finally:
+        shutil.rmtree(pool.directory, ignore_errors=True)
