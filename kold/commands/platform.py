@@ -193,11 +193,27 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
                 self._captured_signals.clear()
 
         print(f"kold platform listening on http://{args.host}:{args.port} (redis {redis_url})", flush=True)
+        _report_host_pool(settings)
         Server(server_config(app, args.host, args.port)).run()
         return 0
     finally:
         if local_redis is not None:
             local_redis.stop()
+
+
+def _report_host_pool(settings: Settings) -> None:
+    """Instances inherit KOLD_HOST_POOL_DIR; say what they will find there, and when it is nothing."""
+    pool = settings.host_pool
+    if pool is None:
+        return
+    segments = pool.segments()
+    if not segments:
+        print(f"warning: the host pool {pool.directory} has no segments: CPU restores use fresh memory until "
+              "`kold snapshot pool fill --size SIZE --count N` adds some", flush=True)  # fmt: skip
+        return
+    sizes = ", ".join(sorted({f"{s.size / 2**30:.2f} GiB" for s in segments}))
+    print(f"host pool {pool.directory}: {len(segments)} segments ({sizes}), {sum(not s.in_use for s in segments)} "
+          "free, for CPU restores", flush=True)  # fmt: skip
 
 
 def _is_loopback(host: str) -> bool:
