@@ -73,6 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def human_bytes(n: int) -> str:
+    """1.5 GiB, 2.0 MiB, 512 B: binary units, as sizes are given to `--size` and KOLD_*_BYTES."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.{2 if unit in ('TiB', 'GiB') else 1}f} {unit}"
+    return f"{n} B"
+
+
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 

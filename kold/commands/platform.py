@@ -211,7 +211,9 @@ def _report_host_pool(settings: Settings) -> None:
         print(f"warning: the host pool {pool.directory} has no segments: CPU restores use fresh memory until "
               "`kold snapshot pool fill --size SIZE --count N` adds some", flush=True)  # fmt: skip
         return
-    sizes = ", ".join(sorted({f"{s.size / 2**30:.2f} GiB" for s in segments}))
+    from kold.cli import human_bytes
+
+    sizes = ", ".join(human_bytes(size) for size in sorted({s.size for s in segments}))
     print(f"host pool {pool.directory}: {len(segments)} segments ({sizes}), {sum(not s.in_use for s in segments)} "
           "free, for CPU restores", flush=True)  # fmt: skip
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kold.cli import CLIError, existing_dir, print_json
+from kold.cli import CLIError, existing_dir, human_bytes, print_json
 from kold.progress import ByteProgress, chunk_counter
 from kold.settings import Settings
 
@@ -222,7 +222,7 @@ def cmd_pool_fill(args: argparse.Namespace, settings: Settings) -> int:
     def made(path: Path) -> None:
         nonlocal done
         done += 1
-        print(f"[{done}/{args.count}] {path.name}  {size / 2**30:.2f} GiB faulted in", flush=True)
+        print(f"[{done}/{args.count}] {path.name}  {human_bytes(path.stat().st_size)} faulted in", flush=True)
 
     pool.fill(args.count, size, on_segment=made)
     return cmd_pool_status(args, settings)
@@ -233,9 +233,9 @@ def cmd_pool_status(args: argparse.Namespace, settings: Settings) -> int:
     segments = pool.segments()
     pages = "2 MiB pages" if pool.huge_pages else "4 KiB pages"
     print(f"host pool {pool.directory} ({pages}): {len(segments)} segments, "
-          f"{sum(s.size for s in segments) / 2**30:.2f} GiB, {sum(s.in_use for s in segments)} in use")  # fmt: skip
+          f"{human_bytes(sum(s.size for s in segments))}, {sum(s.in_use for s in segments)} in use")  # fmt: skip
     for s in segments:
-        print(f"  {s.path.name}  {s.size / 2**30:8.2f} GiB  {'in use' if s.in_use else 'free'}")
+        print(f"  {s.path.name}  {human_bytes(s.size):>10}  {'in use' if s.in_use else 'free'}")
     return 0
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,22 +75,31 @@ def test_bad_input_is_one_line(env: dict[str, str], args: tuple[str, ...], messa
 
 @pytest.fixture
 def platform(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """`kold up --detach`, with a host pool of one segment that its instances inherit."""
     pytest.importorskip("kold.gateway.app")
+    from kold.snapshot import HostPool
+
+    pool = HostPool(Path("/dev/shm") / f"kold-test-platform-pool-{uuid.uuid4().hex[:8]}")
+    pool.fill(1, 2 << 20)
+    env = {**env, "KOLD_HOST_POOL_DIR": str(pool.directory)}
     up = kold("up", "--detach", "--port", env["KOLD_TEST_PORT"], env=env, timeout=90)
     assert up.returncode == 0, up.stderr
     try:
         yield env
     finally:
-        down = kold("down", env=env, timeout=90)
-        assert down.returncode == 0, down.stderr
-        # `kold down` leaves nothing behind: the private redis-server is stopped, the pid file removed
-        home = Path(env["KOLD_HOME"])
-        redis_port = int(re.findall(r"redis redis://127\.0\.0\.1:(\d+)", (home / "platform.log").read_text())[-1])
-        deadline = time.monotonic() + 15
-        while _accepts(redis_port):
-            assert time.monotonic() < deadline, "the private redis-server outlived `kold down`"
-            time.sleep(0.1)
-        assert not list(home.glob("*.pid")), list(home.glob("*.pid"))
+        try:
+            down = kold("down", env=env, timeout=90)
+            assert down.returncode == 0, down.stderr
+            # `kold down` leaves nothing behind: the private redis-server is stopped, the pid file removed
+            home = Path(env["KOLD_HOME"])
+            redis_port = int(re.findall(r"redis redis://127\.0\.0\.1:(\d+)", (home / "platform.log").read_text())[-1])
+            deadline = time.monotonic() + 15
+            while _accepts(redis_port):
+                assert time.monotonic() < deadline, "the private redis-server outlived `kold down`"
+                time.sleep(0.1)
+            assert not list(home.glob("*.pid")), list(home.glob("*.pid"))
+        finally:
+            shutil.rmtree(pool.directory, ignore_errors=True)  # after `kold down`: no instance holds it
 
 
 def _accepts(port: int) -> bool:
@@ -116,6 +126,10 @@ def test_deploy_invoke_cold_then_warm_describe_and_down(platform: dict[str, str]
     second = kold("invoke", "tiny", "Hello", "--chat", "--max-tokens", "4", env=platform)
     assert second.returncode == 0, second.stderr
     assert "warm:" in second.stdout
+    # the instance restored into the node's host pool, which `kold up` handed down to it
+    assert "1 segments (2.0 MiB), 1 free" in (Path(platform["KOLD_HOME"]) / "platform.log").read_text()
+    pool = kold("snapshot", "pool", "status", env=platform)
+    assert pool.returncode == 0 and "1 segments" in pool.stdout and "1 in use" in pool.stdout, pool.stdout
 
     described = kold("describe", "tiny", env=platform)
     assert described.returncode == 0, described.stderr
