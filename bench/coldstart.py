@@ -103,19 +103,25 @@ def stream_first_token(port: int, model: str, started: float, failed: Callable[[
                 httpx.Client(timeout=300, trust_env=False) as client,
                 client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as resp,
             ):
-                if resp.status_code != 200:
-                    raise RuntimeError(f"runtime answered {resp.status_code}: {resp.read()[:300]!r}")
-                for line in resp.iter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        first = time.perf_counter() - started
-                        break
-                headers = {k.lower(): v for k, v in resp.headers.items() if k.lower().startswith("x-kold")}
-                break
+                return read_first_token(resp, started, "runtime")
         except httpx.ConnectError:
             why = failed()
             if why is not None or time.perf_counter() > deadline:
                 raise RuntimeError(f"runtime did not come up: {why or 'timeout'}") from None
             time.sleep(0.005)
+
+
+def read_first_token(resp: httpx.Response, started: float, who: str) -> dict[str, Any]:
+    """Seconds from `started` to the first token of a streamed completion, and its numeric X-Kold-* headers."""
+    if resp.status_code != 200:
+        raise RuntimeError(f"{who} answered {resp.status_code}: {resp.read()[:300]!r}")
+    for line in resp.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            first = time.perf_counter() - started
+            break
+    else:
+        raise RuntimeError(f"the stream from the {who} ended without a token")
+    headers = {k.lower(): v for k, v in resp.headers.items() if k.lower().startswith("x-kold")}
     return {"first_token_s": first, **{k: float(v) for k, v in headers.items() if v.replace(".", "").isdigit()}}
 
 
@@ -272,16 +278,7 @@ class GatewayPlatform:
         body = {"model": self.NAME, "prompt": PROMPT, "max_tokens": 1, "stream": True}
         started = time.perf_counter()
         with self.client.stream("POST", "/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                raise RuntimeError(f"gateway answered {resp.status_code}: {resp.read()[:300]!r}")
-            for line in resp.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    first = time.perf_counter() - started
-                    break
-            else:
-                raise RuntimeError("the stream ended without a token")
-            headers = {k.lower(): v for k, v in resp.headers.items() if k.lower().startswith("x-kold")}
-        return {"first_token_s": first, **{k: float(v) for k, v in headers.items() if v.replace(".", "").isdigit()}}
+            return read_first_token(resp, started, "gateway")
 
     def close(self) -> None:
         self.client.close()

@@ -83,15 +83,10 @@ class HostPool:
         The mapping holds the claim: close it (or drop the last reference) to give the segment back.
         """
         for path in self._candidates(nbytes):
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except FileNotFoundError:
+            fd = _lock(path)
+            if fd is None:  # gone, or another restore holds it
                 continue
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # another restore holds it
                 size = os.fstat(fd).st_size
                 if size < nbytes:  # replaced by a smaller one since it was listed
                     continue
@@ -144,16 +139,13 @@ class HostPool:
         until its instance ends (removing it now would only hide it: its memory stays mapped)."""
         removed = busy = 0
         for path in self._segment_paths():
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except FileNotFoundError:
+            if not path.exists():
+                continue
+            fd = _lock(path)
+            if fd is None:
+                busy += path.exists()  # held (a segment removed meanwhile is neither)
                 continue
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    busy += 1
-                    continue
                 path.unlink(missing_ok=True)
                 removed += 1
             finally:
@@ -219,6 +211,21 @@ def _populate_write(mapping: mmap.mmap) -> bool:
         return False
     address = buffer_address(mapping)
     return bool(libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(len(mapping)), MADV_POPULATE_WRITE) == 0)
+
+
+def _lock(path: Path) -> int | None:
+    """A read-write descriptor of `path` holding its exclusive lock; None when the file is gone or
+    some process holds the lock already."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _held(path: Path) -> bool:
