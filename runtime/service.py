@@ -9,7 +9,6 @@ inter-token latency). A client that goes away cancels its generations, which fre
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -352,27 +351,14 @@ class Service:
                 self._on_first_token()
 
     async def _collect(self, job: _Job, disconnected: Disconnected) -> None:
-        """Run a non-streamed job to the end; a client that disconnects first cancels it."""
+        """Run a non-streamed job to the end; a client that disconnects first cancels it (leaving
+        `_events` cancels the generations)."""
 
         async def consume() -> None:
             async for _ in self._events(job):
                 pass
 
-        work = asyncio.ensure_future(consume())
-        watch = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            if not work.done():
-                work.cancel()  # the client left (or we were cancelled): _events cancels the generations
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-        if work.cancelled():
-            if watch.done() and not watch.cancelled():
-                raise ClientDisconnectedError("the client closed the connection before the completion was done")
-            raise asyncio.CancelledError
-        work.result()
+        await _unless_gone(consume(), disconnected, "the client closed the connection before the completion was done")
 
     async def _completion_events(self, job: _Job, echo: list[str], usage: bool) -> AsyncIterator[bytes]:
         def chunk(choices: list[CompletionChoice]) -> bytes:
