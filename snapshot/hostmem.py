@@ -56,13 +56,25 @@ def populate_read(mapping: mmap.mmap, size: int) -> bool:
 
     Returns False where the kernel lacks MADV_POPULATE_READ; the pages then fault in on first use.
     """
+    return _populate(mapping, size, MADV_POPULATE_READ)
+
+
+def populate_write(mapping: mmap.mmap, size: int) -> bool:
+    """Fill a shared mapping's page tables for writing (Linux >= 5.14), so later writes take no fault.
+
+    Returns False where the kernel lacks MADV_POPULATE_WRITE; the pages then fault in on first write.
+    """
+    return _populate(mapping, size, MADV_POPULATE_WRITE)
+
+
+def _populate(mapping: mmap.mmap, size: int, advice: int) -> bool:
     import ctypes
 
     libc = _libc()
     if libc is None or size == 0:
         return False
     address = buffer_address(mapping)
-    result = libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), MADV_POPULATE_READ)
+    result = libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), advice)
     return bool(result == 0)
 
 
@@ -130,7 +142,8 @@ def _libc() -> Any:
     return _LIBC
 
 
-MADV_POPULATE_READ = 22  # <linux/mman.h>; Python's mmap module does not export it
+MADV_POPULATE_READ = 22  # <linux/mman.h>; Python's mmap module exports neither
+MADV_POPULATE_WRITE = 23
 _MAP_FAILED = (1 << 64) - 1  # (void *) -1 as ctypes returns it for a c_void_p result
 _LIBC: Any = None
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kold.snapshot.errors import HostPoolError
-from kold.snapshot.hostmem import _libc, buffer_address, huge_page_backed, mount_of
+from kold.snapshot.hostmem import huge_page_backed, mount_of, populate_write
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ SEGMENT_PREFIX = "segment-"
 _FILLING_PREFIX = ".filling-"
 HUGE_PAGE = 2 << 20  # a mapping of a hugetlbfs file must cover whole huge pages
 MEMORY_FILESYSTEMS = ("tmpfs", "hugetlbfs")
-MADV_POPULATE_WRITE = 23  # <linux/mman.h>; Python's mmap module does not export it
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ class HostPool:
                 mapping = mmap.mmap(fd, _map_length(nbytes, size), flags=mmap.MAP_SHARED)
             finally:
                 os.close(fd)
-            _populate_write(mapping)
+            populate_write(mapping, len(mapping))
             return mapping
         return None
 
@@ -110,18 +109,18 @@ class HostPool:
         if segment_bytes < mmap.PAGESIZE:
             raise HostPoolError(f"host pool {self.directory}: a segment of {segment_bytes} bytes is too small")
         size = (segment_bytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            vfs = os.statvfs(self.directory)
-        except OSError as exc:
-            raise HostPoolError(f"host pool {self.directory}: {exc.strerror or exc}") from exc
-        mount = mount_of(self.directory)
+        mount = mount_of(self.directory)  # the mount that holds it, whether or not it exists yet
         if mount is not None and mount[0] not in MEMORY_FILESYSTEMS:
             # a shared mapping of a disk file would write every restored byte back to the disk
             raise HostPoolError(
                 f"host pool {self.directory} is on {mount[0]}, not in memory: use a tmpfs (ideally mounted "
                 "with huge=within_size) or a hugetlbfs"
             )
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            vfs = os.statvfs(self.directory)
+        except OSError as exc:
+            raise HostPoolError(f"host pool {self.directory}: {exc.strerror or exc}") from exc
         free = vfs.f_bavail * vfs.f_frsize
         if free < count * size:
             raise HostPoolError(
@@ -139,8 +138,6 @@ class HostPool:
         until its instance ends (removing it now would only hide it: its memory stays mapped)."""
         removed = busy = 0
         for path in self._segment_paths():
-            if not path.exists():
-                continue
             fd = _lock(path)
             if fd is None:
                 busy += path.exists()  # held (a segment removed meanwhile is neither)
@@ -180,7 +177,7 @@ class HostPool:
             # fallocate reserves pages on a tmpfs but leaves them to be cleared on first access; a
             # write fault through a mapping clears and maps every one of them now, not in a restore
             with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as mapping:
-                if not _populate_write(mapping):
+                if not populate_write(mapping, size):
                     for offset in range(0, size, mmap.PAGESIZE):
                         mapping[offset] = 0
             os.rename(temp, final)
@@ -199,18 +196,6 @@ def _map_length(nbytes: int, size: int) -> int:
     if length <= size:
         return length
     return max(mmap.PAGESIZE, (nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE)
-
-
-def _populate_write(mapping: mmap.mmap) -> bool:
-    """Fill a shared mapping's page tables (Linux >= 5.14), so a restore's writes take no fault.
-    False where the kernel lacks MADV_POPULATE_WRITE; the pages then fault in on first write."""
-    import ctypes
-
-    libc = _libc()
-    if libc is None or len(mapping) == 0:
-        return False
-    address = buffer_address(mapping)
-    return bool(libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(len(mapping)), MADV_POPULATE_WRITE) == 0)
 
 
 def _lock(path: Path) -> int | None:

@@ -136,6 +136,7 @@ def test_bad_requests_name_the_problem_and_leave_nothing_behind(pool: HostPool, 
         pool.fill(1, 1 << 50)
     with pytest.raises(HostPoolError, match="not in memory"):
         HostPool(tmp_path / "pool").fill(1, 1 << 20)  # the test's tmp_path is a disk here
+    assert not (tmp_path / "pool").exists()  # refused before anything was created there
     assert pool.segments() == []
     assert list(pool.directory.iterdir()) == []
 
