@@ -128,19 +128,14 @@ def targets(outcomes: dict[str, Outcome], tensor_bytes: int, chunk_size: int) ->
         x = b.median_s / got[a].median_s
         return x >= need, f"{a} {got[a].median_s:.3f} s vs {b.name} {b.median_s:.3f} s: {x:.2f}x (need {need}x)"
 
-    check("kold local hot >= 1.5x fastest peer hot", ["kold"] + ([] if hot else ["a hot peer"]),
-          lambda: speedup("kold", hot, 1.5))  # fmt: skip
-    check("kold local hot >= 0.5x memcpy into touched memory", ["kold", "memcpy-touched"],
-          lambda: speedup("kold", got["memcpy-touched"], 0.5))  # fmt: skip
-    check("kold local cold >= fastest peer cold", ["kold-cold"] + ([] if cold else ["a cold peer"]),
-          lambda: speedup("kold-cold", cold, 1.0))  # fmt: skip
-    # the same three with the node's pre-faulted host pool as the destination (hostpool.py)
-    check("kold-pool local hot >= 1.5x fastest peer hot", ["kold-pool"] + ([] if hot else ["a hot peer"]),
-          lambda: speedup("kold-pool", hot, 1.5))  # fmt: skip
-    check("kold-pool local hot >= 0.5x memcpy into touched memory", ["kold-pool", "memcpy-touched"],
-          lambda: speedup("kold-pool", got["memcpy-touched"], 0.5))  # fmt: skip
-    check("kold-pool local cold >= fastest peer cold", ["kold-pool-cold"] + ([] if cold else ["a cold peer"]),
-          lambda: speedup("kold-pool-cold", cold, 1.0))  # fmt: skip
+    # the local-store targets, into fresh memory and into the node's pre-faulted host pool (hostpool.py)
+    for a, a_cold in (("kold", "kold-cold"), ("kold-pool", "kold-pool-cold")):
+        check(f"{a} local hot >= 1.5x fastest peer hot", [a] + ([] if hot else ["a hot peer"]),
+              lambda a=a: speedup(a, hot, 1.5))  # type: ignore[misc]  # fmt: skip
+        check(f"{a} local hot >= 0.5x memcpy into touched memory", [a, "memcpy-touched"],
+              lambda a=a: speedup(a, got["memcpy-touched"], 0.5))  # type: ignore[misc]  # fmt: skip
+        check(f"{a} local cold >= fastest peer cold", [a_cold] + ([] if cold else ["a cold peer"]),
+              lambda a_cold=a_cold: speedup(a_cold, cold, 1.0))  # type: ignore[misc]  # fmt: skip
 
     def shm() -> tuple[bool, str]:
         frac = got["kold-shm"].median_s / got["kold"].median_s
