@@ -16,7 +16,14 @@ token arriving over HTTP (kold) or being produced (naive):
 - `kold-shm`:   the same with the node's shm tier already holding the snapshot (a warm node);
 - `kold-s3`:    `kold runtime serve --snapshot s3://...` against `rclone serve s3` on loopback;
 - `naive`:      a fresh process that loads the Hugging Face directory with `transformers`
-                (`AutoModelForCausalLM.from_pretrained`, safetensors) and generates one token.
+                (`AutoModelForCausalLM.from_pretrained`, safetensors) and generates one token;
+- `floor`:      what no fresh runtime process can beat on this machine: its serial steps, each measured
+                alone, with no restore beside them. A fresh interpreter imports the runtime's code
+                (`kold.runtime.server`, then torch: Python's imports hold the GIL, so two threads
+                cannot import at once), timed from spawn. Then, in the same process, the model is
+                restored untimed from a hot cache, and its first prefill of the same prompt is timed.
+                On CUDA the first part also creates the CUDA context.
+                The row's "first token" is the sum of the two.
 
 kold's rows also carry the runtime's own breakdown from the first response's `X-Kold-*` headers
 (imports, restore, model build). Targets (ratios from the same run): kold's cold start <= 1.5x its
@@ -65,6 +72,24 @@ ids = tok(sys.argv[2], return_tensors="pt").to(device)
 with torch.inference_mode():
     model.generate(**ids, max_new_tokens=1, do_sample=False)
 print("FIRST_TOKEN", flush=True)
+"""
+FLOOR = r"""
+import sys, threading, time
+import kold.runtime.server
+import torch
+if sys.argv[3] != "cpu":
+    torch.zeros(1, device=sys.argv[3])  # the CUDA context: every process on the GPU pays it before its restore
+print("IMPORTED", flush=True)
+from kold.runtime.backend import snapshot_loader
+from kold.runtime.engine import GenerationRequest
+from kold.runtime.sampling import SamplingParams
+uri, prompt, device = sys.argv[1], sys.argv[2], sys.argv[3]
+backend = snapshot_loader(uri, device=device, max_batch=1)(threading.Event()).backend
+ids = backend.encode(prompt, special=True)
+t0 = time.perf_counter()
+next(iter(backend.engine.submit(GenerationRequest(ids, SamplingParams(max_tokens=1)))))
+print("PREFILL", time.perf_counter() - t0, flush=True)
+backend.stop(0.0)
 """
 
 
@@ -312,6 +337,25 @@ def naive_first_token(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
     return {"first_token_s": first}
 
 
+def floor_first_token(uri: str, env: dict[str, str], device: str = "cpu") -> dict[str, Any]:
+    """`floor`: a fresh process's spawn to the runtime's code imported, plus one first prefill measured alone."""
+    started = time.perf_counter()
+    cmd = [sys.executable, "-c", FLOOR, uri, PROMPT, device]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    imported = prefill = None
+    for line in proc.stdout:
+        if line.startswith("IMPORTED"):
+            imported = time.perf_counter() - started
+        elif line.startswith("PREFILL"):
+            prefill = float(line.split()[1])
+            break
+    proc.wait(60)
+    if imported is None or prefill is None:
+        raise RuntimeError(f"floor measurement failed: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+    return {"first_token_s": imported + prefill, "imports_s": imported, "prefill_s": prefill}
+
+
 @contextmanager
 def s3_snapshot(model_dir: Path, size: str) -> Iterator[tuple[str, dict[str, str]] | None]:
     from kold.locals3 import LocalS3Server, find_rclone
@@ -391,6 +435,8 @@ def main() -> int:
                         row = kold_first_token(
                             s3[0], {**s3[1], "KOLD_CACHE_DISK_BYTES": "0", "KOLD_CACHE_SHM_BYTES": "0"}, device
                         )
+                    elif method == "floor":
+                        row = floor_first_token(uri, env, device)
                     else:
                         evict(sorted(model_dir.glob("*.safetensors")))
                         row = naive_first_token(model_dir, device)
@@ -424,6 +470,17 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
             ratio = f"{naive / first:.2f}x" if naive else "-"
             print(f"{size:<5} {method:<14} {first:>13.3f} {parts[0]:>10.1f} {parts[1]:>10.1f} {parts[2]:>9.1f} "
                   f"{parts[3]:>11.1f} {parts[4]:>9.1f} {after:>11.1f} {ratio:>8}")  # fmt: skip
+        floor = None
+        if rows.get("floor"):
+            floor = statistics.median(r["first_token_s"] for r in rows["floor"])
+            imported = statistics.median(r["imports_s"] for r in rows["floor"])
+            prefill = statistics.median(r["prefill_s"] for r in rows["floor"])
+            print(f"floor {size}: a fresh runtime process needs >= {floor:.3f} s to its first token here: spawn "
+                  f"to its code imported (server, torch) {imported:.3f} s + first prefill alone {prefill:.3f} s")  # fmt: skip
+            if naive:
+                need = naive / 3
+                print(f"floor {size}: 3x the naive path means <= {need:.3f} s, "
+                      f"{'within' if need >= floor else 'BELOW'} the fresh-process floor")  # fmt: skip
         # every one of these reads the store from a cold page cache
         for method in ("kold-local", "kold-local-pool", "kold-fork", "kold-fork-pool", "kold-gateway"):
             runs = rows.get(method)
