@@ -18,6 +18,14 @@ from kold.snapshot.manifest import ChunkEntry, Manifest
 # node gets 16.
 LOCAL_READERS_PER_CORE = 1
 MIN_LOCAL_READERS = 2
+# A cold local file is read with O_DIRECT: the threads wait on the device, not on a core, and a device
+# serves more requests in flight faster. Measured on the 1b model (2.2 GB, 2 cores, page cache
+# evicted, 3 runs each, medians): into the host pool 0.226 s with 2 readers, 0.215 s with 4,
+# 0.206 s with 8 and 0.195 s with 16; into fresh memory 0.546 / 0.444 / 0.419 / 0.386 s. A hot
+# restore into the pool took the same with 2, 4 or 8 readers (0.089-0.094 s), so the rule above stays.
+COLD_LOCAL_READERS_PER_CORE = 4
+MIN_COLD_LOCAL_READERS = 8
+MAX_COLD_LOCAL_READERS = 16
 REMOTE_READERS_PER_CORE = 2
 MIN_REMOTE_READERS = 4
 MAX_REMOTE_READERS = 16
@@ -38,10 +46,14 @@ class RestorePlan:
         return sum(c.size for c in self.chunks)
 
 
-def default_readers(remote: bool, cpu_count: int | None = None) -> int:
+def default_readers(remote: bool, cpu_count: int | None = None, *, cold: bool = False) -> int:
+    """Readers for a restore from S3 (`remote`), from a local file read with O_DIRECT (`cold`), or
+    from the page cache."""
     cores = cpu_count if cpu_count is not None else (os.cpu_count() or 2)
     if remote:
         return min(MAX_REMOTE_READERS, max(MIN_REMOTE_READERS, cores * REMOTE_READERS_PER_CORE))
+    if cold:
+        return min(MAX_COLD_LOCAL_READERS, max(MIN_COLD_LOCAL_READERS, cores * COLD_LOCAL_READERS_PER_CORE))
     return max(MIN_LOCAL_READERS, cores * LOCAL_READERS_PER_CORE)
 
 

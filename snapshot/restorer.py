@@ -256,17 +256,8 @@ def _restore(
     fill: threading.Thread | None = None
     if buffer is None:
         remote_store = ref.store_uri.startswith("s3://")
-        plan = make_plan(manifest, readers=readers or default_readers(remote_store and hit is None), staged=staged)
-        dest: HostDestination | StagedDestination
-        if staged:
-            dest = StagedDestination(make_engine(spec), manifest.data_size, plan.slot_size, plan.ring_slots)
-        else:
-            claimed = _claim(pool, manifest.data_size, ref.snapshot_id)
-            stats.pooled = claimed is not None
-            dest = HostDestination(manifest.data_size, buffer=claimed)
-        store_source = ReadSource(
-            _LazyReader(lambda: _open_data(store.get(), ref)), "store", 0 if remote_store else LOCAL_PIECE_SIZE
-        )
+        store_reader = _LazyReader(lambda: _open_data(store.get(), ref))
+        store_source = ReadSource(store_reader, "store", 0 if remote_store else LOCAL_PIECE_SIZE)
         primary = (
             ReadSource(
                 _direct_if_cold(hit.tier.store.open_reader(data_key(ref.snapshot_id))), hit.tier.name, LOCAL_PIECE_SIZE
@@ -274,6 +265,24 @@ def _restore(
             if hit
             else store_source
         )
+        remote = remote_store and hit is None
+        if not remote and primary is store_source:
+            store_reader.open()  # a local file: cheap, and whether it reads direct sets the readers
+        cold = not remote and _reads_direct(primary.reader)
+        plan = make_plan(manifest, readers=readers or default_readers(remote, cold=cold), staged=staged)
+        dest: HostDestination | StagedDestination
+        try:
+            if staged:
+                dest = StagedDestination(make_engine(spec), manifest.data_size, plan.slot_size, plan.ring_slots)
+            else:
+                claimed = _claim(pool, manifest.data_size, ref.snapshot_id)
+                stats.pooled = claimed is not None
+                dest = HostDestination(manifest.data_size, buffer=claimed)
+        except BaseException:
+            primary.reader.close()
+            if store_source is not primary:
+                store_reader.close()
+            raise
         stats.verified = verify if verify is not None else hit is None
         landed = on_chunk
         if progress is not None and isinstance(dest, HostDestination):
@@ -392,6 +401,10 @@ class _LazyReader:
     @property
     def opened(self) -> ObjectReader | None:
         return self._reader
+
+    def open(self) -> ObjectReader:
+        """Open it now (errors surface here, not in the first read)."""
+        return self._get()
 
     def read_into(self, offset: int, dest: memoryview) -> int:
         return self._get().read_into(offset, dest)

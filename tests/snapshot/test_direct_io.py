@@ -15,6 +15,7 @@ from kold.snapshot import build_snapshot, restore
 from kold.snapshot.errors import ChunkTruncatedError
 from kold.snapshot.filestore import DIRECT_ALIGN, FileReader
 from kold.snapshot.hostmem import alloc_host, resident_fraction
+from kold.snapshot.plan import default_readers
 from kold.snapshot.store import data_key
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
@@ -75,6 +76,20 @@ def test_a_cold_snapshot_is_read_with_o_direct_and_restores_identical_tensors(  
         assert torch.equal(snap.tensors[name], tensor), name
     assert snap.stats.verified and snap.stats.refetched_chunks == []
     assert snap.stats.bytes_by_tier == {"store": snap.manifest.data_size}
+
+
+def test_a_cold_snapshot_gets_more_readers_than_a_hot_one(published: tuple[str, Path]) -> None:
+    """O_DIRECT reads wait on the device, not on a core: more of them are kept in flight."""
+    uri, data = published
+    data.read_bytes()
+    hot = restore(uri)
+    _cold(data)
+    cold = restore(uri)
+    if not cold.stats.direct_io:
+        pytest.skip("the filesystem under the test's tmp dir refuses O_DIRECT")
+    chunks = cold.manifest.num_chunks
+    assert hot.stats.readers == min(default_readers(False), chunks)
+    assert cold.stats.readers == min(default_readers(False, cold=True), chunks) > hot.stats.readers
 
 
 def test_a_hot_snapshot_keeps_buffered_reads(published: tuple[str, Path], reference) -> None:  # type: ignore[no-untyped-def]

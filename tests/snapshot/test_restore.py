@@ -150,17 +150,21 @@ def test_plan_uses_no_more_readers_than_chunks_and_sizes_the_ring() -> None:
 
 
 @pytest.mark.parametrize(
-    ("remote", "cores", "expected"),
+    ("remote", "cold", "cores", "expected"),
     [
-        (False, 2, 2),  # local: one reader a core, at least two
-        (False, 1, 2),
-        (False, 16, 16),
-        (True, 2, 4),  # remote: two streams a core, between 4 and 16
-        (True, 4, 8),
-        (True, 64, 16),
+        (False, False, 2, 2),  # local, page cache: one reader a core, at least two
+        (False, False, 1, 2),
+        (False, False, 16, 16),
+        (False, True, 1, 8),  # local, O_DIRECT: four a core, between 8 and 16
+        (False, True, 2, 8),
+        (False, True, 3, 12),
+        (False, True, 16, 16),
+        (True, False, 2, 4),  # remote: two streams a core, between 4 and 16
+        (True, False, 4, 8),
+        (True, False, 64, 16),
     ],
 )
-def test_default_readers_by_source(remote: bool, cores: int, expected: int) -> None:
+def test_default_readers_by_source(remote: bool, cold: bool, cores: int, expected: int) -> None:
     from kold.snapshot.plan import default_readers
 
-    assert default_readers(remote, cpu_count=cores) == expected
+    assert default_readers(remote, cpu_count=cores, cold=cold) == expected
