@@ -382,7 +382,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,1b")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--methods", default="kold-local,kold-fork,kold-gateway,kold-shm,kold-s3,naive")
+    parser.add_argument("--methods", default="kold-local,kold-fork,kold-gateway,kold-shm,kold-s3,floor,naive")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     device = args.device
