@@ -138,7 +138,7 @@ def print_phase_table(stats: dict[str, Any]) -> None:
     print(f"snapshot {stats['snapshot_id']}  device {stats['device']}  source {source}")
     rows = [
         ("metadata", stats["metadata_s"], ""),
-        ("fetch", stats["fetch_s"], f"{stats['readers']} readers" if stats["readers"] else ""),
+        ("fetch", stats["fetch_s"], _fetch_note(stats)),
         ("host->device", stats["h2d_s"], "overlaps fetch" if stats["h2d_s"] else "-"),
         ("verify", stats["verify_s"], "summed over readers, overlaps fetch" if stats["verified"] else "off"),
         ("views", stats["views_s"], ""),
@@ -150,6 +150,15 @@ def print_phase_table(stats: dict[str, Any]) -> None:
     print(
         f"  bytes by tier: {tiers or '-'}"
         + (f"; refetched chunks {stats['refetched_chunks']}" if stats["refetched_chunks"] else "")
+    )
+
+
+def _fetch_note(stats: dict[str, Any]) -> str:
+    """Readers, and O_DIRECT when the file was cold: a cold read gets more readers (plan.py)."""
+    if not stats["readers"]:
+        return ""
+    return f"{stats['readers']} readers" + (
+        ", O_DIRECT (the file was not in the page cache)" if stats.get("direct_io") else ""
     )
 
 

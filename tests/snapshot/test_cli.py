@@ -88,3 +88,16 @@ def test_make_tiny_writes_a_loadable_model(tmp_path: Path, cli_env: dict[str, st
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     refused = kold("model", "make-tiny", str(out), env=cli_env)
     assert refused.returncode == 2 and "not empty" in refused.stderr
+
+
+def test_the_phase_table_says_when_the_file_was_read_with_o_direct(capsys: pytest.CaptureFixture[str]) -> None:
+    from kold.commands.snapshot import print_phase_table
+    from kold.snapshot.restorer import RestoreStats
+
+    stats = RestoreStats("ab" * 16, "cpu", "store", 1 << 20)
+    stats.readers, stats.total_s = 8, 0.01
+    for direct in (True, False):
+        stats.direct_io = direct
+        print_phase_table(stats.as_dict())
+        fetch = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("fetch"))
+        assert "8 readers" in fetch and ("O_DIRECT" in fetch) is direct
