@@ -317,42 +317,38 @@ class GatewayPlatform:
             f.close()
 
 
-def naive_first_token(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
+def run_marked(
+    script: str, args: list[str], env: dict[str, str], markers: tuple[str, ...], who: str
+) -> dict[str, tuple[float, str]]:
+    """Run `python -c script args`; for each marker, in order, the seconds from spawn to the first
+    stdout line starting with it, and that line. Stops reading at the last marker."""
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", NAIVE, str(model_dir), PROMPT, device],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
-    )
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
     assert proc.stdout is not None
+    seen: dict[str, tuple[float, str]] = {}
     for line in proc.stdout:
-        if line.startswith("FIRST_TOKEN"):
-            first = time.perf_counter() - started
-            break
+        marker = next((m for m in markers if line.startswith(m) and m not in seen), None)
+        if marker is not None:
+            seen[marker] = (time.perf_counter() - started, line)
+            if len(seen) == len(markers):
+                break
     else:
-        raise RuntimeError(f"naive path failed: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+        raise RuntimeError(f"{who} failed: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
     proc.wait(60)
-    return {"first_token_s": first}
+    return seen
+
+
+def naive_first_token(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    seen = run_marked(NAIVE, [str(model_dir), PROMPT, device], env, ("FIRST_TOKEN",), "naive path")
+    return {"first_token_s": seen["FIRST_TOKEN"][0]}
 
 
 def floor_first_token(uri: str, env: dict[str, str], device: str = "cpu") -> dict[str, Any]:
     """`floor`: a fresh process's spawn to the runtime's code imported, plus one first prefill measured alone."""
-    started = time.perf_counter()
-    cmd = [sys.executable, "-c", FLOOR, uri, PROMPT, device]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    imported = prefill = None
-    for line in proc.stdout:
-        if line.startswith("IMPORTED"):
-            imported = time.perf_counter() - started
-        elif line.startswith("PREFILL"):
-            prefill = float(line.split()[1])
-            break
-    proc.wait(60)
-    if imported is None or prefill is None:
-        raise RuntimeError(f"floor measurement failed: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+    seen = run_marked(FLOOR, [uri, PROMPT, device], env, ("IMPORTED", "PREFILL"), "floor measurement")
+    imported, prefill = seen["IMPORTED"][0], float(seen["PREFILL"][1].split()[1])
     return {"first_token_s": imported + prefill, "imports_s": imported, "prefill_s": prefill}
 
 
@@ -470,7 +466,6 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
             ratio = f"{naive / first:.2f}x" if naive else "-"
             print(f"{size:<5} {method:<14} {first:>13.3f} {parts[0]:>10.1f} {parts[1]:>10.1f} {parts[2]:>9.1f} "
                   f"{parts[3]:>11.1f} {parts[4]:>9.1f} {after:>11.1f} {ratio:>8}")  # fmt: skip
-        floor = None
         if rows.get("floor"):
             floor = statistics.median(r["first_token_s"] for r in rows["floor"])
             imported = statistics.median(r["imports_s"] for r in rows["floor"])

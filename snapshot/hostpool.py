@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kold.snapshot.errors import HostPoolError
-from kold.snapshot.hostmem import huge_page_backed, mount_of, populate_write
+from kold.snapshot.hostmem import huge_page_backed, mount_of, populate_write, round_up_pages
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,12 @@ class HostPool:
     def segments(self) -> list[Segment]:
         """Every segment, smallest first, with whether a process holds it now."""
         out = []
-        for path in self._segment_paths():
+        for size, path in self._sized():
             try:
-                size = path.stat().st_size
-                in_use = _held(path)
+                out.append(Segment(path, size, _held(path)))
             except FileNotFoundError:  # cleared meanwhile
                 continue
-            out.append(Segment(path, size, in_use))
-        return sorted(out, key=lambda s: (s.size, s.path.name))
+        return out
 
     def claim(self, nbytes: int) -> mmap.mmap | None:
         """A shared writable mapping of at least `nbytes` over a free segment, its page tables filled;
@@ -108,7 +106,7 @@ class HostPool:
             raise HostPoolError(f"host pool {self.directory}: the segment count must be at least 1, not {count}")
         if segment_bytes < mmap.PAGESIZE:
             raise HostPoolError(f"host pool {self.directory}: a segment of {segment_bytes} bytes is too small")
-        size = (segment_bytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+        size = _whole_huge_pages(segment_bytes)
         mount = mount_of(self.directory)  # the mount that holds it, whether or not it exists yet
         if mount is not None and mount[0] not in MEMORY_FILESYSTEMS:
             # a shared mapping of a disk file would write every restored byte back to the disk
@@ -157,15 +155,17 @@ class HostPool:
         except FileNotFoundError:
             return []
 
-    def _candidates(self, nbytes: int) -> list[Path]:
-        """Free-looking segments that fit, smallest first (a big segment stays for a big model)."""
-        fitting = []
+    def _sized(self) -> list[tuple[int, Path]]:
+        """(size, path) of every segment, smallest first (ties by name); one cleared meanwhile is left out."""
+        sized = []
         for path in self._segment_paths():
             with contextlib.suppress(FileNotFoundError):
-                size = path.stat().st_size
-                if size >= nbytes:
-                    fitting.append((size, path.name, path))
-        return [p for _, _, p in sorted(fitting)]
+                sized.append((path.stat().st_size, path.name, path))
+        return [(size, path) for size, _, path in sorted(sized)]
+
+    def _candidates(self, nbytes: int) -> list[Path]:
+        """Segments that fit, smallest first (a big segment stays for a big model)."""
+        return [path for size, path in self._sized() if size >= nbytes]
 
     def _make_segment(self, size: int) -> Path:
         name = uuid.uuid4().hex[:12]
@@ -190,12 +190,14 @@ class HostPool:
         return final
 
 
+def _whole_huge_pages(nbytes: int) -> int:
+    return max(1, (nbytes + HUGE_PAGE - 1) // HUGE_PAGE) * HUGE_PAGE
+
+
 def _map_length(nbytes: int, size: int) -> int:
     """`nbytes` rounded up to whole huge pages where the segment allows, else to whole pages."""
-    length = max(1, (nbytes + HUGE_PAGE - 1) // HUGE_PAGE) * HUGE_PAGE
-    if length <= size:
-        return length
-    return max(mmap.PAGESIZE, (nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE)
+    length = _whole_huge_pages(nbytes)
+    return length if length <= size else round_up_pages(nbytes)
 
 
 def _lock(path: Path) -> int | None:

@@ -279,9 +279,7 @@ def _restore(
                 stats.pooled = claimed is not None
                 dest = HostDestination(manifest.data_size, buffer=claimed)
         except BaseException:
-            primary.reader.close()
-            if store_source is not primary:
-                store_reader.close()
+            _close_sources(primary, store_source)
             raise
         stats.verified = verify if verify is not None else hit is None
         landed = on_chunk
@@ -305,9 +303,7 @@ def _restore(
             if isinstance(dest, StagedDestination):
                 dest.engine.synchronize()  # on failure too: no copy may still read the ring
                 dest.release_staging()
-            primary.reader.close()
-            if store_source is not primary:
-                store_source.reader.close()
+            _close_sources(primary, store_source)
         _record(stats, pstats, plan.readers, dest.copy_seconds)
         if hit is not None and pstats.corrupt_in_primary and cache is not None:
             log.warning(
@@ -337,6 +333,12 @@ def _restore(
     stats.total_s = time.perf_counter() - started
     log.info("restore %s", json.dumps(stats.as_dict(), sort_keys=True))
     return RestoredSnapshot(ref, manifest, files, tensors, buffer, stats, fill)
+
+
+def _close_sources(primary: ReadSource, store_source: ReadSource) -> None:
+    primary.reader.close()
+    if store_source is not primary:
+        store_source.reader.close()
 
 
 def _claim(pool: HostPool | None, nbytes: int, snapshot_id: str) -> mmap.mmap | None:
