@@ -1,7 +1,8 @@
-"""A private redis-server for `kold up` when no KOLD_REDIS_URL is given.
+"""A private redis-server for `kold up` when no KOLD_REDIS_URL is given, and for the test suite.
 
 It listens on a free loopback port, keeps its data (append-only file) under the user's state
-directory so functions survive `kold down` / `kold up`, and stops with the platform.
+directory so functions survive `kold down` / `kold up`, and stops with the platform. The tests start
+the same server without persistence (`persist=False`), so they exercise the code `kold up` runs.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from kold.cli import CLIError
 
 
 class LocalRedis:
-    def __init__(self, data_dir: Path) -> None:
+    """A redis-server child process on 127.0.0.1. `persist=False` keeps everything in memory (no
+    append-only file): for throwaway servers whose data must not outlive them, like the tests'."""
+
+    def __init__(self, data_dir: Path, *, persist: bool = True) -> None:
         self.data_dir = data_dir
+        self.persist = persist
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -36,7 +41,7 @@ class LocalRedis:
             self.port = sock.getsockname()[1]
         self._proc = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
-             "--appendonly", "yes", "--save", "", "--protected-mode", "yes"],
+             "--appendonly", "yes" if self.persist else "no", "--save", "", "--protected-mode", "yes"],
             stdout=open(self.data_dir / "redis.log", "ab"),  # noqa: SIM115 - owned by the child
             stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -1,5 +1,6 @@
-"""Fixtures of the gateway tests: a tiny model's snapshot, a registry on the real redis-server
-under a fresh key prefix that is removed afterwards, and gateway apps served on loopback."""
+"""Fixtures of the gateway tests: a tiny model's snapshot, a registry on the session's real
+redis-server (`redis_url`, tests/conftest.py) under a fresh key prefix that is removed afterwards,
+and gateway apps served on loopback."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from gateway_helpers import Served, instance_env
 
 from kold.gateway.registry import Registry
@@ -24,13 +26,8 @@ def tiny_snapshot(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
-def registry() -> Iterator[Registry]:
-    redis = pytest.importorskip("redis")
-    client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.exceptions.RedisError as exc:
-        pytest.skip(f"no redis-server on 127.0.0.1:6379 ({exc})")
+def registry(redis_url: str) -> Iterator[Registry]:
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1)
     registry = Registry(client, prefix=f"kold-gw-test-{uuid.uuid4().hex}:")
     yield registry
     keys = list(client.scan_iter(match=registry.prefix + "*", count=1000))

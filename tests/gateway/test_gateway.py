@@ -9,16 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from gateway_helpers import Served, deploy, deploy_and_wait, instance_env
 
 from kold.gateway.app import build_app
 from kold.gateway.pool import InstancePool
 from kold.gateway.registry import Registry
-
-redis = pytest.importorskip("redis")
-uvicorn = pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.redis
 

@@ -1,4 +1,4 @@
-"""The registry against a real redis-server on 127.0.0.1:6379 (skipped when none answers)."""
+"""The registry against a real redis-server: the session's (`redis_url`, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import FrozenInstanceError
 
 import pytest
+import redis
 
 from kold.gateway.names import InvalidNameError, validate_function_name, validate_revision_id
 from kold.gateway.registry import (
@@ -17,8 +18,6 @@ from kold.gateway.registry import (
     RuntimeSpec,
     ScalingSpec,
 )
-
-redis = pytest.importorskip("redis")
 
 pytestmark = pytest.mark.redis
 
@@ -31,12 +30,8 @@ def _keys(client: redis.Redis, prefix: str) -> list[str]:
 
 
 @pytest.fixture
-def client() -> Iterator[redis.Redis]:
-    c = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
-    try:
-        c.ping()
-    except redis.exceptions.RedisError as exc:
-        pytest.skip(f"no redis-server on 127.0.0.1:6379 ({exc})")
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url, socket_connect_timeout=1)
     yield c
     c.close()
 
@@ -365,8 +360,8 @@ def test_record_invocations_is_one_round_trip(registry: Registry, monkeypatch: p
     assert len(registry.invocations("tiny")) == 50
 
 
-def test_works_with_a_decoding_client(prefix: str) -> None:
-    client = redis.Redis(host="127.0.0.1", port=6379, decode_responses=True)
+def test_works_with_a_decoding_client(prefix: str, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     registry = Registry(client, prefix=prefix)  # the `prefix` fixture cleans up
     rev = registry.create_revision("tiny", SNAP_A)
     registry.set_traffic("tiny", rev.revision_id)

@@ -14,13 +14,11 @@ from runtime_helpers import RuntimeProcess
 @pytest.fixture(scope="session")
 def tiny_snapshot(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Llama with a real tokenizer, published to a local store: its snapshot URI."""
-    modelgen = pytest.importorskip("kold.modelgen")
-    if not hasattr(modelgen, "write_random_model"):
-        pytest.skip("the model generator does not write tokenizer files yet")
+    from kold.modelgen import write_random_model
     from kold.snapshot import build_snapshot
 
     root = tmp_path_factory.mktemp("runtime-model")
-    model_dir = modelgen.write_random_model(root / "tiny", "llama", "tiny", seed=3)
+    model_dir = write_random_model(root / "tiny", "llama", "tiny", seed=3)
     result = build_snapshot(model_dir, (root / "store").as_uri(), chunk_size=64 << 10)
     return result.uri
 
