@@ -84,8 +84,11 @@ class HostPool:
             if fd is None:  # gone, or another restore holds it
                 continue
             try:
-                size = os.fstat(fd).st_size
-                if size < nbytes:  # replaced by a smaller one since it was listed
+                info = os.fstat(fd)
+                size = info.st_size
+                # replaced by a smaller one since it was listed, or removed (by `clear`, or by the
+                # platform shrinking the pool) between our open and our lock: memory nobody could see
+                if size < nbytes or info.st_nlink == 0:
                     continue
                 # mmap dups the descriptor and keeps the dup open until the mapping closes: the lock
                 # belongs to the open file description both share, so it lives exactly as long
@@ -106,7 +109,7 @@ class HostPool:
             raise HostPoolError(f"host pool {self.directory}: the segment count must be at least 1, not {count}")
         if segment_bytes < mmap.PAGESIZE:
             raise HostPoolError(f"host pool {self.directory}: a segment of {segment_bytes} bytes is too small")
-        size = _whole_huge_pages(segment_bytes)
+        size = whole_huge_pages(segment_bytes)
         mount = mount_of(self.directory)  # the mount that holds it, whether or not it exists yet
         if mount is not None and mount[0] not in MEMORY_FILESYSTEMS:
             # a shared mapping of a disk file would write every restored byte back to the disk
@@ -136,18 +139,33 @@ class HostPool:
         until its instance ends (removing it now would only hide it: its memory stays mapped)."""
         removed = busy = 0
         for path in self._segment_paths():
-            fd = _lock(path)
-            if fd is None:
-                busy += path.exists()  # held (a segment removed meanwhile is neither)
-                continue
-            try:
-                path.unlink(missing_ok=True)
+            if self.remove(path):
                 removed += 1
-            finally:
-                os.close(fd)
-        for stale in self.directory.glob(_FILLING_PREFIX + "*"):
-            stale.unlink(missing_ok=True)  # left by a fill that was killed
+            else:
+                busy += path.exists()  # held (a segment removed meanwhile is neither)
+        self.remove_partial_fills()
         return removed, busy
+
+    def remove(self, path: Path) -> bool:
+        """Remove one segment if no process holds it; False when one does (or it is gone already).
+
+        The segment is unlinked under its own lock, so a restore can never claim it halfway through;
+        a restore that opened it just before is turned away by `claim`'s link-count check.
+        """
+        fd = _lock(path)
+        if fd is None:
+            return False
+        try:
+            path.unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)
+
+    def remove_partial_fills(self) -> None:
+        """Remove what a killed fill left behind (its temporary files). Only while no fill runs."""
+        with contextlib.suppress(FileNotFoundError):
+            for stale in self.directory.glob(_FILLING_PREFIX + "*"):
+                stale.unlink(missing_ok=True)
 
     def _segment_paths(self) -> list[Path]:
         try:
@@ -190,13 +208,14 @@ class HostPool:
         return final
 
 
-def _whole_huge_pages(nbytes: int) -> int:
+def whole_huge_pages(nbytes: int) -> int:
+    """The size a segment of `nbytes` gets: whole 2 MiB pages (what a huge-page mapping covers)."""
     return max(1, (nbytes + HUGE_PAGE - 1) // HUGE_PAGE) * HUGE_PAGE
 
 
 def _map_length(nbytes: int, size: int) -> int:
     """`nbytes` rounded up to whole huge pages where the segment allows, else to whole pages."""
-    length = _whole_huge_pages(nbytes)
+    length = whole_huge_pages(nbytes)
     return length if length <= size else round_up_pages(nbytes)
 
 

@@ -174,3 +174,68 @@ def test_cli_fill_status_clear(tmp_path: Path, published: str) -> None:
             assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- bringing a pool to a plan (snapshot/poolsync.py) -------------------------------------------------
+
+
+def test_sync_grows_to_the_plan_and_does_nothing_more_when_it_is_met(pool: HostPool) -> None:
+    from kold.snapshot.poolsync import sync_pool
+
+    made: list[Path] = []
+    first = sync_pool(pool, {2 << 20: 2, 3 << 20: 1}, on_segment=made.append)
+    assert first.added == {HUGE_PAGE: 2, 2 * HUGE_PAGE: 1} and not first.removed and first.error is None
+    assert [s.size for s in pool.segments()] == [HUGE_PAGE, HUGE_PAGE, 2 * HUGE_PAGE]
+    assert sorted(made) == sorted(s.path for s in pool.segments())
+    again = sync_pool(pool, {2 << 20: 2, 4 << 20: 1})  # the same plan, sizes already whole huge pages
+    assert not again.changed and not again.held_surplus
+
+
+def test_sync_shrinks_by_free_segments_only_and_a_held_one_goes_once_it_is_released(pool: HostPool) -> None:
+    from kold.snapshot.poolsync import sync_pool
+
+    pool.fill(3, HUGE_PAGE)
+    held = pool.claim(4096)
+    assert held is not None
+    shrunk = sync_pool(pool, {})
+    assert shrunk.removed == {HUGE_PAGE: 2} and shrunk.held_surplus == {HUGE_PAGE: 1}
+    (left,) = pool.segments()
+    assert left.in_use
+    held[:5] = b"still"  # the instance's memory is untouched
+    assert left.path.read_bytes()[:5] == b"still"
+    grown = sync_pool(pool, {HUGE_PAGE: 2})  # the held one counts toward the plan
+    assert grown.added == {HUGE_PAGE: 1} and len(pool.segments()) == 2
+    held.close()
+    assert sync_pool(pool, {}).removed == {HUGE_PAGE: 2} and pool.segments() == []
+
+
+def test_sync_without_shrink_only_adds(pool: HostPool) -> None:
+    from kold.snapshot.poolsync import sync_pool
+
+    pool.fill(1, 2 * HUGE_PAGE)
+    result = sync_pool(pool, {HUGE_PAGE: 1}, shrink=False)
+    assert result.added == {HUGE_PAGE: 1} and not result.removed
+    assert [s.size for s in pool.segments()] == [HUGE_PAGE, 2 * HUGE_PAGE]
+
+
+def test_sync_stops_between_segments_when_asked_and_names_what_does_not_fit(pool: HostPool) -> None:
+    from kold.snapshot.poolsync import sync_pool
+
+    asked = iter([False, True])
+    stopped = sync_pool(pool, {HUGE_PAGE: 3}, should_stop=lambda: next(asked))
+    assert stopped.added == {HUGE_PAGE: 1} and len(pool.segments()) == 1
+    too_big = sync_pool(pool, {HUGE_PAGE: 1, 1 << 50: 1})
+    assert not too_big.changed and too_big.error is not None and "do not fit" in too_big.error
+
+
+def test_remove_takes_a_free_segment_and_refuses_a_held_one(pool: HostPool) -> None:
+    free, busy = pool.fill(2, HUGE_PAGE)
+    held = pool.claim(4096)  # the first free one, by name
+    assert held is not None
+    held_path = next(s.path for s in pool.segments() if s.in_use)
+    free_path = next(p for p in (free, busy) if p != held_path)
+    assert not pool.remove(held_path) and held_path.exists()
+    assert pool.remove(free_path) and not free_path.exists()
+    assert not pool.remove(free_path)  # gone already
+    held.close()
+    assert pool.remove(held_path)
