@@ -51,6 +51,18 @@ def _physical_memory() -> int:
         return 8 << 30
 
 
+def node_memory() -> int:
+    """The memory this node gives kold: physical memory, or the cgroup's limit when lower (in a
+    container /proc shows the host's memory, but a tmpfs page is charged to the cgroup that wrote it)."""
+    limits = [_physical_memory()]
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limits.append(int(Path(path).read_text().strip()))
+        except (OSError, ValueError):  # absent, or "max": no limit
+            continue
+    return min(limits)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KOLD_", extra="ignore")
 
@@ -66,8 +78,19 @@ class Settings(BaseSettings):
     cache_disk_bytes: Size = 20 << 30
     restore_readers: int | None = Field(default=None, ge=1, le=256)
     # pre-faulted host memory that CPU restores claim instead of faulting in fresh pages (see
-    # snapshot/hostpool.py); unset: no pool. Best on a tmpfs mounted with huge=within_size.
+    # snapshot/hostpool.py). Set: a pool you manage (`kold snapshot pool fill`), used as it is and
+    # never resized. Unset: `kold up` keeps one sized from the deployed functions (KOLD_HOST_POOL).
     host_pool_dir: OptionalDir = Field(default=None, description="the node's host memory pool directory")
+    # auto: `kold up` mounts (as root) or makes (in /dev/shm) a pool and keeps it in step with the
+    # deployed functions; off: no pool, CPU restores fault in fresh memory.
+    host_pool_mode: Annotated[Literal["auto", "off"], BeforeValidator(lambda v: str(v).strip().lower())] = Field(
+        default="auto", validation_alias="KOLD_HOST_POOL", description="the host pool kold up keeps: auto or off"
+    )
+    # A quarter of the node's memory: the shm cache tier takes another quarter by default, and the
+    # half left is for what instances need besides their weights (torch, KV cache, activations; a
+    # segment in use *is* its instance's weights, not a copy), for instances that start when every
+    # segment is taken (fresh memory), and for the kernel. 0 turns the pool off.
+    host_pool_max_bytes: Size = Field(default_factory=lambda: node_memory() // 4)
 
     # -- the runtime (`kold runtime serve`) --
     # Knative's contract: the container listens on $PORT (no KOLD_ prefix).
@@ -102,9 +125,18 @@ class Settings(BaseSettings):
 
     @property
     def host_pool(self) -> HostPool | None:
+        """The pool CPU restores claim from: KOLD_HOST_POOL_DIR's, else the one a `kold up` with
+        this home keeps (which sets KOLD_HOST_POOL_DIR for its instances), else none."""
         from kold.snapshot.hostpool import HostPool
 
-        return HostPool(self.host_pool_dir) if self.host_pool_dir is not None else None
+        if self.host_pool_dir is not None:
+            return HostPool(self.host_pool_dir)
+        if self.host_pool_mode == "off":
+            return None
+        from kold.hostpool_auto import managed_directory
+
+        directory = managed_directory(self.home)
+        return HostPool(directory) if directory is not None else None
 
     @cached_property
     def node_cache(self) -> NodeCache:

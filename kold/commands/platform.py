@@ -15,10 +15,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kold.cli import CLIError, existing_dir, print_json
 from kold.settings import Settings
+
+if TYPE_CHECKING:
+    from kold.gateway.registry import Registry
+    from kold.hostpool_auto import HostPoolKeeper
 
 
 def register(top: Any) -> None:
@@ -165,6 +169,7 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("kold").setLevel(logging.INFO)
     local_redis = None if settings.redis_url else LocalRedis(settings.home / "redis").start()
     redis_url = settings.redis_url or (local_redis.url if local_redis else "")
+    keeper: HostPoolKeeper | None = None
     try:
         # Bounded waits: with no socket timeout a hung Redis (a partition) would hold requests for ever,
         # and redis-py's default 10 retries with backoff make each failed call ~15 s; the gateway keeps
@@ -172,8 +177,11 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 1)
         client = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=2.0, retry=retry)
         registry = Registry(client, prefix="kold:")
-        # instances inherit our environment: KOLD_STORE, S3 credentials and cache settings reach them
-        pool = InstancePool(settings.home / "logs", env=dict(os.environ), start_method=settings.instance_start)
+        keeper = _report_host_pool(settings, registry)
+        # instances inherit our environment: KOLD_STORE, S3 credentials and cache settings reach them,
+        # and KOLD_HOST_POOL_DIR when the pool is the one we keep
+        env = {**os.environ, **(keeper.instance_env() if keeper is not None else {})}
+        pool = InstancePool(settings.home / "logs", env=env, start_method=settings.instance_start)
         app = build_app(registry, pool, require_keys=not _is_loopback(args.host), warm_template=True)
         # `kold logs --follow` streams never end on their own: they end when this event is set, or
         # uvicorn's graceful shutdown (`kold down`, Ctrl-C) would wait for them forever
@@ -193,29 +201,40 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
                 self._captured_signals.clear()
 
         print(f"kold platform listening on http://{args.host}:{args.port} (redis {redis_url})", flush=True)
-        _report_host_pool(settings)
         Server(server_config(app, args.host, args.port)).run()
         return 0
     finally:
+        if keeper is not None:
+            keeper.close()  # the instances have stopped: their segments are free to remove
         if local_redis is not None:
             local_redis.stop()
 
 
-def _report_host_pool(settings: Settings) -> None:
-    """Instances inherit KOLD_HOST_POOL_DIR; say what they will find there, and when it is nothing."""
+def _report_host_pool(settings: Settings, registry: Registry) -> HostPoolKeeper | None:
+    """The node's host pool for CPU restores, and a line saying what instances will find there: the
+    pool we keep in step with the deployed functions (KOLD_HOST_POOL=auto, the default; returned, to
+    be closed at the end), the user's own (KOLD_HOST_POOL_DIR, used as it is, inherited), or none."""
+    if settings.host_pool_dir is None:
+        if settings.host_pool_mode == "off":
+            print("host pool: off (KOLD_HOST_POOL=off): CPU restores fault in fresh memory", flush=True)
+            return None
+        from kold.hostpool_auto import start_host_pool
+
+        return start_host_pool(settings, registry, lambda line: print(line, flush=True))
     pool = settings.host_pool
     if pool is None:
-        return
+        return None
     segments = pool.segments()
     if not segments:
         print(f"warning: the host pool {pool.directory} has no segments: CPU restores use fresh memory until "
               "`kold snapshot pool fill --size SIZE --count N` adds some", flush=True)  # fmt: skip
-        return
+        return None
     from kold.cli import human_bytes
 
     sizes = ", ".join(human_bytes(size) for size in sorted({s.size for s in segments}))
     print(f"host pool {pool.directory}: {len(segments)} segments ({sizes}), {sum(not s.in_use for s in segments)} "
-          "free, for CPU restores", flush=True)  # fmt: skip
+          "free, for CPU restores (KOLD_HOST_POOL_DIR: yours, used as it is)", flush=True)  # fmt: skip
+    return None
 
 
 def _is_loopback(host: str) -> bool:

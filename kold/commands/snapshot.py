@@ -209,8 +209,8 @@ def _pool(settings: Settings) -> HostPool:
     pool = settings.host_pool
     if pool is None:
         raise HostPoolError(
-            "no host pool is configured: set KOLD_HOST_POOL_DIR to a directory on a huge-page tmpfs "
-            "(mount -t tmpfs -o huge=within_size,size=8g tmpfs DIR)"
+            "no host pool is configured: `kold up` keeps one (unless KOLD_HOST_POOL=off), or set KOLD_HOST_POOL_DIR "
+            "to a directory on a huge-page tmpfs (mount -t tmpfs -o huge=within_size,size=8g tmpfs DIR)"
         )
     return pool
 
@@ -243,6 +243,11 @@ def cmd_pool_status(args: argparse.Namespace, settings: Settings) -> int:
     pages = "2 MiB pages" if pool.huge_pages else "4 KiB pages"
     print(f"host pool {pool.directory} ({pages}): {len(segments)} segments, "
           f"{human_bytes(sum(s.size for s in segments))}, {sum(s.in_use for s in segments)} in use")  # fmt: skip
+    if settings.host_pool_dir is None:  # the pool `kold up` keeps: say so, and what it plans
+        from kold.hostpool_auto import describe_managed
+
+        for line in describe_managed(settings.home):
+            print(f"  {line}")
     for s in segments:
         print(f"  {s.path.name}  {human_bytes(s.size):>10}  {'in use' if s.in_use else 'free'}")
     return 0
