@@ -25,14 +25,14 @@ import json
 import os
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kold.output import human_bytes
 from kold.snapshot.hostmem import mount_of
-from kold.snapshot.hostpool import MEMORY_FILESYSTEMS, HostPool
+from kold.snapshot.hostpool import MEMORY_FILESYSTEMS, HostPool, whole_huge_pages
 from kold.snapshot.poolplan import PoolDemand, PoolPlan, plan_pool, pool_limit
 from kold.snapshot.poolsync import SyncResult, sync_pool
 
@@ -108,6 +108,40 @@ def _mount_tmpfs(target: Path, size: int) -> str | None:
     if done.returncode != 0:
         return f"`mount` failed: {done.stderr.strip() or f'exit status {done.returncode}'}"
     return None
+
+
+def release_place(place: Place) -> tuple[bool, str]:
+    """Remove the pool's segments and, once nothing holds one, unmount its tmpfs (or remove its
+    /dev/shm directory); (whether it is all gone, what was done in words)."""
+    removed, busy = HostPool(place.directory).clear()
+    if busy:
+        return False, (
+            f"{busy} segments are still held by running processes: {place.directory} stays until they "
+            "end (then `kold snapshot pool clear`)"
+        )
+    words = f"removed {removed} segments" if removed else "empty"
+    if place.mounted:
+        error = _unmount(place.directory)
+        if error is not None:
+            return False, f"{words}; cannot unmount {place.directory}: {error}"
+        words += f", unmounted {place.directory}"
+    with contextlib.suppress(OSError):
+        place.directory.rmdir()
+    return True, words
+
+
+@contextlib.contextmanager
+def scratch_pool(root: Path, nbytes: int) -> Iterator[HostPool]:
+    """A pool of one segment of `nbytes` for a demo or a benchmark, placed as `kold up` places its
+    own (a huge-page tmpfs mounted under `root` as root, else /dev/shm), removed afterwards. Free
+    every restore made into it before leaving, or its segment (and the mount) stays."""
+    place = prepare_place(root, whole_huge_pages(nbytes), may_mount=os.geteuid() == 0)
+    pool = HostPool(place.directory)
+    try:
+        pool.fill(1, nbytes)
+        yield pool
+    finally:
+        release_place(place)
 
 
 def _unmount(target: Path) -> str | None:
@@ -278,24 +312,10 @@ class HostPoolKeeper:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(120)  # a fill stops between segments; one segment is seconds at most
-        removed, busy = self.pool.clear()
-        if busy:
-            self.say(
-                f"host pool: {busy} segments are still held by running processes: {self.place.directory} "
-                "stays until they end (then `kold snapshot pool clear`)"
-            )
-            return
-        where = f"removed {removed} segments" if removed else "empty"
-        if self.place.mounted:
-            error = _unmount(self.place.directory)
-            if error is not None:
-                self.say(f"host pool: {where}; cannot unmount {self.place.directory}: {error}")
-                return
-            where += f", unmounted {self.place.directory}"
-        with contextlib.suppress(OSError):
-            self.place.directory.rmdir()
-        self.state_file.unlink(missing_ok=True)
-        self.say(f"host pool: {where}")
+        released, words = release_place(self.place)
+        if released:
+            self.state_file.unlink(missing_ok=True)
+        self.say(f"host pool: {words}")
 
     def _say_once(self, topic: str, *lines: str) -> None:
         if self._said.get(topic, ()) != lines:

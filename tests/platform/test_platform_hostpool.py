@@ -6,6 +6,7 @@ mounts when the tests run as root, /dev/shm otherwise), `kold up` subprocesses a
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -23,7 +24,15 @@ import pytest
 import redis
 
 from kold.gateway.registry import Registry, RuntimeSpec, ScalingSpec
-from kold.hostpool_auto import MOUNT_DIR, STATE_FILE, HostPoolKeeper, Place, RegistryDemands, prepare_place
+from kold.hostpool_auto import (
+    MOUNT_DIR,
+    STATE_FILE,
+    HostPoolKeeper,
+    Place,
+    RegistryDemands,
+    prepare_place,
+    scratch_pool,
+)
 from kold.snapshot.hostmem import huge_page_backed
 from kold.snapshot.hostpool import HUGE_PAGE, HostPool
 
@@ -186,6 +195,18 @@ def test_the_place_is_a_huge_page_tmpfs_when_kold_may_mount_one(tmp_path: Path) 
         _unmount_if_mounted(home / MOUNT_DIR)
         if not place.mounted:
             shutil.rmtree(place.directory, ignore_errors=True)
+
+
+def test_a_scratch_pool_takes_a_restore_and_leaves_nothing_behind(snapshot_uri: str, tmp_path: Path) -> None:
+    from kold.snapshot import restore
+
+    with scratch_pool(tmp_path / "demo", MiB) as pool:
+        directory = pool.directory
+        snap = restore(snapshot_uri, pool=pool)
+        assert snap.stats.pooled and [s.in_use for s in pool.segments()] == [True]
+        del snap
+        gc.collect()
+    assert not directory.exists()  # unmounted (or out of /dev/shm) and removed
 
 
 def _mount_options(path: Path) -> str:
