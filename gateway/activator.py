@@ -18,11 +18,11 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from redis.exceptions import RedisError
 
 from kold.gateway.pool import Instance, InstancePool, InstanceState
@@ -93,7 +93,9 @@ class Gateway:
         self.functions: dict[str, FunctionState] = {}
         self._revisions: dict[str, Revision] = {}  # immutable: cached for good
         self._serving: dict[str, tuple[float, Revision]] = {}
-        self._last_used: dict[str, float] = {}  # instance id -> monotonic time of its last request end
+        # instance id -> monotonic time it last became idle (no request in flight); only live instances
+        self._idle_since: dict[str, float] = {}
+        self._request_labels: dict[str, set[tuple[str, str]]] = {}  # function -> (cold, status) it was counted with
         self._queue: asyncio.Queue[Invocation] | None = None
         self._in_hand: list[Invocation] = []  # records taken off the queue, not written yet
         self._tasks: list[asyncio.Task[None]] = []
@@ -105,8 +107,19 @@ class Gateway:
         self.registry_down = False
         self._probe: asyncio.Task[None] | None = None
         self.metrics = metrics if metrics is not None else CollectorRegistry()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series: they double every family for a value nobody reads
         self.m_requests = Counter(
-            "kold_gateway_requests", "Requests routed", ["function", "cold"], registry=self.metrics
+            "kold_gateway_requests",
+            "Requests on the data path, by function (empty: not a known function), cold start and HTTP status",
+            ["function", "cold", "status"],
+            registry=self.metrics,
+        )
+        self.m_latency = Histogram(
+            "kold_gateway_request_duration_seconds",
+            "From a request's arrival to the end of its answer (a stream's last byte)",
+            ["function", "cold"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.metrics,
         )
         self.m_dropped = Counter(
             "kold_gateway_invocation_records_dropped", "Invocation records not written", registry=self.metrics
@@ -300,7 +313,7 @@ class Gateway:
             counted = False
             self.m_starts.labels(rev.function).inc()
             if await self.pool.wait_ready(inst, rev.scaling.request_timeout_s, on_accepting=lambda _: st.notify()):
-                self._last_used[inst.id] = time.monotonic()
+                self._idle_since[inst.id] = time.monotonic()
             else:
                 log.warning("instance %s did not become ready:\n%s", inst.id, self.pool.read_log(inst, 20))
                 await self.pool.stop(inst, 1.0)
@@ -311,30 +324,45 @@ class Gateway:
                 st.pending[rev.revision_id] -= 1
             st.notify()
 
+    def _pick(self, rev: Revision, exclude: Instance | None) -> Instance | None:
+        """The least busy instance with room under target_concurrency: a READY one, or a STARTING one
+        that already takes requests (the request then runs behind its restore). None when all are full
+        and more capacity is on its way: the request waits for room, as Knative's activator holds
+        requests while pods start, instead of piling onto the first instance to come up. With no more
+        capacity coming (at max_instances), the least busy READY instance takes it anyway: the target is
+        soft and the runtime queues."""
+        limit = rev.scaling.target_concurrency
+        ready = self._ready(rev.revision_id, exclude)
+        roomy = [i for i in ready if i.in_flight < limit] or self._accepting(rev, exclude)
+        if roomy:
+            return min(roomy, key=lambda i: i.in_flight)
+        if not ready:
+            return None
+        starting = any(i.state is InstanceState.STARTING for i in self.pool.instances(rev.revision_id))
+        if starting or self.state(rev.function).pending.get(rev.revision_id, 0):
+            return None
+        return min(ready, key=lambda i: i.in_flight)
+
     async def acquire(self, name: str, exclude: Instance | None = None) -> tuple[Instance, Revision, bool, float]:
-        """An instance for one request (its in_flight counted), the revision, whether it was cold, the wait."""
+        """An instance for one request (its in_flight counted), the revision, whether it was cold, the wait.
+
+        Cancelling the wait (the client left) uncounts the request at once, so it neither holds a slot
+        nor keeps asking for capacity."""
         t0 = time.monotonic()
         rev = await self.serving_revision(name)
         st = self.state(name)
         deadline = t0 + rev.scaling.request_timeout_s
         cold = False
-        while True:
-            ready = self._ready(rev.revision_id, exclude)
-            early = [] if ready else self._accepting(rev, exclude)
-            if ready or early:
-                cold = cold or bool(early)  # an instance still restoring: this request pays its cold start
-                inst = min(ready or early, key=lambda i: i.in_flight)
-                inst.in_flight += 1
-                self.ensure_capacity(rev)  # scale out when in flight per READY instance > target
-                self.m_requests.labels(name, "1" if cold else "0").inc()
-                self.m_wait.labels(name, "1" if cold else "0").observe(time.monotonic() - t0)
-                return inst, rev, cold, time.monotonic() - t0
-            cold = True
-            changed = st.changed
-            st.waiting += 1
-            self.m_waiting.inc()
-            try:
+        st.waiting += 1  # counted as load from the start, so capacity is planned for it
+        self.m_waiting.inc()
+        try:
+            while True:
                 self.ensure_capacity(rev)
+                inst = self._pick(rev, exclude)
+                if inst is not None:
+                    break
+                cold = cold or not self._ready(rev.revision_id, exclude)
+                changed = st.changed
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ColdStartTimeoutError(
@@ -342,13 +370,33 @@ class Gateway:
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
-            finally:
-                st.waiting -= 1
-                self.m_waiting.dec()
+        finally:
+            st.waiting -= 1
+            self.m_waiting.dec()
+        cold = cold or inst.state is InstanceState.STARTING  # still restoring: this request pays its cold start
+        inst.in_flight += 1
+        self._idle_since.pop(inst.id, None)
+        self.m_wait.labels(name, "1" if cold else "0").observe(time.monotonic() - t0)
+        return inst, rev, cold, time.monotonic() - t0
+
+    def observe(self, name: str | None, cold: bool, status: int, seconds: float) -> None:
+        """Count one data-path request once its answer is over (or failed). Names the gateway does not
+        know as functions are counted under "", so a client cannot grow the label set at will."""
+        function = name if name is not None and name in self.functions else ""
+        flag = "1" if cold else "0"
+        self._request_labels.setdefault(function, set()).add((flag, str(status)))
+        self.m_requests.labels(function, flag, str(status)).inc()
+        self.m_latency.labels(function, flag).observe(seconds)
 
     def release(self, inst: Instance) -> None:
         inst.in_flight = max(0, inst.in_flight - 1)
-        self._last_used[inst.id] = time.monotonic()
+        if inst.in_flight == 0:
+            self._idle_since[inst.id] = time.monotonic()
+        rev = self._revisions.get(inst.revision_id)
+        if rev is not None:
+            st = self.functions.get(rev.function)
+            if st is not None and st.waiting:
+                st.notify()  # a slot came free: a held request may take it
 
     def _on_failure(self, inst: Instance) -> None:
         """A crashed instance: FAILED already, so routing skips it; wake waiters so they re-plan."""
@@ -368,6 +416,9 @@ class Gateway:
                 log.exception("scale-in pass failed")
 
     async def reap_once(self) -> None:
+        """Scale in: stop READY instances idle for idle_timeout_s, keeping min_instances of the serving
+        revision and as many as the function's current load needs (in flight + held requests over
+        target_concurrency). An instance is not idle while its function has a backlog."""
         now = time.monotonic()
         serving = {name: rev.revision_id for name, (_, rev) in self._serving.items()}
         by_rev: dict[str, list[Instance]] = {}
@@ -379,26 +430,84 @@ class Gateway:
             if rev is None:
                 continue
             floor = rev.scaling.min_instances if serving.get(rev.function, rev_id) == rev_id else 0
+            st = self.functions.get(rev.function)
+            waiting = st.waiting if st is not None and serving.get(rev.function) == rev_id else 0
+            load = sum(i.in_flight for i in self._live(rev_id)) + waiting
+            keep = max(floor, math.ceil(load / rev.scaling.target_concurrency))
             idle = [
                 i
                 for i in instances
-                if i.in_flight == 0 and now - self._last_used.get(i.id, now) >= rev.scaling.idle_timeout_s
+                if i.in_flight == 0 and now - self._idle_since.get(i.id, now) >= rev.scaling.idle_timeout_s
             ]
-            for inst in idle[: max(0, len(instances) - floor)]:
-                log.info("scaling in %s (idle %.1fs)", inst.id, now - self._last_used.get(inst.id, now))
+            for inst in idle[: max(0, len(instances) - keep)]:
+                log.info("scaling in %s (idle %.1fs)", inst.id, now - self._idle_since.get(inst.id, now))
                 self.m_stops.labels(rev.function).inc()
-                task = asyncio.create_task(self.pool.stop(inst, DRAIN_TIMEOUT_S))
-                self._starts.add(task)
-                task.add_done_callback(self._starts.discard)
+                self.run_background(self.pool.stop(inst, DRAIN_TIMEOUT_S))
                 inst.state = InstanceState.DRAINING  # out of routing at once
+        for inst_id in [i for i in self._idle_since if not self._is_alive(i)]:
+            del self._idle_since[inst_id]  # stopped or failed: never idle again
         for _, rev in list(self._serving.values()):
             if rev.scaling.min_instances:
                 self.ensure_capacity(rev)
 
+    def _is_alive(self, instance_id: str) -> bool:
+        found = self.pool.get(instance_id)
+        return found is not None and found.alive
+
+    def run_background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run `work` as a task the gateway owns: kept referenced, cancelled by close()."""
+        task = asyncio.create_task(work)
+        self._starts.add(task)
+        task.add_done_callback(self._starts.discard)
+        return task
+
     async def stop_function(self, name: str, rev_ids: list[str]) -> None:
+        """Drain and stop the function's instances, then forget everything the gateway kept for it."""
         insts = [i for r in rev_ids for i in self.pool.instances(r) if i.alive]
         await asyncio.gather(*(self.pool.stop(i, DRAIN_TIMEOUT_S) for i in insts), return_exceptions=True)
         self.invalidate(name)
+        for inst in insts:
+            self._idle_since.pop(inst.id, None)
+        st = self.functions.get(name)
+        if st is not None and not st.waiting:
+            del self.functions[name]
+        for rev_id in rev_ids:
+            self._revisions.pop(rev_id, None)
+            self.pool.forget_revision(rev_id)
+        for histogram in (self.m_latency, self.m_wait):
+            for cold in ("0", "1"):
+                with contextlib.suppress(KeyError):
+                    histogram.remove(name, cold)
+        for flag, status in self._request_labels.pop(name, set()):
+            self.m_requests.remove(name, flag, status)
+        for family in (self.m_starts, self.m_stops, self.m_failures):
+            with contextlib.suppress(KeyError):
+                family.remove(name)
+
+    # -- revisions: deploying ----------------------------------------------------------------------
+
+    def add_revision(self, rev: Revision) -> None:
+        """A revision just created through this gateway (saves reading it back from Redis)."""
+        self._revisions[rev.revision_id] = rev
+
+    async def roll_out(self, rev_id: str) -> bool:
+        """Start an instance of the new revision; move traffic to it once one is READY (False: none
+        became READY within the revision's request timeout; traffic stays where it was)."""
+        rev = await self.revision(rev_id)
+        if rev is None:
+            return False
+        deadline = time.monotonic() + rev.scaling.request_timeout_s
+        st = self.state(rev.function)
+        while time.monotonic() < deadline:
+            if self._ready(rev_id):
+                await asyncio.to_thread(self.registry.set_traffic, rev.function, rev_id)
+                self.invalidate(rev.function)
+                return True
+            changed = st.changed
+            self.ensure_capacity(rev, extra=1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), 1.0)
+        return False
 
     # -- invocation records ------------------------------------------------------------------------
 

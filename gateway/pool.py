@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import enum
 import itertools
-import json
 import logging
 import os
 import re
@@ -49,6 +48,9 @@ _POLL_S = 0.02
 _TEMPLATE_LOG = "fork-template.log"  # in log_dir; no instance's (an instance id ends in its number)
 TEMPLATE_RETRY_S = 10.0  # after the template's first failure, spawn this long before trying a new one
 TEMPLATE_RETRY_MAX_S = 600.0
+# Stopped and failed instances kept per revision, newest first, for `kold describe` and the logs; older
+# ones are forgotten as new ones start, so a long churn of instances cannot grow the pool without end.
+FINISHED_KEPT_PER_REVISION = 16
 
 StartMethod = Literal["fork-template", "spawn"]
 
@@ -113,7 +115,7 @@ class Instance:
     # the restore (runtime/early.py), so the request that woke it need not wait for READY
     accepting: bool = False
     exit_code: int | None = None
-    cold_start: dict[str, Any] | None = None  # the runtime's "startup" log line, once ready
+    cold_start: dict[str, Any] | None = None  # the breakdown the runtime's ready /readyz answer carries
     process: InstanceProcess | None = field(default=None, repr=False)
     start_method: StartMethod | None = None  # how its current process was started
     _args: list[str] = field(default_factory=list, repr=False)  # the `kold` CLI's, less --port
@@ -124,6 +126,17 @@ class Instance:
     @property
     def alive(self) -> bool:
         return self.state in (InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING)
+
+
+def _cold_start(ready: httpx.Response) -> dict[str, Any] | None:
+    """The cold-start breakdown in a runtime's ready /readyz answer (the object its "startup" log
+    line holds); None when the answer carries none."""
+    with contextlib.suppress(ValueError):
+        body = ready.json()
+        cold = body.get("cold_start") if isinstance(body, dict) else None
+        if isinstance(cold, dict):
+            return cold
+    return None
 
 
 def _check_id(value: str, what: str) -> str:
@@ -174,6 +187,7 @@ class InstancePool:
         self._template_retry_at: float | None = None  # after a failure: spawn until then
         self._template_closing: set[asyncio.Future[None]] = set()
         self._instances: dict[str, Instance] = {}
+        self._by_revision: dict[str, dict[str, Instance]] = {}  # the same instances, by revision id
         self._numbers = itertools.count(1)
         self._http: httpx.AsyncClient | None = None
 
@@ -209,7 +223,8 @@ class InstancePool:
             id=instance_id, revision_id=revision_id, port=0, url="", log_path=self.log_dir / f"{instance_id}.log"
         )
         inst._args = args
-        self._instances[inst.id] = inst
+        self._forget_finished(revision_id, FINISHED_KEPT_PER_REVISION)
+        self._register(inst)
         try:
             await self._launch(inst)
         except BaseException:
@@ -378,28 +393,12 @@ class InstancePool:
                     if r.status_code == 200 and inst.state is InstanceState.STARTING and process is inst.process:
                         inst.state = InstanceState.READY
                         inst.ready_at = time.time()
-                        inst.cold_start = await self._read_startup_event(inst)
+                        inst.cold_start = _cold_start(r)
                         if inst.cold_start is not None:  # the runtime cannot know how it was started
                             inst.cold_start["start_method"] = inst.start_method
                         return True
             if time.monotonic() >= deadline:
                 return False
-            await asyncio.sleep(_POLL_S)
-
-    async def _read_startup_event(self, inst: Instance, wait_s: float = 0.5) -> dict[str, Any] | None:
-        """The runtime's JSON "startup" line (logged just after /readyz turns 200): best effort."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            for line in reversed(self._own_output(inst).splitlines()):
-                start = line.find('{"event": "startup"')
-                if start < 0:
-                    continue
-                with contextlib.suppress(ValueError):
-                    data = json.loads(line[start:])
-                    if isinstance(data, dict):
-                        return data
-            if time.monotonic() >= deadline:
-                return None
             await asyncio.sleep(_POLL_S)
 
     # -- stopping ----------------------------------------------------------------------------------
@@ -449,8 +448,34 @@ class InstancePool:
     # -- looking -----------------------------------------------------------------------------------
 
     def instances(self, revision_id: str | None = None) -> list[Instance]:
-        """All instances the pool started (stopped and failed ones included), oldest first."""
-        return [i for i in self._instances.values() if revision_id is None or i.revision_id == revision_id]
+        """The instances the pool started, oldest first: the live ones and the last stopped or failed
+        ones (FINISHED_KEPT_PER_REVISION per revision)."""
+        if revision_id is None:
+            return list(self._instances.values())
+        return list(self._by_revision.get(revision_id, {}).values())
+
+    def _register(self, inst: Instance) -> None:
+        self._instances[inst.id] = inst
+        self._by_revision.setdefault(inst.revision_id, {})[inst.id] = inst
+
+    def forget_revision(self, revision_id: str) -> None:
+        """Drop the revision's stopped and failed instances (its function was removed)."""
+        self._forget_finished(revision_id, 0)
+
+    def _forget_finished(self, revision_id: str, keep: int) -> None:
+        """Forget all but the newest `keep` finished instances of the revision whose exit was handled."""
+        of_rev = self._by_revision.get(revision_id, {})
+        finished = [
+            i
+            for i in of_rev.values()
+            if not i.alive and (i.process is None or i.process.returncode is not None)
+            and (i._waiter is None or i._waiter.done())
+        ]  # fmt: skip
+        for inst in finished[: max(0, len(finished) - keep)]:
+            del self._instances[inst.id]
+            del of_rev[inst.id]
+        if not of_rev:
+            self._by_revision.pop(revision_id, None)
 
     def get(self, instance_id: str) -> Instance | None:
         return self._instances.get(instance_id)

@@ -63,6 +63,23 @@ return rev
 """
 
 
+# -- errors -----------------------------------------------------------------------------------------
+# ValueError subclasses, each for one kind of bad request, so the gateway's error table can map them
+# to a status (400, 404, 409) while a plain ValueError from a bug stays an internal error.
+
+
+class InvalidSpecError(ValueError):
+    """A spec, snapshot URI or label that breaks the rules (the message says which)."""
+
+
+class FunctionNotFoundError(ValueError):
+    """The function, or the revision of it that was named, does not exist."""
+
+
+class ConflictError(ValueError):
+    """The request is valid but the registry's state does not allow it (no revision to roll back to)."""
+
+
 # -- specs ------------------------------------------------------------------------------------------
 
 
@@ -84,19 +101,19 @@ class ScalingSpec:
         for name in ("idle_timeout_s", "request_timeout_s"):
             _require_number(name, getattr(self, name))
         if self.min_instances < 0:
-            raise ValueError(f"min_instances must be >= 0, not {self.min_instances}")
+            raise InvalidSpecError(f"min_instances must be >= 0, not {self.min_instances}")
         if self.max_instances < 1:
-            raise ValueError(f"max_instances must be >= 1, not {self.max_instances}")
+            raise InvalidSpecError(f"max_instances must be >= 1, not {self.max_instances}")
         if self.min_instances > self.max_instances:
-            raise ValueError(
+            raise InvalidSpecError(
                 f"min_instances ({self.min_instances}) must not exceed max_instances ({self.max_instances})"
             )
         if self.target_concurrency < 1:
-            raise ValueError(f"target_concurrency must be >= 1, not {self.target_concurrency}")
+            raise InvalidSpecError(f"target_concurrency must be >= 1, not {self.target_concurrency}")
         if self.idle_timeout_s <= 0:
-            raise ValueError(f"idle_timeout_s must be > 0, not {self.idle_timeout_s}")
+            raise InvalidSpecError(f"idle_timeout_s must be > 0, not {self.idle_timeout_s}")
         if self.request_timeout_s <= 0:
-            raise ValueError(f"request_timeout_s must be > 0, not {self.request_timeout_s}")
+            raise InvalidSpecError(f"request_timeout_s must be > 0, not {self.request_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -110,24 +127,24 @@ class RuntimeSpec:
     def __post_init__(self) -> None:
         # The device ends up on an instance's command line: only known forms get there.
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {self.device!r}")
+            raise InvalidSpecError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {self.device!r}")
         _require_int("max_batch", self.max_batch)
         if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, not {self.max_batch}")
+            raise InvalidSpecError(f"max_batch must be >= 1, not {self.max_batch}")
         if self.max_seq_len is not None:
             _require_int("max_seq_len", self.max_seq_len)
             if self.max_seq_len < 1:
-                raise ValueError(f"max_seq_len must be >= 1 or None, not {self.max_seq_len}")
+                raise InvalidSpecError(f"max_seq_len must be >= 1 or None, not {self.max_seq_len}")
 
 
 def _require_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, not {value!r}")
+        raise InvalidSpecError(f"{name} must be an integer, not {value!r}")
 
 
 def _require_number(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, not {value!r}")
+        raise InvalidSpecError(f"{name} must be a finite number, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -187,10 +204,10 @@ class Invocation:
 def snapshot_id_from_uri(uri: str) -> str:
     """The snapshot id at the end of `<store>/snapshots/<32 hex>` (the gateway does not import kold.snapshot)."""
     if not isinstance(uri, str) or not uri or any(ch in uri for ch in "\x00\r\n"):
-        raise ValueError(f"snapshot URI must be a non-empty single-line string, not {uri!r}")
+        raise InvalidSpecError(f"snapshot URI must be a non-empty single-line string, not {uri!r}")
     head, sep, snapshot_id = uri.rstrip("/").rpartition("/snapshots/")
     if not sep or not head or not _SNAPSHOT_ID.fullmatch(snapshot_id):
-        raise ValueError(f"{uri!r} is not a snapshot URI (expected <store>/snapshots/<32 hex chars>)")
+        raise InvalidSpecError(f"{uri!r} is not a snapshot URI (expected <store>/snapshots/<32 hex chars>)")
     return snapshot_id
 
 
@@ -258,7 +275,7 @@ class Registry:
                 )
             )
         except redis.ResponseError as exc:
-            raise ValueError(f"cannot create a revision of {name!r}: {exc}") from None
+            raise ConflictError(f"cannot create a revision of {name!r}: {exc}") from None
         return Revision(name, rev_id, snapshot_uri, snapshot_id, scaling, runtime, created_at)
 
     def get_revision(self, rev_id: str) -> Revision | None:
@@ -297,12 +314,12 @@ class Registry:
         validate_function_name(name)
         validate_revision_id(rev_id)
         if _function_of(rev_id) != name:
-            raise ValueError(f"revision {rev_id!r} does not belong to function {name!r}")
+            raise InvalidSpecError(f"revision {rev_id!r} does not belong to function {name!r}")
         revisions = self._fn(name, "revisions")
 
         def move(pipe: Any) -> None:  # under WATCH: a concurrent delete makes this retry
             if pipe.zscore(revisions, rev_id) is None:
-                raise ValueError(f"function {name!r} has no revision {rev_id!r}")
+                raise FunctionNotFoundError(f"function {name!r} has no revision {rev_id!r}")
             pipe.multi()
             pipe.set(self._fn(name, "serving"), rev_id)
 
@@ -316,12 +333,12 @@ class Registry:
             return rev_id
         fn = self.get_function(name)
         if fn is None:
-            raise ValueError(f"function {name!r} does not exist")
+            raise FunctionNotFoundError(f"function {name!r} does not exist")
         if fn.serving_revision is None:
-            raise ValueError(f"function {name!r} serves no revision yet: nothing to roll back from")
+            raise ConflictError(f"function {name!r} serves no revision yet: nothing to roll back from")
         index = fn.revisions.index(fn.serving_revision) if fn.serving_revision in fn.revisions else -1
         if index <= 0:
-            raise ValueError(f"function {name!r}: no revision before {fn.serving_revision!r} to roll back to")
+            raise ConflictError(f"function {name!r}: no revision before {fn.serving_revision!r} to roll back to")
         target = fn.revisions[index - 1]
         self.set_traffic(name, target)
         return target
@@ -350,7 +367,7 @@ class Registry:
     def create_key(self, label: str) -> NewKey:
         """A new API key; only its sha256 is stored, so the secret is shown to the caller once."""
         if not isinstance(label, str) or len(label) > MAX_LABEL_LEN or not label.isprintable():
-            raise ValueError(f"key label must be printable text of at most {MAX_LABEL_LEN} characters")
+            raise InvalidSpecError(f"key label must be printable text of at most {MAX_LABEL_LEN} characters")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         digest = _sha256(secret)
         created_at = repr(time.time())

@@ -35,6 +35,9 @@ _HOP_BY_HOP = {
     "transfer-encoding",
     "upgrade",
     "content-length",
+    # the gateway's server writes its own: passing the instance's on would send the header twice
+    "date",
+    "server",
 }
 _FORWARD_REQUEST_HEADERS = ("content-type", "accept", "user-agent", "x-request-id")
 
@@ -76,6 +79,7 @@ async def proxy(
         if attempt == 0:
             gateway.record(name, arrival, cold, wait_s)
         timeout_s = revision.scaling.request_timeout_s
+        upstream: UpstreamResponse | None = None
         try:
             # Like Knative's timeoutSeconds: the instance has the function's request timeout to begin
             # its answer (a non-streamed answer begins when it is complete); on expiry the connection
@@ -92,7 +96,9 @@ async def proxy(
             log.warning("instance %s failed before the answer was complete (%s)", inst.id, exc)
             failed = inst
             continue
-        except BaseException:
+        except BaseException:  # cancelled (the client left): a half-read connection is closed, never reused
+            if upstream is not None:
+                upstream.close()
             gateway.release(inst)
             raise
         if upstream.status_code == 503 and attempt == 0:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,8 +55,8 @@ def test_scale_from_zero_then_warm_then_to_zero(
     desc = s.http.get("/admin/functions/tiny").json()
     assert desc["instances"][0]["state"] == "ready" and desc["instances"][0]["cold_start"]["event"] == "startup"
     metrics = s.http.get("/metrics").text
-    assert 'kold_gateway_requests_total{cold="1",function="tiny"} 1.0' in metrics
-    assert 'kold_gateway_requests_total{cold="0",function="tiny"} 2.0' in metrics
+    assert 'kold_gateway_requests_total{cold="1",function="tiny",status="200"} 1.0' in metrics
+    assert 'kold_gateway_requests_total{cold="0",function="tiny",status="200"} 2.0' in metrics
     assert 'kold_gateway_wait_seconds_count{cold="1",function="tiny"} 1.0' in metrics
     assert 'kold_gateway_instances{function="tiny",state="ready"} 1.0' in metrics
     # scale to zero after the idle timeout
@@ -78,15 +80,26 @@ def test_scale_from_zero_then_warm_then_to_zero(
     assert registry.invocations("tiny")[0].cold
 
 
-def test_burst_at_cold_function_starts_at_most_max_instances(
+def test_burst_at_cold_function_scales_out_to_what_it_needs_and_spreads_evenly(
     registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
 ) -> None:
-    deploy(registry, "burst", tiny_snapshot, max_instances=2, target_concurrency=4, request_timeout_s=90)
+    """20 concurrent requests at a cold function with target_concurrency 4 need 5 instances; max_instances
+    caps that at 2. Exactly 2 start (a gateway that never scaled out, or started more, fails), no request
+    fails, and the two share the burst evenly instead of the first one up taking most of it."""
+    requests, target, cap = 20, 4, 2
+    deploy(registry, "burst", tiny_snapshot, max_instances=cap, target_concurrency=target, request_timeout_s=90)
     s = serve(registry)
-    with ThreadPoolExecutor(20) as ex:
-        results = list(ex.map(lambda _: chat(s, "burst", max_tokens=2), range(20)))
-    assert [r.status_code for r in results] == [200] * 20, [r.text for r in results if r.status_code != 200]
-    assert len(s.app.state.gateway.pool.instances()) <= 2
+    with ThreadPoolExecutor(requests) as ex:
+        results = list(ex.map(lambda _: chat(s, "burst", max_tokens=2), range(requests)))
+    assert [r.status_code for r in results] == [200] * requests, [r.text for r in results if r.status_code != 200]
+    needed = min(cap, math.ceil(requests / target))
+    started = [i.id for i in s.app.state.gateway.pool.instances()]
+    assert len(started) == needed, started
+    assert f'kold_gateway_instance_starts_total{{function="burst"}} {needed}.0' in s.http.get("/metrics").text
+    served = Counter(r.headers["x-kold-instance"] for r in results)
+    assert sorted(served) == sorted(started), served  # every instance started took a share
+    share = requests / needed
+    assert all(abs(n - share) <= share / 4 for n in served.values()), f"uneven spread: {dict(served)}"
 
 
 def test_errors_and_auth(registry: Registry, serve: Callable[..., Served]) -> None:
@@ -100,7 +113,7 @@ def test_errors_and_auth(registry: Registry, serve: Callable[..., Served]) -> No
     time.sleep(0.1)
     r = s.http.get("/admin/functions")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert s.http.get("/admin/functions", headers={"Authorization": "Bearer kold_wrong"}).status_code == 403
+    assert s.http.get("/admin/functions", headers={"Authorization": "Bearer kold_wrong"}).status_code == 401
     assert s.http.get("/admin/functions", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
     assert s.http.get("/healthz").status_code == 200
     # a key revoked through the gateway stops working at once there (its recent check is not reused)
@@ -108,7 +121,7 @@ def test_errors_and_auth(registry: Registry, serve: Callable[..., Served]) -> No
     assert s.http.get("/admin/functions", headers={"Authorization": f"Bearer {second['secret']}"}).status_code == 200
     revoked = s.http.delete(f"/admin/keys/{second['key_id']}", headers={"Authorization": f"Bearer {secret}"})
     assert revoked.status_code == 200, revoked.text
-    assert s.http.get("/admin/functions", headers={"Authorization": f"Bearer {second['secret']}"}).status_code == 403
+    assert s.http.get("/admin/functions", headers={"Authorization": f"Bearer {second['secret']}"}).status_code == 401
 
 
 def test_require_keys_closes_without_keys(registry: Registry, serve: Callable[..., Served]) -> None:

@@ -32,7 +32,7 @@ def add_instance(pool: InstancePool, inst_id: str, revision_id: str, text: str =
     """An instance record as pool.start leaves it, without a process (the stream never needs one)."""
     inst = Instance(id=inst_id, revision_id=revision_id, port=0, url="", log_path=pool.log_dir / f"{inst_id}.log")
     inst.log_path.write_text(text)
-    pool._instances[inst.id] = inst
+    pool._register(inst)
     return inst
 
 

@@ -270,7 +270,7 @@ def test_api_keys_during_a_redis_outage(
         revoked = s.http.delete(f"/admin/keys/{known.key_id}", headers=admin_auth)
         assert revoked.status_code == 200, revoked.text
         after = completion(s, "keyed", key=known.secret)
-        assert after.status_code == 403 and after.json()["error"]["code"] == "invalid_api_key", after.text
+        assert after.status_code == 401 and after.json()["error"]["code"] == "invalid_api_key", after.text
         assert completion(s, "keyed", key=unknown.secret).status_code == 200  # it was valid all along
     finally:
         private_redis.kill()
@@ -283,7 +283,9 @@ def test_the_waking_request_goes_to_the_instance_while_it_restores(
     """The runtime queues requests during its restore and runs them behind it: the gateway sends the
     request that woke an instance as soon as the runtime answers "restoring", not once it is READY.
     Seen from the runtime: that request waited in its own queue for the (held back) restore."""
-    monkeypatch.setenv("KOLD_RUNTIME_TEST_RESTORE_DELAY_S", "1.5")
+    # the restore held back by a test-only sitecustomize (tests/restore_delay), not by a kold setting
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1] / "restore_delay"))
+    monkeypatch.setenv("KOLDTEST_RESTORE_DELAY_S", "1.5")
     deploy(registry, "eager", tiny_snapshot, max_instances=1, request_timeout_s=60)
     s = serve(registry)
     r = completion(s, "eager")

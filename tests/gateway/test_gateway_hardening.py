@@ -1,0 +1,185 @@
+"""The gateway as clients and operators rely on it: clients that leave, the OpenAI model routes, one
+Date header, request ids, the error table, metrics, and bounded state under a long churn of instances.
+Real redis, real runtime subprocesses, uvicorn on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from gateway_helpers import Served, deploy, deploy_and_wait
+
+from kold.gateway.errors import error_response
+from kold.gateway.pool import FINISHED_KEPT_PER_REVISION, InstancePool, InstanceState
+from kold.gateway.registry import Registry, RuntimeSpec
+
+pytestmark = pytest.mark.redis
+
+# a well-formed snapshot URI that names nothing: its instances fail to restore, so a request holds
+MISSING_SNAPSHOT = "file:///nonexistent-kold-store/snapshots/" + "0" * 32
+
+
+def _wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _metric(text: str, name: str) -> float:
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert values, f"{name} not in the metrics"
+    return values[0]
+
+
+def test_a_held_request_whose_client_leaves_is_no_longer_counted(
+    registry: Registry, serve: Callable[..., Served]
+) -> None:
+    deploy(registry, "never", MISSING_SNAPSHOT, request_timeout_s=120, max_instances=1)
+    s = serve(registry)
+    body = {"model": "never", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with pytest.raises(httpx.ReadTimeout):
+        s.http.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(1.5, connect=5))
+    gw = s.app.state.gateway
+    _wait_for(lambda: gw.functions["never"].waiting == 0, 5, "the held request is still counted")
+    assert _metric(s.http.get("/metrics").text, "kold_gateway_waiting") == 0.0
+    assert 'status="499"' in s.http.get("/metrics").text  # counted as a request the client closed
+
+
+def test_a_client_that_leaves_a_non_streamed_request_cancels_the_generation(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    s = serve(registry)
+    deploy_and_wait(s, "long", tiny_snapshot)
+    [inst] = [i for i in s.app.state.gateway.pool.instances() if i.state is InstanceState.READY]
+    cancelled = "kold_cancelled_generations_total"
+    before = _metric(httpx.get(f"{inst.url}/metrics").text, cancelled)
+    # 120 tokens of a tiny model take a while on a busy CPU; the client gives up long before that
+    body = {"model": "long", "prompt": "hello", "max_tokens": 120, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        s.http.post("/v1/completions", json=body, timeout=httpx.Timeout(0.05, connect=5))
+    _wait_for(
+        lambda: _metric(httpx.get(f"{inst.url}/metrics").text, cancelled) > before,
+        10,
+        "the runtime never saw the cancellation",
+    )
+    _wait_for(lambda: inst.in_flight == 0, 5, "the slot was not freed")
+
+
+def test_openai_model_routes_date_header_and_request_id(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    deploy(registry, "tiny", tiny_snapshot, request_timeout_s=60)
+    s = serve(registry)
+    client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", http_client=httpx.Client(trust_env=False))
+    model = client.models.retrieve("tiny")
+    assert model.id == "tiny" and model.owned_by == "kold" and model.created > 0
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    # the per-function base URL that `kold deploy` prints answers the models routes too
+    own = openai.OpenAI(
+        base_url=f"{s.url}/v1/functions/tiny/v1", api_key="unused", http_client=httpx.Client(trust_env=False)
+    )
+    assert [m.id for m in own.models.list()] == ["tiny"]
+    assert own.models.retrieve("tiny").id == "tiny"
+    assert s.http.get("/v1/functions/tiny/v1/models/other").status_code == 404
+    assert s.http.get("/v1/functions/Not_A_Name/v1/models").status_code == 404
+
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    r = s.http.post("/v1/completions", json=body, headers={"X-Request-Id": "trace-42"})
+    assert r.status_code == 200, r.text
+    assert len(r.headers.get_list("date")) == 1, r.headers
+    assert r.headers["x-request-id"] == "trace-42"
+    # a request id that is not a plain token (it would go into log lines) is replaced by one of ours
+    r = s.http.post("/v1/completions", json=body, headers={"X-Request-Id": "a b\tc"})
+    assert r.headers["x-request-id"] not in ("a b\tc", "") and len(r.headers["x-request-id"]) == 32
+    with s.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as streamed:
+        assert len(streamed.headers.get_list("date")) == 1 and len(streamed.headers["x-request-id"]) == 32
+        streamed.read()
+
+    metrics = s.http.get("/metrics").text
+    assert "_created" not in metrics
+    # the first was cold (it started the instance), the other two warm
+    assert 'kold_gateway_request_duration_seconds_count{cold="1",function="tiny"} 1.0' in metrics
+    assert 'kold_gateway_request_duration_seconds_count{cold="0",function="tiny"} 2.0' in metrics
+    assert 'kold_gateway_requests_total{cold="0",function="tiny",status="200"} 2.0' in metrics
+    r = s.http.post("/v1/completions", json={**body, "model": "nope"})
+    assert r.status_code == 404
+    # a name that is no function is counted without its name: clients cannot grow the label set
+    assert 'kold_gateway_requests_total{cold="0",function="",status="404"} 1.0' in s.http.get("/metrics").text
+
+
+def test_admin_input_errors_are_4xx_and_internal_errors_a_logged_json_500(
+    registry: Registry, serve: Callable[..., Served], caplog: pytest.LogCaptureFixture
+) -> None:
+    s = serve(registry)
+    uri = "file:///x/snapshots/" + "1" * 32
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"snapshot_uri": "not a uri"}, "not a snapshot URI"),
+        ({"snapshot_uri": uri, "scaling": {"max_instances": 0}}, "max_instances"),
+        ({"snapshot_uri": uri, "scaling": {"warp": 9}}, "takes only these fields"),
+        ({"snapshot_uri": uri, "scaling": "fast"}, "must be a JSON object"),
+        ({"snapshot_uri": uri, "runtime": {"device": "tpu"}}, "device"),
+    ]
+    for body, message in cases:
+        r = s.http.post("/admin/functions/fn/revisions", json=body)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text)
+    r = s.http.post("/admin/functions/Bad_Name/revisions", json={"snapshot_uri": uri})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_name"
+    r = s.http.post("/admin/functions/ghost/rollback", json={})
+    assert r.status_code == 404, r.text
+    deploy(registry, "one", uri)
+    r = s.http.post("/admin/functions/one/rollback", json={})
+    assert r.status_code == 409 and "no revision before" in r.json()["error"]["message"]
+
+    # an unexpected ValueError inside is no client error: 500, with nothing of it in the body, logged
+    with caplog.at_level("ERROR", logger="kold.gateway.errors"):
+        response = error_response(ValueError("secret internals"))
+    assert response.status_code == 500 and b"secret internals" not in response.body
+    assert any(r.exc_info and "secret internals" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_a_long_churn_of_instances_leaves_bounded_state(tmp_path: Path) -> None:
+    """Every start of a revision whose process exits at once (here: `false` as the interpreter) ends
+    FAILED; hundreds of them must not grow the pool's table beyond the kept few."""
+
+    class Rev:
+        function = "churn"
+        revision_id = "churn-00001"
+        snapshot_uri = MISSING_SNAPSHOT
+        runtime = RuntimeSpec()
+
+    async def churn() -> tuple[int, int]:
+        pool = InstancePool(tmp_path / "logs", python="/bin/false", start_method="spawn")
+        for _ in range(200):
+            inst = await pool.start(Rev())
+            assert inst._waiter is not None
+            await inst._waiter
+        kept = len(pool.instances())
+        pool.forget_revision(Rev.revision_id)
+        left = len(pool.instances())
+        await pool.close(1)
+        return kept, left
+
+    kept, left = asyncio.run(churn())
+    assert kept <= FINISHED_KEPT_PER_REVISION + 1 and left == 0
+
+
+def test_deleting_a_function_forgets_what_the_gateway_kept_for_it(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    s = serve(registry)
+    deploy_and_wait(s, "gone", tiny_snapshot)
+    body = {"model": "gone", "prompt": "hi", "max_tokens": 1}
+    assert s.http.post("/v1/completions", json=body).status_code == 200
+    assert s.http.delete("/admin/functions/gone").status_code == 200
+    gw = s.app.state.gateway
+    assert "gone" not in gw.functions and not gw.pool.instances() and not gw._idle_since
+    assert not [r for r in gw._revisions if r.startswith("gone-")]
+    assert 'function="gone"' not in s.http.get("/metrics").text
