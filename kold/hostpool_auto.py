@@ -20,6 +20,7 @@ KOLD_HOST_POOL=off turns it off; KOLD_HOST_POOL_DIR set keeps a pool the user ma
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -141,6 +142,7 @@ def scratch_pool(root: Path, nbytes: int) -> Iterator[HostPool]:
         pool.fill(1, nbytes)
         yield pool
     finally:
+        gc.collect()  # a restore's tensors left in a reference cycle would still hold the segment
         release_place(place)
 
 
