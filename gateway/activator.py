@@ -1,16 +1,18 @@
 """The activator: per-function state, holding requests while a function is cold, and scaling.
 
-A request asks `acquire(name)` for an instance of the function's serving revision. With a READY
-instance it gets the least loaded one at once; without one it is held (not failed) until an
-instance becomes READY or the revision's `request_timeout_s` passes (503 + Retry-After). Every
-acquire re-evaluates how many instances the revision needs, Knative-style:
-ceil((in flight + waiting) / target_concurrency), between min_instances and max_instances, and
-starts only the missing ones (counted synchronously, so a burst at a cold function starts as many
-instances as its concurrency needs, not one per request). A background task stops instances idle
-for `idle_timeout_s` (the runtime drains on SIGTERM), down to min_instances (0: scale to zero).
+A request asks `acquire(name)` for an instance of the function's serving revision. It gets the least
+loaded instance that has room under `target_concurrency` (a READY one, or one still restoring that
+already takes requests); when every instance is full and more are starting, it is held (not failed)
+until one has room, and with no instance at all until one can take it or the revision's
+`request_timeout_s` passes (503 + Retry-After). At max_instances the target is soft: the least
+loaded READY instance takes the request and the runtime queues it. Every acquire re-evaluates how
+many instances the revision needs, Knative-style: ceil((in flight + waiting) / target_concurrency),
+between min_instances and max_instances, and starts only the missing ones (counted synchronously, so
+a burst at a cold function starts as many instances as its concurrency needs, not one per request).
+A background task stops instances idle for `idle_timeout_s` (the runtime drains on SIGTERM), down to
+min_instances (0: scale to zero) but never below what the function's load and backlog need.
 Invocations are recorded off the critical path by a queue drained in batches.
 """
-
 from __future__ import annotations
 
 import asyncio
