@@ -432,7 +432,7 @@ def _run_child(child: _Child, template_pid: int) -> int:
     print(
         f"--- kold: forked from the template (pid {template_pid}), torch and the runtime already imported", flush=True
     )
-    from kold.cli import main
+    from kold.commands.runtime import main
 
     return main(child.argv)
 

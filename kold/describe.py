@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-_ENDED_SHOWN = 5  # stopped/failed instances listed by `describe` (the newest); --json has all
+from kold.output import human_age, human_time
+
+_ENDED_SHOWN = 5  # stopped/failed instances listed by `describe` (the newest); -o json has all
 
 
 def format_describe(doc: dict[str, Any], gateway_url: str, now: float | None = None) -> str:
@@ -98,7 +100,7 @@ def format_describe(doc: dict[str, Any], gateway_url: str, now: float | None = N
             "  that long (they overlap: the restore runs while torch imports); TIER: where the weights came from"
         )
     if len(ended) > _ENDED_SHOWN:
-        lines.append(f"  ({len(ended) - _ENDED_SHOWN} earlier stopped instances not shown: --json lists all)")
+        lines.append(f"  ({len(ended) - _ENDED_SHOWN} earlier stopped instances not shown: -o json lists all)")
     return "\n".join(lines)
 
 
@@ -152,22 +154,10 @@ def _snapshot_short(uri: Any) -> str:
 
 
 def _age(started: Any, now: float) -> str:
-    """Like kubectl: 42s, 3m12s, 2h5m, 4d3h."""
     start = _number(started)
-    if start is None:
-        return "-"
-    s = max(0, int(now - start))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60}m"
-    return f"{s // 86400}d{s % 86400 // 3600}h"
+    return "-" if start is None else human_age(now - start)
 
 
 def _when(ts: Any, now: float) -> str:
     stamp = _number(ts)
-    if stamp is None:
-        return "-"
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stamp))} ({_age(stamp, now)} ago)"
+    return "-" if stamp is None else human_time(stamp, now)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from kold.cli import CLIError
+from kold.errors import CLIError
 
 
 class LocalRedis:

@@ -12,20 +12,25 @@ from typing import Any
 
 import httpx
 
-from kold.cli import CLIError
+from kold.errors import CLIError
 
 
 class PlatformClient:
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 600.0) -> None:
+    """`unreachable`: the error when nothing answers at `base_url`; the CLI says there where the URL came from."""
+
+    def __init__(
+        self, base_url: str, api_key: str | None = None, timeout_s: float = 600.0, *, unreachable: str | None = None
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
+        self.unreachable = unreachable or f"no kold platform answers at {self.base_url}: start it with `kold up`"
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         try:
             resp = self._client.request(method, path, json=body)
         except httpx.ConnectError:
-            raise CLIError(f"no kold platform answers at {self.base_url}: start it with `kold up`") from None
+            raise CLIError(self.unreachable) from None
         except httpx.TimeoutException:
             raise CLIError(f"the platform at {self.base_url} did not answer in time") from None
         except httpx.TransportError as exc:
@@ -47,7 +52,11 @@ class PlatformClient:
                     if line.startswith("data: ") and line != "data: [DONE]":
                         yield headers, json.loads(line[6:])
         except httpx.ConnectError:
-            raise CLIError(f"no kold platform answers at {self.base_url}: start it with `kold up`") from None
+            raise CLIError(self.unreachable) from None
+        except httpx.TimeoutException:
+            raise CLIError(f"the platform at {self.base_url} did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise CLIError(f"the answer from {self.base_url} broke off: {exc or type(exc).__name__}") from None
 
     def stream_logs(self, name: str, tail: int) -> Iterator[str]:
         """Yield a function's log text as the gateway streams it (`logs?follow=1`), like `tail -F`.
@@ -65,7 +74,7 @@ class PlatformClient:
                     raise CLIError(_error_message(resp))
                 yield from resp.iter_text()
         except httpx.ConnectError:
-            raise CLIError(f"no kold platform answers at {self.base_url}: start it with `kold up`") from None
+            raise CLIError(self.unreachable) from None
         except httpx.TransportError as exc:
             raise CLIError(f"the log stream from {self.base_url} broke off: {exc or type(exc).__name__}") from None
 

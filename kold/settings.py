@@ -111,7 +111,8 @@ class Settings(BaseSettings):
     instance_start: Literal["fork-template", "spawn"] = Field(
         default="fork-template", description="how the local platform starts instances"
     )
-    gateway_url: str = Field(default="http://127.0.0.1:8080", description="where the CLI finds the gateway")
+    # unset: the platform `kold up` started (its state under `home`), else http://127.0.0.1:8080
+    gateway_url: str | None = Field(default=None, description="where the CLI finds the gateway")
     api_key: str | None = Field(default=None, description="Bearer key the CLI sends to the gateway")
 
     @property

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kold.cli import CLIError
+from kold.errors import CLIError
 from kold.settings import Settings
 
 
@@ -121,12 +121,18 @@ def _platform_part(model_dir: Path, work: Path, step: int) -> int:
 
     def kold(label: str, *argv: str) -> None:
         print(f"\n[{label}] $ kold {' '.join(argv)}", flush=True)
+        # stderr too, in order: commands print their status and timings there (stdout is their data)
         done = subprocess.run(
-            [sys.executable, "-m", "kold", *argv], env=env, capture_output=True, text=True, check=False
+            [sys.executable, "-m", "kold", *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            check=False,
         )
         print(done.stdout, end="", flush=True)
         if done.returncode != 0:
-            raise CLIError(f"`kold {' '.join(argv)}` failed: {done.stderr.strip() or done.stdout.strip()}")
+            raise CLIError(f"`kold {' '.join(argv)}` failed: {done.stdout.strip()}")
 
     kold(f"{step}", "up", "--detach", "--port", str(port))
     client = PlatformClient(gateway_url, timeout_s=30.0)

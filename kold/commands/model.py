@@ -23,7 +23,7 @@ def register(top: Any) -> None:
 
 
 def cmd_make_tiny(args: argparse.Namespace, settings: Settings) -> int:
-    from kold.cli import CLIError
+    from kold.errors import CLIError
     from kold.modelgen import ARCHS, SIZES, model_nbytes, model_shape, write_random_model
     from kold.progress import ByteProgress
 

@@ -7,6 +7,7 @@ command is a client of its admin API (kold/platform_client.py), as kubectl is of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import signal
@@ -14,15 +15,27 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kold.cli import CLIError, existing_dir, print_json
+from kold.errors import CLIError, existing_dir
+from kold.output import add_output_option, human_time, note, print_data
+from kold.platform_state import (
+    DEFAULT_URL,
+    PlatformState,
+    clear_stale_state,
+    is_alive,
+    locate_gateway,
+    process_start,
+    read_state,
+    remove_state,
+    write_state,
+)
 from kold.settings import Settings
 
 if TYPE_CHECKING:
     from kold.gateway.registry import Registry
     from kold.hostpool_auto import HostPoolKeeper
+    from kold.platform_client import PlatformClient
 
 
 def register(top: Any) -> None:
@@ -30,12 +43,13 @@ def register(top: Any) -> None:
     up.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback requires API keys)")
     up.add_argument("--port", type=int, default=8080)
     up.add_argument("--detach", action="store_true", help="run in the background (stop with `kold down`)")
+    up.add_argument("--log-file", help=argparse.SUPPRESS)  # set by --detach: where the platform's output goes
     up.set_defaults(handler=cmd_up)
 
-    down = top.add_parser("down", help="stop a platform started with `kold up`")
+    down = top.add_parser("down", help="stop the platform `kold up` started")
     down.set_defaults(handler=cmd_down)
 
-    deploy = top.add_parser("deploy", help="publish a Hugging Face model directory as a function")
+    deploy = _client_parser(top, "deploy", help="publish a Hugging Face model directory as a function")
     deploy.add_argument("model_dir", type=existing_dir, metavar="MODEL_DIR")
     deploy.add_argument("--name", required=True, help="function name (DNS label: a-z, 0-9, '-')")
     deploy.add_argument("--min-instances", type=int, default=0, help="0 allows scale to zero (default)")
@@ -51,80 +65,122 @@ def register(top: Any) -> None:
     deploy.add_argument("--device", default="cpu")
     deploy.add_argument("--max-batch", type=int, default=8)
     deploy.add_argument("--target", choices=("local", "knative"), default="local")
+    add_output_option(deploy)
     deploy.set_defaults(handler=cmd_deploy)
 
-    ls = top.add_parser("ls", help="list functions")
-    ls.add_argument("--json", action="store_true")
+    ls = _client_parser(top, "ls", help="list functions")
+    add_output_option(ls)
     ls.set_defaults(handler=cmd_ls)
 
-    describe = top.add_parser("describe", help="a function's revisions and instances, with cold-start breakdowns")
+    describe = _client_parser(top, "describe", help="a function's revisions and instances, with cold-start breakdowns")
     describe.add_argument("name")
-    describe.add_argument("--json", action="store_true")
+    add_output_option(describe)
     describe.set_defaults(handler=cmd_describe)
 
-    rm = top.add_parser("rm", help="remove a function (its instances drain first)")
+    rm = _client_parser(top, "rm", help="remove a function (its instances drain first)")
     rm.add_argument("name")
     rm.set_defaults(handler=cmd_rm)
 
-    rollback = top.add_parser("rollback", help="move a function's traffic back to an earlier revision")
+    rollback = _client_parser(top, "rollback", help="move a function's traffic back to an earlier revision")
     rollback.add_argument("name")
     rollback.add_argument("revision", nargs="?", help="default: the revision before the serving one")
     rollback.set_defaults(handler=cmd_rollback)
 
-    logs = top.add_parser("logs", help="a function's instance logs (--follow: as they are written, like tail -F)")
+    logs = _client_parser(top, "logs", help="a function's instance logs (--follow: as they are written, like tail -F)")
     logs.add_argument("name")
     logs.add_argument("--tail", type=int, default=100)
     logs.add_argument("--follow", "-f", action="store_true")
     logs.set_defaults(handler=cmd_logs)
 
-    invoke = top.add_parser("invoke", help="call a function and stream its answer")
+    invoke = _client_parser(
+        top, "invoke", help="call a function and stream its answer (stdout: the answer; stderr: the timings)"
+    )
     invoke.add_argument("name")
     invoke.add_argument("prompt")
-    invoke.add_argument("--chat", action="store_true", help="send as a chat message (default: a completion)")
+    mode = invoke.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--chat",
+        dest="mode",
+        action="store_const",
+        const="chat",
+        help="send the prompt as a chat message (the default for a model with a chat template)",
+    )
+    mode.add_argument(
+        "--completion",
+        dest="mode",
+        action="store_const",
+        const="completion",
+        help="send the prompt as a plain completion (the default for a model without one)",
+    )
     invoke.add_argument("--max-tokens", type=int, default=64)
+    invoke.add_argument("--temperature", type=float, help="0 is greedy (default: the runtime's, 1.0)")
     invoke.set_defaults(handler=cmd_invoke)
 
     keys = top.add_parser("keys", help="API keys for the gateway")
     sub = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
-    create = sub.add_parser("create", help="create a key (the secret is shown once)")
+    create = _client_parser(sub, "create", help="create a key (stdout: its secret, shown once)")
     create.add_argument("label", nargs="?", default="")
     create.set_defaults(handler=cmd_keys_create)
-    sub.add_parser("ls", help="list keys").set_defaults(handler=cmd_keys_ls)
-    revoke = sub.add_parser("revoke", help="revoke a key")
+    keys_ls = _client_parser(sub, "ls", help="list keys")
+    add_output_option(keys_ls)
+    keys_ls.set_defaults(handler=cmd_keys_ls)
+    revoke = _client_parser(sub, "revoke", help="revoke a key")
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=cmd_keys_revoke)
+
+
+def _client_parser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A command that talks to the gateway: it takes --url (after the command, too, as kubectl's --server)."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
+    # SUPPRESS: when absent here, the value of `kold --url URL COMMAND` is kept, not reset to None
+    parser.add_argument(
+        "--url",
+        default=argparse.SUPPRESS,
+        help=f"the gateway (default: KOLD_GATEWAY_URL, else the platform `kold up` started, else {DEFAULT_URL})",
+    )
+    return parser
 
 
 # -- the platform process -----------------------------------------------------------------------
 
 
-def _pidfile(settings: Settings) -> Path:
-    return settings.home / "platform.pid"
-
-
-def _running_pid(settings: Settings) -> int | None:
-    try:
-        pid = int(_pidfile(settings).read_text().split()[0])
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
-        return None
-
-
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    if _running_pid(settings) is not None:
-        raise CLIError(f"a kold platform is already running (pid {_running_pid(settings)}): `kold down` first")
+    running = read_state(settings.home)
+    if running is not None:
+        raise CLIError(f"a kold platform is already running at {running.url} (pid {running.pid}): `kold down` first")
     if not 0 < args.port < 65536:
         raise CLIError(f"--port {args.port}: not a port number")
-    url = f"http://{args.host}:{args.port}"
+    url = _client_url(args.host, args.port)
     if args.detach:
         return _up_detached(args, settings, url)
-    settings.home.mkdir(parents=True, exist_ok=True)
-    _pidfile(settings).write_text(f"{os.getpid()} {url}\n")
+    state = PlatformState(
+        pid=os.getpid(),
+        url=url,
+        started_at=time.time(),
+        log_path=args.log_file,
+        pid_start=process_start(os.getpid()),
+    )
+    write_state(settings.home, state)  # before the gateway listens: a second `kold up` is refused from now on
     try:
         return _serve_platform(args, settings)
     finally:
-        _pidfile(settings).unlink(missing_ok=True)
+        remove_state(settings.home, os.getpid())
+
+
+def _record_redis_url(settings: Settings, redis_url: str) -> None:
+    """Add the Redis URL to the state `cmd_up` wrote (it is known once the private redis-server runs)."""
+    state = read_state(settings.home)
+    if state is not None and state.pid == os.getpid():
+        write_state(settings.home, dataclasses.replace(state, redis_url=redis_url))
+
+
+def _client_url(host: str, port: int) -> str:
+    """Where clients reach a gateway bound to `host`: a wildcard address is reached over loopback."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _up_detached(args: argparse.Namespace, settings: Settings, url: str) -> int:
@@ -132,9 +188,10 @@ def _up_detached(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
     settings.home.mkdir(parents=True, exist_ok=True)
     log_path = settings.home / "platform.log"
+    argv = ["up", "--host", args.host, "--port", str(args.port), "--log-file", str(log_path)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kold", "up", "--host", args.host, "--port", str(args.port)],
+            [sys.executable, "-m", "kold", *argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -169,6 +226,7 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("kold").setLevel(logging.INFO)
     local_redis = None if settings.redis_url else LocalRedis(settings.home / "redis").start()
     redis_url = settings.redis_url or (local_redis.url if local_redis else "")
+    _record_redis_url(settings, redis_url)
     keeper: HostPoolKeeper | None = None
     try:
         # Bounded waits: with no socket timeout a hung Redis (a partition) would hold requests for ever,
@@ -247,48 +305,46 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
-    pid = _running_pid(settings)
-    if pid is None:
+    state = read_state(settings.home)
+    if state is None:
+        clear_stale_state(settings.home)
         print("no kold platform is running")
         return 0
-    os.kill(pid, signal.SIGTERM)
+    os.kill(state.pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            print(f"kold platform stopped (pid {pid})")
+        if not is_alive(state):
+            remove_state(settings.home, state.pid)  # it removes its own, unless it was killed first
+            print(f"kold platform stopped (pid {state.pid}, {state.url})")
             return 0
         time.sleep(0.1)
-    raise CLIError(f"the platform (pid {pid}) did not stop within 60 s")
+    raise CLIError(f"the platform (pid {state.pid}) did not stop within 60 s")
 
 
 # -- clients of the gateway ------------------------------------------------------------------------
 
 
-def _client(settings: Settings) -> Any:
+def _client(args: argparse.Namespace, settings: Settings) -> PlatformClient:
+    """A client of the gateway that `--url`, KOLD_GATEWAY_URL or `kold up`'s state names (platform_state.py)."""
     from kold.platform_client import PlatformClient
 
-    return PlatformClient(settings.gateway_url, settings.api_key)
+    where = locate_gateway(getattr(args, "url", None), settings.gateway_url, settings.home)
+    return PlatformClient(where.url, settings.api_key, unreachable=where.unreachable(settings.home))
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
+    """stdout: the function's URLs (or the -o document); progress and status: stderr."""
     if args.target == "knative":
         raise CLIError("--target knative is not available yet (it comes with the Knative target); use --target local")
-    from kold.gateway.names import InvalidNameError, validate_function_name
     from kold.progress import ByteProgress
     from kold.snapshot import build_snapshot
 
-    try:
-        validate_function_name(args.name)
-    except InvalidNameError as exc:
-        raise CLIError(str(exc)) from None
-    client = _client(settings)
+    name = _function_name(args.name)
+    client = _client(args, settings)
     client.request("GET", "/healthz")  # fail fast, before building, if no platform runs
-    with ByteProgress(f"publish {args.name}") as progress:
+    with ByteProgress(f"publish {name}") as progress:
         built = build_snapshot(args.model_dir, settings.store_uri, s3=settings.s3_options(), progress=progress)
-    state = "published" if built.uploaded else "already in the store"
-    print(f"snapshot {built.manifest.id} {state}: {built.uri}")
+    note(f"snapshot {built.manifest.id} {'published' if built.uploaded else 'already in the store'}: {built.uri}")
     body = {
         "snapshot_uri": built.uri,
         "scaling": {
@@ -301,23 +357,33 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
         "runtime": {"device": args.device, "max_batch": args.max_batch},
         "wait": True,
     }
-    print(f"deploying {args.name}: waiting for the new revision's first instance to be ready ...")
-    rev = client.request("POST", f"/admin/functions/{args.name}/revisions", body)
-    base = settings.gateway_url.rstrip("/")
-    print(f"revision {rev.get('revision', '?')} is serving")
-    print(f"  {base}/v1/functions/{args.name}/v1/chat/completions")
-    print(f"  OpenAI clients: base_url={base}/v1, model={args.name}")
+    note(f"deploying {name}: waiting for the new revision's first instance to be ready ...")
+    rev = client.request("POST", f"/admin/functions/{name}/revisions", body)
+    revision = rev.get("revision", "?") if isinstance(rev, dict) else "?"
+    base = client.base_url
+    urls = {
+        "chat_completions": f"{base}/v1/functions/{name}/v1/chat/completions",
+        "completions": f"{base}/v1/functions/{name}/v1/completions",
+        "openai_base_url": f"{base}/v1",
+    }
+    note(f"revision {revision} is serving")
+    if args.output:
+        doc = {"name": name, "revision": revision, "snapshot": {"id": built.manifest.id, "uri": built.uri}, **urls}
+        print_data(doc, args.output)
+        return 0
+    print(f"  {urls['chat_completions']}")
+    print(f"  OpenAI clients: base_url={urls['openai_base_url']}, model={name}")
     return 0
 
 
 def cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
-    functions = _client(settings).request("GET", "/admin/functions")
-    if args.json:
-        print_json(functions)
+    functions = _client(args, settings).request("GET", "/admin/functions")
+    if args.output:
+        print_data(functions, args.output)
         return 0
     items = functions.get("functions", functions) if isinstance(functions, dict) else functions
     if not items:
-        print("no functions: deploy one with `kold deploy MODEL_DIR --name NAME`")
+        note("no functions: deploy one with `kold deploy MODEL_DIR --name NAME`")
         return 0
     print(f"{'NAME':<24} {'SERVING':<20} {'INSTANCES':>9}")
     for fn in items:
@@ -338,25 +404,26 @@ def _function_name(name: str) -> str:
 
 
 def cmd_describe(args: argparse.Namespace, settings: Settings) -> int:
-    doc = _client(settings).request("GET", f"/admin/functions/{_function_name(args.name)}")
-    if args.json:
-        print_json(doc)
+    client = _client(args, settings)
+    doc = client.request("GET", f"/admin/functions/{_function_name(args.name)}")
+    if args.output:
+        print_data(doc, args.output)
     else:
         from kold.describe import format_describe
 
-        print(format_describe(doc if isinstance(doc, dict) else {}, settings.gateway_url))
+        print(format_describe(doc if isinstance(doc, dict) else {}, client.base_url))
     return 0
 
 
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
-    _client(settings).request("DELETE", f"/admin/functions/{_function_name(args.name)}")
+    _client(args, settings).request("DELETE", f"/admin/functions/{_function_name(args.name)}")
     print(f"function {args.name} removed")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     body = {"revision": args.revision} if args.revision else {}
-    result = _client(settings).request("POST", f"/admin/functions/{_function_name(args.name)}/rollback", body)
+    result = _client(args, settings).request("POST", f"/admin/functions/{_function_name(args.name)}/rollback", body)
     print(f"{args.name} now serves {result.get('serving')}")
     return 0
 
@@ -365,22 +432,18 @@ def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
     name = _function_name(args.name)
     if args.tail < 0:
         raise CLIError(f"--tail {args.tail}: must be >= 0")
-    client = _client(settings)
+    client = _client(args, settings)
     try:
         if args.follow:
             for text in client.stream_logs(name, args.tail):
                 sys.stdout.write(text)
                 sys.stdout.flush()
-            print("kold: the platform ended the log stream (it is shutting down)", file=sys.stderr)
+            note("kold: the platform ended the log stream (it is shutting down)")
             return 0
         doc = client.request("GET", f"/admin/functions/{name}/logs?tail={args.tail}")
         sys.stdout.write(format_logs(doc if isinstance(doc, dict) else {}))
-        sys.stdout.flush()
         return 0
     except KeyboardInterrupt:  # Ctrl-C is how one stops following: a normal end, not an error
-        return 0
-    except BrokenPipeError:  # `kold logs NAME -f | head`: the reader is gone; so is our stdout
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
@@ -397,12 +460,18 @@ def format_logs(doc: dict[str, Any]) -> str:
 
 
 def cmd_invoke(args: argparse.Namespace, settings: Settings) -> int:
-    body: dict[str, Any] = {
-        "model": args.name,
-        "max_tokens": args.max_tokens,
-        "stream_options": {"include_usage": True},
-    }
-    if args.chat:
+    """stdout: the answer alone (`kold invoke x hi > out.txt`); stderr: cold or warm, and the timings."""
+    name = _function_name(args.name)
+    if args.max_tokens < 1:
+        raise CLIError(f"--max-tokens {args.max_tokens}: must be >= 1")
+    if args.temperature is not None and not 0 <= args.temperature <= 2:
+        raise CLIError(f"--temperature {args.temperature}: must be between 0 and 2")
+    client = _client(args, settings)
+    mode = args.mode or _default_mode(client, name, settings)
+    body: dict[str, Any] = {"model": name, "max_tokens": args.max_tokens, "stream_options": {"include_usage": True}}
+    if args.temperature is not None:
+        body["temperature"] = args.temperature
+    if mode == "chat":
         body["messages"] = [{"role": "user", "content": args.prompt}]
     else:
         body["prompt"] = args.prompt
@@ -410,7 +479,7 @@ def cmd_invoke(args: argparse.Namespace, settings: Settings) -> int:
     first: float | None = None
     headers: dict[str, str] = {}
     tokens = 0
-    for response_headers, chunk in _client(settings).stream_chat(_function_name(args.name), body):
+    for response_headers, chunk in client.stream_chat(name, body):
         headers = response_headers
         if chunk.get("usage"):
             tokens = int(chunk["usage"].get("completion_tokens", 0))
@@ -420,31 +489,72 @@ def cmd_invoke(args: argparse.Namespace, settings: Settings) -> int:
                 first = first if first is not None else time.perf_counter() - started
                 print(text, end="", flush=True)
     total = time.perf_counter() - started
+    print(flush=True)  # the answer ends its line (and out.txt ends with a newline)
     cold = headers.get("x-kold-cold") == "1"
-    print(
-        f"\n\n{'cold' if cold else 'warm'}: first token {1000 * (first or total):.0f} ms, {tokens} tokens in {1000 * total:.0f} ms"
+    note(
+        f"\n{'cold' if cold else 'warm'} ({mode}): first token {1000 * (first or total):.0f} ms, "
+        f"{tokens} tokens in {1000 * total:.0f} ms"
     )
     for key in sorted(headers):
         if key.startswith("x-kold-") and key != "x-kold-cold":
-            print(f"  {key}: {headers[key]}")
+            note(f"  {key}: {headers[key]}")
     return 0
 
 
+def _default_mode(client: PlatformClient, name: str, settings: Settings) -> str:
+    """chat for a model with a chat template, completion otherwise (kold/chat_model.py)."""
+    from kold.chat_model import has_chat_template, serving_snapshot
+    from kold.snapshot.errors import SnapshotError
+
+    doc = client.request("GET", f"/admin/functions/{name}")  # a missing function fails here, in one line
+    uri = serving_snapshot(doc if isinstance(doc, dict) else {})
+    if uri is None:
+        return "completion"  # nothing serves: the gateway's answer to the request will say so
+    try:
+        return "chat" if has_chat_template(uri, settings.s3_options()) else "completion"
+    except (SnapshotError, OSError, ValueError) as exc:
+        note(f"kold: cannot tell whether {name} is a chat model ({exc}): sending a completion (--chat to choose)")
+        return "completion"
+
+
 def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    key = _client(settings).request("POST", "/admin/keys", {"label": args.label})
-    print(f"key {key.get('key_id')} created; its secret (shown once, store it now):\n{key.get('secret')}")
+    """stdout: the secret alone (`KEY=$(kold keys create laptop)`); what it is: stderr."""
+    key = _client(args, settings).request("POST", "/admin/keys", {"label": args.label})
+    note(f"key {key.get('key_id')} created; its secret follows, shown once: store it now")
+    print(key.get("secret"))
     return 0
 
 
 def cmd_keys_ls(args: argparse.Namespace, settings: Settings) -> int:
-    keys = _client(settings).request("GET", "/admin/keys")
+    keys = _client(args, settings).request("GET", "/admin/keys")
+    if args.output:
+        print_data(keys, args.output)
+        return 0
     items = keys.get("keys", keys) if isinstance(keys, dict) else keys
-    for k in items or []:
-        print(f"{k.get('key_id'):<14} {k.get('label', ''):<24} {k.get('created_at', '')}")
+    if not items:
+        note("no keys: create one with `kold keys create LABEL` (from then on the gateway demands one)")
+        return 0
+    rows = [
+        (str(k.get("key_id") or "-"), str(k.get("label") or "-"), _created(k.get("created_at")))
+        for k in items
+        if isinstance(k, dict)
+    ]
+    widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(("KEY ID", "LABEL"))]
+    for row in [("KEY ID", "LABEL", "CREATED"), *rows]:
+        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}")
     return 0
 
 
+def _created(stamp: Any) -> str:
+    try:
+        return human_time(float(stamp))
+    except (TypeError, ValueError):
+        return "-"
+
+
 def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    _client(settings).request("DELETE", f"/admin/keys/{args.key_id}")
+    if not args.key_id or not all(c.isalnum() or c in "-_" for c in args.key_id):
+        raise CLIError(f"{args.key_id!r} is not a key id (`kold keys ls` lists them)")
+    _client(args, settings).request("DELETE", f"/admin/keys/{args.key_id}")
     print(f"key {args.key_id} revoked")
     return 0

@@ -2,6 +2,10 @@
 
 Only what the start path needs is imported: the server (FastAPI, uvicorn, prometheus-client) before
 listening; torch, the model and the tokenizer in the background load, after listening.
+
+`main(argv)` runs `kold runtime ...` without the rest of the CLI: the local platform's fork template
+(gateway/fork_template.py) enters a forked instance through it, with the argv and exit statuses that
+`python -m kold runtime serve ...` has, so a forked instance and a spawned one behave the same.
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ import importlib
 import logging
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
+from kold import __version__
+from kold.errors import CLIError, run_command
 from kold.settings import Settings
 
 
@@ -40,8 +47,16 @@ def register(top: Any) -> None:
     serve.set_defaults(handler=cmd_serve)
 
 
+def main(argv: Sequence[str]) -> int:
+    """`kold runtime ...` (argv as `kold` takes it: `["runtime", "serve", "--snapshot", URI, ...]`); an exit status."""
+    parser = argparse.ArgumentParser(prog="kold")
+    parser.add_argument("--version", action="version", version=f"kold {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return run_command(parser, argv)
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from kold.cli import CLIError
     from kold.runtime.lifecycle import process_start_time
     from kold.snapshot.store import parse_snapshot_uri
 

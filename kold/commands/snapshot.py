@@ -1,4 +1,8 @@
-"""`kold snapshot build|inspect|restore|prefetch|pool`."""
+"""`kold snapshot build|inspect|restore|prefetch|pool`.
+
+`build` prints the snapshot URI alone on stdout (`URI=$(kold snapshot build ./m)`); `inspect` and
+`restore` take `-o json|yaml`; progress, summaries and hints go to stderr (kold/output.py).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kold.cli import CLIError, existing_dir, human_bytes, print_json
+from kold.errors import CLIError, existing_dir
+from kold.output import add_output_option, human_bytes, note, print_data
 from kold.progress import ByteProgress, chunk_counter
 from kold.settings import Settings
 
@@ -21,7 +26,7 @@ def register(top: Any) -> None:
     parser = top.add_parser("snapshot", help="build, inspect, restore and prefetch weight snapshots")
     sub = parser.add_subparsers(dest="snapshot_command", required=True, metavar="SUBCOMMAND")
 
-    build = sub.add_parser("build", help="publish a Hugging Face model directory as a snapshot")
+    build = sub.add_parser("build", help="publish a Hugging Face model directory as a snapshot (stdout: its URI)")
     build.add_argument("model_dir", type=existing_dir, metavar="MODEL_DIR")
     build.add_argument("--to", dest="store", help="store URI (default: KOLD_STORE or the local store)")
     build.add_argument("--chunk-size", default="32MiB", help="chunk size (default 32MiB)")
@@ -30,7 +35,7 @@ def register(top: Any) -> None:
     inspect = sub.add_parser("inspect", help="show a snapshot's id, tensors, chunks and files")
     inspect.add_argument("uri", metavar="URI")
     inspect.add_argument("--tensors", action="store_true", help="list every tensor")
-    inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    add_output_option(inspect)  # the manifest
     inspect.set_defaults(handler=cmd_inspect)
 
     restore = sub.add_parser("restore", help="restore a snapshot and print the phase timings")
@@ -41,7 +46,7 @@ def register(top: Any) -> None:
     verify.add_argument("--no-verify", dest="verify", action="store_false", help="check no chunk")
     restore.add_argument("--readers", type=int, help="parallel readers (default: by source)")
     restore.add_argument("--no-cache", action="store_true", help="neither read nor fill the node cache tiers")
-    restore.add_argument("--json", action="store_true", help="print the stats as JSON")
+    add_output_option(restore)  # the stats
     restore.set_defaults(handler=cmd_restore)
 
     prefetch = sub.add_parser("prefetch", help="warm this node's cache tiers with a snapshot")
@@ -69,8 +74,8 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
         )
     m = result.manifest
     state = "published" if result.uploaded else "already in the store: nothing uploaded"
-    print(f"snapshot {m.id} {state}")
-    print(f"  {len(m.tensors)} tensors, {m.data_size / 1e6:,.1f} MB in {m.num_chunks} chunks, {result.seconds:.2f}s")
+    note(f"snapshot {m.id} {state}")
+    note(f"  {len(m.tensors)} tensors, {m.data_size / 1e6:,.1f} MB in {m.num_chunks} chunks, {result.seconds:.2f}s")
     print(result.uri)
     return 0
 
@@ -81,8 +86,8 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
 
     ref = parse_snapshot_uri(args.uri)
     manifest = read_manifest(open_store(ref.store_uri, settings.s3_options()), ref)
-    if args.json:
-        print_json({"id": manifest.id, "uri": ref.uri, **manifest.to_dict()})
+    if args.output:
+        print_data({"id": manifest.id, "uri": ref.uri, **manifest.to_dict()}, args.output)
         return 0
     dtypes: dict[str, int] = {}
     for t in manifest.tensors:
@@ -122,12 +127,12 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
             on_chunk=chunk_counter(progress, "fetch", total),
             pool=settings.host_pool,
         )
-    if args.json:
-        print_json(snap.stats.as_dict())
+    if args.output:
+        print_data(snap.stats.as_dict(), args.output)
     else:
         print_phase_table(snap.stats.as_dict())
     if not snap.wait_cache_fill(0):
-        print("filling the node cache tiers ...")
+        note("filling the node cache tiers ...")
         snap.wait_cache_fill()
     return 0
 
@@ -144,8 +149,8 @@ def print_phase_table(stats: dict[str, Any]) -> None:
         ("views", stats["views_s"], ""),
         ("total", stats["total_s"], f"{stats['gbps']:.2f} GB/s"),
     ]
-    for name, seconds, note in rows:
-        print(f"  {name:<13} {seconds * 1000:>9.1f} ms  {note}")
+    for name, seconds, remark in rows:
+        print(f"  {name:<13} {seconds * 1000:>9.1f} ms  {remark}")
     tiers = ", ".join(f"{k} {v / 1e6:,.1f} MB" for k, v in stats["bytes_by_tier"].items())
     print(
         f"  bytes by tier: {tiers or '-'}"
@@ -187,7 +192,7 @@ def cmd_prefetch(args: argparse.Namespace, settings: Settings) -> int:
 
     for tier in settings.node_cache.tiers:
         if tier.name == "shm" and tier.name in tiers and not huge_page_backed(tier.root):
-            print(
+            note(
                 f"hint: {tier.root} uses 4 KiB pages; mapping a snapshot from a tmpfs mounted with "
                 "huge=within_size is ~10x faster (set KOLD_CACHE_SHM_DIR to such a mount)"
             )
@@ -224,8 +229,8 @@ def cmd_pool_fill(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         raise CLIError(f"--size: {exc}") from None
     if not pool.huge_pages:
-        print(f"warning: {pool.directory} is not on a huge-page tmpfs: mapping a segment costs a page-table "
-              "entry per 4 KiB (~0.3-0.8 s for 2 GB), so the pool saves little over fresh memory")  # fmt: skip
+        note(f"warning: {pool.directory} is not on a huge-page tmpfs: mapping a segment costs a page-table "
+             "entry per 4 KiB (~0.3-0.8 s for 2 GB), so the pool saves little over fresh memory")  # fmt: skip
     done = 0
 
     def made(path: Path) -> None:

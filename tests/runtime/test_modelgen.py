@@ -156,7 +156,7 @@ def test_write_random_llama_is_write_random_model_for_llama(tmp_path: Path) -> N
     ],
 )
 def test_cli_rejects_bad_arch_and_size(tmp_path: Path, capsys: Any, argv: list[str], message: str) -> None:
-    assert main(["model", "make-tiny", str(tmp_path / "out"), *argv]) == 2
+    assert main(["model", "make-tiny", str(tmp_path / "out"), *argv]) == 1
     err = capsys.readouterr().err
     assert err == f"kold: error: {message}\n"
     assert not (tmp_path / "out").exists()
@@ -167,7 +167,7 @@ def test_cli_refuses_non_empty_or_file_out(tmp_path: Path, capsys: Any) -> None:
     (tmp_path / "full" / "x").write_text("x")
     (tmp_path / "file").write_text("x")
     for name in ("full", "file"):
-        assert main(["model", "make-tiny", str(tmp_path / name)]) == 2
+        assert main(["model", "make-tiny", str(tmp_path / name)]) == 1
         err = capsys.readouterr().err
         assert err.startswith("kold: error: ") and err.count("\n") == 1
     assert (tmp_path / "full" / "x").read_text() == "x"

@@ -35,12 +35,12 @@ def test_build_inspect_restore_prefetch(tiny_model: Path, tmp_path: Path, cli_en
     store = (tmp_path / "store").as_uri()
     built = kold("snapshot", "build", str(tiny_model), "--to", store, "--chunk-size", "64KiB", env=cli_env)
     assert built.returncode == 0, built.stderr
-    uri = built.stdout.strip().splitlines()[-1]
-    assert uri.startswith(store + "/snapshots/")
-    assert "published" in built.stdout
+    uri = built.stdout.strip()  # the URI alone: URI=$(kold snapshot build ...)
+    assert uri.startswith(store + "/snapshots/") and "\n" not in uri
+    assert "published" in built.stderr
 
     again = kold("snapshot", "build", str(tiny_model), "--to", store, "--chunk-size", "64KiB", env=cli_env)
-    assert "nothing uploaded" in again.stdout and again.stdout.strip().splitlines()[-1] == uri
+    assert "nothing uploaded" in again.stderr and again.stdout.strip() == uri
 
     inspected = kold("snapshot", "inspect", uri, "--tensors", env=cli_env)
     assert inspected.returncode == 0, inspected.stderr
@@ -60,25 +60,28 @@ def test_build_inspect_restore_prefetch(tiny_model: Path, tmp_path: Path, cli_en
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "status"),
     [
-        (("snapshot", "restore", "file:///nowhere/snapshots/0123456789abcdef0123456789abcdef"), "is not in"),
-        (("snapshot", "restore", "not-a-uri"), "is not a snapshot URI"),
-        (("snapshot", "inspect", "ftp://x/snapshots/0123456789abcdef0123456789abcdef"), "unsupported store scheme"),
-        (("snapshot", "build", "/definitely/not/here"), "not a directory"),
-        (("snapshot", "restore", "file:///x/snapshots/0123456789abcdef0123456789abcdef", "--device", "tpu"), ""),
+        (("snapshot", "restore", "file:///nowhere/snapshots/0123456789abcdef0123456789abcdef"), "is not in", 1),
+        (("snapshot", "restore", "not-a-uri"), "is not a snapshot URI", 1),
+        (("snapshot", "inspect", "ftp://x/snapshots/0123456789abcdef0123456789abcdef"), "unsupported store scheme", 1),
+        (("snapshot", "build", "/definitely/not/here"), "not a directory", 2),  # a usage error (argparse's)
+        (("snapshot", "restore", "file:///x/snapshots/0123456789abcdef0123456789abcdef", "--device", "tpu"), "", 1),
     ],
 )
-def test_bad_input_is_one_line_not_a_traceback(args: tuple[str, ...], message: str, cli_env: dict[str, str]) -> None:
+def test_bad_input_is_one_line_not_a_traceback(
+    args: tuple[str, ...], message: str, status: int, cli_env: dict[str, str]
+) -> None:
+    """Exit 1 for an error, 2 for a usage error, as kubectl and kn do."""
     result = kold(*args, env=cli_env)
-    assert result.returncode == 2
+    assert result.returncode == status
     assert "Traceback" not in result.stderr
     assert message in result.stderr
 
 
 def test_bad_setting_is_reported(cli_env: dict[str, str]) -> None:
     result = kold("snapshot", "prefetch", "x", env={**cli_env, "KOLD_CACHE_SHM_BYTES": "lots"})
-    assert result.returncode == 2 and "KOLD_" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "KOLD_" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_make_tiny_writes_a_loadable_model(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -87,7 +90,7 @@ def test_make_tiny_writes_a_loadable_model(tmp_path: Path, cli_env: dict[str, st
     assert result.returncode == 0, result.stderr
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     refused = kold("model", "make-tiny", str(out), env=cli_env)
-    assert refused.returncode == 2 and "not empty" in refused.stderr
+    assert refused.returncode == 1 and "not empty" in refused.stderr
 
 
 def test_the_phase_table_says_when_the_file_was_read_with_o_direct(capsys: pytest.CaptureFixture[str]) -> None:

@@ -171,7 +171,7 @@ def test_cli_fill_status_clear(tmp_path: Path, published: str) -> None:
         unset = kold("snapshot", "pool", "status", KOLD_HOST_POOL_DIR="")  # empty: no pool configured
         bad = kold("snapshot", "pool", "fill", "--size", "lots")
         for result, message in ((unset, "no host pool is configured"), (bad, "--size: 'lots' is not a size")):
-            assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+            assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
