@@ -88,4 +88,6 @@ def _error_message(resp: httpx.Response) -> str:
         message = error.get("message") if isinstance(error, dict) else str(error)
     except ValueError:
         message = resp.text[:300]
-    return f"{message or 'request failed'} (HTTP {resp.status_code})"
+    # the gateway speaks to any HTTP client; a CLI user needs to know where the CLI takes its key from
+    hint = ": the CLI sends the key in KOLD_API_KEY" if resp.status_code == 401 else ""
+    return f"{message or 'request failed'} (HTTP {resp.status_code}){hint}"

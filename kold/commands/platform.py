@@ -1,7 +1,9 @@
 """The local platform: `kold up|down`, `kold deploy|ls|describe|rm|rollback|logs|invoke`, `kold keys`.
 
 `kold up` runs the gateway (router + activator + instance pool) in the foreground; every other
-command is a client of its admin API (kold/platform_client.py), as kubectl is of the API server.
+command is a client of its admin API (kold/platform_client.py), as kubectl is of the API server,
+and finds it from the state `kold up` writes under KOLD_HOME (kold/platform_state.py), as kubectl
+finds its context. Commands whose stdout is data print it alone there; status lines go to stderr.
 """
 
 from __future__ import annotations

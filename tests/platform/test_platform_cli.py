@@ -233,7 +233,8 @@ def _keys(env: dict[str, str]) -> dict[str, str]:
     assert created.returncode == 0, created.stderr
     secret = created.stdout.strip()
     assert secret and "\n" not in secret and "created" in created.stderr
-    assert kold("ls", env=env).returncode == 1  # no key: refused
+    refused = kold("ls", env=env)  # no key
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr and "KOLD_API_KEY" in refused.stderr
     env = {**env, "KOLD_API_KEY": secret}
     listed = kold("keys", "ls", env=env)
     assert listed.returncode == 0, listed.stderr
