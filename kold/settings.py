@@ -100,9 +100,6 @@ class Settings(BaseSettings):
     runtime_max_waiting: int = Field(default=256, ge=0, description="requests that may wait for the model to load")
     runtime_queue_timeout_s: float = Field(default=300.0, gt=0, description="how long one of them may wait")
     runtime_drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: how long in-flight requests get")
-    # TEST ONLY (never set in production): hold the runtime's restore back this many seconds, so tests
-    # can watch requests queue up during a cold start.
-    runtime_test_restore_delay_s: float = Field(default=0.0, ge=0, le=600)
 
     # -- the local platform (`kold up` and the commands that talk to it) --
     redis_url: str | None = Field(default=None, description="Redis for the platform; unset: `kold up` starts one")

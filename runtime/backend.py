@@ -46,6 +46,10 @@ class TokenEvent(Protocol):
     def finish_reason(self) -> str | None: ...
     @property
     def error(self) -> str | None: ...
+    @property
+    def logprob(self) -> float | None: ...  # when Sampling.logprobs asked for them
+    @property
+    def top_logprobs(self) -> Sequence[tuple[int, float]]: ...  # (token id, logprob), most likely first
 
 
 class Generation(Protocol):
@@ -55,6 +59,8 @@ class Generation(Protocol):
 
 @dataclass(frozen=True)
 class Sampling:
+    """One generation's settings, as the service resolved them from an OpenAI request."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -62,6 +68,9 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k: each token's, with the k most likely alternatives
 
 
 @dataclass(frozen=True)
@@ -79,8 +88,9 @@ class Backend(Protocol):
 
     def encode(self, text: str, *, special: bool) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
+    def token_bytes(self, token_id: int) -> bytes: ...  # what the token stands for in a text (logprobs)
     def chat_prompt(self, messages: list[dict[str, str]]) -> str: ...
-    def generate(self, prompt_ids: list[int], sampling: Sampling) -> Generation: ...
+    def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str = "") -> Generation: ...
     def pending(self) -> int: ...
     def stats(self) -> EngineStats: ...
     def stop(self, drain_timeout: float) -> None: ...
@@ -120,6 +130,9 @@ class EngineBackend:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id)
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         from kold.runtime.chat_template import ChatTemplateError
 
@@ -128,7 +141,8 @@ class EngineBackend:
         except ChatTemplateError as exc:
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from None
 
-    def generate(self, prompt_ids: list[int], sampling: Sampling) -> Generation:
+    def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str = "") -> Generation:
+        """Submit one generation; `request_id` names it in the engine's log lines."""
         from kold.runtime import engine as eng
         from kold.runtime.sampling import SamplingParams
 
@@ -141,11 +155,16 @@ class EngineBackend:
                 seed=sampling.seed,
                 stop=sampling.stop,
                 ignore_eos=sampling.ignore_eos,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                logprobs=sampling.logprobs,
             )
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
         try:
-            return self.engine.submit(eng.GenerationRequest(prompt_ids=prompt_ids, params=params))
+            return self.engine.submit(
+                eng.GenerationRequest(prompt_ids=prompt_ids, params=params, request_id=request_id)
+            )
         except eng.PromptTooLongError as exc:
             raise ContextLengthError(str(exc), param="prompt") from None
         except eng.InvalidRequestError as exc:

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -35,7 +35,15 @@ import torch
 from kold.runtime.config import ModelConfig, context_length
 from kold.runtime.kvcache import KVCache
 from kold.runtime.model import LlamaForCausalLM, build_model, resolve_device
-from kold.runtime.sampling import SamplingParams, find_stop, holdback, make_generator, sample_batch
+from kold.runtime.sampling import (
+    SamplingParams,
+    TokenLogprobs,
+    find_stop,
+    holdback,
+    make_generator,
+    sample_batch,
+    token_logprobs,
+)
 from kold.runtime.tokenizer import IncrementalDecoder
 
 if TYPE_CHECKING:
@@ -78,12 +86,16 @@ class TokenEvent:
     text is held back). The last event of a request has `finish_reason`: "stop" (an end-of-sequence
     id, a stop token id or a stop string), "length" (max_tokens or the context), "cancelled" (by
     the client, or by an engine stop past its drain timeout: then `error` says so) or "error".
-    `token_id` is None on events that carry no token (cancelled, error)."""
+    `token_id` is None on events that carry no token (cancelled, error). When the request asked for
+    log-probabilities (`SamplingParams.logprobs`), `logprob` is the token's and `top_logprobs` the
+    most likely tokens at its position, as (id, logprob), most likely first."""
 
     token_id: int | None
     text_delta: str
     finish_reason: str | None = None
     error: str | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -397,23 +409,25 @@ class Engine:
             slot = self.cache.allocate()
             try:
                 seq = _Sequence(self, request, handle, slot)
-                token = self._prefill(seq)
+                token, logprobs = self._prefill(seq)
             except Exception as exc:  # one bad request must not take the engine down
                 log.exception("prefill of %s failed", handle.request_id)
                 self.cache.free(slot)
                 self._last_event(handle, TokenEvent(None, "", "error", f"{type(exc).__name__}: {exc}"))
                 continue
             self._running.append(seq)
-            self._emit(seq, seq.accept(token, self.max_seq_len))
+            self._emit(seq, seq.accept(token, self.max_seq_len), logprobs)
 
-    def _prefill(self, seq: _Sequence) -> int:
+    def _prefill(self, seq: _Sequence) -> tuple[int, TokenLogprobs | None]:
         n = seq.prompt_len
         ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self.device)
         positions = torch.arange(n, device=self.device)[None]
         slots = torch.tensor([seq.slot], dtype=torch.long, device=self.device)
         logits = self.model(ids, positions, self.cache, slots, kv_len=n, last_only=True)
         self.prompt_tokens_processed += n
-        return sample_batch(logits[:, -1].float(), [seq.params], [seq.generator], [seq.generated])[0]
+        last = logits[:, -1].float()
+        token = sample_batch(last, [seq.params], [seq.generator], [seq.generated])[0]
+        return token, token_logprobs(last, [token], [seq.params.logprobs])[0]
 
     def _decode(self) -> None:
         rows = self._running
@@ -423,21 +437,21 @@ class Engine:
         slots = torch.tensor([s.slot for s in rows], dtype=torch.long, device=self.device)
         try:
             logits = self.model(ids, positions, self.cache, slots, kv_len=max(pos) + 1, last_only=True)
-            tokens = sample_batch(
-                logits[:, -1].float(),
-                [s.params for s in rows],
-                [s.generator for s in rows],
-                [s.generated for s in rows],
-            )
+            last = logits[:, -1].float()
+            params = [s.params for s in rows]
+            tokens = sample_batch(last, params, [s.generator for s in rows], [s.generated for s in rows])
+            logprobs = token_logprobs(last, tokens, [p.logprobs for p in params])
         except Exception as exc:
             log.exception("decode step for %d sequences failed", len(rows))
             for seq in list(rows):
                 self._release(seq, seq.finish(None, "error", f"{type(exc).__name__}: {exc}"))
             return
-        for seq, token in zip(list(rows), tokens, strict=True):
-            self._emit(seq, seq.accept(token, self.max_seq_len))
+        for seq, token, lp in zip(list(rows), tokens, logprobs, strict=True):
+            self._emit(seq, seq.accept(token, self.max_seq_len), lp)
 
-    def _emit(self, seq: _Sequence, event: TokenEvent) -> None:
+    def _emit(self, seq: _Sequence, event: TokenEvent, logprobs: TokenLogprobs | None = None) -> None:
+        if logprobs is not None:
+            event = replace(event, logprob=logprobs.logprob, top_logprobs=logprobs.top)
         self.tokens_generated += event.token_id is not None
         if event.finish_reason is not None:
             self._release(seq, event)

@@ -1,12 +1,23 @@
-"""Prometheus metrics of one runtime instance, in a registry of its own (never the global one)."""
+"""Prometheus metrics of one runtime instance, in a registry of its own (never the global one).
+
+Counters only count: no `_created` sample beside each (a scrape of one instance is small, and
+Prometheus does not use them), and rates are Prometheus's to compute (`rate(...)`), not ours.
+Generated tokens are counted once, by the engine (`kold_engine_generated_tokens_total`: every
+token it generated, whether or not a client read it).
+"""
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -22,7 +33,6 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 _QUEUE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-_RATE_WINDOW_S = 10.0
 
 
 class RuntimeMetrics:
@@ -33,6 +43,7 @@ class RuntimeMetrics:
         in_flight: Callable[[], float],
         engine: Callable[[], EngineStats | None],
     ) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide: no `*_created` samples
         r = self.registry = CollectorRegistry(auto_describe=True)
         r.register(_EngineCollector(engine))
         self.restore_phase = Gauge(
@@ -67,36 +78,17 @@ class RuntimeMetrics:
         self.e2e = Histogram(
             "kold_request_duration_seconds", "Request received to its last token", buckets=_LATENCY_BUCKETS, registry=r
         )
-        self.generated_tokens = Counter("kold_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("kold_prompt_tokens", "Prompt tokens processed", registry=r)
         self.requests = Counter(
             "kold_requests", "Inference requests by endpoint and status", ["endpoint", "status"], registry=r
         )
         self.cancelled = Counter("kold_cancelled_generations", "Generations cancelled (client disconnects)", registry=r)
         Gauge(
-            "kold_tokens_per_second", f"Generated tokens per second over the last {_RATE_WINDOW_S:g} s", registry=r
-        ).set_function(self.tokens_per_second)
-        Gauge(
             "kold_queue_depth", "Requests waiting: for the model to load, or for a batch slot", registry=r
         ).set_function(queue_depth)
         Gauge("kold_requests_in_flight", "Inference requests being handled", registry=r).set_function(in_flight)
         self._state = state
         self.state = Gauge("kold_state", "1 for the instance's current lifecycle state", ["state"], registry=r)
-        self._recent: deque[tuple[float, int]] = deque()
-
-    def record_tokens(self, n: int = 1) -> None:
-        self.generated_tokens.inc(n)
-        now = time.monotonic()
-        self._recent.append((now, n))
-        self._trim(now)
-
-    def _trim(self, now: float) -> None:
-        while self._recent and self._recent[0][0] < now - _RATE_WINDOW_S:
-            self._recent.popleft()
-
-    def tokens_per_second(self) -> float:
-        self._trim(time.monotonic())
-        return sum(n for _, n in self._recent) / _RATE_WINDOW_S
 
     def record_cold_start(self, cold: ColdStart) -> None:
         if cold.cold_start_ms is not None:

@@ -206,9 +206,6 @@ class _Sampling(_Request):
     def check_supported(self) -> None:
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported by this server", param="logit_bias")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise InvalidRequestError(f"{name} is not supported by this server (leave it 0)", param=name)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
 
@@ -216,11 +213,16 @@ class _Sampling(_Request):
 Prompt = str | list[str] | list[int] | list[list[int]]
 
 
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the completions endpoint's logprobs
+MAX_TOP_LOGPROBS = 20  # and the chat endpoint's top_logprobs
+
+
 class CompletionRequest(_Sampling):
     prompt: Prompt
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     echo: bool = False
-    logprobs: int | None = None
+    # the k most likely tokens at each position, besides the chosen one's (0: the chosen one's only)
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     suffix: str | None = None
     best_of: int | None = None
 
@@ -242,8 +244,11 @@ class CompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs is not None:
-            raise InvalidRequestError("logprobs is not supported by this server", param="logprobs")
+        if self.logprobs is not None and self.echo:
+            raise InvalidRequestError(
+                "logprobs together with echo (the prompt's log-probabilities) is not supported by this server",
+                param="echo",
+            )
         if self.suffix:
             raise InvalidRequestError("suffix is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -272,9 +277,11 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # needs logprobs: true
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # the deprecated form of tools
+    function_call: str | dict[str, Any] | None = None  # ... and of tool_choice
     response_format: dict[str, Any] | None = None
 
     def token_limit(self) -> int | None:
@@ -284,12 +291,25 @@ class ChatCompletionRequest(_Sampling):
         """The messages as a chat template takes them (developer messages act as system ones)."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
+    def top_logprobs_asked(self) -> int | None:
+        """How many alternatives each token's log-probabilities carry; None: no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise InvalidRequestError("logprobs is not supported by this server", param="logprobs")
-        if self.tools:
-            raise InvalidRequestError("tools are not supported by this server", param="tools")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        # tool calling comes later: tools and their deprecated form are refused alike, and so is a
+        # choice that forces a call ("none" and "auto" mean no call here, as there are no tools)
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise InvalidRequestError(f"{name} are not supported by this server (no tool calling yet)", param=name)
+        for name in ("tool_choice", "function_call"):
+            choice = getattr(self, name)
+            if choice is not None and choice not in ("none", "auto"):
+                raise InvalidRequestError(
+                    f"{name} {choice!r} asks for a tool call, which this server does not support yet", param=name
+                )
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise InvalidRequestError("only response_format type 'text' is supported", param="response_format")
 
@@ -313,10 +333,21 @@ class Usage(BaseModel):
         )
 
 
+class CompletionLogprobs(BaseModel):
+    """The completions endpoint's log-probabilities: one entry per token in each list. `top_logprobs`:
+    the most likely tokens at each position and the chosen one, by their text; `text_offset`: where
+    each token begins in the choice's text (characters, counting an echoed prompt)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -335,10 +366,28 @@ class ChatResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    """`token`: the token's text (bytes that are not whole UTF-8 characters written as \\xNN escapes);
+    `bytes`: exactly what the token stands for, to be joined with its neighbours' into text."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -364,7 +413,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

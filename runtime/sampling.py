@@ -1,8 +1,13 @@
-"""`SamplingParams` and the pure functions that turn logits into tokens and find stop strings.
+"""`SamplingParams` and the pure functions that turn logits into tokens, report their log-probabilities
+and find stop strings.
 
 Every request carries its own `torch.Generator`, seeded from `seed` when given: its draws do not
 depend on what else is in the batch, so a seeded request reproduces its tokens (on the same device
 and model) however the scheduler interleaves it with others.
+
+Log-probabilities are the model's own ("raw", as vLLM reports them by default): `log_softmax` of
+the logits before penalties, temperature, top-k and top-p change them, so that an evaluation scores
+the model and not the sampling settings of the request that asked.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+# OpenAI reports a log-probability too small to matter as -9999.0 (JSON has no -inf)
+MIN_LOGPROB = -9999.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,8 @@ class SamplingParams:
     # plus frequency_penalty for every time it has been (applied before temperature, greedy too)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # None: no log-probabilities; k >= 0: each generated token's, and the k most likely alternatives'
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -44,6 +55,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
         if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
@@ -123,6 +136,44 @@ def sample_batch(
     for i, p in enumerate(params):
         if not p.greedy:
             out[i] = sample(logits[i], p, generators[i])
+    return out
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability and the most likely tokens at its position (id, logprob),
+    most likely first; raw: see the module docstring."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], top_n: Sequence[int | None]
+) -> list[TokenLogprobs | None]:
+    """Row i of `logits [B, V]` (as the model gave them): the log-probability of `tokens[i]` and the
+    `top_n[i]` most likely tokens, or None where `top_n[i]` is None (the request did not ask).
+
+    The rows that ask share one log_softmax and one top-k, and their values come back to the host in
+    one transfer each, whatever the batch."""
+    rows = [i for i, k in enumerate(top_n) if k is not None]
+    out: list[TokenLogprobs | None] = [None] * len(tokens)
+    if not rows:
+        return out
+    x = logits if len(rows) == len(tokens) else logits[rows]
+    logp = torch.log_softmax(x.float(), dim=-1)
+    chosen_ids = torch.tensor([tokens[i] for i in rows], dtype=torch.long, device=logp.device)
+    chosen = logp.gather(1, chosen_ids[:, None])[:, 0].tolist()
+    k = min(max(top_n[i] or 0 for i in rows), logp.shape[-1])
+    top_values: list[list[float]] = [[] for _ in rows]
+    top_ids: list[list[int]] = [[] for _ in rows]
+    if k > 0:
+        values, ids = torch.topk(logp, k, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    for j, i in enumerate(rows):
+        n = top_n[i] or 0
+        top = tuple((t, max(v, MIN_LOGPROB)) for t, v in zip(top_ids[j][:n], top_values[j][:n], strict=True))
+        out[i] = TokenLogprobs(max(chosen[j], MIN_LOGPROB), top)
     return out
 
 

@@ -2,7 +2,12 @@
 
 `serve(options, loader)` listens at once, then loads the model (restore + tokenizer + engine) in a
 background thread; `/healthz` answers from the first moment, `/readyz` once the weights are in
-place, and inference requests that arrive before that wait (bounded) instead of failing.
+place (its answer then carries the cold-start breakdown, the same object as the `startup` log
+line), and inference requests that arrive before that wait (bounded) instead of failing.
+
+Every response carries an `x-request-id` header: the one the request came with (the gateway forwards
+its own), or a new one. The request's log records carry it (`request_id`), and so does its
+`request` event line.
 
 SIGTERM (or SIGINT) drains: new inference requests get 503 (Connection: close), in-flight ones run
 to the end (at most `drain_timeout_s`), then uvicorn closes the listener and the process exits 0. A
@@ -14,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -29,7 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kold.runtime.backend import Backend, Loaded, Loader
 from kold.runtime.lifecycle import Lifecycle, State
@@ -47,7 +54,7 @@ from kold.runtime.protocol import (
 from kold.runtime.service import Disconnected, Service
 
 log = logging.getLogger("kold.runtime")
-events = logging.getLogger("kold.runtime.events")  # one JSON object a line: startup, first_token, drain
+events = logging.getLogger("kold.runtime.events")  # one JSON object a line: startup, first_token, request, drain
 
 INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -63,7 +70,6 @@ class ServeOptions:
     queue_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
     engine_stop_timeout_s: float = 5.0
-    test_restore_delay_s: float = 0.0  # tests only: hold the restore back to observe the wait queue
 
 
 def error_response(exc: BaseException, *, close: bool = False) -> JSONResponse:
@@ -94,6 +100,7 @@ class Runtime:
         self.service = Service(
             self.lifecycle, self.metrics, model_names=options.model_names, on_first_token=self._log_first_token
         )
+        self.startup: dict[str, Any] | None = None  # the `startup` event, once ready (also in /readyz)
         self.exit_code = 0
         self.server: uvicorn.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -113,7 +120,8 @@ class Runtime:
 
         async def readyz(request: Request) -> Response:
             if lifecycle.ready:
-                return JSONResponse({"status": "ready", "state": lifecycle.state.value})
+                # the breakdown rides along: a router that waits for readiness has it without reading logs
+                return JSONResponse({"status": "ready", "state": lifecycle.state.value, "cold_start": self.startup})
             body = {"status": "not ready", "state": lifecycle.state.value, "waiting": lifecycle.waiting}
             if lifecycle.error:
                 body["error"] = lifecycle.error
@@ -148,25 +156,26 @@ class Runtime:
             Route("/v1/chat/completions", chat, methods=["POST"]),
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-        return _DrainGate(app, lifecycle)
+        return _RequestId(_DrainGate(app, lifecycle))
 
     async def _call(
         self,
         request: Request,
         model: type[R],
-        handler: Callable[[R, Disconnected], Awaitable[Response]],
+        handler: Callable[[R, Disconnected, str], Awaitable[Response]],
         endpoint: str,
     ) -> Response:
         """Parse, validate, hand to the service; every exception becomes an OpenAI error response."""
+        request_id = str(request.scope.get(REQUEST_ID_SCOPE_KEY, ""))
         try:
             raw = await request.body()
             parsed = model.model_validate(json.loads(raw))
-            return await handler(parsed, _disconnect_watcher(request))
+            return await handler(parsed, _disconnect_watcher(request), request_id)
         except Exception as exc:
             status, _ = error_body(exc)
             if status >= 500 and not isinstance(exc, APIError):
-                log.exception("%s failed", endpoint)
-            self.metrics.requests.labels(endpoint, str(status)).inc()
+                log.exception("%s request %s failed", endpoint, request_id, extra={"request_id": request_id})
+            self.service.finished(endpoint, str(status), request_id)
             return error_response(exc)
 
     # -- the background load ------------------------------------------------------------------------
@@ -182,8 +191,6 @@ class Runtime:
         assert self._loop is not None
         loop = self._loop
         try:
-            if self.options.test_restore_delay_s > 0 and self._cancel_load.wait(self.options.test_restore_delay_s):
-                raise RuntimeError("cancelled before the restore started")
             loaded = self.loader(self._cancel_load, early=self._serve_early_from_loader)
         except BaseException as exc:
             _call_soon(loop, self._load_failed, exc)
@@ -212,8 +219,10 @@ class Runtime:
         cold.phases.update(loaded.phases)
         self.service.backend = loaded.backend
         self.lifecycle.transition(State.READY)
+        # set in the same event-loop step as READY: no /readyz answer says ready without it
+        self.startup = {"event": "startup", "state": "ready", **cold.summary()}
         self.metrics.record_cold_start(cold)
-        events.info(json.dumps({"event": "startup", "state": "ready", **cold.summary()}, sort_keys=False))
+        events.info(json.dumps(self.startup, sort_keys=False))
 
     def _load_failed(self, exc: BaseException) -> None:
         self.service.backend = None  # a model serving early is gone with the restore (the loader stopped it)
@@ -232,7 +241,7 @@ class Runtime:
         self.exit_code = 1
         self.start_drain()  # answer whoever waits, then exit non-zero: the platform restarts the instance
 
-    def _log_first_token(self) -> None:
+    def _log_first_token(self, request_id: str) -> None:
         cold = self.lifecycle.cold_start
         if cold.first_token is None:
             return
@@ -240,10 +249,12 @@ class Runtime:
             json.dumps(
                 {
                     "event": "first_token",
+                    "request_id": request_id,
                     "first_token_ms": round((cold.first_token - cold.process_start) * 1000, 1),
                     "after_ready_ms": round((cold.first_token - cold.ready) * 1000, 1) if cold.ready else None,
                 }
-            )
+            ),
+            extra={"request_id": request_id},
         )
 
     # -- the drain ----------------------------------------------------------------------------------
@@ -308,6 +319,38 @@ class _DrainGate:
             return
         with self.lifecycle.track():
             await self.app(scope, receive, send)
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+REQUEST_ID_SCOPE_KEY = "kold.request_id"
+# what we take from a client as its id: visible ASCII, bounded (it goes into log lines as it is)
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
+class _RequestId:
+    """Gives every request an id, `x-request-id`: the client's (the gateway forwards one), or a new one
+    when it sent none or one that is not visible ASCII of at most 128 characters. The id goes into the
+    ASGI scope (for the routes and their log records) and back on the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope.get("headers", ()) if k.lower() == REQUEST_ID_HEADER), None)
+        request_id = given.decode() if given is not None and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope[REQUEST_ID_SCOPE_KEY] = request_id
+        raw = request_id.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, raw)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> bool:

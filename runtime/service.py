@@ -2,13 +2,17 @@
 
 Routes (server.py) only parse and hand over; the engine only knows token ids. In between, this
 module waits for readiness (bounded, see lifecycle.py), renders chat templates, tokenizes, checks the
-context, submits one generation per (prompt, n), merges their token streams, and times them (TTFT,
-inter-token latency). A client that goes away cancels its generations, which frees their batch slots.
+context, submits one generation per (prompt, n), merges their token streams, turns token
+log-probabilities into OpenAI's shapes (logprobs.py), and times them (TTFT, inter-token latency). A
+client that goes away cancels its generations, which frees their batch slots. Every request ends in
+one `request` event line (JSON, on the `kold.runtime.events` logger) naming its `x-request-id`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from kold.runtime.backend import Backend, EngineStats, Generation, Sampling, TokenEvent
 from kold.runtime.lifecycle import Lifecycle
+from kold.runtime.logprobs import ChoiceLogprobs, CompletionOffsets, chat_logprobs
 from kold.runtime.metrics import RuntimeMetrics
 from kold.runtime.protocol import (
     SSE_DONE,
@@ -46,6 +51,8 @@ from kold.runtime.protocol import (
 )
 from kold.runtime.streams import EventStream, aclose, merge
 
+events = logging.getLogger("kold.runtime.events")  # one JSON object a line (server.py logs there too)
+
 # -- the service ------------------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -61,6 +68,7 @@ class _Choice:
     tokens: int = 0
     finish: str | None = None
     last_event: float = 0.0
+    logprobs: ChoiceLogprobs | None = None  # when the request asked for them
 
 
 @dataclass
@@ -73,6 +81,7 @@ class _Job:
     queue_s: float
     choices: list[_Choice]
     headers: dict[str, str]
+    request_id: str = ""  # the HTTP request's x-request-id
     first_token: float | None = None
     closed: bool = False
 
@@ -98,8 +107,9 @@ class Service:
         metrics: RuntimeMetrics,
         *,
         model_names: Sequence[str],
-        on_first_token: Callable[[], None] | None = None,
+        on_first_token: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_first_token(request_id)`: called once, on the instance's first generated token."""
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.model_names = list(model_names)  # the first is the one /v1/models lists
@@ -139,21 +149,26 @@ class Service:
         queue_s = await self._wait_ready(disconnected)
         return received, stop, queue_s, self._backend()
 
-    async def completions(self, req: CompletionRequest, disconnected: Disconnected) -> Response:
+    async def completions(self, req: CompletionRequest, disconnected: Disconnected, request_id: str = "") -> Response:
         received, stop, queue_s, backend = await self._admit(req, disconnected)
         prompts = req.prompts()
         ids = [backend.encode(p, special=True) if isinstance(p, str) else p for p in prompts]
         jobs = [
-            (p, i, self._sampling(req, req.max_tokens, len(i), backend, stop))
+            (p, i, self._sampling(req, req.max_tokens, len(i), backend, stop, req.logprobs))
             for p, i in zip(prompts, ids, strict=True)
         ]
-        job = self._submit(backend, [(i, s) for _, i, s in jobs], req.n, req.model, received, queue_s, "cmpl")
+        job = self._submit(
+            backend, [(i, s) for _, i, s in jobs], req.n, req.model, received, queue_s, "cmpl", request_id
+        )
         await self._await_weights(job, disconnected)
         echo = [self._echo(backend, p) if req.echo else "" for p in prompts]
+        offsets = [CompletionOffsets(len(echo[c.index // req.n]), backend.token_bytes) for c in job.choices]
         if req.stream:
             return self._stream(
                 job,
-                self._completion_events(job, echo, bool(req.stream_options and req.stream_options.include_usage)),
+                self._completion_events(
+                    job, echo, offsets, bool(req.stream_options and req.stream_options.include_usage)
+                ),
                 "completions",
             )
         await self._collect(job, disconnected)
@@ -163,7 +178,10 @@ class Service:
             model=job.model,
             choices=[
                 CompletionChoice(
-                    index=c.index, text=echo[c.index // req.n] + "".join(c.text), finish_reason=_finish(c.finish)
+                    index=c.index,
+                    text=echo[c.index // req.n] + "".join(c.text),
+                    logprobs=offsets[c.index].logprobs(c.logprobs.take()) if c.logprobs is not None else None,
+                    finish_reason=_finish(c.finish),
                 )
                 for c in job.choices
             ],
@@ -171,16 +189,18 @@ class Service:
         )
         return self._json(job, body.model_dump(), "completions")
 
-    async def chat(self, req: ChatCompletionRequest, disconnected: Disconnected) -> Response:
+    async def chat(self, req: ChatCompletionRequest, disconnected: Disconnected, request_id: str = "") -> Response:
         received, stop, queue_s, backend = await self._admit(req, disconnected)
         text = backend.chat_prompt(req.chat_messages())
         ids = backend.encode(text, special=False)
-        sampling = self._sampling(req, req.token_limit(), len(ids), backend, stop)
-        job = self._submit(backend, [(ids, sampling)], req.n, req.model, received, queue_s, "chatcmpl")
+        sampling = self._sampling(req, req.token_limit(), len(ids), backend, stop, req.top_logprobs_asked())
+        job = self._submit(backend, [(ids, sampling)], req.n, req.model, received, queue_s, "chatcmpl", request_id)
         await self._await_weights(job, disconnected)
         if req.stream:
             return self._stream(
-                job, self._chat_events(job, bool(req.stream_options and req.stream_options.include_usage)), "chat"
+                job,
+                self._chat_events(job, backend, bool(req.stream_options and req.stream_options.include_usage)),
+                "chat",
             )
         await self._collect(job, disconnected)
         body = ChatCompletionResponse(
@@ -189,7 +209,10 @@ class Service:
             model=job.model,
             choices=[
                 ChatChoice(
-                    index=c.index, message=ChatResponseMessage(content="".join(c.text)), finish_reason=_finish(c.finish)
+                    index=c.index,
+                    message=ChatResponseMessage(content="".join(c.text)),
+                    logprobs=chat_logprobs(c.logprobs.take(), backend.token_bytes) if c.logprobs is not None else None,
+                    finish_reason=_finish(c.finish),
                 )
                 for c in job.choices
             ],
@@ -249,7 +272,10 @@ class Service:
         prompt_len: int,
         backend: Backend,
         stop: tuple[str, ...],
+        logprobs: int | None,
     ) -> Sampling:
+        """The engine's settings for one prompt; `logprobs`: how many alternatives each token's
+        log-probabilities carry (None: none)."""
         limit = backend.max_seq_len
         if prompt_len >= limit:
             raise ContextLengthError(
@@ -274,6 +300,9 @@ class Service:
             seed=req.seed,
             stop=stop,
             ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logprobs=logprobs,
         )
 
     def _submit(
@@ -285,6 +314,7 @@ class Service:
         received: float,
         queue_s: float,
         prefix: str,
+        request_id: str,
     ) -> _Job:
         choices: list[_Choice] = []
         try:
@@ -292,14 +322,17 @@ class Service:
                 for k in range(n):
                     # n > 1 with a seed: distinct but reproducible samples
                     s = sampling if sampling.seed is None or k == 0 else _with_seed(sampling, sampling.seed + k)
-                    choices.append(_Choice(len(choices), len(ids), backend.generate(ids, s)))
+                    index = len(choices)
+                    gen = backend.generate(ids, s, request_id=f"{request_id}#{index}" if request_id else "")
+                    tracked = ChoiceLogprobs() if s.logprobs is not None else None
+                    choices.append(_Choice(index, len(ids), gen, logprobs=tracked))
         except BaseException:
             for c in choices:
                 c.gen.cancel()
             raise
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
         headers = {"X-Kold-Queue-Ms": f"{queue_s * 1000:.1f}", **self.lifecycle.take_cold_start_headers()}
-        return _Job(new_id(prefix), model, received, queue_s, choices, headers, n=n)
+        return _Job(new_id(prefix), model, received, queue_s, choices, headers, request_id=request_id, n=n)
 
     def _echo(self, backend: Backend, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else backend.decode(prompt)
@@ -311,11 +344,12 @@ class Service:
                 t = time.perf_counter()
                 if event.token_id is not None:
                     choice.tokens += 1
-                    self.metrics.record_tokens()
+                    if choice.logprobs is not None:
+                        choice.logprobs.add(event.token_id, event.logprob, event.top_logprobs)
                     if job.first_token is None:
                         job.first_token = t
                         self.metrics.ttft.observe(t - job.received)
-                        self._first_token()
+                        self._first_token(job.request_id)
                     elif choice.last_event:
                         self.metrics.itl.observe(t - choice.last_event)
                     choice.last_event = t
@@ -343,12 +377,12 @@ class Service:
             self.metrics.cancelled.inc(len(unfinished))
         self.metrics.e2e.observe(time.perf_counter() - job.received)
 
-    def _first_token(self) -> None:
+    def _first_token(self, request_id: str) -> None:
         if not self._first_token_seen:
             self._first_token_seen = True
             self.lifecycle.cold_start.first_token = time.time()
             if self._on_first_token is not None:
-                self._on_first_token()
+                self._on_first_token(request_id)
 
     async def _collect(self, job: _Job, disconnected: Disconnected) -> None:
         """Run a non-streamed job to the end; a client that disconnects first cancels it (leaving
@@ -360,7 +394,9 @@ class Service:
 
         await _unless_gone(consume(), disconnected, "the client closed the connection before the completion was done")
 
-    async def _completion_events(self, job: _Job, echo: list[str], usage: bool) -> AsyncIterator[bytes]:
+    async def _completion_events(
+        self, job: _Job, echo: list[str], offsets: list[CompletionOffsets], usage: bool
+    ) -> AsyncIterator[bytes]:
         def chunk(choices: list[CompletionChoice]) -> bytes:
             return sse(CompletionResponse(id=job.id, created=created, model=job.model, choices=choices))
 
@@ -371,27 +407,45 @@ class Service:
             if choice.index not in echoed:
                 echoed.add(choice.index)
                 text = echo[choice.index // job.n] + text
-            if text or event.finish_reason is not None:
+            if text or event.finish_reason is not None:  # held-back text keeps its tokens' logprobs too
+                track = choice.logprobs
                 yield chunk(
-                    [CompletionChoice(index=choice.index, text=text, finish_reason=_finish(event.finish_reason))]
+                    [
+                        CompletionChoice(
+                            index=choice.index,
+                            text=text,
+                            logprobs=offsets[choice.index].logprobs(track.take()) if track is not None else None,
+                            finish_reason=_finish(event.finish_reason),
+                        )
+                    ]
                 )
         if usage:
             yield sse(CompletionResponse(id=job.id, created=created, model=job.model, choices=[], usage=job.usage()))
         yield SSE_DONE
 
-    async def _chat_events(self, job: _Job, usage: bool) -> AsyncIterator[bytes]:
+    async def _chat_events(self, job: _Job, backend: Backend, usage: bool) -> AsyncIterator[bytes]:
         def chunk(choice: ChatChunkChoice) -> bytes:
             return sse(ChatCompletionChunk(id=job.id, created=created, model=job.model, choices=[choice]))
+
+        def logprobs(choice: _Choice) -> Any:
+            """The entries of the tokens since the last chunk (held-back text keeps its tokens')."""
+            if choice.logprobs is None:
+                return None
+            return chat_logprobs(choice.logprobs.take(), backend.token_bytes)
 
         created = now()
         for c in job.choices:  # the role first, as OpenAI sends it
             yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content="")))
         async for choice, event in self._events(job):
             if event.text_delta:
-                yield chunk(ChatChunkChoice(index=choice.index, delta=ChatDelta(content=event.text_delta)))
+                delta = ChatDelta(content=event.text_delta)
+                yield chunk(ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs(choice)))
             if event.finish_reason is not None:
+                left = logprobs(choice) if choice.logprobs is not None and choice.logprobs.pending else None
                 yield chunk(
-                    ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=_finish(event.finish_reason))
+                    ChatChunkChoice(
+                        index=choice.index, delta=ChatDelta(), logprobs=left, finish_reason=_finish(event.finish_reason)
+                    )
                 )
         if usage:
             yield sse(ChatCompletionChunk(id=job.id, created=created, model=job.model, choices=[], usage=job.usage()))
@@ -416,14 +470,29 @@ class Service:
         def closed() -> None:
             # however the response ended (a disconnect may cancel it anywhere), free the batch slots now
             self._close(job)
-            self.metrics.requests.labels(endpoint, outcome["status"]).inc()
+            self.finished(endpoint, outcome["status"], job.request_id, job)
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **job.headers}
         return EventStream(body(), closed, headers=headers)
 
     def _json(self, job: _Job, body: dict[str, Any], endpoint: str) -> Response:
-        self.metrics.requests.labels(endpoint, "200").inc()
+        self.finished(endpoint, "200", job.request_id, job)
         return JSONResponse(body, headers=job.headers)
+
+    def finished(self, endpoint: str, status: str, request_id: str, job: _Job | None = None) -> None:
+        """A request is answered (or its client left): count it, and log its one `request` line."""
+        self.metrics.requests.labels(endpoint, status).inc()
+        line: dict[str, Any] = {"event": "request", "request_id": request_id, "endpoint": endpoint, "status": status}
+        if job is not None:
+            done = time.perf_counter()
+            line.update(
+                prompt_tokens=job.prompt_tokens,
+                completion_tokens=job.completion_tokens,
+                queue_ms=round(job.queue_s * 1000, 1),
+                ttft_ms=round((job.first_token - job.received) * 1000, 1) if job.first_token is not None else None,
+                duration_ms=round((done - job.received) * 1000, 1),
+            )
+        events.info(json.dumps(line), extra={"request_id": request_id})
 
 
 def _finish(reason: str | None) -> Any:

@@ -11,13 +11,15 @@
   templates write their own BOS (transformers' `apply_chat_template(tokenize=True)` does the same);
 - `eos_token_ids` are every id that ends a generation: `generation_config.json`'s `eos_token_id` (an
   int or a list; `config.json`'s when there is no generation config), then the tokenizer's `eos_token`;
-- `IncrementalDecoder` turns a stream of generated ids into text deltas for streaming responses.
+- `IncrementalDecoder` turns a stream of generated ids into text deltas for streaming responses;
+- `token_bytes` is what one token stands for inside a text, as bytes (the `bytes` of OpenAI's logprobs).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +44,50 @@ TOKENIZER_FILES = (
 PROMPT_CONTEXT_TOKENS = 5
 
 _REPLACEMENT = "\ufffd"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback token
+# decoders whose effect on a whole text is the concatenation of their effect on each token
+_PIECEWISE_DECODERS = frozenset({"ByteLevel", "ByteFallback", "Replace", "Metaspace", "Fuse", "Strip"})
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's scheme), inverted: char -> byte.
+
+    Bytes that print as themselves (the visible Latin-1 ones) keep their code point; the others
+    (control characters, space, ...) take the code points from 256 upwards, in byte order."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shown = set(visible)
+    out = {chr(b): b for b in visible}
+    extra = 0
+    for b in range(256):
+        if b not in shown:
+            out[chr(256 + extra)] = b
+            extra += 1
+    return out
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _decoder_steps(tok: tokenizers.Tokenizer) -> list[dict[str, Any]] | None:
+    """The tokenizer's decoder as a flat list of steps (a Sequence unrolled); None if it has none."""
+    decoder = tok.decoder
+    if decoder is None:
+        return None
+    try:
+        state = json.loads(decoder.__getstate__())
+    except (AttributeError, TypeError, ValueError):
+        return [{"type": "unknown"}]
+    steps: list[dict[str, Any]] = []
+
+    def walk(d: Any) -> None:
+        if isinstance(d, dict) and d.get("type") == "Sequence":
+            for inner in d.get("decoders") or []:
+                walk(inner)
+        elif isinstance(d, dict):
+            steps.append(d)
+
+    walk(state)
+    return steps
 
 
 def _token_content(value: Any) -> str | None:
@@ -132,6 +178,9 @@ class Tokenizer:
         self.eos_token_ids: list[int] = list(dict.fromkeys(eos))
         added = backend.get_added_tokens_decoder()
         self.special_token_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
+        self._added: dict[int, str] = {i: t.content for i, t in added.items()}
+        self._decoder_steps: list[dict[str, Any]] | None = None  # read on the first token_bytes
+        self._token_bytes: dict[int, bytes] = {}
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -210,6 +259,45 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` (incomplete UTF-8 at the end shows as U+FFFD, as in transformers)."""
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` stands for inside a text: a byte-level token's raw bytes (possibly part
+        of a character), a byte-fallback token's one byte, a SentencePiece piece with its leading space
+        (which decoding strips at the very start of a text only), an added token's content."""
+        cached = self._token_bytes.get(token_id)
+        if cached is not None:
+            return cached
+        piece = self.id_to_token(token_id)
+        out: bytes | None = b""
+        if token_id in self._added:
+            out = self._added[token_id].encode()
+        elif piece is not None:
+            out = self._piece_bytes(piece)
+        if out is None:  # a decoder that is not token by token (WordPiece, ...): decode the token alone
+            out = self.decode([token_id], skip_special_tokens=False).encode()
+        self._token_bytes[token_id] = out
+        return out
+
+    def _piece_bytes(self, piece: str) -> bytes | None:
+        if self._decoder_steps is None:
+            self._decoder_steps = _decoder_steps(self._tok) or []
+        steps = self._decoder_steps
+        kinds = {str(d.get("type")) for d in steps}
+        if not kinds <= _PIECEWISE_DECODERS:
+            return None
+        if "ByteLevel" in kinds:
+            if all(c in _BYTE_LEVEL for c in piece):
+                return bytes(_BYTE_LEVEL[c] for c in piece)
+            return piece.encode()
+        if "ByteFallback" in kinds and (byte := _BYTE_PIECE.fullmatch(piece)):
+            return bytes([int(byte[1], 16)])
+        for d in steps:
+            pattern = d.get("pattern")
+            if d.get("type") == "Replace" and isinstance(pattern, dict) and isinstance(pattern.get("String"), str):
+                piece = piece.replace(pattern["String"], str(d.get("content", "")))
+            elif d.get("type") == "Metaspace":
+                piece = piece.replace(str(d.get("replacement", "\u2581")), " ")
+        return piece.encode()
 
     # -- chat --------------------------------------------------------------------------------------
 

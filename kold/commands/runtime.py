@@ -91,7 +91,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         max_waiting=settings.runtime_max_waiting,
         queue_timeout_s=settings.runtime_queue_timeout_s,
         drain_timeout_s=settings.runtime_drain_timeout_s,
-        test_restore_delay_s=settings.runtime_test_restore_delay_s,
     )
     loader = snapshot_loader(
         ref.uri,

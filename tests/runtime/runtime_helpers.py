@@ -1,5 +1,5 @@
-"""Helpers of the runtime tests: a fake backend for in-process HTTP tests, and `kold runtime serve`
-subprocesses on loopback."""
+"""Helpers of the runtime tests: a fake backend and the runtime's app over it for in-process HTTP
+tests, and `kold runtime serve` subprocesses on loopback."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from kold.runtime.backend import Backend, EngineStats, Loaded, Sampling
+from kold.runtime.server import Runtime, ServeOptions
 
 # -- a fake backend: words are tokens, generation counts up --------------------------------------
 
@@ -29,13 +32,21 @@ class FakeEvent:
     text_delta: str
     finish_reason: str | None = None
     error: str | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+def fake_logprob(i: int) -> float:
+    """The fake model's log-probability of its i-th token (its top alternatives: the same minus 1, 2, ...)."""
+    return -0.25 * (i + 1)
 
 
 class FakeGeneration:
-    def __init__(self, backend: FakeBackend, prompt_ids: list[int], sampling: Sampling) -> None:
+    def __init__(self, backend: FakeBackend, prompt_ids: list[int], sampling: Sampling, request_id: str) -> None:
         self.backend = backend
         self.prompt_ids = prompt_ids
         self.sampling = sampling
+        self.request_id = request_id
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -46,11 +57,15 @@ class FakeGeneration:
         self.backend.running += 1
         try:
             n = self.sampling.max_tokens
+            k = self.sampling.logprobs
             for i in range(n):
                 await asyncio.sleep(self.backend.token_delay)
                 if self.cancelled:
                     return
-                yield FakeEvent(100 + i, f" t{i}", "length" if i == n - 1 else None)
+                self.backend.generated_tokens += 1
+                lp = fake_logprob(i) if k is not None else None
+                top = tuple((100 + i + j, fake_logprob(i) - j) for j in range(k or 0))
+                yield FakeEvent(100 + i, f" t{i}", "length" if i == n - 1 else None, logprob=lp, top_logprobs=top)
         finally:
             self.backend.running -= 1
 
@@ -64,6 +79,7 @@ class FakeBackend:
         self.generations: list[FakeGeneration] = []
         self.cancelled = 0
         self.running = 0
+        self.generated_tokens = 0
         self.stopped = False
 
     def encode(self, text: str, *, special: bool) -> list[int]:
@@ -72,11 +88,14 @@ class FakeBackend:
     def decode(self, ids: Sequence[int]) -> str:
         return " ".join(f"w{i}" for i in ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return f" t{token_id - 100}".encode()  # generations count up from id 100: ' t0 t1 ...'
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
 
-    def generate(self, prompt_ids: list[int], sampling: Sampling) -> FakeGeneration:
-        gen = FakeGeneration(self, prompt_ids, sampling)
+    def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str = "") -> FakeGeneration:
+        gen = FakeGeneration(self, prompt_ids, sampling, request_id)
         self.generations.append(gen)
         return gen
 
@@ -84,7 +103,7 @@ class FakeBackend:
         return 0
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, self.running, 0, 0)
+        return EngineStats(0, self.running, self.generated_tokens, 0)
 
     def stop(self, drain_timeout: float) -> None:
         self.stopped = True
@@ -114,7 +133,52 @@ class ControlledLoader:
         )
 
 
+# -- the runtime's app in process, over a fake backend ------------------------------------------------
+
+
+@asynccontextmanager
+async def app_client(
+    backend: FakeBackend | None = None, *, release: bool = True, early: bool = False, **options: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime, ControlledLoader]]:
+    loader = ControlledLoader(backend or FakeBackend())
+    if early:  # the loader hands its backend over before the load ends, once told to
+        loader.serve_early = threading.Event()
+    runtime = Runtime(ServeOptions(model_names=("fake", "alias"), **options), loader)
+    runtime.on_listening(asyncio.get_running_loop(), "test")
+    if release:
+        loader.release.set()
+        for _ in range(200):
+            if runtime.lifecycle.ready:
+                break
+            await asyncio.sleep(0.01)
+    transport = httpx.ASGITransport(app=runtime.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client, runtime, loader
+    loader.release.set()
+
+
+def run(coro: Callable[[], Any]) -> None:
+    asyncio.run(coro())
+
+
+def parse_sse(text: str) -> list[Any]:
+    events = [block for block in text.split("\n\n") if block]
+    assert all(e.startswith("data: ") for e in events), text
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+
+
 # -- runtime subprocesses ---------------------------------------------------------------------------
+
+# a test-only sitecustomize that holds back the restore of the runtime processes it reaches
+RESTORE_DELAY_HOOK = Path(__file__).resolve().parents[1] / "restore_delay"
+
+
+def restore_delay_env(seconds: float) -> dict[str, str]:
+    """Environment for runtime processes whose restore waits `seconds` first (tests only: the hook is
+    tests/restore_delay/sitecustomize.py, never on a production path)."""
+    path = os.pathsep.join(p for p in (str(RESTORE_DELAY_HOOK), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "KOLDTEST_RESTORE_DELAY_S": str(seconds)}
 
 
 def free_port() -> int:

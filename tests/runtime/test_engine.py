@@ -24,6 +24,7 @@ from kold.runtime.engine import (
     PromptTooLongError,
     RequestHandle,
 )
+from kold.runtime.kvcache import KVCache
 from kold.runtime.model import LlamaForCausalLM, build_model
 from kold.runtime.sampling import (
     SamplingParams,
@@ -405,3 +406,38 @@ def test_a_failing_forward_fails_its_requests_not_the_engine(model: LlamaForCaus
         assert eng.cache.num_free == 2
     finally:
         eng.stop()
+
+
+def test_token_logprobs_are_the_raw_distribution_per_row() -> None:
+    from kold.runtime.sampling import token_logprobs
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    tokens = [4, 7, int(logits[2].argmax())]
+    out = token_logprobs(logits, tokens, [None, 0, 3])
+    assert out[0] is None  # row 0 did not ask
+    logp = torch.log_softmax(logits, dim=-1)
+    assert out[1] is not None and out[1].top == () and out[1].logprob == pytest.approx(float(logp[1, 7]))
+    values, ids = torch.topk(logp[2], 3)
+    assert out[2] is not None and [t for t, _ in out[2].top] == ids.tolist()
+    assert [v for _, v in out[2].top] == pytest.approx(values.tolist()) and out[2].logprob == pytest.approx(values[0])
+
+
+def test_engine_events_carry_logprobs_only_for_requests_that_ask(engine: Engine, model: LlamaForCausalLM) -> None:
+    """Two requests in one batch, one asking: its events carry the model's log_softmax at each step."""
+    prompt = [5, 9, 13]
+    asking = engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=6, temperature=0, logprobs=2)))
+    other = engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=6, temperature=0)))
+    events, plain = list(asking), list(other)
+    assert all(e.logprob is None and e.top_logprobs == () for e in plain)
+    ids = [e.token_id for e in events if e.token_id is not None]
+    assert ids == [e.token_id for e in plain]
+    full = prompt + ids
+    n = len(full)
+    cache = KVCache(model.config, 1, n, model.dtype, model.device)
+    with torch.inference_mode():
+        logits = model(torch.tensor([full]), torch.arange(n)[None], cache, torch.tensor([0]), kv_len=n, last_only=False)
+    logp = torch.log_softmax(logits[0].float(), dim=-1)
+    for i, e in enumerate(events):
+        dist = logp[len(prompt) - 1 + i]
+        assert e.logprob == pytest.approx(float(dist[ids[i]]), abs=1e-3)
+        assert [t for t, _ in e.top_logprobs] == torch.topk(dist, 2).indices.tolist()

@@ -313,3 +313,40 @@ def test_import_is_light() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- token bytes (logprobs) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_token_bytes_join_into_the_text(ours: dict[str, Tokenizer], arch: str) -> None:
+    """Byte-level tokenizers: each token's bytes, joined, are the text's UTF-8, whatever splits a character."""
+    tok = ours[arch]
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode(), text
+    eos = tok.eos_token_ids[0]
+    assert tok.token_bytes(eos) == str(tok.eos_token).encode()  # an added token: its content
+
+
+def test_token_bytes_of_a_sentencepiece_style_tokenizer() -> None:
+    """Llama 2 / Mistral style: Metaspace pieces and <0xNN> byte-fallback tokens, a Replace/ByteFallback/
+    Fuse/Strip decoder. A piece keeps its leading space (only a whole text's first one is stripped)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers
+
+    chars = ["▁", "H", "e", "l", "o", "w", "r", "d", "▁w", "ll"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    vocab.update({c: len(vocab) + i for i, c in enumerate(chars)})
+    backend = Backend(models.BPE(vocab, [("▁", "w"), ("l", "l")], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok = Tokenizer(backend, tokenizer_config={"eos_token": "</s>"})
+    text = "Hello wörld 😊"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert vocab["<0xC3>"] in ids and vocab["▁w"] in ids  # a character in bytes, a piece with its space
+    assert b"".join(tok.token_bytes(i) for i in ids) == b" " + text.encode()
+    assert tok.token_bytes(vocab["<0xF0>"]) == b"\xf0" and tok.token_bytes(vocab["▁w"]) == b" w"
