@@ -13,6 +13,7 @@ A background task stops instances idle for `idle_timeout_s` (the runtime drains 
 min_instances (0: scale to zero) but never below what the function's load and backlog need.
 Invocations are recorded off the critical path by a queue drained in batches.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -147,6 +148,12 @@ class Gateway:
             "kold_gateway_instances",
             "Live instances by function and state",
             ["function", "state"],
+            registry=self.metrics,
+        )
+        self.m_streams_cut = Counter(
+            "kold_gateway_streams_cut",
+            "Streamed answers an instance broke off after bytes had gone out (ended with an SSE error event)",
+            ["function"],
             registry=self.metrics,
         )
         self.m_failures = Counter(
@@ -390,6 +397,9 @@ class Gateway:
         self.m_requests.labels(function, flag, str(status)).inc()
         self.m_latency.labels(function, flag).observe(seconds)
 
+    def stream_cut(self, name: str) -> None:
+        self.m_streams_cut.labels(name).inc()
+
     def release(self, inst: Instance) -> None:
         inst.in_flight = max(0, inst.in_flight - 1)
         if inst.in_flight == 0:
@@ -482,7 +492,7 @@ class Gateway:
                     histogram.remove(name, cold)
         for flag, status in self._request_labels.pop(name, set()):
             self.m_requests.remove(name, flag, status)
-        for family in (self.m_starts, self.m_stops, self.m_failures):
+        for family in (self.m_starts, self.m_stops, self.m_failures, self.m_streams_cut):
             with contextlib.suppress(KeyError):
                 family.remove(name)
 

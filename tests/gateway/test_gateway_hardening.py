@@ -5,6 +5,7 @@ Real redis, real runtime subprocesses, uvicorn on loopback."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -183,3 +184,27 @@ def test_deleting_a_function_forgets_what_the_gateway_kept_for_it(
     assert "gone" not in gw.functions and not gw.pool.instances() and not gw._idle_since
     assert not [r for r in gw._revisions if r.startswith("gone-")]
     assert 'function="gone"' not in s.http.get("/metrics").text
+
+
+def test_a_stream_cut_by_a_dying_instance_ends_with_an_error_event_and_done(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    s = serve(registry)
+    deploy_and_wait(s, "dies", tiny_snapshot)
+    [inst] = [i for i in s.app.state.gateway.pool.instances() if i.state is InstanceState.READY]
+    body = {"model": "dies", "prompt": "hello", "max_tokens": 120, "ignore_eos": True, "stream": True}
+    events: list[str] = []
+    with s.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line:
+                continue
+            events.append(line)
+            if len(events) == 1:
+                assert inst.process is not None
+                inst.process.kill()  # the instance dies mid-answer
+    assert events[-1] == "data: [DONE]", events[-3:]
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "stream_cut" and "failed mid-answer" in error["message"]
+    assert all(e.startswith("data: ") for e in events)  # every event whole: none cut in the middle
+    assert 'kold_gateway_streams_cut_total{function="dies"} 1.0' in s.http.get("/metrics").text
