@@ -85,12 +85,13 @@ def test_burst_at_cold_function_scales_out_to_what_it_needs_and_spreads_evenly(
 ) -> None:
     """20 concurrent requests at a cold function with target_concurrency 4 need 5 instances; max_instances
     caps that at 2. Exactly 2 start (a gateway that never scaled out, or started more, fails), no request
-    fails, and the two share the burst evenly instead of the first one up taking most of it."""
+    fails, and the two share the burst evenly instead of the first one up taking most of it. Each request
+    generates 96 tokens, so the burst outlasts the ~0.1 s between the two instances becoming ready."""
     requests, target, cap = 20, 4, 2
     deploy(registry, "burst", tiny_snapshot, max_instances=cap, target_concurrency=target, request_timeout_s=90)
     s = serve(registry)
     with ThreadPoolExecutor(requests) as ex:
-        results = list(ex.map(lambda _: chat(s, "burst", max_tokens=2), range(requests)))
+        results = list(ex.map(lambda _: chat(s, "burst", max_tokens=96, ignore_eos=True), range(requests)))
     assert [r.status_code for r in results] == [200] * requests, [r.text for r in results if r.status_code != 200]
     needed = min(cap, math.ceil(requests / target))
     started = [i.id for i in s.app.state.gateway.pool.instances()]
