@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything kold needs on a fresh clone: a venv with the pinned CPU torch first (so no CUDA
 # build is ever pulled), the project with its test and dev extras, and redis-server from Debian's
-# packages when missing. Idempotent: a second run only checks.
+# packages when missing (the tests start their own server from it, as `kold up` does). Idempotent: a
+# second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${KOLD_EXTRAS:-test,dev}"
