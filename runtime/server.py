@@ -323,14 +323,16 @@ class _DrainGate:
 
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_SCOPE_KEY = "kold.request_id"
-# what we take from a client as its id: visible ASCII, bounded (it goes into log lines as it is)
-_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+# what we take from a client as its id: a plain token, bounded (it goes into log lines as it is); the
+# gateway keeps the same kind of ids, so the one it forwards is the one the instance logs
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class _RequestId:
     """Gives every request an id, `x-request-id`: the client's (the gateway forwards one), or a new one
-    when it sent none or one that is not visible ASCII of at most 128 characters. The id goes into the
-    ASGI scope (for the routes and their log records) and back on the response."""
+    when it sent none or one that is not a plain token (letters, digits, `._:-`) of at most 128
+    characters. The id goes into the ASGI scope (for the routes and their log records) and back on
+    the response."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

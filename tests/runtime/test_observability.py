@@ -78,10 +78,13 @@ def test_the_request_id_is_taken_or_made_returned_and_logged(caplog: pytest.LogC
             made = r.headers["x-request-id"]
             assert r.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", made)
 
-            # an id that is not a short visible-ASCII token is replaced, never echoed into the logs
+            # an id that is not a short plain token is replaced, never echoed into the logs
             r = await client.post("/v1/completions", json=body, headers={"x-request-id": "x" * 200})
             replaced = r.headers["x-request-id"]
             assert re.fullmatch(r"[0-9a-f]{32}", replaced)
+            r = await client.post("/v1/completions", json=body, headers={"x-request-id": 'a"b'})
+            assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+            also_replaced = r.headers["x-request-id"]
 
             r = await client.post(
                 "/v1/completions", json={**body, "stream": True, "max_tokens": 3}, headers={"x-request-id": "s-1"}
@@ -96,7 +99,7 @@ def test_the_request_id_is_taken_or_made_returned_and_logged(caplog: pytest.LogC
             await asyncio.sleep(0.05)  # a stream's line is logged once its response has ended
 
             lines = {line["request_id"]: line for line in request_lines(caplog)}
-            assert set(lines) == {"gw-abc-123", made, replaced, "s-1", "bad-1"}
+            assert set(lines) == {"gw-abc-123", made, replaced, also_replaced, "s-1", "bad-1"}
             assert lines["gw-abc-123"]["status"] == "200" and lines["gw-abc-123"]["completion_tokens"] == 2
             assert lines[made]["endpoint"] == "chat"
             assert lines["s-1"]["completion_tokens"] == 3 and lines["s-1"]["ttft_ms"] is not None
