@@ -32,6 +32,7 @@ from kold.runtime.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     ChatResponseMessage,
     ClientDisconnectedError,
     CompletionChoice,
@@ -427,7 +428,7 @@ class Service:
         def chunk(choice: ChatChunkChoice) -> bytes:
             return sse(ChatCompletionChunk(id=job.id, created=created, model=job.model, choices=[choice]))
 
-        def logprobs(choice: _Choice) -> Any:
+        def logprobs(choice: _Choice) -> ChatLogprobs | None:
             """The entries of the tokens since the last chunk (held-back text keeps its tokens')."""
             if choice.logprobs is None:
                 return None
