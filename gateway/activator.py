@@ -95,7 +95,8 @@ class Gateway:
             pool.on_failure = self._on_failure
         self.functions: dict[str, FunctionState] = {}
         self._revisions: dict[str, Revision] = {}  # immutable: cached for good
-        self._serving: dict[str, tuple[float, Revision]] = {}
+        self._serving: dict[str, tuple[float, Revision]] = {}  # name -> (fresh until, revision)
+        self._refreshing: set[str] = set()  # functions whose serving revision is being re-read
         # instance id -> monotonic time it last became idle (no request in flight); only live instances
         self._idle_since: dict[str, float] = {}
         self._request_labels: dict[str, set[tuple[str, str]]] = {}  # function -> (cold, status) it was counted with
@@ -209,19 +210,24 @@ class Gateway:
         return rev
 
     async def serving_revision(self, name: str) -> Revision:
-        """The revision traffic goes to (the latest one while none is serving yet), cached briefly."""
+        """The revision traffic goes to (the latest one while none is serving yet).
+
+        Stale-while-revalidate: once a function's revision is known, requests never wait for Redis
+        again; when the cached answer is older than SERVING_CACHE_S one background refresh is started
+        and this request goes on with what is known. Only a function never seen waits for Redis."""
         cached = self._serving.get(name)
-        if cached is not None and (cached[0] > time.monotonic() or self.registry_down):
+        if cached is not None:
+            if cached[0] <= time.monotonic() and not self.registry_down:
+                self._refresh_serving(name)
             return cached[1]
         try:
-            fn = await asyncio.to_thread(self.registry.get_function, name)
+            return await self._read_serving(name)
         except RedisError as exc:
-            # Redis is briefly unreachable: a function we know keeps being served by its last known
-            # revision (warm instances need nothing from Redis); one we never saw cannot be.
             self.redis_unreachable(exc)
-            if cached is not None:
-                return cached[1]
             raise RegistryUnavailableError("the function registry (Redis) is unreachable") from None
+
+    async def _read_serving(self, name: str) -> Revision:
+        fn = await asyncio.to_thread(self.registry.get_function, name)
         if fn is None:
             self._serving.pop(name, None)
             raise ModelNotFoundError(f"the function {name!r} does not exist", param="model")
@@ -230,6 +236,24 @@ class Gateway:
             raise ModelNotFoundError(f"the function {name!r} has no revision", param="model")
         self._serving[name] = (time.monotonic() + SERVING_CACHE_S, rev)
         return rev
+
+    def _refresh_serving(self, name: str) -> None:
+        """One background refresh of a function's serving revision at a time."""
+        if name in self._refreshing:
+            return
+
+        async def refresh() -> None:
+            try:
+                await self._read_serving(name)
+            except RedisError as exc:
+                self.redis_unreachable(exc)
+            except ModelNotFoundError:
+                pass  # removed: the next request finds no cached revision and gets 404
+            finally:
+                self._refreshing.discard(name)
+
+        self._refreshing.add(name)
+        self.run_background(refresh())
 
     def redis_unreachable(self, exc: Exception) -> None:
         """A Redis call failed: say so once, and use what is known without asking Redis until it is back."""

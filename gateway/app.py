@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kold.gateway.activator import ColdStartTimeoutError, Gateway
+from kold.gateway.activator import ColdStartTimeoutError, Gateway, RegistryUnavailableError
 from kold.gateway.admin import AdminAPI
 from kold.gateway.auth import KeyAuth
 from kold.gateway.errors import error_response, status_of
@@ -207,7 +207,16 @@ def build_app(
         return JSONResponse(await _model(name))
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        """Liveness: 200 while the process serves; "degraded" while Redis is unreachable (warm
+        functions and recently verified keys still work, nothing new can be deployed or looked up)."""
+        registry_state = "unreachable" if gw.registry_down else "ok"
+        return JSONResponse({"status": "degraded" if gw.registry_down else "ok", "registry": registry_state})
+
+    async def readyz(request: Request) -> Response:
+        """Readiness: 200 when the gateway can take any request, 503 while Redis is unreachable."""
+        if gw.registry_down:
+            raise RegistryUnavailableError("the function registry (Redis) is unreachable")
+        return JSONResponse({"status": "ready", "registry": "ok"})
 
     async def metrics(request: Request) -> Response:
         gw.refresh_instance_gauge()
@@ -228,6 +237,7 @@ def build_app(
         Route("/v1/functions/{name}/v1/models/{model}", endpoint(model), methods=["GET"]),
         Route("/v1/functions/{name}/v1/{rest:path}", endpoint(by_path), methods=["POST"]),
         Route("/healthz", endpoint(healthz, authenticate=False), methods=["GET"]),
+        Route("/readyz", endpoint(readyz, authenticate=False), methods=["GET"]),
         Route("/metrics", endpoint(metrics, authenticate=False), methods=["GET"]),
         *admin.routes(endpoint),
     ]

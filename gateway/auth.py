@@ -1,8 +1,9 @@
 """API-key authentication for the gateway: Bearer keys checked against the registry, with short caches.
 
 Redis is asked at most every KEYS_CACHE_S per key (and for "are there keys at all"), so the data path
-does not pay a round trip per request. While Redis is unreachable (`gateway.registry_down`) checks do
-not wait for it: a key verified within VERIFIED_GRACE_S keeps working, anything else gets 503. The
+does not pay a round trip per request, and once an answer is known it is re-checked in the background
+(stale-while-revalidate), so a stalled Redis never holds a request. While Redis is unreachable
+(`gateway.registry_down`) a key verified within VERIFIED_GRACE_S keeps working, anything else gets 503. The
 clock is injected so that the expiry rules are tested without sleeping.
 """
 
@@ -12,8 +13,8 @@ import asyncio
 import hashlib
 import hmac
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
@@ -59,6 +60,7 @@ class KeyAuth:
         self._has_keys_until = 0.0  # 0.0: never read
         self._has_keys = False
         self._verified: dict[str, float] = {}  # sha256 of a key -> when Redis last said it is valid
+        self._refreshing: dict[str, asyncio.Task[None]] = {}  # background checks, by what they check
 
     def keys_changed(self) -> None:
         """A key was created or revoked here: ask Redis again, and forget every verified key at once
@@ -69,22 +71,31 @@ class KeyAuth:
     async def _keys_exist(self) -> bool:
         if self.require_keys:
             return True
-        now = self.clock()
-        if now >= self._has_keys_until and not (self.health.registry_down and self._has_keys_until):
+        if not self._has_keys_until:  # never read: this request waits for the answer
             try:
-                self._has_keys = await asyncio.to_thread(self.registry.has_keys)
-                self._has_keys_until = self.clock() + KEYS_CACHE_S
+                await self._read_has_keys()
             except RedisError as exc:
                 self.health.redis_unreachable(exc)
-                if not self._has_keys_until:
-                    raise RegistryUnavailableError("the key registry (Redis) is unreachable") from None
+                raise RegistryUnavailableError("the key registry (Redis) is unreachable") from None
+        elif self.clock() >= self._has_keys_until and not self.health.registry_down:
+            self._in_background("has_keys", self._read_has_keys())
         return self._has_keys
+
+    async def _read_has_keys(self) -> None:
+        self._has_keys = await asyncio.to_thread(self.registry.has_keys)
+        self._has_keys_until = self.clock() + KEYS_CACHE_S
 
     def _verified_within(self, digest: str, window_s: float) -> bool:
         return self.clock() - self._verified.get(digest, float("-inf")) < window_s
 
     async def check(self, authorization: str | None) -> None:
-        """Return if the request may pass; raise AuthenticationError (401) or RegistryUnavailableError."""
+        """Return if the request may pass; raise AuthenticationError (401) or RegistryUnavailableError.
+
+        Stale-while-revalidate, so requests never wait for Redis once they were answered: a key that
+        verified within VERIFIED_GRACE_S passes at once, and if its check is older than KEYS_CACHE_S
+        one is started in the background (a key revoked elsewhere stops working when it answers;
+        one revoked through this gateway stops at once: `keys_changed`). A key never seen waits for
+        Redis, and gets 503 while Redis is known to be unreachable."""
         if not await self._keys_exist():
             return
         header = authorization or ""
@@ -93,21 +104,43 @@ class KeyAuth:
         if not header or not hmac.compare_digest(scheme.lower(), "bearer") or not secret:
             raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
         digest = hashlib.sha256(secret.encode()).hexdigest()
-        if self._verified_within(digest, KEYS_CACHE_S):
-            return  # checked against Redis moments ago: a revocation takes effect within KEYS_CACHE_S
-        if not self.health.registry_down:
+        if self._verified_within(digest, VERIFIED_GRACE_S):
+            if not self._verified_within(digest, KEYS_CACHE_S) and not self.health.registry_down:
+                self._in_background(digest, self._verify(secret, digest))
+            return
+        if self.health.registry_down:
+            raise RegistryUnavailableError("the key registry (Redis) is unreachable")
+        try:
+            ok = await self._verify(secret, digest)
+        except RedisError as exc:
+            self.health.redis_unreachable(exc)
+            raise RegistryUnavailableError("the key registry (Redis) is unreachable") from None
+        if not ok:
+            raise AuthenticationError("invalid API key")
+
+    async def _verify(self, secret: str, digest: str) -> bool:
+        ok = await asyncio.to_thread(self.registry.verify_key, secret)
+        if ok:
+            self._remember(digest)
+        else:
+            self._verified.pop(digest, None)
+        return ok
+
+    def _in_background(self, what: str, check: Coroutine[Any, Any, Any]) -> None:
+        """Run one check of `what` at a time off the request path; a Redis failure marks it away."""
+        if what in self._refreshing:
+            check.close()
+            return
+
+        async def run() -> None:
             try:
-                ok = await asyncio.to_thread(self.registry.verify_key, secret)
+                await check
             except RedisError as exc:
                 self.health.redis_unreachable(exc)
-            else:
-                if not ok:
-                    self._verified.pop(digest, None)
-                    raise AuthenticationError("invalid API key")
-                self._remember(digest)
-                return
-        if not self._verified_within(digest, VERIFIED_GRACE_S):
-            raise RegistryUnavailableError("the key registry (Redis) is unreachable") from None
+            finally:
+                self._refreshing.pop(what, None)
+
+        self._refreshing[what] = asyncio.get_running_loop().create_task(run())
 
     def _remember(self, digest: str) -> None:
         self._verified.pop(digest, None)  # re-inserted last: the dict's order is oldest check first

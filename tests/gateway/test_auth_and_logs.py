@@ -35,29 +35,48 @@ class Clock:
 
 
 @pytest.mark.redis
-def test_keys_are_demanded_once_one_exists_and_a_revocation_takes_effect_within_the_cache_time(
+def test_keys_are_demanded_once_one_exists_and_a_revocation_takes_effect_after_one_background_check(
     registry: Registry,
 ) -> None:
     clock, health = Clock(), Health()
     auth = KeyAuth(registry, health, require_keys=False, clock=clock)
-    check = lambda header: asyncio.run(auth.check(header))  # noqa: E731
-    check(None)  # no keys yet: open
-    key = registry.create_key("t")
-    check(None)  # "no keys" is still cached
-    clock.now += KEYS_CACHE_S
-    with pytest.raises(AuthenticationError, match="missing API key"):
-        check(None)
-    with pytest.raises(AuthenticationError, match="invalid API key"):
-        check("Bearer kold_wrong")
-    with pytest.raises(AuthenticationError, match="missing"):
-        check(f"Basic {key.secret}")
-    check(f"Bearer {key.secret}")
-    registry.revoke_key(key.key_id)
-    registry.create_key("other")  # keys still exist, so they are still demanded
-    check(f"Bearer {key.secret}")  # verified moments ago: reused within the cache time
-    clock.now += KEYS_CACHE_S
-    with pytest.raises(AuthenticationError, match="invalid API key"):
-        check(f"Bearer {key.secret}")
+
+    async def scenario() -> None:
+        await auth.check(None)  # no keys yet: open
+        key = registry.create_key("t")
+        await auth.check(None)  # "no keys" is still fresh
+        clock.now += KEYS_CACHE_S
+        await auth.check(None)  # stale: this request passes on what is known, a refresh starts
+        await _settled(auth)
+        with pytest.raises(AuthenticationError, match="missing API key"):
+            await auth.check(None)
+        with pytest.raises(AuthenticationError, match="invalid API key"):
+            await auth.check("Bearer kold_wrong")
+        with pytest.raises(AuthenticationError, match="missing"):
+            await auth.check(f"Basic {key.secret}")
+        await auth.check(f"Bearer {key.secret}")
+        registry.revoke_key(key.key_id)  # elsewhere: this gateway is not told
+        registry.create_key("other")  # keys still exist, so they are still demanded
+        await auth.check(f"Bearer {key.secret}")  # verified moments ago: no Redis call
+        clock.now += KEYS_CACHE_S
+        await auth.check(f"Bearer {key.secret}")  # stale: passes once more while it is re-checked
+        await _settled(auth)
+        with pytest.raises(AuthenticationError, match="invalid API key"):
+            await auth.check(f"Bearer {key.secret}")
+        auth.keys_changed()  # revoked through this gateway: the next check asks Redis first
+        fresh = registry.create_key("fresh")
+        await auth.check(f"Bearer {fresh.secret}")
+        registry.revoke_key(fresh.key_id)
+        auth.keys_changed()
+        with pytest.raises(AuthenticationError, match="invalid API key"):
+            await auth.check(f"Bearer {fresh.secret}")
+
+    asyncio.run(scenario())
+
+
+async def _settled(auth: KeyAuth) -> None:
+    """Wait for the background checks the last requests started."""
+    await asyncio.gather(*auth._refreshing.values())
 
 
 @pytest.mark.redis

@@ -293,3 +293,53 @@ def test_the_waking_request_goes_to_the_instance_while_it_restores(
     assert r.headers["x-kold-cold"] == "1"
     assert float(r.headers["x-kold-queue-ms"]) > 500, r.headers  # it was in the runtime during the restore
     assert "x-kold-cold-start-ms" in r.headers  # and its answer still carries the cold-start breakdown
+
+
+def test_warm_requests_never_wait_for_a_stalled_redis(
+    private_redis: PrivateRedis, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    """With Redis stalled and a client whose every call would hang 30 s, warm requests are answered
+    from what the gateway knows (a stale serving revision is refreshed in the background)."""
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=private_redis.port,
+        socket_connect_timeout=30,
+        socket_timeout=30,
+        retry=Retry(NoBackoff(), 0),
+    )
+    registry = _registry_on(client)
+    deploy(registry, "stall", tiny_snapshot, request_timeout_s=60)
+    s = serve(registry)
+    try:
+        assert completion(s, "stall").status_code == 200  # warm it
+        private_redis.pause()
+        try:
+            time.sleep(1.2)  # the gateway's cached serving revision is now stale
+            with httpx.Client(base_url=s.url, timeout=10, trust_env=False) as quick:
+                during = [completion(s, "stall", quick) for _ in range(3)]
+        finally:
+            private_redis.resume()
+        assert [r.status_code for r in during] == [200] * 3, [r.text for r in during]
+    finally:
+        private_redis.kill()
+        client.close()
+
+
+def test_a_killed_redis_is_a_503_registry_unavailable_and_a_degraded_health(
+    private_redis: PrivateRedis, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    client = redis.Redis(host="127.0.0.1", port=private_redis.port, socket_connect_timeout=1, socket_timeout=1)
+    registry = _registry_on(client)
+    s = serve(registry)
+    try:
+        assert s.http.get("/readyz").json() == {"status": "ready", "registry": "ok"}
+        private_redis.kill()
+        for path in ("/admin/functions", "/v1/models", "/admin/functions/x"):
+            r = s.http.get(path)
+            assert r.status_code == 503, (path, r.text)
+            assert r.json()["error"]["code"] == "registry_unavailable" and "Redis" in r.json()["error"]["message"]
+        assert s.http.get("/healthz").json() == {"status": "degraded", "registry": "unreachable"}
+        r = s.http.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "registry_unavailable"
+    finally:
+        client.close()
