@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,10 +23,10 @@ from kold.gateway.pool import Instance
 from kold.gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from kold.runtime.protocol import (
     SSE_DONE,
-    InvalidRequestError,
     ResponseTimeoutError,
     UnavailableError,
     error_body,
+    parse_json_object,
     sse,
 )
 
@@ -50,58 +49,10 @@ _HOP_BY_HOP = {
 _FORWARD_REQUEST_HEADERS = ("content-type", "accept", "user-agent", "x-request-id")
 
 
-# Deeper than any OpenAI request needs (a tool schema nests a few levels); far below the recursion
-# limit that json and everything after it would hit.
-MAX_JSON_DEPTH = 64
-
-
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The request as a JSON object (json errors become 400 via the protocol's error table).
-
-    Refused here, as 400s, so no instance ever sees them: nesting deeper than MAX_JSON_DEPTH (json
-    itself would raise RecursionError, an internal error), and strings with lone surrogates
-    (`"\\ud800"` is valid JSON but no text: a tokenizer cannot encode it)."""
-    text = raw.decode("utf-8")
-    _check_depth(text)
-    body = json.loads(text)
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    _check_text(body)
-    return body
-
-
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # the unrolled form: no alternation per character
-_BRACKET = re.compile(r"[\[\]{}]")
-
-
-def _check_depth(text: str) -> None:
-    """Refuse JSON nested deeper than MAX_JSON_DEPTH, counted on the brackets outside strings."""
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
-        return  # cannot be that deep: the common case costs two counts
-    depth = 0
-    for bracket in _BRACKET.findall(_JSON_STRING.sub("", text)):  # strings out in C, then the structure only
-        depth += 1 if bracket in "[{" else -1
-        if depth > MAX_JSON_DEPTH:
-            raise InvalidRequestError(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
-
-
-def _check_text(value: Any, path: str = "") -> None:
-    """Refuse strings (keys too) that are not valid Unicode text: lone surrogates."""
-    if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequestError(
-                    f"{path or 'body'}: a string holds a lone surrogate (not valid Unicode text)", param=path or None
-                ) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key, path)
-            _check_text(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_text(item, f"{path}[{i}]")
+    """The request as a JSON object, checked as the runtime checks it (protocol.parse_json_object), so
+    a body no instance could take is a 400 here."""
+    return parse_json_object(raw)
 
 
 async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

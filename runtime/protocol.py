@@ -10,6 +10,7 @@ the parsing errors of pydantic and json) to an HTTP status and OpenAI's error bo
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -442,6 +443,61 @@ class ModelList(BaseModel):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+
+# -- request bodies -----------------------------------------------------------------------------
+
+# Deeper than any OpenAI request needs (a tool schema nests a few levels); far below the recursion
+# limit that json and everything after it would hit.
+MAX_JSON_DEPTH = 64
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; everything a client can get wrong raises an error the error
+    table makes a 400 (bad UTF-8 or JSON included). Refused too: nesting deeper than MAX_JSON_DEPTH (json
+    itself would raise RecursionError, an internal error), and strings with lone surrogates
+    (`"\\ud800"` is valid JSON but no text: a tokenizer cannot encode it)."""
+    text = raw.decode("utf-8")
+    _check_depth(text)
+    body = json.loads(text)
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    _check_text(body)
+    return body
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # the unrolled form: no alternation per character
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _check_depth(text: str) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH, counted on the brackets outside strings."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return  # cannot be that deep: the common case costs two counts
+    depth = 0
+    for bracket in _BRACKET.findall(_JSON_STRING.sub("", text)):  # strings out in C, then the structure only
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequestError(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+def _check_text(value: Any, path: str = "") -> None:
+    """Refuse strings (keys too) that are not valid Unicode text: lone surrogates."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError(
+                    f"{path or 'body'}: a string holds a lone surrogate (not valid Unicode text)", param=path or None
+                ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, path)
+            _check_text(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{path}[{i}]")
 
 
 def new_id(prefix: str) -> str:

@@ -50,6 +50,7 @@ from kold.runtime.protocol import (
     RouteNotFoundError,
     UnavailableError,
     error_body,
+    parse_json_object,
 )
 from kold.runtime.service import Disconnected, Service
 
@@ -169,7 +170,7 @@ class Runtime:
         request_id = str(request.scope.get(REQUEST_ID_SCOPE_KEY, ""))
         try:
             raw = await request.body()
-            parsed = model.model_validate(json.loads(raw))
+            parsed = model.model_validate(parse_json_object(raw))
             return await handler(parsed, _disconnect_watcher(request), request_id)
         except Exception as exc:
             status, _ = error_body(exc)
