@@ -30,7 +30,8 @@ EOF on the control socket (the pool closed it, or the gateway died) ends the tem
 keep running, as spawned instances do.
 
 The child: a new session, stdin from /dev/null, stdout and stderr to the log, `os.environ` replaced by
-the one sent, then `kold.cli.main(argv)` (`kold runtime serve ...`) and a normal interpreter exit
+the one sent, then the runtime's entry `kold.commands.runtime.main(argv)` (the arguments of
+`kold runtime serve ...`) and a normal interpreter exit
 with its status. Run as `python -m kold.gateway.fork_template --fd N`.
 """
 

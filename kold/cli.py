@@ -13,10 +13,7 @@ from collections.abc import Sequence
 from kold import __version__
 from kold.errors import run_command
 
-# `kold up`'s host-pool report still imports it from here; everything else takes it from kold.output
-from kold.output import human_bytes
-
-__all__ = ["build_parser", "human_bytes", "main"]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

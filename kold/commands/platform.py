@@ -289,7 +289,7 @@ def _report_host_pool(settings: Settings, registry: Registry) -> HostPoolKeeper 
         print(f"warning: the host pool {pool.directory} has no segments: CPU restores use fresh memory until "
               "`kold snapshot pool fill --size SIZE --count N` adds some", flush=True)  # fmt: skip
         return None
-    from kold.cli import human_bytes
+    from kold.output import human_bytes
 
     sizes = ", ".join(human_bytes(size) for size in sorted({s.size for s in segments}))
     print(f"host pool {pool.directory}: {len(segments)} segments ({sizes}), {sum(not s.in_use for s in segments)} "
