@@ -2,7 +2,9 @@
 
 Make a model, publish it (and publish it again: nothing is re-uploaded), restore it from a cold and
 a hot page cache, through the GPU-style pinned ring (its CPU twin here), from the shared-memory tier
-and from S3 on loopback (one table of phase timings); then the local platform as a user drives it:
+and from S3 on loopback (one table of phase timings); each restore is labelled from what it reports
+(the tier it read, O_DIRECT or the page cache, a mapping) and from the page cache as measured before
+it, never from what the demo meant to happen; then the local platform as a user drives it:
 `kold up`, `kold deploy`, wait for scale to zero, `kold invoke` cold (the request is held while an
 instance restores) and warm, `kold describe`, `kold logs`, `kold down`.
 """
@@ -10,7 +12,9 @@ instance restores) and warm, `kold describe`, `kold logs`, `kold down`.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +31,87 @@ def register(top: Any) -> None:
     parser.set_defaults(handler=cmd_demo)
 
 
+# what each restore step hands on: its label and its stats (RestoreStats.as_dict())
+Report = Callable[[str, dict[str, Any]], None]
+
+
+def page_cache_state(path: Path) -> str:
+    """How much of `path` is in the page cache, measured (mincore) the way a restore measures it."""
+    from kold.snapshot.filestore import COLD_RESIDENT_MAX
+    from kold.snapshot.hostmem import resident_fraction
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fraction = resident_fraction(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    if fraction is None:
+        return "page cache unknown"
+    word = "cold" if fraction < COLD_RESIDENT_MAX else "hot" if fraction >= 0.9 else "partly cached"
+    return f"{word} page cache ({fraction:.0%} resident)"
+
+
+def read_through_page_cache(path: Path) -> None:
+    """Read a file once through the page cache (buffered reads, bytes thrown away), so the next read is hot.
+
+    Why the demo needs it: a cold restore reads with O_DIRECT, which never fills the page cache, so
+    the file is as cold after it as before.
+    """
+    chunk = memoryview(bytearray(8 << 20))
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(chunk):
+            pass
+
+
+def restore_label(stats: dict[str, Any], store: str, page_cache: str | None = None) -> str:
+    """What a restore did, in words, from what it reports: the tier it read, and whether it mapped the
+    data, read it with O_DIRECT or through the page cache. `page_cache`: the data file's state measured
+    just before (local files only)."""
+    tier = stats["source_tier"]
+    if tier != "store":
+        how = (
+            "mapped, no copy"
+            if stats["mapped"]
+            else "O_DIRECT"
+            if stats["direct_io"]
+            else "read through the page cache"
+        )
+        return f"{tier} tier, {how}"
+    if page_cache is None:  # a remote store: neither the page cache nor O_DIRECT is involved
+        return store
+    return f"{store}, {page_cache}, " + ("O_DIRECT" if stats["direct_io"] else "read through the page cache")
+
+
+def restore_step(uri: str, store: str, page_cache: str | None = None, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+    """One restore of the demo (its cache fill finished): its label (`restore_label`) and stats."""
+    from kold.snapshot import restore
+
+    snap = restore(uri, **kwargs)
+    snap.wait_cache_fill()
+    stats = snap.stats.as_dict()
+    label = restore_label(stats, store, page_cache)
+    if kwargs.get("staging"):  # asked for, not decided by the restore: staging=True always takes the ring
+        label += ", GPU-style pinned ring (CPU twin)"
+    return label, stats
+
+
+def restore_from_local_store(uri: str, data_path: Path, report: Report) -> None:
+    """The local store's restores: with the data file out of the page cache, then in it, then through
+    the pinned ring. The file is read through the page cache in between: the cold restore used O_DIRECT
+    and left it as cold as it found it."""
+    from kold.commands.snapshot import evict_page_cache
+
+    evict_page_cache(data_path)
+    report(*restore_step(uri, "local store", page_cache_state(data_path)))
+    read_through_page_cache(data_path)
+    report(*restore_step(uri, "local store", page_cache_state(data_path)))
+    report(*restore_step(uri, "local store", page_cache_state(data_path), staging=True))
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from kold.commands.snapshot import evict_page_cache, print_phase_table
-    from kold.modelgen import write_random_llama
-    from kold.snapshot import CacheTier, NodeCache, build_snapshot, prefetch, restore
+    from kold.commands.snapshot import print_phase_table
+    from kold.modelgen import write_random_model
+    from kold.snapshot import CacheTier, NodeCache, build_snapshot, prefetch
     from kold.snapshot.store import data_key
 
     work: Path = args.workdir.resolve()
@@ -39,7 +120,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if not (model_dir / "tokenizer.json").is_file():
         print(f"[1] making a random {args.size} Llama model in {model_dir}")
         shutil.rmtree(model_dir, ignore_errors=True)
-        write_random_llama(model_dir, args.size)
+        write_random_model(model_dir, "llama", args.size)
     else:
         print(f"[1] reusing the {args.size} model in {model_dir}")
 
@@ -55,33 +136,31 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     results: list[tuple[str, dict[str, Any]]] = []
 
-    def run(label: str, uri: str = first.uri, **kwargs: Any) -> None:
-        snap = restore(uri, **kwargs)
-        snap.wait_cache_fill()
-        results.append((label, snap.stats.as_dict()))
+    def report(label: str, stats: dict[str, Any]) -> None:
+        results.append((label, stats))
         print(f"\n[{len(results) + 2}] restore: {label}")
-        print_phase_table(snap.stats.as_dict())
+        print_phase_table(stats)
 
-    evict_page_cache(store_root / data_key(m.id))
-    run("local store, cold page cache")
-    run("local store, hot page cache")
-    run("local store, GPU-style pinned ring (CPU twin)", staging=True)
+    data_path = store_root / data_key(m.id)
+    restore_from_local_store(first.uri, data_path, report)
 
     shm_root = Path("/dev/shm") / f"kold-demo-{m.id[:8]}"
     cache = NodeCache([CacheTier("shm", shm_root, max(m.data_size * 2, 1 << 20))])
     try:
         prefetch(first.uri, cache)
-        run("shm tier (mapped, shared)", cache=cache)
+        # the shm tier's label if the restore read it; the local store's, truthfully, if it did not
+        report(*restore_step(first.uri, "local store", page_cache_state(data_path), cache=cache))
     finally:
         shutil.rmtree(shm_root, ignore_errors=True)
 
     if not args.no_s3:
-        _s3_part(m.id, model_dir, work, run)
+        _s3_part(model_dir, work, report)
 
+    width = max(len(label) for label, _ in results)
     print("\nrestore summary")
-    print(f"  {'restore':<48} {'total ms':>9} {'GB/s':>7}")
+    print(f"  {'restore':<{width}} {'total ms':>9} {'GB/s':>7}")
     for label, stats in results:
-        print(f"  {label:<48} {stats['total_s'] * 1000:>9.1f} {stats['gbps']:>7.2f}")
+        print(f"  {label:<{width}} {stats['total_s'] * 1000:>9.1f} {stats['gbps']:>7.2f}")
 
     if not args.no_serve:
         return _platform_part(model_dir, work, len(results) + 3)
@@ -95,7 +174,6 @@ def _platform_part(model_dir: Path, work: Path, step: int) -> int:
     to know (has the function scaled to zero yet?) it asks the gateway's admin API through
     PlatformClient, like every other client of the platform, rather than parsing a command's output.
     """
-    import os
     import socket
     import subprocess
     import sys
@@ -160,21 +238,15 @@ def _platform_part(model_dir: Path, work: Path, step: int) -> int:
     return 0
 
 
-def _s3_part(snapshot_id: str, model_dir: Path, work: Path, run: Any) -> None:
-    import os
-
+def _s3_part(model_dir: Path, work: Path, report: Report) -> None:
+    from kold.locals3 import LocalS3Error, LocalS3Server
     from kold.snapshot import S3Options, build_snapshot
 
-    try:
-        from kold.locals3 import LocalS3Server
-    except ImportError:
-        print("\n(skipping S3: kold.locals3 is unavailable)")
-        return
     s3_root = work / "s3"
     shutil.rmtree(s3_root, ignore_errors=True)
     try:
-        server = LocalS3Server(s3_root)
-    except (FileNotFoundError, RuntimeError) as exc:
+        server = LocalS3Server(s3_root).start()  # rclone is found (or not) here, not in the constructor
+    except LocalS3Error as exc:
         print(f"\n(skipping S3: {exc})")
         return
     with server:
@@ -185,7 +257,7 @@ def _s3_part(snapshot_id: str, model_dir: Path, work: Path, run: Any) -> None:
             options = S3Options(endpoint_url=server.endpoint_url)
             result = build_snapshot(model_dir, "s3://kold/demo", s3=options)
             print(f"\n    published to {result.uri} through rclone serve s3 on loopback")
-            run("S3 (rclone on loopback)", result.uri, s3=options)
+            report(*restore_step(result.uri, "S3 (rclone on loopback)", s3=options))
         finally:
             for key, value in saved.items():
                 if value is None:
