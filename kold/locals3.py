@@ -287,10 +287,6 @@ class LocalS3Server:
             raise LocalS3Error("the local S3 server is not running")
         return self._root
 
-    @property
-    def log_tail(self) -> list[str]:
-        return list(self._stderr_tail)
-
     def create_bucket(self, name: str) -> Path:
         """Create a bucket (a folder of the root; visible at once, see `--dir-cache-time`)."""
         if not _BUCKET_NAME.match(name) or ".." in name:
