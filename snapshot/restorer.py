@@ -7,16 +7,21 @@ the destination, verified per chunk) -> host-to-device (GPU: async copies overla
 Source choice, fastest first: the shm tier (CPU: mapped, not copied — instances on a node share one
 copy; GPU: the mapping is registered as pinned memory and copied to the device with no staging),
 the disk tier, then the store. The first restore on a node fills the cache tiers in the background.
+
+On a GPU the copy engine (CuPy's import, the CUDA context, streams) starts in a thread of its own
+at the restore's first line, so it overlaps the metadata and the first reads instead of preceding
+them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +29,14 @@ from kold.snapshot import dtypes
 from kold.snapshot.cache import TIER_ORDER, CacheHit, CacheTier, NodeCache
 from kold.snapshot.checksum import chunk_checksum
 from kold.snapshot.devices import (
+    PIN_THREADS,
     CopyEngine,
     DeviceSpec,
     HostDestination,
+    HostRegisterError,
     StagedDestination,
     host_tensor,
+    keep_host_memory,
     make_engine,
 )
 from kold.snapshot.errors import (
@@ -38,7 +46,7 @@ from kold.snapshot.errors import (
     SnapshotNotFoundError,
 )
 from kold.snapshot.filestore import FileReader
-from kold.snapshot.hostmem import buffer_address, map_file
+from kold.snapshot.hostmem import map_file, map_file_read_only, readonly_address
 from kold.snapshot.manifest import ChunkEntry, Manifest
 from kold.snapshot.pipeline import LOCAL_PIECE_SIZE, PipelineStats, ReadSource, run_pipeline
 from kold.snapshot.plan import default_readers, make_plan
@@ -226,6 +234,8 @@ def _restore(
     started = time.perf_counter()
     spec = DeviceSpec.parse(device)
     ref = parse_snapshot_uri(uri)
+    staged = spec.kind == "cuda" or bool(staging)
+    engine = _start_engine(spec) if staged else None
     # The store is opened only when something is read from it: a cache-tier hit of an s3:// snapshot
     # then never pays for importing boto3 and building a client (~0.3 s), only a corrupt chunk would.
     store = _LazyStore(ref.store_uri, s3)
@@ -242,17 +252,20 @@ def _restore(
         except Exception:
             log.exception("snapshot %s: on_metadata failed", ref.snapshot_id)
 
-    staged = spec.kind == "cuda" or bool(staging)
     stats = RestoreStats(ref.snapshot_id, str(spec), hit.tier.name if hit else "store", manifest.data_size)
     stats.metadata_s = metadata_done - started
     buffer: torch.Tensor | None = None
     if hit is not None and hit.tier.name == "shm":
-        buffer = _from_shm(hit, manifest, spec, stats, staged, verify=bool(verify))
-        if buffer is None:  # the entry failed verification: it is evicted, go to the store
-            assert cache is not None
-            cache.evict(ref.snapshot_id, hit.tier)
-            hit = None
-            stats.source_tier = "store"
+        try:
+            buffer = _from_shm(hit, manifest, stats, engine, verify=bool(verify))
+        except _NotPinnableError as exc:  # read through the staged ring from the tier instead
+            log.info("snapshot %s: %s; copying the shm tier through the staged ring", ref.snapshot_id, exc)
+        else:
+            if buffer is None:  # the entry failed verification: it is evicted, go to the store
+                assert cache is not None
+                cache.evict(ref.snapshot_id, hit.tier)
+                hit = None
+                stats.source_tier = "store"
     fill: threading.Thread | None = None
     if buffer is None:
         remote_store = ref.store_uri.startswith("s3://")
@@ -272,8 +285,9 @@ def _restore(
         plan = make_plan(manifest, readers=readers or default_readers(remote, cold=cold), staged=staged)
         dest: HostDestination | StagedDestination
         try:
-            if staged:
-                dest = StagedDestination(make_engine(spec), manifest.data_size, plan.slot_size, plan.ring_slots)
+            if engine is not None:
+                _raise_if_failed(engine)  # no CuPy or no device: say so before reading anything
+                dest = StagedDestination(engine, manifest.data_size, plan.slot_size, plan.ring_slots)
             else:
                 claimed = _claim(pool, manifest.data_size, ref.snapshot_id)
                 stats.pooled = claimed is not None
@@ -301,7 +315,7 @@ def _restore(
             stats.direct_io = _reads_direct(primary.reader)
         finally:
             if isinstance(dest, StagedDestination):
-                dest.engine.synchronize()  # on failure too: no copy may still read the ring
+                dest.synchronize()  # on failure too: no copy may still read the ring
                 dest.release_staging()
             _close_sources(primary, store_source)
         _record(stats, pstats, plan.readers, dest.copy_seconds)
@@ -458,16 +472,52 @@ def _record(stats: RestoreStats, pstats: PipelineStats, readers: int, copy_secon
     stats.refetched_chunks = sorted(pstats.refetched)
 
 
+class _NotPinnableError(Exception):
+    """The shm tier's mapping could not be pinned read-only: the GPU restore reads it through the ring."""
+
+
+def _start_engine(spec: DeviceSpec) -> Future[CopyEngine]:
+    """The copy engine. For CUDA it is made in a thread of its own (not a daemon: CUDA's initialisation
+    is never cut off at exit): importing CuPy and creating the context and streams take ~0.3-1 s of a
+    cold start, beside torch's import, and the first reads need none of it. The CPU twin costs nothing
+    and is made at once."""
+    future: Future[CopyEngine] = Future()
+
+    def make() -> None:
+        try:
+            future.set_result(make_engine(spec))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    if spec.kind == "cuda":
+        threading.Thread(target=make, name="kold-cuda-init").start()
+    else:
+        make()
+    return future
+
+
+def _raise_if_failed(engine: Future[CopyEngine]) -> None:
+    if engine.done() and (exc := engine.exception()) is not None:
+        raise exc
+
+
 def _from_shm(
-    hit: CacheHit, manifest: Manifest, spec: DeviceSpec, stats: RestoreStats, staged: bool, *, verify: bool
+    hit: CacheHit, manifest: Manifest, stats: RestoreStats, engine: Future[CopyEngine] | None, *, verify: bool
 ) -> torch.Tensor | None:
-    """Restore from the shm tier without reading through a pipeline. None if verification fails."""
+    """Restore from the shm tier without reading through a pipeline. None if verification fails.
+
+    CPU (`engine` None): the tier's file mapped copy-on-write, page tables filled now so the first
+    forward pass does not fault page by page (on a huge-page tmpfs that is ~1100 PMD entries for a 2 GB
+    model, milliseconds; on 4 KiB pages ~540k PTEs, a few hundred ms). GPU: mapped shared and
+    read-only, and pinned in place (see `_shm_to_device`).
+    """
     path = hit.tier.data_path(manifest.id)
     fetch_started = time.perf_counter()
-    # The GPU path pins (and so faults in) the pages itself; the CPU path fills the page tables now,
-    # so the first forward pass does not fault page by page. On a huge-page tmpfs that is ~1100 PMD
-    # entries for a 2 GB model (milliseconds); on 4 KiB pages ~540k PTEs (a few hundred ms).
-    mapping = map_file(path, manifest.data_size, populate=not staged) if manifest.data_size else None
+    mapping: mmap.mmap | None = None
+    if manifest.data_size and engine is None:
+        mapping = map_file(path, manifest.data_size, populate=True)
+    elif manifest.data_size:
+        mapping = map_file_read_only(path, manifest.data_size)
     stats.bytes_by_tier = {"shm": manifest.data_size}
     if verify and mapping is not None:
         stats.verified = True
@@ -481,37 +531,62 @@ def _from_shm(
         finally:
             view.release()
         stats.verify_s = time.perf_counter() - t0
-    if not staged:
+    if engine is None:
         stats.mapped = True
         stats.fetch_s = time.perf_counter() - fetch_started
         _await_torch(stats)
         return host_tensor(mapping, manifest.data_size) if mapping is not None else host_tensor(memoryview(b""), 0)
-    return _shm_to_device(mapping, manifest, spec, stats, fetch_started)
+    return _shm_to_device(mapping, manifest, engine, stats, fetch_started)
 
 
 def _shm_to_device(
-    mapping: mmap.mmap | None, manifest: Manifest, spec: DeviceSpec, stats: RestoreStats, started: float
+    mapping: mmap.mmap | None,
+    manifest: Manifest,
+    engine: Future[CopyEngine],
+    stats: RestoreStats,
+    started: float,
 ) -> torch.Tensor:
-    """Copy the shm tier's mapping to the device chunk by chunk with no staging copy: each chunk is
-    page-locked in place (read-only: the tier's pages are pinned, never copied) just before its async
-    copy, so pinning chunk i+1 overlaps the DMA of chunk i. Unpinning, once every copy is done, runs
-    off the critical path, and only then is the mapping closed."""
-    engine = make_engine(spec)
+    """Copy the shm tier's mapping to the device chunk by chunk with no staging copy.
+
+    The mapping is shared and read-only, and each chunk is pinned read-only: the driver pins with
+    FOLL_LONGTERM, which on a private mapping makes the kernel copy every page into anonymous memory
+    (~1.2 s and 2.2 GB per 2.2 GB instance); a shared mapping's pages are the tier's own. Pins run in
+    `PIN_THREADS` threads, all submitted at once, so they run ahead of the copies: chunk i is copied as
+    soon as its own pin is done. Where the driver refuses the read-only flag, nothing is pinned for
+    writing: `_NotPinnableError` sends the restore through the staged ring. Unpinning, once every copy is
+    done, runs off the critical path (a thread the interpreter waits for at exit), and only then is
+    the mapping closed.
+    """
     dest = StagedDestination(engine, manifest.data_size, manifest.chunk_size, slots=0)
     if mapping is not None:
-        address = buffer_address(mapping)
-        registered: list[int] = []
+        address = readonly_address(mapping)
+        chunks = list(manifest.chunks())
+        copy_engine = dest.engine
+        pins: list[Future[None]] = []
+        refused: HostRegisterError | None = None
+        pool = ThreadPoolExecutor(min(PIN_THREADS, len(chunks)), thread_name_prefix="kold-shm-pin")
         try:
-            for chunk in manifest.chunks():
-                engine.register_host(address + chunk.offset, chunk.size, read_only=True)
-                registered.append(address + chunk.offset)
+            pins = [pool.submit(copy_engine.register_host, address + c.offset, c.size, read_only=True) for c in chunks]
+            for chunk, pin in zip(chunks, pins, strict=True):
+                try:
+                    pin.result()
+                except HostRegisterError as exc:
+                    refused = exc
+                    break
                 dest.commit_external(chunk, address + chunk.offset)
-            dest.finish()
+            if refused is None:
+                dest.finish()
         finally:
-            engine.synchronize()  # nothing may still read the pages when they are unpinned
-            threading.Thread(
-                target=_unpin_and_close, args=(engine, registered, mapping), name="kold-unpin", daemon=True
-            ).start()
+            pool.shutdown(wait=True, cancel_futures=True)
+            dest.synchronize()  # nothing may still read the pages when they are unpinned
+            pinned = [
+                address + c.offset
+                for c, pin in zip(chunks, pins, strict=False)
+                if pin.done() and not pin.cancelled() and pin.exception() is None
+            ]
+            threading.Thread(target=_unpin_and_close, args=(copy_engine, pinned, mapping), name="kold-unpin").start()
+        if refused is not None:
+            raise _NotPinnableError(str(refused))
     stats.fetch_s = time.perf_counter() - started
     stats.h2d_s = dest.copy_seconds
     stats.readers = 0
@@ -523,9 +598,10 @@ def _unpin_and_close(engine: CopyEngine, addresses: list[int], mapping: mmap.mma
         try:
             engine.unregister_host(address)
         except Exception:  # keep the mapping rather than unmap pages the driver may still hold
-            log.warning("could not unpin the shm mapping; leaving it mapped", exc_info=True)
+            keep_host_memory(mapping, "the shm tier's mapping")
             return
-    mapping.close()
+    with contextlib.suppress(BufferError):
+        mapping.close()
 
 
 def _start_fill(
