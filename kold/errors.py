@@ -11,6 +11,7 @@ Its own module so that `kold.cli`, `kold.commands.*` and the library code the CL
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -80,12 +81,30 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         status = handler(args, settings)
         sys.stdout.flush()  # here, so that a closed pipe is caught above rather than at interpreter exit
         return status
-    except (CLIError, SnapshotError, ValueError, FileNotFoundError) as exc:
+    except (CLIError, SnapshotError, ValueError) as exc:
         print(f"kold: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        raise  # a closed stdout ends quietly (run_command), not as an error
+    except OSError as exc:
+        # the machine refused something (a missing file, a full disk, a read-only or immutable
+        # directory, permissions): the user can act on the path and the cause, not on a traceback
+        print(f"kold: error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("kold: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`exc` as one line: the path (both, for a rename), the cause and its errno's name, e.g.
+    `/data/store/x: No space left on device (ENOSPC)`."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    name = errno.errorcode.get(exc.errno or 0)
+    if name:
+        cause = f"{cause} ({name})"
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {cause}" if paths else cause
 
 
 def _quiet_stdout() -> None:

@@ -103,22 +103,45 @@ def _publish(
         log.info("snapshot %s already in %s: nothing uploaded", manifest.id, store.uri)
         return BuildResult(ref, manifest, uploaded=False, seconds=time.perf_counter() - started)
 
-    writer = store.open_writer(data_key(manifest.id))
+    written: list[str] = []  # what this build committed: withdrawn if a later object fails
     try:
-        for done, chunk in _chunks(entries, by_name, data_size, chunk_size, buffer):
-            writer.write(chunk)
-            if progress:
-                progress("upload", done, data_size)
-        writer.commit()
+        writer = store.open_writer(data_key(manifest.id))
+        try:
+            for done, chunk in _chunks(entries, by_name, data_size, chunk_size, buffer):
+                writer.write(chunk)
+                if progress:
+                    progress("upload", done, data_size)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        written.append(data_key(manifest.id))
+        for name, content in source.files.items():
+            store.put_bytes(file_key(manifest.id, name), content)
+            written.append(file_key(manifest.id, name))
+        store.put_bytes(manifest_key(manifest.id), manifest.to_json())
     except BaseException:
-        writer.abort()
+        _withdraw(store, manifest.id, written)
         raise
-    for name, content in source.files.items():
-        store.put_bytes(file_key(manifest.id, name), content)
-    store.put_bytes(manifest_key(manifest.id), manifest.to_json())
     seconds = time.perf_counter() - started
     log.info("published snapshot %s (%d bytes) to %s in %.2fs", manifest.id, data_size, store.uri, seconds)
     return BuildResult(ref, manifest, uploaded=True, seconds=seconds)
+
+
+def _withdraw(store: Store, snapshot_id: str, keys: list[str]) -> None:
+    """Remove the objects of a build that failed before its manifest (a full disk, a read-only or
+    immutable store): without a manifest they are garbage no restore would read, and a failed
+    publish should leave the store as it found it. Best effort: the build's own error is the one
+    the caller sees, and a crash (which skips this) still leaves nothing a restore trusts. A build
+    of the same model beside this one that did commit its manifest keeps the objects (the same
+    bytes: the id is their hash)."""
+    try:
+        if not keys or store.exists(manifest_key(snapshot_id)):
+            return
+        for key in keys:
+            store.delete_prefix(key)
+    except Exception as exc:  # reported, never allowed to hide the build's error
+        log.warning("could not remove the objects of the failed publish of %s from %s: %s", snapshot_id, store.uri, exc)
 
 
 def _chunks(

@@ -135,27 +135,80 @@ class FileReader:
 
 
 class FileWriter:
-    """Streams into `<key>.tmp-<uuid>`; `commit` fsyncs and renames it to the key."""
+    """Streams into `.<key>.tmp-<uuid>`; `commit` fsyncs and renames it to the key.
+
+    Every way the filesystem can refuse the write (no space, a read-only or immutable directory,
+    permissions, a quota) is a `StoreError` naming the object and the cause: publishing meets these
+    on a real machine, and a user needs the path and the reason, not an OSError's traceback. On
+    failure `abort` removes the temporary file and the directories this writer created, so the
+    store is left as it was found.
+    """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._final = path
         self._tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
+        self._created: list[Path] = []  # directories made for this object, deepest last
+        for attempt in (1, 2):
+            try:
+                self._make_parents(path.parent)
+                self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
+                return
+            except OSError as exc:
+                self._remove_created()
+                # ENOENT once: a failed writer beside us removed an empty directory as we came in
+                if not (attempt == 1 and isinstance(exc, FileNotFoundError)):
+                    raise self._error(exc) from None
+
+    def _make_parents(self, directory: Path) -> None:
+        missing = []
+        while not directory.is_dir():
+            missing.append(directory)
+            directory = directory.parent
+        for each in reversed(missing):
+            try:
+                each.mkdir()
+            except FileExistsError:  # made by a concurrent writer: theirs, not ours to remove
+                continue
+            self._created.append(each)
 
     def write(self, data: memoryview | bytes) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise self._error(exc) from None
 
     def commit(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self._final)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self._final)
+        except OSError as exc:
+            raise self._error(exc) from None
 
     def abort(self) -> None:
-        self._file.close()
+        # closing flushes what is buffered, which fails again on a full disk: the file closes anyway
+        with contextlib.suppress(OSError):
+            self._file.close()
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
+        self._remove_created()
+
+    def _error(self, exc: OSError) -> StoreError:
+        """`exc` as one line: the object, the cause, and the directory that refused when it was not
+        the object's own (a parent this writer had to create)."""
+        cause = exc.strerror or str(exc)
+        name = errno.errorcode.get(exc.errno or 0)
+        detail = f"{cause} ({name})" if name else cause
+        if exc.filename and str(exc.filename) not in (str(self._final), str(self._tmp)):
+            detail += f" creating {exc.filename}"
+        return StoreError(f"cannot write {self._final}: {detail}")
+
+    def _remove_created(self) -> None:
+        for directory in reversed(self._created):
+            with contextlib.suppress(OSError):  # not empty: another writer is using it; keep it
+                directory.rmdir()
+        self._created.clear()
 
 
 class FileStore:
@@ -191,12 +244,7 @@ class FileStore:
         return FileReader(self.path(key))
 
     def open_writer(self, key: str) -> FileWriter:
-        try:
-            return FileWriter(self.path(key))
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EROFS, errno.ENOSPC):
-                raise StoreError(f"cannot write {self.uri}/{key}: {exc.strerror}") from None
-            raise
+        return FileWriter(self.path(key))
 
     def list_keys(self, prefix: str) -> list[str]:
         base = self.root / check_key(prefix) if prefix else self.root
@@ -209,9 +257,18 @@ class FileStore:
         return sorted(keys)
 
     def delete_prefix(self, prefix: str) -> None:
+        """Remove the objects under `prefix`, and the directories that leaves empty (the store
+        holds no folders without objects in them, so a withdrawn build leaves it as it was)."""
         target = self.root / check_key(prefix)
         if target.is_dir():
             shutil.rmtree(target)
         else:
             with contextlib.suppress(FileNotFoundError):
                 target.unlink()
+        for parent in target.parents:
+            if parent == self.root or self.root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or gone): the folders above are in use too
+                break

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from snapshot_helpers import SMALL_CHUNK, reference_tensors
+from store_faults import fingerprint, immutable, read_only, tiny_tmpfs
 
 from kold.snapshot import build_snapshot, restore
-from kold.snapshot.errors import ModelSourceError, UnsupportedDtypeError
+from kold.snapshot.errors import ModelSourceError, StoreError, UnsupportedDtypeError
 from kold.snapshot.filestore import FileStore
 from kold.snapshot.store import data_key, manifest_key
 
@@ -158,7 +159,8 @@ def test_bad_model_dirs_give_a_clear_error_and_store_nothing(tmp_path: Path, sto
 
 
 def test_manifest_is_written_last(tiny_model: Path, store_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A crash while writing files leaves data but no manifest: the snapshot does not exist."""
+    """A failure while writing files leaves no manifest (the snapshot does not exist), and the data
+    already written is withdrawn (a crash, which skips that, leaves data but still no manifest)."""
     calls: list[str] = []
     original = FileStore.put_bytes
 
@@ -172,5 +174,59 @@ def test_manifest_is_written_last(tiny_model: Path, store_uri: str, monkeypatch:
     with pytest.raises(OSError, match="disk full"):
         build_snapshot(tiny_model, store_uri, chunk_size=SMALL_CHUNK)
     store = FileStore(Path(store_uri.removeprefix("file://")))
-    assert not any(k.endswith("manifest.json") for k in store.list_keys("snapshots"))
+    assert store.list_keys("snapshots") == []
     assert not any(c == manifest_key(c.split("/")[1]) for c in calls)
+
+
+# -- a store that refuses the write: the kernel's own errors, and the store left as it was ---------------
+
+
+def _store_with_a_snapshot(root: Path) -> FileStore:
+    """A store that already holds one published snapshot: what a failed publish must not disturb."""
+    build_snapshot({"kept": torch.arange(16, dtype=torch.float32)}, root.as_uri(), chunk_size=4096)
+    return FileStore(root)
+
+
+def _new_model() -> dict[str, torch.Tensor]:
+    return {"w": torch.randn(256, 256, generator=torch.Generator().manual_seed(3))}  # 256 KiB of data
+
+
+@pytest.mark.parametrize(
+    ("model", "files", "refused"),
+    [
+        (_new_model, None, "data"),  # the data does not fit
+        (lambda: {"w": torch.ones(8)}, {"vocab.bin": bytes(256 << 10)}, "files/vocab.bin"),  # the data fits: withdrawn
+    ],
+)
+def test_a_full_disk_is_one_line_and_leaves_the_store_as_it_was(tmp_path: Path, model, files, refused) -> None:  # type: ignore[no-untyped-def]
+    with tiny_tmpfs(tmp_path / "disk", "64k") as disk:
+        store = _store_with_a_snapshot(disk / "store")
+        before = fingerprint(store.root)
+        with pytest.raises(StoreError) as info:
+            build_snapshot(model(), store.uri, chunk_size=4096, files=files)
+        message = str(info.value)
+        assert "\n" not in message and "No space left on device (ENOSPC)" in message
+        assert f"cannot write {store.root}/snapshots/" in message and message.partition(": ")[0].endswith(refused)
+        assert fingerprint(store.root) == before
+
+
+def test_an_immutable_store_is_one_line_and_unchanged(tmp_path: Path) -> None:
+    store = _store_with_a_snapshot(tmp_path / "store")
+    before = fingerprint(store.root)
+    with immutable(store.root / "snapshots"), pytest.raises(StoreError) as info:
+        build_snapshot(_new_model(), store.uri, chunk_size=4096)
+    message = str(info.value)
+    assert "\n" not in message and "Operation not permitted (EPERM)" in message
+    assert f"creating {store.root}/snapshots/" in message  # the directory that refused
+    assert fingerprint(store.root) == before
+
+
+def test_a_read_only_store_is_one_line_and_unchanged(tmp_path: Path) -> None:
+    store = _store_with_a_snapshot(tmp_path / "store")
+    before = fingerprint(store.root)
+    with read_only(store.root), pytest.raises(StoreError) as info:
+        build_snapshot(_new_model(), store.uri, chunk_size=4096)
+    message = str(info.value)
+    assert "\n" not in message and "Read-only file system (EROFS)" in message
+    assert f"cannot write {store.root}/snapshots/" in message
+    assert fingerprint(store.root) == before
