@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from kold.gateway.pool import Instance, InstancePool, InstanceState
 from kold.gateway.registry import Invocation, Registry, Revision
+from kold.gateway.startfailures import RevisionFailure, StartFailures
 from kold.runtime.protocol import ModelNotFoundError, UnavailableError
 
 log = logging.getLogger("kold.gateway.activator")
@@ -50,6 +51,19 @@ class RegistryUnavailableError(UnavailableError):
     """Redis cannot be reached and the gateway has nothing cached to go on."""
 
     code = "registry_unavailable"
+
+
+class RevisionFailedError(UnavailableError):
+    """The serving revision's instances keep failing to start; `code` is their cause."""
+
+    def __init__(self, rev_id: str, failure: RevisionFailure, now: float) -> None:
+        retry = max(1, math.ceil(failure.retry_at - now))
+        super().__init__(
+            f"revision {rev_id} cannot start: {failure.error} ({failure.count} failed starts; the next in {retry} s; "
+            f"roll back or deploy a fixed revision)",
+            code=failure.code,
+        )
+        self.retry_after = retry
 
 
 class ColdStartTimeoutError(UnavailableError):
@@ -99,6 +113,7 @@ class Gateway:
         self._refreshing: set[str] = set()  # functions whose serving revision is being re-read
         # instance id -> monotonic time it last became idle (no request in flight); only live instances
         self._idle_since: dict[str, float] = {}
+        self.start_failures = StartFailures()
         self._request_labels: dict[str, set[tuple[str, str]]] = {}  # function -> (cold, status) it was counted with
         self._queue: asyncio.Queue[Invocation] | None = None
         self._in_hand: list[Invocation] = []  # records taken off the queue, not written yet
@@ -307,6 +322,15 @@ class Gateway:
         load = sum(i.in_flight for i in self._live(rev.revision_id)) + st.waiting + extra
         want = min(sc.max_instances, max(sc.min_instances, math.ceil(load / sc.target_concurrency)))
         have = len(self._live(rev.revision_id)) + st.pending.get(rev.revision_id, 0)
+        return self._start(rev, want, have)
+
+    def _start(self, rev: Revision, want: int, have: int) -> int:
+        """Spawn want - have instances; while the revision's starts are failing, one at a time and only
+        once its back-off has passed."""
+        if self.start_failures.get(rev.revision_id) is not None:
+            if not self.start_failures.may_start(rev.revision_id, time.monotonic()):
+                return 0
+            want = min(want, 1)
         for _ in range(want - have):
             self._spawn(rev)
         return max(0, want - have)
@@ -317,9 +341,7 @@ class Gateway:
         rev = await self.serving_revision(name)
         want = min(rev.scaling.max_instances, instances)
         have = len(self._live(rev.revision_id)) + self.state(name).pending.get(rev.revision_id, 0)
-        for _ in range(want - have):
-            self._spawn(rev)
-        return max(0, want - have)
+        return self._start(rev, want, have)
 
     async def _controller_loop(self) -> None:
         assert self.controller is not None
@@ -347,15 +369,38 @@ class Gateway:
             self.m_starts.labels(rev.function).inc()
             if await self.pool.wait_ready(inst, rev.scaling.request_timeout_s, on_accepting=lambda _: st.notify()):
                 self._idle_since[inst.id] = time.monotonic()
+                self.start_failures.succeeded(rev.revision_id)
             else:
-                log.warning("instance %s did not become ready:\n%s", inst.id, self.pool.read_log(inst, 20))
                 await self.pool.stop(inst, 1.0)
+                cause = inst.failure or {
+                    "code": "start_timeout",
+                    "error": f"not ready within the request timeout ({rev.scaling.request_timeout_s:g} s)",
+                }
+                failure = self.start_failures.record(
+                    rev.revision_id, cause["code"], cause["error"], now=time.monotonic(), wall=time.time()
+                )
+                log.warning(
+                    "instance %s did not become ready (%s: %s); next start of %s in %.0f s%s",
+                    inst.id,
+                    failure.code,
+                    failure.error,
+                    rev.revision_id,
+                    failure.retry_at - time.monotonic(),
+                    "; the revision is marked failed" if failure.failed else "",
+                )
+                self.run_background(self._retry_after_backoff(rev, failure))
         except Exception:
             log.exception("starting an instance of %s failed", rev.revision_id)
         finally:
             if counted:
                 st.pending[rev.revision_id] -= 1
             st.notify()
+
+    async def _retry_after_backoff(self, rev: Revision, failure: RevisionFailure) -> None:
+        """Wake the function's held requests once the back-off has passed, so that one of them starts
+        the next instance (nothing else would: no instance will change state meanwhile)."""
+        await asyncio.sleep(max(0.0, failure.retry_at - time.monotonic()))
+        self.state(rev.function).notify()
 
     def _pick(self, rev: Revision, exclude: Instance | None) -> Instance | None:
         """The least busy instance with room under target_concurrency: a READY one, or a STARTING one
@@ -394,6 +439,9 @@ class Gateway:
                 inst = self._pick(rev, exclude)
                 if inst is not None:
                     break
+                failure = self.start_failures.get(rev.revision_id)
+                if failure is not None and failure.failed:
+                    raise RevisionFailedError(rev.revision_id, failure, time.monotonic())
                 cold = cold or not self._ready(rev.revision_id, exclude)
                 changed = st.changed
                 remaining = deadline - time.monotonic()
@@ -494,8 +542,13 @@ class Gateway:
         """Run `work` as a task the gateway owns: kept referenced, cancelled by close()."""
         task = asyncio.create_task(work)
         self._starts.add(task)
-        task.add_done_callback(self._starts.discard)
+        task.add_done_callback(self._background_done)
         return task
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._starts.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("%s failed: %s", task.get_name(), exc)
 
     async def stop_function(self, name: str, rev_ids: list[str]) -> None:
         """Drain and stop the function's instances, then forget everything the gateway kept for it."""
@@ -510,6 +563,7 @@ class Gateway:
         for rev_id in rev_ids:
             self._revisions.pop(rev_id, None)
             self.pool.forget_revision(rev_id)
+            self.start_failures.forget(rev_id)
         for histogram in (self.m_latency, self.m_wait):
             for cold in ("0", "1"):
                 with contextlib.suppress(KeyError):
@@ -528,7 +582,8 @@ class Gateway:
 
     async def roll_out(self, rev_id: str) -> bool:
         """Start an instance of the new revision; move traffic to it once one is READY (False: none
-        became READY within the revision's request timeout; traffic stays where it was)."""
+        became READY within the revision's request timeout; traffic stays where it was). Raises
+        RevisionFailedError, with the cause, once its starts have failed FAILED_AFTER times."""
         rev = await self.revision(rev_id)
         if rev is None:
             return False
@@ -539,6 +594,9 @@ class Gateway:
                 await asyncio.to_thread(self.registry.set_traffic, rev.function, rev_id)
                 self.invalidate(rev.function)
                 return True
+            failure = self.start_failures.get(rev_id)
+            if failure is not None and failure.failed:
+                raise RevisionFailedError(rev_id, failure, time.monotonic())
             changed = st.changed
             self.ensure_capacity(rev, extra=1)
             with contextlib.suppress(TimeoutError):

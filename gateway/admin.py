@@ -8,6 +8,7 @@ into responses by the app's one error table (gateway/errors.py).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -85,10 +86,16 @@ class AdminAPI:
                 "started_at": i.started_at,
                 "ready_at": i.ready_at,
                 "cold_start": i.cold_start,
+                "failure": i.failure,
             }
             for r in rev_ids
             for i in self.pool.instances(r)
         ]
+
+    def _failed(self, rev_id: str) -> str | None:
+        """The cause code when the revision is marked failed, else None."""
+        failure = self.gw.start_failures.get(rev_id)
+        return failure.code if failure is not None and failure.failed else None
 
     # -- functions and revisions --
 
@@ -117,6 +124,7 @@ class AdminAPI:
                         "name": f.name,
                         "serving": f.serving_revision,
                         "latest": f.latest_revision,
+                        "failed": self._failed(f.serving_revision or f.latest_revision),
                         "instances": sum(
                             1 for i in self._instances(f.revisions) if i["state"] in ("starting", "ready")
                         ),
@@ -132,6 +140,7 @@ class AdminAPI:
         for rev_id in fn.revisions:
             rev = await self.gw.revision(rev_id)
             if rev is not None:
+                failure = self.gw.start_failures.get(rev_id)
                 revisions.append(
                     {
                         "id": rev_id,
@@ -139,6 +148,7 @@ class AdminAPI:
                         "created_at": rev.created_at,
                         "scaling": asdict(rev.scaling),
                         "runtime": asdict(rev.runtime),
+                        "start_failure": failure.describe(time.monotonic()) if failure is not None else None,
                     }
                 )
         return JSONResponse(

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import enum
 import itertools
+import json
 import logging
 import os
 import re
@@ -115,6 +116,8 @@ class Instance:
     # the restore (runtime/early.py), so the request that woke it need not wait for READY
     accepting: bool = False
     exit_code: int | None = None
+    # why its process failed: the runtime's termination log ({"code", "error"}), else how it exited
+    failure: dict[str, Any] | None = None
     cold_start: dict[str, Any] | None = None  # the breakdown the runtime's ready /readyz answer carries
     process: InstanceProcess | None = field(default=None, repr=False)
     start_method: StartMethod | None = None  # how its current process was started
@@ -218,6 +221,7 @@ class InstancePool:
         ]
         if spec.max_seq_len is not None:
             args += ["--max-seq-len", str(spec.max_seq_len)]
+        args += ["--termination-log", str(self.log_dir / f"{instance_id}.termination")]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         inst = Instance(
             id=instance_id, revision_id=revision_id, port=0, url="", log_path=self.log_dir / f"{instance_id}.log"
@@ -355,7 +359,8 @@ class InstancePool:
             except Exception:
                 log.exception("instance %s: respawn failed", inst.id)
         inst.state = InstanceState.FAILED
-        log.warning("instance %s exited unexpectedly with %s", inst.id, code)
+        inst.failure = self._termination(inst) or {"code": "exited", "error": f"the instance exited with status {code}"}
+        log.warning("instance %s exited unexpectedly with %s (%s)", inst.id, code, inst.failure["error"])
         if self.on_failure is not None:
             try:
                 result = self.on_failure(inst)
@@ -490,6 +495,17 @@ class InstancePool:
                 return "".join(deque(f, maxlen=max(0, tail_lines)))
         except FileNotFoundError:
             return ""
+
+    def _termination(self, inst: Instance) -> dict[str, Any] | None:
+        """The cause the instance's runtime wrote before it exited, if it wrote one."""
+        path = self.log_dir / f"{inst.id}.termination"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if isinstance(data, dict) and isinstance(data.get("code"), str) and isinstance(data.get("error"), str):
+            return {"code": data["code"], "error": data["error"]}
+        return None
 
     def _own_output(self, inst: Instance) -> str:
         """The output of the instance's current process."""

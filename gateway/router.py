@@ -19,7 +19,8 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from kold.gateway.activator import Gateway
-from kold.gateway.pool import Instance
+from kold.gateway.pool import Instance, InstanceState
+from kold.gateway.startfailures import FAILED_AFTER
 from kold.gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from kold.runtime.protocol import (
     SSE_DONE,
@@ -46,6 +47,9 @@ _HOP_BY_HOP = {
     "date",
     "server",
 }
+# tries of one request: a retry after a warm instance failed, and the tries on instances whose start
+# failed under it until the revision is marked failed (startfailures.FAILED_AFTER)
+MAX_ATTEMPTS = FAILED_AFTER + 2
 _FORWARD_REQUEST_HEADERS = ("content-type", "accept", "user-agent", "x-request-id")
 
 
@@ -96,10 +100,12 @@ async def proxy(
     fwd = [(k, v) for k, v in headers.items() if k.lower() in _FORWARD_REQUEST_HEADERS]
     streamed = bool(body.get("stream"))
     failed: Instance | None = None
-    for attempt in range(2):
+    retries = 1  # a request that failed on a warm instance is tried once more on another
+    for attempt in range(MAX_ATTEMPTS):
         inst, revision, cold, wait_s = await gateway.acquire(name, exclude=failed)
         if attempt == 0:
             gateway.record(name, arrival, cold, wait_s)
+        starting = inst.state is InstanceState.STARTING
         timeout_s = revision.scaling.request_timeout_s
         upstream: UpstreamResponse | None = None
         try:
@@ -117,19 +123,24 @@ async def proxy(
             gateway.release(inst)
             log.warning("instance %s failed before the answer was complete (%s)", inst.id, exc)
             failed = inst
-            continue
+            if starting or retries > 0:
+                retries -= 0 if starting else 1
+                continue
+            break
         except BaseException:  # cancelled (the client left): a half-read connection is closed, never reused
             if upstream is not None:
                 upstream.close()
             gateway.release(inst)
             raise
-        if upstream.status_code == 503 and attempt == 0:
-            # unavailable (its restore failed, or it is draining): once more on another instance;
-            # nothing has reached the client yet
+        if upstream.status_code == 503 and (starting or retries > 0) and attempt < MAX_ATTEMPTS - 1:
+            # unavailable (its restore failed, or it is draining): on another instance; nothing has
+            # reached the client yet. A request woken onto an instance whose start then failed waits
+            # for the next start instead, until the revision is marked failed (acquire says why)
             upstream.close()
             gateway.release(inst)
             log.warning("instance %s answered 503; trying another", inst.id)
             failed = inst
+            retries -= 0 if starting else 1
             continue
         out_headers = {k: v for k, v in upstream.headers if k.lower() not in _HOP_BY_HOP}
         out_headers["X-Kold-Instance"] = inst.id

@@ -66,6 +66,15 @@ def format_describe(doc: dict[str, Any], gateway_url: str, now: float | None = N
         for r in revisions
     ]
     lines += _table(["ID", "SNAPSHOT", "CREATED", "SERVING"], rows) if rows else ["  (none)"]
+    for r in revisions:
+        failure = _dict(r.get("start_failure"))
+        if failure:
+            state = "FAILED" if failure.get("failed") else "failing"
+            lines.append(
+                f"  {r.get('id')} {state}: {_v(failure.get('code'))}: {_v(failure.get('error'))} "
+                f"({_v(failure.get('failed_starts'))} failed starts since {_when(failure.get('since'), now)}; "
+                f"next start in {_v(failure.get('next_start_in_s'))} s)"
+            )
 
     live = [i for i in instances if i.get("state") not in ("stopped", "failed")]
     ended = [i for i in instances if i.get("state") in ("stopped", "failed")]
@@ -99,6 +108,10 @@ def format_describe(doc: dict[str, Any], gateway_url: str, now: float | None = N
         lines.append(
             "  that long (they overlap: the restore runs while torch imports); TIER: where the weights came from"
         )
+    failed = [i for i in listed if _dict(i.get("failure"))]
+    for inst in failed[-_ENDED_SHOWN:]:
+        failure = _dict(inst.get("failure"))
+        lines.append(f"  {inst.get('id')} failed: {_v(failure.get('code'))}: {_v(failure.get('error'))}")
     if len(ended) > _ENDED_SHOWN:
         lines.append(f"  ({len(ended) - _ENDED_SHOWN} earlier stopped instances not shown: -o json lists all)")
     return "\n".join(lines)

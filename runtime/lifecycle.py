@@ -156,6 +156,7 @@ class Lifecycle:
     def __init__(self, *, max_waiting: int, queue_timeout: float, process_start: float | None = None) -> None:
         self.state = State.STARTING
         self.error: str | None = None
+        self.error_code: str | None = None
         self.max_waiting = max_waiting
         self.queue_timeout = queue_timeout
         self.cold_start = ColdStart(process_start if process_start is not None else process_start_time())
@@ -171,12 +172,15 @@ class Lifecycle:
 
     # -- state ------------------------------------------------------------------------------------
 
-    def transition(self, new: State, error: str | None = None) -> None:
+    def transition(self, new: State, error: str | None = None, code: str | None = None) -> None:
+        """Move to `new`; a failure keeps its message and its machine-readable `code` for the
+        requests it fails (e.g. snapshot_corrupted)."""
         if new not in TRANSITIONS[self.state]:
             raise TransitionError(f"cannot go from {self.state.value} to {new.value}")
         self.state = new
         if error is not None:
             self.error = error
+            self.error_code = code
         now = time.time()
         if new is State.RESTORING:
             self.cold_start.restore_started = now
@@ -251,7 +255,9 @@ class Lifecycle:
 
     def _raise_if_settled(self) -> None:
         if self.state is State.FAILED or self.error is not None:  # failed, then draining to exit
-            raise NotReadyError(f"the model could not be loaded: {self.error or 'unknown error'}")
+            raise NotReadyError(
+                f"the model could not be loaded: {self.error or 'unknown error'}", code=self.error_code or None
+            )
         if self.state in (State.DRAINING, State.STOPPED):
             raise DrainingError("the instance is shutting down")
 

@@ -71,6 +71,9 @@ class ServeOptions:
     queue_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
     engine_stop_timeout_s: float = 5.0
+    # a failed load writes {"code", "error"} here before the exit, so whoever restarts the instance
+    # knows why without reading its log (Kubernetes reads /dev/termination-log the same way)
+    termination_log: str | None = None
 
 
 def error_response(exc: BaseException, *, close: bool = False) -> JSONResponse:
@@ -81,6 +84,22 @@ def error_response(exc: BaseException, *, close: bool = False) -> JSONResponse:
     if close:
         headers["Connection"] = "close"
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def load_failure_code(exc: BaseException) -> str:
+    """A machine-readable name for why the weights could not be loaded (the platform tells clients)."""
+    from kold.snapshot import errors
+
+    codes: tuple[tuple[type[BaseException], str], ...] = (
+        (errors.ChunkCorruptedError, "snapshot_corrupted"),
+        (errors.SnapshotNotFoundError, "snapshot_not_found"),
+        (errors.StoreAuthError, "store_auth_failed"),
+        (errors.StoreError, "store_unavailable"),
+        (errors.ManifestError, "snapshot_invalid"),
+        (errors.DeviceUnavailableError, "device_unavailable"),
+        (MemoryError, "out_of_memory"),
+    )
+    return next((code for cls, code in codes if isinstance(exc, cls)), "load_failed")
 
 
 class Runtime:
@@ -126,6 +145,7 @@ class Runtime:
             body = {"status": "not ready", "state": lifecycle.state.value, "waiting": lifecycle.waiting}
             if lifecycle.error:
                 body["error"] = lifecycle.error
+                body["code"] = lifecycle.error_code or "load_failed"
             return JSONResponse(body, status_code=503)
 
         async def metrics(request: Request) -> Response:
@@ -231,7 +251,9 @@ class Runtime:
             log.info("model load stopped: %s", exc)
             return
         message = f"{type(exc).__name__}: {exc}"
-        self.lifecycle.transition(State.FAILED, error=message)
+        code = load_failure_code(exc)
+        self._write_termination_log(code, message)
+        self.lifecycle.transition(State.FAILED, error=message, code=code)
         events.error(
             json.dumps({"event": "startup", "state": "failed", "error": message, **self.lifecycle.cold_start.summary()})
         )
@@ -241,6 +263,16 @@ class Runtime:
         log.error("model load failed: %s", message, exc_info=None if isinstance(exc, SnapshotError) else exc)
         self.exit_code = 1
         self.start_drain()  # answer whoever waits, then exit non-zero: the platform restarts the instance
+
+    def _write_termination_log(self, code: str, message: str) -> None:
+        path = self.options.termination_log
+        if not path:
+            return
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"code": code, "error": message}, f)
+        except OSError as exc:
+            log.warning("cannot write the termination log %s: %s", path, exc)
 
     def _log_first_token(self, request_id: str) -> None:
         cold = self.lifecycle.cold_start
@@ -315,7 +347,9 @@ class _DrainGate:
         if not self.lifecycle.accepting:
             reason = DrainingError("the instance is shutting down; retry on another instance")
             if self.lifecycle.error:
-                reason = DrainingError(f"the model could not be loaded: {self.lifecycle.error}")
+                reason = DrainingError(
+                    f"the model could not be loaded: {self.lifecycle.error}", code=self.lifecycle.error_code or None
+                )
             await error_response(reason, close=True)(scope, receive, send)
             return
         with self.lifecycle.track():

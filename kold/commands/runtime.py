@@ -38,6 +38,11 @@ def register(top: Any) -> None:
     serve.add_argument("--max-seq-len", type=int, help="context limit in tokens (default: the model's)")
     serve.add_argument("--served-model-name", metavar="NAME", help="the model name clients use (default: the id)")
     serve.add_argument(
+        "--termination-log",
+        metavar="PATH",
+        help="where a failed load writes its cause as JSON before the exit (Kubernetes' /dev/termination-log)",
+    )
+    serve.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float32", "float16"],
@@ -91,6 +96,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         max_waiting=settings.runtime_max_waiting,
         queue_timeout_s=settings.runtime_queue_timeout_s,
         drain_timeout_s=settings.runtime_drain_timeout_s,
+        termination_log=args.termination_log,
     )
     loader = snapshot_loader(
         ref.uri,

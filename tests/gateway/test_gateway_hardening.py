@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from gateway_helpers import Served, deploy, deploy_and_wait
+from gateway_helpers import RUNTIME, Served, deploy, deploy_and_wait
 
 from kold.gateway.errors import error_response
 from kold.gateway.pool import FINISHED_KEPT_PER_REVISION, InstancePool, InstanceState
-from kold.gateway.registry import Registry, RuntimeSpec
+from kold.gateway.registry import Registry, RuntimeSpec, ScalingSpec
 
 pytestmark = pytest.mark.redis
 
@@ -208,3 +208,51 @@ def test_a_stream_cut_by_a_dying_instance_ends_with_an_error_event_and_done(
     assert error["code"] == "stream_cut" and "failed mid-answer" in error["message"]
     assert all(e.startswith("data: ") for e in events)  # every event whole: none cut in the middle
     assert 'kold_gateway_streams_cut_total{function="dies"} 1.0' in s.http.get("/metrics").text
+
+
+def test_a_corrupt_snapshot_marks_its_revision_failed_with_back_off_and_a_rollback_recovers(
+    registry: Registry, serve: Callable[..., Served], tmp_path: Path
+) -> None:
+    from kold.modelgen import write_random_model
+    from kold.snapshot import build_snapshot
+    from kold.snapshot.store import data_key
+
+    good_dir = write_random_model(tmp_path / "good", "llama", "tiny", seed=5)
+    bad_dir = write_random_model(tmp_path / "bad", "llama", "tiny", seed=6)
+    store = (tmp_path / "store").as_uri()
+    good = build_snapshot(good_dir, store, chunk_size=64 << 10)
+    bad = build_snapshot(bad_dir, store, chunk_size=64 << 10)
+    with open(tmp_path / "store" / data_key(bad.manifest.id), "r+b") as f:  # one byte of chunk 1, flipped
+        f.seek(bad.manifest.chunk(1).offset + 7)
+        byte = f.read(1)
+        f.seek(bad.manifest.chunk(1).offset + 7)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    s = serve(registry)
+    deploy_and_wait(s, "flaky", good.uri)
+    rev = registry.create_revision(
+        "flaky", bad.uri, scaling=ScalingSpec(request_timeout_s=60), runtime=RuntimeSpec(**RUNTIME)
+    )
+    registry.set_traffic("flaky", rev.revision_id)  # traffic to the corrupt revision
+    s.app.state.gateway.invalidate("flaky")
+    body = {"model": "flaky", "prompt": "hi", "max_tokens": 2}
+    r = s.http.post("/v1/completions", json=body)  # held while its starts fail, then told why
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert error["code"] == "snapshot_corrupted" and "chunk 1" in error["message"], error
+    assert int(r.headers["retry-after"]) >= 1
+    # further requests fail at once with the same cause, and do not start an instance each
+    starts = len(s.app.state.gateway.pool.instances(rev.revision_id))
+    for _ in range(6):
+        again = s.http.post("/v1/completions", json=body)
+        assert again.status_code == 503 and again.json()["error"]["code"] == "snapshot_corrupted"
+        time.sleep(0.25)
+    assert len(s.app.state.gateway.pool.instances(rev.revision_id)) <= starts + 1  # backed off
+    described = s.http.get("/admin/functions/flaky").json()
+    [bad_rev] = [x for x in described["revisions"] if x["id"] == rev.revision_id]
+    assert bad_rev["start_failure"]["failed"] and bad_rev["start_failure"]["code"] == "snapshot_corrupted"
+    assert any((i["failure"] or {}).get("code") == "snapshot_corrupted" for i in described["instances"])
+    assert s.http.get("/admin/functions").json()["functions"][0]["failed"] == "snapshot_corrupted"
+    # a rollback to the good revision recovers it
+    assert s.http.post("/admin/functions/flaky/rollback", json={}).status_code == 200
+    assert s.http.post("/v1/completions", json=body).status_code == 200

@@ -250,6 +250,7 @@ def test_the_router_gives_up_with_504_when_an_instance_does_not_answer_in_time()
     timeoutSeconds): 504 with the function named, the instance released, its connection dropped."""
     from types import SimpleNamespace
 
+    from kold.gateway.pool import InstanceState
     from kold.gateway.router import proxy
     from kold.runtime.protocol import ResponseTimeoutError, status_for
 
@@ -259,7 +260,7 @@ def test_the_router_gives_up_with_504_when_an_instance_does_not_answer_in_time()
 
     async def main() -> None:
         async with scripted(never) as srv:
-            inst = SimpleNamespace(id="slow-00001-1", port=srv.port)
+            inst = SimpleNamespace(id="slow-00001-1", port=srv.port, state=InstanceState.READY)
             revision = SimpleNamespace(scaling=SimpleNamespace(request_timeout_s=0.3))
             released: list[object] = []
 
