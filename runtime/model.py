@@ -16,9 +16,11 @@ computes it (on the CPU in fp32, as transformers does, then moves it) and checks
 
 Attention: every forward writes its K/V into the cache at (slot, position), then attends over the
 slot's positions 0..max(positions) with an explicit boolean mask `key_pos <= query_pos` (and, with
-a sliding window, `key_pos > query_pos - window`). One mask serves prefill (causal inside the
-prompt), batched decode (each row at its own position) and anything in between, and rows never see
-another slot's keys or the stale tail of their own slot.
+a sliding window, `key_pos > query_pos - window`). One mask serves batched decode (each row at its
+own position), a prompt continued from a cached prefix, and anything in between, and rows never see
+another slot's keys or the stale tail of their own slot. A prefill from position 0 (as many tokens
+as positions read) attends over its own K/V with SDPA's `is_causal` instead: the same result, and
+without a mask torch may choose its flash / memory-efficient kernels, which a boolean mask rules out.
 """
 
 from __future__ import annotations
@@ -163,13 +165,18 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         step.cache.write(self.layer_idx, step.slots, step.positions, k, v)
-        keys, values = step.cache.read(self.layer_idx, step.rows, step.kv_len)
+        if step.causal:  # a prefill from 0: the slot's positions 0..T-1 now hold exactly these K/V
+            keys, values = k, v
+        else:
+            keys, values = step.cache.read(self.layer_idx, step.rows, step.kv_len)
         if _SDPA_GQA:
-            out = scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
+            out = scaled_dot_product_attention(
+                q, keys, values, attn_mask=step.mask, is_causal=step.causal, enable_gqa=True
+            )
         else:  # pragma: no cover - torch < 2.5
             groups = self.num_heads // self.num_kv_heads
             keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-            out = scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
+            out = scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, is_causal=step.causal)
         result: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
         return result
 
@@ -213,14 +220,21 @@ class _Step:
         self.slots = slots
         self.positions = positions
         self.kv_len = kv_len
-        # one row reads its slot as a view; several are gathered (see KVCache.read)
-        self.rows: int | torch.Tensor = int(slots[0]) if slots.numel() == 1 else slots
-        key_pos = torch.arange(kv_len, device=positions.device)
-        query_pos = positions[:, :, None]
-        mask = key_pos <= query_pos
-        if window is not None:
-            mask &= key_pos > query_pos - window
-        self.mask = mask[:, None]  # [B, 1, T, kv_len]: one mask for every head
+        t = positions.shape[1]
+        # As many tokens as positions read: a prefill from position 0 (see `forward`), causal inside
+        # itself, and no window cuts it when it is no longer than the window.
+        self.causal = t == kv_len and t > 1 and (window is None or t <= window)
+        # One row on the CPU reads its slot as a view. Elsewhere `int(slots[0])` would wait for the
+        # device in every forward, so the row is gathered like a batch's (see KVCache.read).
+        self.rows: int | torch.Tensor = int(slots[0]) if slots.numel() == 1 and slots.device.type == "cpu" else slots
+        self.mask: torch.Tensor | None = None
+        if not self.causal:
+            key_pos = torch.arange(kv_len, device=positions.device)
+            query_pos = positions[:, :, None]
+            mask = key_pos <= query_pos
+            if window is not None:
+                mask &= key_pos > query_pos - window
+            self.mask = mask[:, None]  # [B, 1, T, kv_len]: one mask for every head
 
 
 class LlamaModel(nn.Module):
@@ -280,7 +294,9 @@ class LlamaForCausalLM(nn.Module):
         """Logits `[B, T, vocab]` (`[B, 1, vocab]` with last_only) in the model dtype.
 
         input_ids, positions: `[B, T]`; slots: `[B]`. K/V of these tokens are written to the cache at
-        (slots[b], positions[b, t]); each row attends to its slot's positions 0..its position.
+        (slots[b], positions[b, t]); each row attends to its slot's positions 0..its position. A call
+        with T == kv_len is a prefill from position 0 (positions 0..T-1 in every row): it attends
+        causally over its own K/V.
         kv_len: how many cache positions to read (default max(positions) + 1, which costs a device sync
         on GPU; the engine knows it on the host). last_only: project only the last position (a
         prefill needs one next-token distribution, and T x vocab logits is the largest tensor of it).

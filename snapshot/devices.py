@@ -499,6 +499,7 @@ class CudaCopyEngine(_StagingMemory):
         except Exception as exc:  # CuPy raises CUDARuntimeError and friends without a common base
             raise DeviceUnavailableError(f"CUDA device {device_index} is not usable: {exc}") from exc
         self._dev_mem: Any = None
+        self._read_only: bool | None = None
         self._pinner = ThreadPoolExecutor(PIN_THREADS, thread_name_prefix="kold-pin")
 
     def _device(self) -> Any:
@@ -521,6 +522,8 @@ class CudaCopyEngine(_StagingMemory):
         """Page-lock host memory for DMA. `read_only` (cudaHostRegisterReadOnly) is for memory the
         copy only reads, such as the shm tier's mapping; refused, it raises `HostRegisterError` rather
         than pinning for writing."""
+        if read_only and not self._read_only_supported():
+            raise HostRegisterError(f"CUDA device {self._index} does not support cudaHostRegisterReadOnly")
         flags = _HOST_REGISTER_READ_ONLY if read_only else 0
 
         def register() -> None:
@@ -532,6 +535,12 @@ class CudaCopyEngine(_StagingMemory):
         except self._cp.cuda.runtime.CUDARuntimeError as exc:
             kind = "read-only " if read_only else ""
             raise HostRegisterError(f"cudaHostRegister of {nbytes} bytes {kind}was refused: {exc}") from exc
+
+    def _read_only_supported(self) -> bool:
+        if self._read_only is None:
+            runtime = self._cp.cuda.runtime
+            self._read_only = bool(runtime.deviceGetAttribute(_DEV_ATTR_HOST_REGISTER_READ_ONLY, self._index))
+        return self._read_only
 
     def unregister_host(self, address: int) -> None:
         with self._device():
@@ -576,6 +585,7 @@ class CudaCopyEngine(_StagingMemory):
 
 
 _HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly (CUDA >= 11.1)
+_DEV_ATTR_HOST_REGISTER_READ_ONLY = 113  # cudaDevAttrHostRegisterReadOnlySupported
 
 
 def make_engine(device: DeviceSpec) -> HostCopyEngine | CudaCopyEngine:

@@ -82,6 +82,7 @@ class RestoreStats:
     readers: int = 0
     verified: bool = False
     mapped: bool = False  # CPU restore from the shm tier by mapping (no copy)
+    pinned_in_place: bool = False  # GPU restore from the shm tier: its mapping pinned read-only, no staging
     pooled: bool = False  # CPU restore into a segment of the node's pre-faulted host pool
     direct_io: bool = False  # the data file was cold and read with O_DIRECT (no page cache)
     metadata_s: float = 0.0
@@ -590,6 +591,7 @@ def _shm_to_device(
     stats.fetch_s = time.perf_counter() - started
     stats.h2d_s = dest.copy_seconds
     stats.readers = 0
+    stats.pinned_in_place = mapping is not None
     return dest.tensor()
 
 

@@ -1,5 +1,6 @@
 """The runtime on CUDA: the model matches transformers there, and `kold runtime serve --device cuda`
-restores onto the GPU and serves. Skipped cleanly without a GPU (and, for serving, without CuPy)."""
+restores onto the GPU and serves. The CUDA tests skip cleanly without a GPU (and, for serving,
+without CuPy); the half-precision check also runs on the CPU, in every run."""
 
 from __future__ import annotations
 
@@ -16,18 +17,20 @@ from kold.runtime.config import ModelConfig
 from kold.runtime.kvcache import KVCache
 from kold.runtime.model import LlamaForCausalLM, tied_weights
 from kold.snapshot import load_into
+from kold.snapshot.devices import CUPY_HINT
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device for torch", allow_module_level=True)
-
-pytestmark = pytest.mark.gpu
+# a CUDA test: marked `gpu` (the only tests allowed to skip) and skipped without a device
+CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for torch")]
 
 
-def on_cuda(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> LlamaForCausalLM:
+def on_device(
+    config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str = "cuda"
+) -> LlamaForCausalLM:
+    """Our model in `dtype` on `device`: built in that dtype, as `load_into` checks dtypes strictly."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    load_into(model, {k: v.to("cuda", dtype) for k, v in state.items()}, tied=tied_weights(config))
-    return model.materialize_buffers("cuda").eval()
+        model = LlamaForCausalLM(config, dtype=dtype)
+    load_into(model, {k: v.to(device, dtype) for k, v in state.items()}, tied=tied_weights(config))
+    return model.materialize_buffers(device).eval()
 
 
 @torch.inference_mode()
@@ -47,33 +50,40 @@ def greedy_on(model: LlamaForCausalLM, ids: list[int], steps: int) -> tuple[torc
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for torch")
 def test_fp32_on_cuda_matches_transformers(variant: str) -> None:
     config = ModelConfig.from_hf(VARIANTS[variant])
     reference = hf_model(VARIANTS[variant])
     ids = prompt(1)
     with torch.inference_mode():
         expected = reference(torch.tensor([ids])).logits
-    model = on_cuda(config, checkpoint(reference, config), torch.float32)
+    model = on_device(config, checkpoint(reference, config), torch.float32)
     assert model.device.type == "cuda"
     logits, tokens = greedy_on(model, ids, NEW_TOKENS)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     assert tokens == hf_greedy(reference, ids)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_on_cuda_tracks_fp32(dtype: torch.dtype) -> None:
+def test_half_precision_tracks_fp32(dtype: torch.dtype, device: str) -> None:
     """bf16/fp16 are what a GPU serves in: the logits stay within their rounding of the fp32 ones."""
     config = ModelConfig.from_hf(VARIANTS["llama2"])
     state = checkpoint(hf_model(VARIANTS["llama2"]), config)
-    full, _ = greedy_on(on_cuda(config, state, torch.float32), prompt(2), 1)
-    half, _ = greedy_on(on_cuda(config, state, dtype), prompt(2), 1)
+    full, _ = greedy_on(on_device(config, state, torch.float32, device), prompt(2), 1)
+    half_model = on_device(config, state, dtype, device)
+    assert half_model.dtype == dtype and half_model.device.type == device
+    half, _ = greedy_on(half_model, prompt(2), 1)
     rel = float((half - full).norm() / full.norm())
     assert rel < 2e-2, f"{dtype}: relative error {rel:.3g}"
     assert torch.isfinite(half).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for torch")
 def test_serve_on_cuda(tiny_snapshot: str, tmp_path: Path) -> None:
-    pytest.importorskip("cupy", reason="a CUDA restore needs CuPy (pip install 'kold[gpu]')")
+    pytest.importorskip("cupy", reason=f"a CUDA restore needs CuPy ({CUPY_HINT})")
     process = RuntimeProcess(tiny_snapshot, tmp_path, "--device", "cuda", "--served-model-name", "tiny")
     try:
         process.wait_listening()

@@ -121,7 +121,7 @@ def test_the_gpu_path_pins_the_shm_tier_read_only_in_a_shared_mapping(
     engine = Driver()
     _use(monkeypatch, engine)
     snap = restore(uri, cache=cache, staging=True)
-    assert snap.stats.source_tier == "shm"
+    assert snap.stats.source_tier == "shm" and snap.stats.pinned_in_place
     assert torch.equal(snap.tensors["w"], _state()["w"])
     data_file = str(cache.tiers[0].data_path(snap.manifest.id))
     assert len(engine.pins) == 85
@@ -141,6 +141,7 @@ def test_a_refused_read_only_pin_goes_through_the_staged_ring_never_a_writable_p
     _use(monkeypatch, engine)
     snap = restore(uri, cache=cache, staging=True, readers=2)
     assert snap.stats.source_tier == "shm" and snap.stats.bytes_by_tier == {"shm": snap.manifest.data_size}
+    assert not snap.stats.pinned_in_place
     assert torch.equal(snap.tensors["w"], _state(1)["w"])
     data_file = str(cache.tiers[0].data_path(snap.manifest.id))
     writable = [p for p in engine.pins if not p[2]]
