@@ -83,11 +83,24 @@ class PlatformClient:
 
 
 def _error_message(resp: httpx.Response) -> str:
+    """The gateway's error as one line: its message, the status and the error's code, e.g.
+    `the function registry (Redis) is unreachable; try again shortly (HTTP 503, registry_unavailable)`.
+    Whatever else answers (a proxy's HTML page, a body that is not an error object) is cut to one
+    line too: the CLI prints one line per error, never a page or a traceback."""
+    message, code = "", None
     try:
-        error = resp.json().get("error", {})
-        message = error.get("message") if isinstance(error, dict) else str(error)
+        doc = resp.json()
     except ValueError:
-        message = resp.text[:300]
+        doc = None
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(error, dict):
+        message = str(error.get("message") or "")
+        code = error.get("code") if isinstance(error.get("code"), str) else None
+    elif error is not None:
+        message = str(error)
+    elif doc is None:
+        message = resp.text
+    message = " ".join(message.split())[:300] or "request failed"
     # the gateway speaks to any HTTP client; a CLI user needs to know where the CLI takes its key from
     hint = ": the CLI sends the key in KOLD_API_KEY" if resp.status_code == 401 else ""
-    return f"{message or 'request failed'} (HTTP {resp.status_code}){hint}"
+    return f"{message} (HTTP {resp.status_code}{f', {code}' if code else ''}){hint}"

@@ -231,11 +231,18 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
     _record_redis_url(settings, redis_url)
     keeper: HostPoolKeeper | None = None
     try:
-        # Bounded waits: with no socket timeout a hung Redis (a partition) would hold requests for ever,
-        # and redis-py's default 10 retries with backoff make each failed call ~15 s; the gateway keeps
-        # warm functions and recently verified keys working while Redis is away, once a call has failed.
-        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 1)
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=2.0, retry=retry)
+        if local_redis is not None:
+            # ours to keep alive: a killed redis-server comes back on its port, with its data
+            local_redis.supervise(lambda line: print(line, flush=True))
+        # Short, bounded waits, so the gateway learns of an outage at once and answers 503: with no
+        # socket timeout a hung Redis (SIGSTOP, a partition) would hold requests for ever, and
+        # redis-py's default 10 retries make each failed call ~15 s. The registry's calls are small
+        # (a key, a set, a short pipeline) and a healthy Redis answers them in well under 1 ms, even
+        # over a network in one data centre; 250 ms leaves 100x headroom for a busy server and still
+        # gives up, with its one retry, in about half a second. Warm requests never wait for these
+        # calls either way: the gateway refreshes what they need in the background.
+        retry = Retry(ExponentialBackoff(cap=0.05, base=0.01), 1)
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=0.25, socket_timeout=0.25, retry=retry)
         registry = Registry(client, prefix="kold:")
         keeper = _report_host_pool(settings, registry)
         # instances inherit our environment: KOLD_STORE, S3 credentials and cache settings reach them,
@@ -343,7 +350,8 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
 
     name = _function_name(args.name)
     client = _client(args, settings)
-    client.request("GET", "/healthz")  # fail fast, before building, if no platform runs
+    # fail fast, before building, if no platform runs or its registry (Redis) is known to be away
+    client.request("GET", "/readyz")
     with ByteProgress(f"publish {name}") as progress:
         built = build_snapshot(args.model_dir, settings.store_uri, s3=settings.s3_options(), progress=progress)
     note(f"snapshot {built.manifest.id} {'published' if built.uploaded else 'already in the store'}: {built.uri}")
