@@ -52,13 +52,15 @@ class _Revision:
         self.runtime = _Runtime()
 
 
-async def first_token(http: httpx.AsyncClient, inst: Instance, started: float, timeout_s: float) -> float:
+async def first_token(
+    http: httpx.AsyncClient, inst: Instance, started: float, timeout_s: float, headers: dict[str, str]
+) -> float:
     """Seconds from `started` to the first token of a one-token request sent as soon as the port accepts."""
     body = {"model": "bench", "prompt": PROMPT, "max_tokens": 1}
     deadline = started + timeout_s
     while True:
         try:
-            r = await http.post(f"{inst.url}/v1/completions", json=body, timeout=timeout_s)
+            r = await http.post(f"{inst.url}/v1/completions", json=body, timeout=timeout_s, headers=headers)
             if r.status_code != 200:
                 raise RuntimeError(f"instance answered {r.status_code}: {r.text[:300]}")
             return time.perf_counter() - started
@@ -79,7 +81,7 @@ async def one(pool: InstancePool, http: httpx.AsyncClient, revision: _Revision) 
         return time.perf_counter() - started
 
     try:
-        ready_s, first_s = await asyncio.gather(ready(), first_token(http, inst, started, 300))
+        ready_s, first_s = await asyncio.gather(ready(), first_token(http, inst, started, 300, pool.instance_headers))
     finally:
         await pool.stop(inst, drain_timeout_s=30)
     cold = inst.cold_start or {}

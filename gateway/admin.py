@@ -51,17 +51,22 @@ class AdminAPI:
         self.auth = auth
 
     def routes(self, endpoint: Endpoint) -> list[Route]:
+        """Every admin route needs an admin-scoped key (once keys exist)."""
+
+        def admin(fn: Any) -> Any:
+            return endpoint(fn, scope="admin")
+
         return [
-            Route("/admin/functions", endpoint(self.list_functions), methods=["GET"]),
-            Route("/admin/functions/{name}", endpoint(self.describe), methods=["GET"]),
-            Route("/admin/functions/{name}", endpoint(self.delete), methods=["DELETE"]),
-            Route("/admin/functions/{name}/revisions", endpoint(self.create_revision), methods=["POST"]),
-            Route("/admin/functions/{name}/rollback", endpoint(self.rollback), methods=["POST"]),
-            Route("/admin/functions/{name}/prewarm", endpoint(self.prewarm), methods=["POST"]),
-            Route("/admin/functions/{name}/logs", endpoint(self.logs), methods=["GET"]),
-            Route("/admin/keys", endpoint(self.create_key), methods=["POST"]),
-            Route("/admin/keys", endpoint(self.list_keys), methods=["GET"]),
-            Route("/admin/keys/{key_id}", endpoint(self.revoke_key), methods=["DELETE"]),
+            Route("/admin/functions", admin(self.list_functions), methods=["GET"]),
+            Route("/admin/functions/{name}", admin(self.describe), methods=["GET"]),
+            Route("/admin/functions/{name}", admin(self.delete), methods=["DELETE"]),
+            Route("/admin/functions/{name}/revisions", admin(self.create_revision), methods=["POST"]),
+            Route("/admin/functions/{name}/rollback", admin(self.rollback), methods=["POST"]),
+            Route("/admin/functions/{name}/prewarm", admin(self.prewarm), methods=["POST"]),
+            Route("/admin/functions/{name}/logs", admin(self.logs), methods=["GET"]),
+            Route("/admin/keys", admin(self.create_key), methods=["POST"]),
+            Route("/admin/keys", admin(self.list_keys), methods=["GET"]),
+            Route("/admin/keys/{key_id}", admin(self.revoke_key), methods=["DELETE"]),
         ]
 
     @staticmethod
@@ -221,9 +226,12 @@ class AdminAPI:
         label = body.get("label", "")
         if not isinstance(label, str):
             raise InvalidRequestError("'label' must be a string", param="label")
-        key = await asyncio.to_thread(self.registry.create_key, label)
+        scope = body.get("scope", "admin")
+        if not isinstance(scope, str):
+            raise InvalidRequestError("'scope' must be 'invoke' or 'admin'", param="scope")
+        key = await asyncio.to_thread(self.registry.create_key, label, scope)
         self.auth.keys_changed()
-        return JSONResponse({"key_id": key.key_id, "secret": key.secret}, status_code=201)
+        return JSONResponse({"key_id": key.key_id, "secret": key.secret, "scope": scope}, status_code=201)
 
     async def list_keys(self, request: Request) -> Response:
         keys = await asyncio.to_thread(self.registry.list_keys)
@@ -231,7 +239,8 @@ class AdminAPI:
 
     async def revoke_key(self, request: Request) -> Response:
         key_id = request.path_params["key_id"]
-        ok = await asyncio.to_thread(self.registry.revoke_key, key_id)
+        disable_auth = request.query_params.get("disable_auth", "0").lower() in ("1", "true")
+        ok = await asyncio.to_thread(self.registry.revoke_key, key_id, disable_auth=disable_auth)
         self.auth.keys_changed()
         if not ok:
             raise RouteNotFoundError(f"no key {key_id!r}")

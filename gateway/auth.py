@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from kold.gateway.activator import RegistryUnavailableError
-from kold.gateway.errors import AuthenticationError
+from kold.gateway.errors import AuthenticationError, PermissionDeniedError
 from kold.gateway.registry import Registry
 
 # How long the answers "are there keys" and "this key is valid" are reused before Redis is asked
@@ -60,6 +60,7 @@ class KeyAuth:
         self._has_keys_until = 0.0  # 0.0: never read
         self._has_keys = False
         self._verified: dict[str, float] = {}  # sha256 of a key -> when Redis last said it is valid
+        self._scopes: dict[str, str] = {}  # sha256 of a verified key -> its scope
         self._refreshing: dict[str, asyncio.Task[None]] = {}  # background checks, by what they check
 
     def keys_changed(self) -> None:
@@ -67,6 +68,7 @@ class KeyAuth:
         (they are kept by digest, not id, so the revoked one cannot be picked out)."""
         self._has_keys_until = 0.0
         self._verified.clear()
+        self._scopes.clear()
 
     async def _keys_exist(self) -> bool:
         if self.require_keys:
@@ -88,8 +90,10 @@ class KeyAuth:
     def _verified_within(self, digest: str, window_s: float) -> bool:
         return self.clock() - self._verified.get(digest, float("-inf")) < window_s
 
-    async def check(self, authorization: str | None) -> None:
-        """Return if the request may pass; raise AuthenticationError (401) or RegistryUnavailableError.
+    async def check(self, authorization: str | None, scope: str = "invoke") -> None:
+        """Return if the request may pass with `scope` ("invoke" or "admin"; an admin key may do
+        both); raise AuthenticationError (401), PermissionDeniedError (403: a valid key of too small a
+        scope) or RegistryUnavailableError.
 
         Stale-while-revalidate, so requests never wait for Redis once they were answered: a key that
         verified within VERIFIED_GRACE_S passes at once, and if its check is older than KEYS_CACHE_S
@@ -99,32 +103,36 @@ class KeyAuth:
         if not await self._keys_exist():
             return
         header = authorization or ""
-        scheme, _, secret = header.partition(" ")
+        kind, _, secret = header.partition(" ")
         secret = secret.strip()
-        if not header or not hmac.compare_digest(scheme.lower(), "bearer") or not secret:
+        if not header or not hmac.compare_digest(kind.lower(), "bearer") or not secret:
             raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
         digest = hashlib.sha256(secret.encode()).hexdigest()
         if self._verified_within(digest, VERIFIED_GRACE_S):
             if not self._verified_within(digest, KEYS_CACHE_S) and not self.health.registry_down:
                 self._in_background(digest, self._verify(secret, digest))
-            return
-        if self.health.registry_down:
+        elif self.health.registry_down:
             raise RegistryUnavailableError("the key registry (Redis) is unreachable")
-        try:
-            ok = await self._verify(secret, digest)
-        except RedisError as exc:
-            self.health.redis_unreachable(exc)
-            raise RegistryUnavailableError("the key registry (Redis) is unreachable") from None
-        if not ok:
-            raise AuthenticationError("invalid API key")
+        else:
+            try:
+                ok = await self._verify(secret, digest)
+            except RedisError as exc:
+                self.health.redis_unreachable(exc)
+                raise RegistryUnavailableError("the key registry (Redis) is unreachable") from None
+            if not ok:
+                raise AuthenticationError("invalid API key")
+        if scope == "admin" and self._scopes.get(digest) != "admin":
+            raise PermissionDeniedError("this API key may only invoke functions: the admin API needs an admin key")
 
     async def _verify(self, secret: str, digest: str) -> bool:
-        ok = await asyncio.to_thread(self.registry.verify_key, secret)
-        if ok:
+        scope = await asyncio.to_thread(self.registry.key_scope, secret)
+        if scope is not None:
             self._remember(digest)
+            self._scopes[digest] = scope
         else:
             self._verified.pop(digest, None)
-        return ok
+            self._scopes.pop(digest, None)
+        return scope is not None
 
     def _in_background(self, what: str, check: Coroutine[Any, Any, Any]) -> None:
         """Run one check of `what` at a time off the request path; a Redis failure marks it away."""
@@ -146,4 +154,6 @@ class KeyAuth:
         self._verified.pop(digest, None)  # re-inserted last: the dict's order is oldest check first
         self._verified[digest] = self.clock()
         while len(self._verified) > MAX_VERIFIED:
-            del self._verified[next(iter(self._verified))]
+            oldest = next(iter(self._verified))
+            del self._verified[oldest]
+            self._scopes.pop(oldest, None)

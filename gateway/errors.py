@@ -27,9 +27,16 @@ class AuthenticationError(APIError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(APIError):
+    """A valid key whose scope does not cover this request: 403 (the SDK's PermissionDeniedError)."""
+
+    code = "insufficient_scope"
+
+
 # exception class -> (status, OpenAI error type, code); looked up along the MRO before the protocol's table
 GATEWAY_ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
     AuthenticationError: (401, "authentication_error", "invalid_api_key"),
+    PermissionDeniedError: (403, "permission_error", "insufficient_scope"),
     InvalidNameError: (400, "invalid_request_error", "invalid_name"),
     InvalidSpecError: (400, "invalid_request_error", "invalid_value"),
     FunctionNotFoundError: (404, "invalid_request_error", "model_not_found"),

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -189,6 +190,8 @@ class InstancePool:
         self._template_failures = 0
         self._template_retry_at: float | None = None  # after a failure: spawn until then
         self._template_closing: set[asyncio.Future[None]] = set()
+        # the secret instances demand on their /v1/ routes (x-kold-instance-token): only the gateway has it
+        self.instance_token = secrets.token_urlsafe(32)
         self._instances: dict[str, Instance] = {}
         self._by_revision: dict[str, dict[str, Instance]] = {}  # the same instances, by revision id
         self._numbers = itertools.count(1)
@@ -239,6 +242,7 @@ class InstancePool:
     def _instance_env(self) -> dict[str, str]:
         env = dict(self.env if self.env is not None else os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        env["KOLD_INSTANCE_TOKEN"] = self.instance_token
         env.pop("PORT", None)
         return env
 
@@ -506,6 +510,11 @@ class InstancePool:
         if isinstance(data, dict) and isinstance(data.get("code"), str) and isinstance(data.get("error"), str):
             return {"code": data["code"], "error": data["error"]}
         return None
+
+    @property
+    def instance_headers(self) -> dict[str, str]:
+        """What a request straight to an instance must carry (the router sends it on every request)."""
+        return {"x-kold-instance-token": self.instance_token}
 
     def _own_output(self, inst: Instance) -> str:
         """The output of the instance's current process."""

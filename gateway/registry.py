@@ -36,7 +36,9 @@ from kold.gateway.names import REVISION_DIGITS, validate_function_name, validate
 INVOCATIONS_MAXLEN = 10_000  # per function; approximate trimming (MAXLEN ~) keeps XADD O(1)
 MAX_REVISION_NUMBER = 10**REVISION_DIGITS - 1
 MAX_LABEL_LEN = 200
-KEY_PREFIX = "kold_"  # API key secrets start with this, so they are recognisable in configs and leaks
+KEY_PREFIX = "kold_"
+# What a key may do: "invoke" the OpenAI paths, or "admin" (deploy, delete, rollback, keys, logs; and invoke)
+SCOPES = ("invoke", "admin")  # API key secrets start with this, so they are recognisable in configs and leaks
 
 _SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
 _KEY_ID = re.compile(r"[0-9a-f]{12}")
@@ -189,6 +191,7 @@ class KeyInfo:
     key_id: str
     label: str
     created_at: float
+    scope: str = "admin"  # keys made before scopes existed could do everything
 
 
 @dataclass(frozen=True)
@@ -364,19 +367,24 @@ class Registry:
 
     # -- API keys --
 
-    def create_key(self, label: str) -> NewKey:
-        """A new API key; only its sha256 is stored, so the secret is shown to the caller once."""
+    def create_key(self, label: str, scope: str = "admin") -> NewKey:
+        """A new API key; only its sha256 is stored, so the secret is shown to the caller once.
+
+        An "invoke" key needs an admin key to exist first: with keys but no admin key, nobody could
+        manage them any more."""
         if not isinstance(label, str) or len(label) > MAX_LABEL_LEN or not label.isprintable():
             raise InvalidSpecError(f"key label must be printable text of at most {MAX_LABEL_LEN} characters")
+        if scope not in SCOPES:
+            raise InvalidSpecError(f"key scope must be one of {', '.join(SCOPES)}, not {scope!r}")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         digest = _sha256(secret)
         created_at = repr(time.time())
         while True:  # a 48-bit id collision is all but impossible; never overwrite one anyway
             key_id = secrets.token_hex(6)
-            if self._write_key(key_id, digest, label, created_at):
+            if self._write_key(key_id, digest, label, created_at, scope):
                 return NewKey(key_id, secret)
 
-    def _write_key(self, key_id: str, digest: str, label: str, created_at: str) -> bool:
+    def _write_key(self, key_id: str, digest: str, label: str, created_at: str, scope: str) -> bool:
         key = self._key_key(key_id)
         written = False
 
@@ -384,35 +392,58 @@ class Registry:
             nonlocal written
             if pipe.exists(key):
                 return
+            if scope != "admin" and not self._admin_ids(pipe):
+                raise ConflictError("create an admin key first (scope admin): without one nobody could manage keys")
             pipe.multi()
-            pipe.hset(key, mapping={"sha256": digest, "label": label, "created_at": created_at})
+            pipe.hset(key, mapping={"sha256": digest, "label": label, "created_at": created_at, "scope": scope})
             pipe.set(self._by_hash_key(digest), key_id)
             pipe.sadd(self._keys_key, key_id)
             written = True
 
-        self.redis.transaction(write, key)
+        self.redis.transaction(write, key, self._keys_key)
         return written
+
+    def _admin_ids(self, pipe: Any, ids: Iterable[str] | None = None) -> set[str]:
+        """The ids of admin keys (read under the caller's WATCH)."""
+        ids = sorted(_text(k) for k in pipe.smembers(self._keys_key)) if ids is None else list(ids)
+        return {i for i in ids if _text(pipe.hget(self._key_key(i), "scope") or b"admin") == "admin"}
 
     def list_keys(self) -> list[KeyInfo]:
         """Key ids, labels and creation times, oldest first (never secrets nor hashes)."""
         ids = sorted(_text(k) for k in self.redis.smembers(self._keys_key))
         pipe = self.redis.pipeline(transaction=False)
         for key_id in ids:
-            pipe.hmget(self._key_key(key_id), ["label", "created_at"])
+            pipe.hmget(self._key_key(key_id), ["label", "created_at", "scope"])
         infos = [
-            KeyInfo(key_id, _text(label), float(_text(created)))
-            for key_id, (label, created) in zip(ids, pipe.execute(), strict=True)
+            KeyInfo(key_id, _text(label), float(_text(created)), _text(scope) if scope is not None else "admin")
+            for key_id, (label, created, scope) in zip(ids, pipe.execute(), strict=True)
             if label is not None and created is not None
         ]
         return sorted(infos, key=lambda k: (k.created_at, k.key_id))
 
-    def revoke_key(self, key_id: str) -> bool:
-        """Remove a key; True if it existed. A revoked secret stops verifying at once."""
+    def revoke_key(self, key_id: str, *, disable_auth: bool = False) -> bool:
+        """Remove a key; True if it existed. A revoked secret stops verifying at once.
+
+        Authentication never turns itself off: revoking the last key, which would leave the gateway
+        open, needs `disable_auth`; and the last admin key cannot go while other keys remain."""
         if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
             return False
         key = self._key_key(key_id)
 
         def remove(pipe: Any) -> None:
+            ids = {_text(k) for k in pipe.smembers(self._keys_key)}
+            if key_id in ids:
+                others = ids - {key_id}
+                if not others and not disable_auth:
+                    raise ConflictError(
+                        "this is the last key: revoking it turns authentication off; say so explicitly "
+                        "(kold keys revoke ID --disable-auth), or create another key first"
+                    )
+                if others and key_id in self._admin_ids(pipe, ids) and not self._admin_ids(pipe, others):
+                    raise ConflictError(
+                        "this is the last admin key while invoke keys remain: nobody could manage them; "
+                        "create another admin key first"
+                    )
             digest = pipe.hget(key, "sha256")
             pipe.multi()
             if digest is not None:
@@ -420,19 +451,26 @@ class Registry:
             pipe.delete(key)
             pipe.srem(self._keys_key, key_id)
 
-        replies = self.redis.transaction(remove, key)
+        replies = self.redis.transaction(remove, key, self._keys_key)
         return isinstance(replies, list) and bool(replies[-1])  # SREM's count
 
-    def verify_key(self, secret: str) -> bool:
-        """True if `secret` is a live key: a lookup by its sha256, then a constant-time comparison."""
+    def key_scope(self, secret: str) -> str | None:
+        """The scope of the live key `secret` ("invoke" or "admin"), None if it is no key: a lookup by
+        its sha256, then a constant-time comparison."""
         if not isinstance(secret, str) or not secret.startswith(KEY_PREFIX) or len(secret) > 200:
-            return False
+            return None
         digest = _sha256(secret)
         key_id = self.redis.get(self._by_hash_key(digest))
         if key_id is None:
-            return False
-        stored = self.redis.hget(self._key_key(_text(key_id)), "sha256")
-        return stored is not None and hmac.compare_digest(_text(stored), digest)
+            return None
+        stored, scope = self.redis.hmget(self._key_key(_text(key_id)), ["sha256", "scope"])
+        if stored is None or not hmac.compare_digest(_text(stored), digest):
+            return None
+        return _text(scope) if scope is not None else "admin"
+
+    def verify_key(self, secret: str) -> bool:
+        """True if `secret` is a live key of any scope."""
+        return self.key_scope(secret) is not None
 
     def ping(self) -> None:
         """Raises RedisError while Redis cannot be reached."""

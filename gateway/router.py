@@ -98,6 +98,7 @@ async def proxy(
     if raw is None or body.get("model") != name:
         raw = json.dumps({**body, "model": name}).encode()
     fwd = [(k, v) for k, v in headers.items() if k.lower() in _FORWARD_REQUEST_HEADERS]
+    fwd += list(gateway.pool.instance_headers.items())
     streamed = bool(body.get("stream"))
     failed: Instance | None = None
     retries = 1  # a request that failed on a warm instance is tried once more on another

@@ -15,6 +15,14 @@ import httpx
 from kold.errors import CLIError
 
 
+class PlatformError(CLIError):
+    """The gateway answered with an error; `status` is its HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class PlatformClient:
     """`unreachable`: the error when nothing answers at `base_url`; the CLI says there where the URL came from."""
 
@@ -36,7 +44,7 @@ class PlatformClient:
         except httpx.TransportError as exc:
             raise CLIError(f"the platform at {self.base_url} failed to answer: {exc or type(exc).__name__}") from None
         if resp.status_code >= 400:
-            raise CLIError(_error_message(resp))
+            raise PlatformError(_error_message(resp), resp.status_code)
         return resp.json() if resp.content else None
 
     def stream_chat(self, name: str, body: dict[str, Any]) -> Iterator[tuple[dict[str, str], dict[str, Any]]]:
@@ -46,7 +54,7 @@ class PlatformClient:
             with self._client.stream("POST", path, json={**body, "stream": True}) as resp:
                 if resp.status_code >= 400:
                     resp.read()
-                    raise CLIError(_error_message(resp))
+                    raise PlatformError(_error_message(resp), resp.status_code)
                 headers = {k.lower(): v for k, v in resp.headers.items()}
                 for line in resp.iter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
@@ -71,7 +79,7 @@ class PlatformClient:
             with self._client.stream("GET", f"/admin/functions/{name}/logs", params=params, timeout=timeout) as resp:
                 if resp.status_code >= 400:
                     resp.read()
-                    raise CLIError(_error_message(resp))
+                    raise PlatformError(_error_message(resp), resp.status_code)
                 yield from resp.iter_text()
         except httpx.ConnectError:
             raise CLIError(self.unreachable) from None

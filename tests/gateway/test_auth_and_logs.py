@@ -55,8 +55,8 @@ def test_keys_are_demanded_once_one_exists_and_a_revocation_takes_effect_after_o
         with pytest.raises(AuthenticationError, match="missing"):
             await auth.check(f"Basic {key.secret}")
         await auth.check(f"Bearer {key.secret}")
-        registry.revoke_key(key.key_id)  # elsewhere: this gateway is not told
         registry.create_key("other")  # keys still exist, so they are still demanded
+        registry.revoke_key(key.key_id)  # elsewhere: this gateway is not told
         await auth.check(f"Bearer {key.secret}")  # verified moments ago: no Redis call
         clock.now += KEYS_CACHE_S
         await auth.check(f"Bearer {key.secret}")  # stale: passes once more while it is re-checked

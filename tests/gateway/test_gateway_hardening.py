@@ -256,3 +256,60 @@ def test_a_corrupt_snapshot_marks_its_revision_failed_with_back_off_and_a_rollba
     # a rollback to the good revision recovers it
     assert s.http.post("/admin/functions/flaky/rollback", json={}).status_code == 200
     assert s.http.post("/v1/completions", json=body).status_code == 200
+
+
+def test_key_scopes_auth_that_stays_on_and_instances_only_the_gateway_may_call(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    s = serve(registry)
+    deploy_and_wait(s, "guarded", tiny_snapshot)
+    admin = s.http.post("/admin/keys", json={"label": "ops"}).json()  # the first key: admin by default
+    as_admin = {"Authorization": f"Bearer {admin['secret']}"}
+    assert admin["scope"] == "admin"
+    app_key = s.http.post("/admin/keys", json={"label": "app", "scope": "invoke"}, headers=as_admin).json()
+    as_app = {"Authorization": f"Bearer {app_key['secret']}"}
+    body = {"model": "guarded", "prompt": "hi", "max_tokens": 2}
+    assert s.http.post("/v1/completions", json=body, headers=as_app).status_code == 200
+    # an invoke key may not mint keys, delete functions or read logs: 403, the SDK's PermissionDeniedError
+    for method, path in [("POST", "/admin/keys"), ("DELETE", "/admin/functions/guarded"), ("GET", "/admin/keys")]:
+        r = s.http.request(method, path, json={} if method == "POST" else None, headers=as_app)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope", (path, r.text)
+    assert s.http.get("/admin/functions/guarded", headers=as_admin).status_code == 200
+    r = s.http.post("/admin/keys", json={"scope": "root"}, headers=as_admin)
+    assert r.status_code == 400 and "scope" in r.json()["error"]["message"]
+
+    # the last admin key cannot go while an invoke key remains; the last key only when auth is turned off
+    r = s.http.delete(f"/admin/keys/{admin['key_id']}", headers=as_admin)
+    assert r.status_code == 409 and "last admin key" in r.json()["error"]["message"]
+    assert s.http.delete(f"/admin/keys/{app_key['key_id']}", headers=as_admin).status_code == 200
+    r = s.http.delete(f"/admin/keys/{admin['key_id']}", headers=as_admin)
+    assert r.status_code == 409 and "turns authentication off" in r.json()["error"]["message"]
+    assert s.http.post("/v1/completions", json=body).status_code == 401  # still on
+    r = s.http.delete(f"/admin/keys/{admin['key_id']}", params={"disable_auth": "1"}, headers=as_admin)
+    assert r.status_code == 200
+    assert s.http.post("/v1/completions", json=body).status_code == 200  # turned off, explicitly
+
+    # the instance's own port answers its gateway only
+    [inst] = [i for i in s.app.state.gateway.pool.instances() if i.state is InstanceState.READY]
+    r = httpx.post(f"{inst.url}/v1/completions", json={**body, "model": "guarded"}, trust_env=False)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "instance_token_required"
+    token = s.app.state.gateway.pool.instance_headers
+    r = httpx.post(f"{inst.url}/v1/completions", json={**body, "model": "guarded"}, headers=token, trust_env=False)
+    assert r.status_code == 200, r.text
+    assert httpx.get(f"{inst.url}/readyz", trust_env=False).status_code == 200  # probes stay open
+
+
+def test_metrics_can_be_put_behind_a_key(registry: Registry, tmp_path: Path) -> None:
+    from gateway_helpers import instance_env
+
+    from kold.gateway.app import build_app
+
+    pool = InstancePool(tmp_path / "logs", env=instance_env(tmp_path))
+    s = Served(build_app(registry, pool, require_keys=True, metrics_need_key=True))
+    try:
+        key = registry.create_key("scraper", "admin")
+        assert s.http.get("/metrics").status_code == 401
+        assert s.http.get("/metrics", headers={"Authorization": f"Bearer {key.secret}"}).status_code == 200
+        assert s.http.get("/healthz").status_code == 200
+    finally:
+        s.close()

@@ -90,7 +90,7 @@ def test_start_ready_serve_then_stop_drains_a_stream(
         assert inst.cold_start["state"] == "ready" and inst.cold_start["start_method"] == method
         assert (FORKED in pool.read_log(inst)) == (method == "fork-template")
         assert pool.instances() == [inst] and pool.instances("tiny-r1") == [inst] and pool.instances("x") == []
-        async with httpx.AsyncClient(timeout=60) as http:
+        async with httpx.AsyncClient(timeout=60, headers=pool.instance_headers) as http:
             assert (await http.get(f"{inst.url}/readyz")).status_code == 200
             model = await model_id(http, inst)
             r = await http.post(f"{inst.url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 3})
@@ -284,7 +284,9 @@ def test_when_the_template_dies_its_instances_live_on_and_new_ones_are_spawned(
         b = await pool.start(rev)
         assert b.start_method == "spawn"
         assert await pool.wait_ready(b, 60), pool.read_log(b)
-        async with httpx.AsyncClient(timeout=60) as http:  # the orphaned instance still serves
+        async with httpx.AsyncClient(
+            timeout=60, headers=pool.instance_headers
+        ) as http:  # the orphaned instance still serves
             body = {"model": await model_id(http, a), "prompt": "hi", "max_tokens": 2}
             assert (await http.post(f"{a.url}/v1/completions", json=body)).status_code == 200
         assert a.state is InstanceState.READY and not failed

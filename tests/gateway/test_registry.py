@@ -12,6 +12,7 @@ import redis
 
 from kold.gateway.names import InvalidNameError, validate_function_name, validate_revision_id
 from kold.gateway.registry import (
+    ConflictError,
     Invocation,
     KeyInfo,
     Registry,
@@ -303,7 +304,8 @@ def test_keys(registry: Registry, client: redis.Redis, prefix: str) -> None:
     listed = registry.list_keys()
     assert [(k.key_id, k.label) for k in listed] == [(key.key_id, "laptop"), (other.key_id, "ci")]
     assert all(isinstance(k, KeyInfo) for k in listed)
-    assert set(KeyInfo.__dataclass_fields__) == {"key_id", "label", "created_at"}
+    assert set(KeyInfo.__dataclass_fields__) == {"key_id", "label", "created_at", "scope"}
+    assert {k.scope for k in listed} == {"admin"}  # the default: as every key was before scopes
 
     assert registry.revoke_key(key.key_id) is True
     assert registry.verify_key(key.secret) is False
@@ -311,9 +313,25 @@ def test_keys(registry: Registry, client: redis.Redis, prefix: str) -> None:
     assert registry.revoke_key(key.key_id) is False
     assert registry.revoke_key("../../etc") is False
     assert [k.key_id for k in registry.list_keys()] == [other.key_id]
-    assert registry.revoke_key(other.key_id) is True
+    with pytest.raises(ConflictError, match="turns authentication off"):  # never silently
+        registry.revoke_key(other.key_id)
+    assert registry.revoke_key(other.key_id, disable_auth=True) is True
     assert registry.has_keys() is False
     assert _keys(client, prefix) == []  # nothing left behind by revocation
+
+
+def test_key_scopes(registry: Registry) -> None:
+    with pytest.raises(ConflictError, match="admin key first"):
+        registry.create_key("app", "invoke")  # keys nobody could manage
+    admin = registry.create_key("ops", "admin")
+    app = registry.create_key("app", "invoke")
+    assert registry.key_scope(admin.secret) == "admin" and registry.key_scope(app.secret) == "invoke"
+    assert registry.key_scope(app.secret + "x") is None
+    with pytest.raises(ValueError, match="scope"):
+        registry.create_key("x", "root")
+    with pytest.raises(ConflictError, match="last admin key"):
+        registry.revoke_key(admin.key_id)
+    assert registry.revoke_key(app.key_id) and registry.revoke_key(admin.key_id, disable_auth=True)
 
 
 def test_key_label_validation(registry: Registry) -> None:
@@ -369,7 +387,7 @@ def test_works_with_a_decoding_client(prefix: str, redis_url: str) -> None:
     fn = registry.get_function("tiny")
     assert fn is not None and fn.serving_revision == rev.revision_id
     key = registry.create_key("k")
-    assert registry.verify_key(key.secret) and registry.revoke_key(key.key_id)
+    assert registry.verify_key(key.secret) and registry.revoke_key(key.key_id, disable_auth=True)
     registry.record_invocations([Invocation("tiny", 2.5, True, 0.1)])
     assert registry.invocations("tiny") == [Invocation("tiny", 2.5, True, 0.1)]
     client.close()

@@ -265,7 +265,7 @@ def test_the_router_gives_up_with_504_when_an_instance_does_not_answer_in_time()
             released: list[object] = []
 
             class Gateway:
-                pool = SimpleNamespace(host="127.0.0.1")
+                pool = SimpleNamespace(host="127.0.0.1", instance_headers={})
 
                 async def acquire(self, name: str, exclude: object = None) -> tuple[object, object, bool, float]:
                     return inst, revision, False, 0.0

@@ -239,10 +239,21 @@ def _keys(env: dict[str, str]) -> dict[str, str]:
     listed = kold("keys", "ls", env=env)
     assert listed.returncode == 0, listed.stderr
     header, row = listed.stdout.splitlines()
-    assert header.split() == ["KEY", "ID", "LABEL", "CREATED"]
-    assert row.split()[1] == "laptop" and re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+s ago\)", row), row
+    assert header.split() == ["KEY", "ID", "LABEL", "SCOPE", "CREATED"]
+    assert row.split()[1:3] == ["laptop", "admin"], row
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+s ago\)", row), row
     (key,) = json.loads(kold("keys", "ls", "-o", "json", env=env).stdout)["keys"]
     assert key["label"] == "laptop" and key["key_id"] == row.split()[0]
+    # an invoke-scoped key calls functions but not the admin API
+    app = kold("keys", "create", "app", "--scope", "invoke", env=env)
+    assert app.returncode == 0 and "invoke key" in app.stderr, app.stderr
+    as_app = {**env, "KOLD_API_KEY": app.stdout.strip()}
+    denied = kold("ls", env=as_app)
+    assert denied.returncode == 1 and "HTTP 403" in denied.stderr and "admin key" in denied.stderr, denied.stderr
+    assert kold("invoke", "tiny", "hi", "--max-tokens", "2", env=as_app).returncode == 0
+    # the last admin key cannot go while an invoke key remains: one line, exit 1
+    last = kold("keys", "revoke", key["key_id"], env=env)
+    assert last.returncode == 1 and "last admin key" in last.stderr and "Traceback" not in last.stderr
     return env
 
 
