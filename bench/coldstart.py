@@ -380,9 +380,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--methods", default="kold-local,kold-fork,kold-gateway,kold-shm,kold-s3,floor,naive")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--prepare-only", action="store_true", help="make each size's model and snapshot, then exit")
     args = parser.parse_args()
     device = args.device
     methods = args.methods.split(",")
+    if args.prepare_only:
+        for size in args.sizes.split(","):
+            log(f"{size}: {prepare(size)[1]}")
+        return 0
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     base_env = {**os.environ, "KOLD_CACHE_DISK_BYTES": "0"}
     for size in args.sizes.split(","):

@@ -53,6 +53,7 @@ class Spec:
     s3_files: list[str] = field(default_factory=list)  # the S3 server's files behind s3_keys
     kold_s3_files: list[str] = field(default_factory=list)  # ... and behind kold_s3_uri
     device: str = "cpu"  # where every method must deliver the tensors: "cpu" or "cuda"
+    dry_run: bool = False  # workers stop right before their first CUDA call (bench/gpu_run.sh's dry run)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -197,8 +197,10 @@ def gpu_targets(outcomes: dict[str, Outcome]) -> list[dict[str, Any]]:
         if name in got:
             stats = [r.get("kold_stats", {}) for r in got[name].runs]
             tiers = {s.get("source_tier") for s in stats}
-            add(f"{name} to CUDA copies from the registered mapping (no staging)", tiers == {"shm"},
-                f"source tier {sorted(map(str, tiers))}, {got[name].gbps:.2f} GB/s")  # fmt: skip
+            in_place = all(s.get("pinned_in_place") for s in stats)
+            add(f"{name} to CUDA copies from the mapping pinned read-only in place (no staging)",
+                tiers == {"shm"} and in_place,
+                f"source tier {sorted(map(str, tiers))}, pinned in place: {in_place}, {got[name].gbps:.2f} GB/s")  # fmt: skip
     return out
 
 
