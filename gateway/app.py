@@ -33,6 +33,13 @@ from kold.gateway.pool import InstancePool
 from kold.gateway.registry import Registry
 from kold.gateway.router import parse_body, proxy
 from kold.gateway.upstream import UpstreamClient
+from kold.runtime.httpserver import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    http_protocol,
+    read_body,
+)
 from kold.runtime.protocol import (
     ClientDisconnectedError,
     InvalidRequestError,
@@ -52,16 +59,33 @@ Handler = Callable[[Request], Awaitable[Response]]
 T = TypeVar("T")
 
 
-def server_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
+def server_config(
+    app: Starlette,
+    host: str,
+    port: int,
+    *,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+) -> uvicorn.Config:
     """How the gateway is served (`kold up` and bench/gateway.py alike).
 
-    httptools and uvloop when installed (they are dependencies: ~0.5 ms less per request than h11 on
-    asyncio); no access log (the gateway's metrics count requests; a log line per request costs CPU
-    on the data path); and no X-Forwarded-* handling: the gateway is the edge of the local platform,
-    and trusting those headers from any client would let it spoof its address.
+    httptools and uvloop (they are dependencies: ~0.5 ms less per request than h11 on asyncio), with
+    the runtime's request-head and body deadlines on each connection (runtime/httpserver.py: a client
+    that never finishes its request is closed, not held; `body_timeout_s` is build_app's); no access
+    log (the gateway's metrics count requests; a log line per request costs CPU on the data path); and
+    no X-Forwarded-* handling: the gateway is the edge of the local platform, and trusting those
+    headers from any client would let it spoof its address.
     """
+    protocol = http_protocol(header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s)
     return uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, proxy_headers=False, server_header=False
+        app,
+        host=host,
+        port=port,
+        http=protocol,
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
     )
 
 
@@ -107,11 +131,15 @@ def build_app(
     gateway: Gateway | None = None,
     warm_template: bool = False,
     clock: Callable[[], float] = time.monotonic,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> Starlette:
     """The gateway app; its lifespan runs the gateway's background tasks and stops instances at the end.
 
     `warm_template`: start the pool's fork template in the background at once, so that the first
     cold start already forks (otherwise the first instance waits for the template's imports).
+    `max_body_bytes`, `body_timeout_s`: the data path's request bodies (413 above the size, 408 when
+    the body is not in within the time; the instances have the same limits).
     """
     gw = gateway if gateway is not None else Gateway(registry, pool)
     client = upstream if upstream is not None else UpstreamClient()
@@ -133,8 +161,11 @@ def build_app(
 
     # -- data path --
 
+    async def read(request: Request) -> bytes:
+        return await read_body(request, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+
     async def by_model(request: Request) -> Response:
-        raw = await request.body()
+        raw = await read(request)
         body = parse_body(raw)
         name = body.get("model")
         if not isinstance(name, str) or not name:
@@ -145,7 +176,7 @@ def build_app(
         kind = request.path_params["rest"]
         if kind not in _ROUTED_PATHS:
             raise RouteNotFoundError(f"no route POST {request.url.path}")
-        raw = await request.body()
+        raw = await read(request)
         return await _route(request.path_params["name"], kind, parse_body(raw), raw, request)
 
     async def _route(name: str, kind: str, body: dict[str, Any], raw: bytes, request: Request) -> Response:

@@ -101,6 +101,17 @@ class Settings(BaseSettings):
     runtime_queue_timeout_s: float = Field(default=300.0, gt=0, description="how long one of them may wait")
     runtime_drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: how long in-flight requests get")
 
+    # -- slow and oversized clients: the gateway (`kold up`) and every runtime instance alike --
+    # 16 MiB: a full 128k-token context is ~0.5 MB of text (~3 MB with every character JSON-escaped),
+    # so this leaves room for batched prompts and token-id lists, while a runtime holds a few copies
+    # of a body while it parses it (bytes, text, objects): some 100 MB at the limit, not gigabytes.
+    max_body_bytes: Size = Field(default=16 << 20, ge=1, description="largest request body (413 above)")
+    # a request head is a few hundred bytes a client sends in one write: 10 s is ample on any link,
+    # and short enough that connections which never finish one are not held
+    header_timeout_s: float = Field(default=10.0, gt=0, description="time for a request head")
+    # the whole body, counted from its head: a 16 MiB body then needs ~280 kB/s; a trickle is cut off
+    body_timeout_s: float = Field(default=60.0, gt=0, description="time for a request body (408 after)")
+
     # -- the local platform (`kold up` and the commands that talk to it) --
     redis_url: str | None = Field(default=None, description="Redis for the platform; unset: `kold up` starts one")
     # fork-template: instances fork from a process that has imported torch and the runtime already

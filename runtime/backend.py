@@ -86,6 +86,7 @@ class Backend(Protocol):
 
     max_seq_len: int
 
+    # may raise ContextLengthError before tokenizing, when the text's length alone says it cannot fit
     def encode(self, text: str, *, special: bool) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def token_bytes(self, token_id: int) -> bytes: ...  # what the token stands for in a text (logprobs)
@@ -125,6 +126,15 @@ class EngineBackend:
         self.max_seq_len = engine.max_seq_len
 
     def encode(self, text: str, *, special: bool) -> list[int]:
+        limit = self.max_seq_len
+        # the cheap bound first: a text this long has more tokens than the context holds, whatever they
+        # are, and tokenizing it would take seconds and memory for nothing (the bound is only worked
+        # out, once, for a text longer than the context in tokens could be at one character a token)
+        if len(text) > limit and len(text) > limit * (per_token := self.tokenizer.max_chars_per_token):
+            raise ContextLengthError(
+                f"this model's maximum context length is {limit} tokens, but the prompt has {len(text)} "
+                f"characters: more than {limit} tokens of at most {per_token} characters each can hold"
+            )
         return list(self.tokenizer.encode(text, add_special_tokens=special))
 
     def decode(self, ids: Sequence[int]) -> str:

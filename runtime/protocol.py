@@ -43,6 +43,19 @@ class ContextLengthError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """A request body over the server's limit (refused from its Content-Length before it is read, or
+    as soon as a chunked body passes the limit)."""
+
+    code = "request_too_large"
+
+
+class RequestTimeoutError(InvalidRequestError):
+    """A request body that did not arrive within the server's body timeout (a slow or stalled client)."""
+
+    code = "request_timeout"
+
+
 class ModelNotFoundError(APIError):
     code = "model_not_found"
 
@@ -105,6 +118,8 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
     ValidationError: (400, "invalid_request_error"),
     InvalidRequestError: (400, "invalid_request_error"),
     ContextLengthError: (400, "invalid_request_error"),
+    RequestTooLargeError: (413, "invalid_request_error"),
+    RequestTimeoutError: (408, "invalid_request_error"),
     ModelNotFoundError: (404, "invalid_request_error"),
     RouteNotFoundError: (404, "invalid_request_error"),
     MethodNotAllowedError: (405, "invalid_request_error"),

@@ -39,6 +39,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kold.runtime.backend import Backend, Loaded, Loader
+from kold.runtime.httpserver import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    http_protocol,
+    read_body,
+)
 from kold.runtime.lifecycle import Lifecycle, State
 from kold.runtime.metrics import CONTENT_TYPE, RuntimeMetrics
 from kold.runtime.protocol import (
@@ -47,6 +54,7 @@ from kold.runtime.protocol import (
     CompletionRequest,
     DrainingError,
     MethodNotAllowedError,
+    RequestTimeoutError,
     RouteNotFoundError,
     UnavailableError,
     error_body,
@@ -71,6 +79,11 @@ class ServeOptions:
     queue_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
     engine_stop_timeout_s: float = 5.0
+    # slow and oversized clients (runtime/httpserver.py): 413 past the body limit; a request head must
+    # be in within header_timeout_s, its body within body_timeout_s (408), or the connection is closed
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     # a failed load writes {"code", "error"} here before the exit, so whoever restarts the instance
     # knows why without reading its log (Kubernetes reads /dev/termination-log the same way)
     termination_log: str | None = None
@@ -189,7 +202,7 @@ class Runtime:
         """Parse, validate, hand to the service; every exception becomes an OpenAI error response."""
         request_id = str(request.scope.get(REQUEST_ID_SCOPE_KEY, ""))
         try:
-            raw = await request.body()
+            raw = await read_body(request, max_bytes=self.options.max_body_bytes, timeout_s=self.options.body_timeout_s)
             parsed = model.model_validate(parse_json_object(raw))
             return await handler(parsed, _disconnect_watcher(request), request_id)
         except Exception as exc:
@@ -197,7 +210,8 @@ class Runtime:
             if status >= 500 and not isinstance(exc, APIError):
                 log.exception("%s request %s failed", endpoint, request_id, extra={"request_id": request_id})
             self.service.finished(endpoint, str(status), request_id)
-            return error_response(exc)
+            # a body that never came: the connection's state is unknown, so it ends with this answer
+            return error_response(exc, close=isinstance(exc, RequestTimeoutError))
 
     # -- the background load ------------------------------------------------------------------------
 
@@ -442,10 +456,11 @@ def serve(options: ServeOptions, loader: Loader, *, process_start: float | None 
         runtime.app,
         host=options.host,
         port=options.port,
-        # httptools + uvloop when installed (dependencies of kold): httptools' parser imports in ~6 ms
-        # against h11's ~26 ms, and frames each streamed chunk in C rather than Python
+        # httptools + uvloop (dependencies of kold): httptools' parser imports in ~6 ms against h11's
+        # ~26 ms, and frames each streamed chunk in C rather than Python; its protocol here has the
+        # request-head and body deadlines (runtime/httpserver.py)
         loop="auto",
-        http="auto",
+        http=http_protocol(header_timeout_s=options.header_timeout_s, body_timeout_s=options.body_timeout_s),
         lifespan="off",
         log_config=None,
         access_log=False,

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -57,6 +58,11 @@ events = logging.getLogger("kold.runtime.events")  # one JSON object a line (ser
 # -- the service ------------------------------------------------------------------------------------
 
 T = TypeVar("T")
+
+# Prompts up to this many characters are tokenized on the event loop (a millisecond or two: a thread
+# hop would cost more than it saves); longer ones in one of TOKENIZE_THREADS threads.
+INLINE_TOKENIZE_CHARS = 8192
+TOKENIZE_THREADS = 2
 Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
 
 
@@ -117,6 +123,7 @@ class Service:
         self.backend: Backend | None = None
         self._on_first_token = on_first_token
         self._first_token_seen = False
+        self._tokenize_pool: ThreadPoolExecutor | None = None  # made on the first long prompt
 
     @property
     def served_name(self) -> str:
@@ -153,14 +160,18 @@ class Service:
     async def completions(self, req: CompletionRequest, disconnected: Disconnected, request_id: str = "") -> Response:
         received, stop, queue_s, backend = await self._admit(req, disconnected)
         prompts = req.prompts()
-        ids = [backend.encode(p, special=True) if isinstance(p, str) else p for p in prompts]
-        jobs = [
-            (p, i, self._sampling(req, req.max_tokens, len(i), backend, stop, req.logprobs))
-            for p, i in zip(prompts, ids, strict=True)
-        ]
-        job = self._submit(
-            backend, [(i, s) for _, i, s in jobs], req.n, req.model, received, queue_s, "cmpl", request_id
-        )
+
+        def tokenize() -> list[tuple[list[int], Sampling]]:
+            # prompt by prompt: one that cannot fit is refused before the next is tokenized
+            out = []
+            for p in prompts:
+                ids = _encode(backend, p, special=True, param="prompt") if isinstance(p, str) else p
+                out.append((ids, self._sampling(req, req.max_tokens, len(ids), backend, stop, req.logprobs)))
+            return out
+
+        size = sum(len(p) for p in prompts if isinstance(p, str))
+        jobs = await self._tokenizing(tokenize, size)
+        job = self._submit(backend, jobs, req.n, req.model, received, queue_s, "cmpl", request_id)
         await self._await_weights(job, disconnected)
         echo = [self._echo(backend, p) if req.echo else "" for p in prompts]
         offsets = [CompletionOffsets(len(echo[c.index // req.n]), backend.token_bytes) for c in job.choices]
@@ -192,9 +203,13 @@ class Service:
 
     async def chat(self, req: ChatCompletionRequest, disconnected: Disconnected, request_id: str = "") -> Response:
         received, stop, queue_s, backend = await self._admit(req, disconnected)
-        text = backend.chat_prompt(req.chat_messages())
-        ids = backend.encode(text, special=False)
-        sampling = self._sampling(req, req.token_limit(), len(ids), backend, stop, req.top_logprobs_asked())
+        messages = req.chat_messages()
+
+        def tokenize() -> tuple[list[int], Sampling]:
+            ids = _encode(backend, backend.chat_prompt(messages), special=False, param="messages")
+            return ids, self._sampling(req, req.token_limit(), len(ids), backend, stop, req.top_logprobs_asked())
+
+        ids, sampling = await self._tokenizing(tokenize, sum(len(m["content"]) for m in messages))
         job = self._submit(backend, [(ids, sampling)], req.n, req.model, received, queue_s, "chatcmpl", request_id)
         await self._await_weights(job, disconnected)
         if req.stream:
@@ -222,6 +237,18 @@ class Service:
         return self._json(job, body.model_dump(), "chat")
 
     # -- steps ------------------------------------------------------------------------------------
+
+    async def _tokenizing(self, work: Callable[[], T], chars: int) -> T:
+        """`work` (template, tokenizer, context checks) for a prompt of `chars` characters: on the event loop
+        when it is short (a millisecond or two), else in a tokenizer thread, so that the loop goes on
+        serving every other request while a long prompt takes seconds. The tokenizer releases the GIL
+        while it works (tokenizer.py); the long prompts queue for the threads among themselves, never
+        in front of short ones."""
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return work()
+        if self._tokenize_pool is None:
+            self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="kold-tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, work)
 
     def _check_model(self, name: str) -> None:
         if name not in self.model_names:
@@ -494,6 +521,14 @@ class Service:
                 duration_ms=round((done - job.received) * 1000, 1),
             )
         events.info(json.dumps(line), extra={"request_id": request_id})
+
+
+def _encode(backend: Backend, text: str, *, special: bool, param: str) -> list[int]:
+    try:
+        return backend.encode(text, special=special)
+    except ContextLengthError as exc:  # refused from its length alone: say which field
+        exc.param = exc.param or param
+        raise
 
 
 def _finish(reason: str | None) -> Any:

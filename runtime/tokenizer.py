@@ -21,6 +21,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -253,8 +254,27 @@ class Tokenizer:
     # -- text <-> ids ------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; `add_special_tokens` runs the post-processor (which adds BOS where the model does)."""
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        """Token ids of `text`; `add_special_tokens` runs the post-processor (which adds BOS where the model does).
+
+        Through the batch call: `tokenizers`' single `encode` holds the GIL for all its work, so a
+        multi-MB prompt tokenized in a worker thread would still stall every other thread (the server's
+        event loop included) for seconds; the batch call releases it. The fast variant skips the
+        offsets, which nothing here reads; the ids are the same."""
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # _fast: tokenizers >= 0.20
+        return list(batch([text], add_special_tokens=add_special_tokens)[0].ids)
+
+    @cached_property
+    def max_chars_per_token(self) -> int:
+        """The most characters of text one token can stand for: a text of more than `n` times this
+        many characters has more than `n` tokens, which the server checks before tokenizing it.
+
+        The longest entry of the vocabulary (added tokens included) in characters: a byte-level piece has
+        one character per byte (and a character is at least one byte), a SentencePiece piece one per
+        character, a byte-fallback piece (`<0x41>`) more than the one byte it stands for. A normalizer
+        can make a text shorter before it is split (NFC composes up to 3-4 code points into one), so with
+        one the bound is 4 times looser."""
+        longest = max((len(piece) for piece in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return max(1, longest) * (1 if self._tok.normalizer is None else 4)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` (incomplete UTF-8 at the end shows as U+FFFD, as in transformers)."""

@@ -249,7 +249,14 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
         # and KOLD_HOST_POOL_DIR when the pool is the one we keep
         env = {**os.environ, **(keeper.instance_env() if keeper is not None else {})}
         pool = InstancePool(settings.home / "logs", env=env, start_method=settings.instance_start)
-        app = build_app(registry, pool, require_keys=not _is_loopback(args.host), warm_template=True)
+        app = build_app(
+            registry,
+            pool,
+            require_keys=not _is_loopback(args.host),
+            warm_template=True,
+            max_body_bytes=settings.max_body_bytes,
+            body_timeout_s=settings.body_timeout_s,
+        )
         # `kold logs --follow` streams never end on their own: they end when this event is set, or
         # uvicorn's graceful shutdown (`kold down`, Ctrl-C) would wait for them forever
         stopping = threading.Event()
@@ -268,7 +275,14 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
                 self._captured_signals.clear()
 
         print(f"kold platform listening on http://{args.host}:{args.port} (redis {redis_url})", flush=True)
-        Server(server_config(app, args.host, args.port)).run()
+        config = server_config(
+            app,
+            args.host,
+            args.port,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+        )
+        Server(config).run()
         return 0
     finally:
         if keeper is not None:

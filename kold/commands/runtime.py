@@ -96,6 +96,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         max_waiting=settings.runtime_max_waiting,
         queue_timeout_s=settings.runtime_queue_timeout_s,
         drain_timeout_s=settings.runtime_drain_timeout_s,
+        max_body_bytes=settings.max_body_bytes,
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
         termination_log=args.termination_log,
     )
     loader = snapshot_loader(
