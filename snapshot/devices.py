@@ -573,10 +573,13 @@ class CudaCopyEngine(_StagingMemory):
                 s.synchronize()
 
     def device_tensor(self, nbytes: int) -> torch.Tensor:
+        """The device buffer as a torch tensor, which from now on is its only owner: the memory goes
+        back to the device when the last view of it is freed, not when this engine is."""
         import torch.utils.dlpack
 
+        memptr, self._dev_mem = self._dev_mem, None
         with self._device():
-            array = self._cp.ndarray((nbytes,), dtype=self._cp.uint8, memptr=self._dev_mem)
+            array = self._cp.ndarray((nbytes,), dtype=self._cp.uint8, memptr=memptr)
             tensor: torch.Tensor = torch.utils.dlpack.from_dlpack(array)
             return tensor
 
