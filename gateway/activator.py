@@ -28,8 +28,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from redis.exceptions import RedisError
 
+from kold.gateway.capacity import Footprint, NodeCapacity, total
 from kold.gateway.pool import Instance, InstancePool, InstanceState
-from kold.gateway.registry import Invocation, Registry, Revision
+from kold.gateway.registry import Invocation, Registry, Revision, RuntimeSpec
 from kold.gateway.startfailures import RevisionFailure, StartFailures
 from kold.runtime.protocol import ModelNotFoundError, UnavailableError
 
@@ -98,9 +99,13 @@ class Gateway:
         metrics: CollectorRegistry | None = None,
         controller: Controller | None = None,
         controller_tick_s: float = 1.0,
+        capacity: NodeCapacity | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
+        # the node's resources; None: unbounded (instances start as the load asks, up to max_instances)
+        self.capacity = capacity
+        self._no_room: dict[str, str] = {}  # function -> what its last wanted start was short of
         # the pre-warm controller's hook: called every tick with the gateway (its actuator: prewarm)
         # and the time; the policies that decide come with the controller (controller/)
         self.controller = controller
@@ -331,9 +336,54 @@ class Gateway:
             if not self.start_failures.may_start(rev.revision_id, time.monotonic()):
                 return 0
             want = min(want, 1)
+        started = 0
         for _ in range(want - have):
+            short = self._shortfall(rev)
+            if short is not None:
+                if self._no_room.get(rev.function) != short:
+                    log.warning("no room on this node for another instance of %s: needs %s", rev.function, short)
+                self._no_room[rev.function] = short
+                break
+            self._no_room.pop(rev.function, None)
             self._spawn(rev)
-        return max(0, want - have)
+            started += 1
+        return started
+
+    @staticmethod
+    def footprint_of(spec: RuntimeSpec) -> Footprint:
+        return Footprint(spec.cpus, spec.memory_bytes, spec.gpu_count)
+
+    @classmethod
+    def footprint(cls, rev: Revision) -> Footprint:
+        return cls.footprint_of(rev.runtime)
+
+    def _shortfall(self, rev: Revision) -> str | None:
+        """What another instance of `rev` is short of on this node (None: it fits, or no capacity is set).
+        Instances count until their process is gone (a draining one still holds its memory), and so do
+        starts not spawned yet."""
+        if self.capacity is None:
+            return None
+        held = [
+            self.footprint(r)
+            for i in self.pool.instances()
+            if i.alive and (r := self._revisions.get(i.revision_id)) is not None
+        ]
+        for st in self.functions.values():
+            for rev_id, n in st.pending.items():
+                if n > 0 and (r := self._revisions.get(rev_id)) is not None:
+                    held.append(self.footprint(r) * n)
+        return self.capacity.shortfall(total(held), self.footprint(rev))
+
+    def _room_freed(self) -> None:
+        """An instance's resources came back: wake the functions whose starts were waiting for room."""
+        for name in list(self._no_room):
+            st = self.functions.get(name)
+            if st is not None:
+                st.notify()
+
+    async def _stop(self, inst: Instance) -> None:
+        await self.pool.stop(inst, DRAIN_TIMEOUT_S)
+        self._room_freed()
 
     async def prewarm(self, name: str, instances: int = 1) -> int:
         """The controller's actuator: have `instances` of the serving revision up or starting (capped at
@@ -446,8 +496,10 @@ class Gateway:
                 changed = st.changed
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    short = self._no_room.get(name)
+                    why = f": no room on this node for another instance (needs {short})" if short else ""
                     raise ColdStartTimeoutError(
-                        f"the function {name!r} did not become ready within {rev.scaling.request_timeout_s}s"
+                        f"the function {name!r} did not become ready within {rev.scaling.request_timeout_s}s{why}"
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
@@ -488,6 +540,7 @@ class Gateway:
         if rev is not None:
             self.m_failures.labels(rev.function).inc()
             self.state(rev.function).notify()
+        self._room_freed()
 
     # -- scale in ----------------------------------------------------------------------------------
 
@@ -526,7 +579,7 @@ class Gateway:
             for inst in idle[: max(0, len(instances) - keep)]:
                 log.info("scaling in %s (idle %.1fs)", inst.id, now - self._idle_since.get(inst.id, now))
                 self.m_stops.labels(rev.function).inc()
-                self.run_background(self.pool.stop(inst, DRAIN_TIMEOUT_S))
+                self.run_background(self._stop(inst))
                 inst.state = InstanceState.DRAINING  # out of routing at once
         for inst_id in [i for i in self._idle_since if not self._is_alive(i)]:
             del self._idle_since[inst_id]  # stopped or failed: never idle again
@@ -555,6 +608,8 @@ class Gateway:
         insts = [i for r in rev_ids for i in self.pool.instances(r) if i.alive]
         await asyncio.gather(*(self.pool.stop(i, DRAIN_TIMEOUT_S) for i in insts), return_exceptions=True)
         self.invalidate(name)
+        self._no_room.pop(name, None)
+        self._room_freed()
         for inst in insts:
             self._idle_since.pop(inst.id, None)
         st = self.functions.get(name)

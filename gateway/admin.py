@@ -109,6 +109,9 @@ class AdminAPI:
         body = await self._json(request)
         scaling = _spec(ScalingSpec, body.get("scaling"), "scaling")
         runtime = _spec(RuntimeSpec, body.get("runtime"), "runtime")
+        never = self.gw.capacity.never_fits(Gateway.footprint_of(runtime)) if self.gw.capacity is not None else None
+        if never is not None:
+            raise InvalidRequestError(f"an instance of this revision can never fit on this node: needs {never}")
         rev = await asyncio.to_thread(
             self.registry.create_revision, name, body.get("snapshot_uri", ""), scaling=scaling, runtime=runtime
         )

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from kold.gateway.activator import ColdStartTimeoutError, Gateway, RegistryUnavailableError
 from kold.gateway.admin import AdminAPI
 from kold.gateway.auth import KeyAuth
+from kold.gateway.capacity import NodeCapacity
 from kold.gateway.errors import error_response, status_of
 from kold.gateway.names import InvalidNameError
 from kold.gateway.pool import InstancePool
@@ -133,6 +134,8 @@ def build_app(
     clock: Callable[[], float] = time.monotonic,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    metrics_need_key: bool = False,
+    capacity: NodeCapacity | None = None,
 ) -> Starlette:
     """The gateway app; its lifespan runs the gateway's background tasks and stops instances at the end.
 
@@ -140,17 +143,21 @@ def build_app(
     cold start already forks (otherwise the first instance waits for the template's imports).
     `max_body_bytes`, `body_timeout_s`: the data path's request bodies (413 above the size, 408 when
     the body is not in within the time; the instances have the same limits).
+    `capacity`: the node's resources, so that no instance starts that does not fit (None: unbounded).
+    `metrics_need_key`: /metrics asks for an API key, like the data path (off: open for scrapers).
     """
-    gw = gateway if gateway is not None else Gateway(registry, pool)
+    gw = gateway if gateway is not None else Gateway(registry, pool, capacity=capacity)
     client = upstream if upstream is not None else UpstreamClient()
     auth = KeyAuth(registry, gw, require_keys=require_keys, clock=clock)
     admin = AdminAPI(gw, auth)
 
-    def endpoint(fn: Handler, *, authenticate: bool = True) -> Handler:
+    def endpoint(fn: Handler, *, scope: str | None = "invoke") -> Handler:
+        """`fn` behind the key check for `scope` ("invoke", "admin"; None: open) and the error table."""
+
         async def wrapped(request: Request) -> Response:
             try:
-                if authenticate:
-                    await auth.check(request.headers.get("authorization"))
+                if scope is not None:
+                    await auth.check(request.headers.get("authorization"), scope)
                 return await fn(request)
             except Exception as exc:
                 if isinstance(exc, RedisError):
@@ -267,9 +274,10 @@ def build_app(
         Route("/v1/functions/{name}/v1/models", endpoint(models), methods=["GET"]),
         Route("/v1/functions/{name}/v1/models/{model}", endpoint(model), methods=["GET"]),
         Route("/v1/functions/{name}/v1/{rest:path}", endpoint(by_path), methods=["POST"]),
-        Route("/healthz", endpoint(healthz, authenticate=False), methods=["GET"]),
-        Route("/readyz", endpoint(readyz, authenticate=False), methods=["GET"]),
-        Route("/metrics", endpoint(metrics, authenticate=False), methods=["GET"]),
+        Route("/healthz", endpoint(healthz, scope=None), methods=["GET"]),
+        Route("/readyz", endpoint(readyz, scope=None), methods=["GET"]),
+        # open for scraping unless `metrics_need_key` (then any valid key, invoke scope included)
+        Route("/metrics", endpoint(metrics, scope="invoke" if metrics_need_key else None), methods=["GET"]),
         *admin.routes(endpoint),
     ]
 

@@ -125,6 +125,15 @@ class RuntimeSpec:
     device: str = "cpu"
     max_batch: int = 8
     max_seq_len: int | None = None  # None: the model's own limit
+    # what one instance takes of the node, as a pod's resource requests: the pool starts no instance
+    # that does not fit (gateway/capacity.py). memory_bytes 0: not counted; gpus None: 1 on CUDA, else 0
+    cpus: float = 1.0
+    memory_bytes: int = 0
+    gpus: int | None = None
+
+    @property
+    def gpu_count(self) -> int:
+        return self.gpus if self.gpus is not None else (0 if self.device == "cpu" else 1)
 
     def __post_init__(self) -> None:
         # The device ends up on an instance's command line: only known forms get there.
@@ -137,6 +146,16 @@ class RuntimeSpec:
             _require_int("max_seq_len", self.max_seq_len)
             if self.max_seq_len < 1:
                 raise InvalidSpecError(f"max_seq_len must be >= 1 or None, not {self.max_seq_len}")
+        _require_number("cpus", self.cpus)
+        if not 0 <= self.cpus <= 1024:
+            raise InvalidSpecError(f"cpus must be between 0 and 1024, not {self.cpus}")
+        _require_int("memory_bytes", self.memory_bytes)
+        if self.memory_bytes < 0:
+            raise InvalidSpecError(f"memory_bytes must be >= 0, not {self.memory_bytes}")
+        if self.gpus is not None:
+            _require_int("gpus", self.gpus)
+            if not 0 <= self.gpus <= 64:
+                raise InvalidSpecError(f"gpus must be between 0 and 64, not {self.gpus}")
 
 
 def _require_int(name: str, value: object) -> None:

@@ -112,6 +112,16 @@ class Settings(BaseSettings):
     # the whole body, counted from its head: a 16 MiB body then needs ~280 kB/s; a trickle is cut off
     body_timeout_s: float = Field(default=60.0, gt=0, description="time for a request body (408 after)")
 
+    # /metrics of the gateway asks for an API key (any scope) like the data path; off: open for scrapers
+    metrics_require_key: bool = False
+    # the node's capacity the local platform schedules instances into (unset: detected; kold/resources.py)
+    node_cpus: float | None = Field(default=None, gt=0)
+    node_memory: Annotated[int | None, BeforeValidator(lambda v: None if v in (None, "") else parse_size(v))] = None
+    node_gpus: int | None = Field(default=None, ge=0)
+    # the local platform's secret for its instances: set by its pool in their environment; when set, an
+    # instance answers /v1/ requests only with it (the gateway sends it), not any local process
+    instance_token: str | None = Field(default=None, repr=False)
+
     # -- the local platform (`kold up` and the commands that talk to it) --
     redis_url: str | None = Field(default=None, description="Redis for the platform; unset: `kold up` starts one")
     # fork-template: instances fork from a process that has imported torch and the runtime already

@@ -56,6 +56,12 @@ class RequestTimeoutError(InvalidRequestError):
     code = "request_timeout"
 
 
+class InstanceTokenError(APIError):
+    """A request to an instance that did not come through its platform's gateway."""
+
+    code = "instance_token_required"
+
+
 class ModelNotFoundError(APIError):
     code = "model_not_found"
 
@@ -120,6 +126,7 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
     ContextLengthError: (400, "invalid_request_error"),
     RequestTooLargeError: (413, "invalid_request_error"),
     RequestTimeoutError: (408, "invalid_request_error"),
+    InstanceTokenError: (401, "authentication_error"),
     ModelNotFoundError: (404, "invalid_request_error"),
     RouteNotFoundError: (404, "invalid_request_error"),
     MethodNotAllowedError: (405, "invalid_request_error"),

@@ -17,6 +17,7 @@ second signal stops at once.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -53,6 +54,7 @@ from kold.runtime.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DrainingError,
+    InstanceTokenError,
     MethodNotAllowedError,
     RequestTimeoutError,
     RouteNotFoundError,
@@ -87,6 +89,9 @@ class ServeOptions:
     # a failed load writes {"code", "error"} here before the exit, so whoever restarts the instance
     # knows why without reading its log (Kubernetes reads /dev/termination-log the same way)
     termination_log: str | None = None
+    # when set, the /v1/ routes answer only requests that carry it (x-kold-instance-token): the gateway's
+    # secret for its instances (KOLD_INSTANCE_TOKEN, set by the local platform's pool)
+    instance_token: str | None = None
 
 
 def error_response(exc: BaseException, *, close: bool = False) -> JSONResponse:
@@ -190,7 +195,10 @@ class Runtime:
             Route("/v1/chat/completions", chat, methods=["POST"]),
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-        return _RequestId(_DrainGate(app, lifecycle))
+        gated: ASGIApp = _DrainGate(app, lifecycle)
+        if self.options.instance_token:
+            gated = _InstanceToken(gated, self.options.instance_token)
+        return _RequestId(gated)
 
     async def _call(
         self,
@@ -368,6 +376,28 @@ class _DrainGate:
             return
         with self.lifecycle.track():
             await self.app(scope, receive, send)
+
+
+INSTANCE_TOKEN_HEADER = b"x-kold-instance-token"
+
+
+class _InstanceToken:
+    """Only whoever holds the platform's instance token may call the /v1/ routes: the local platform's
+    instances listen on loopback ports that any local process could reach, bypassing the gateway's
+    keys. (On Knative the queue-proxy and the mesh do this job, and no token is set.)"""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = next((v for k, v in scope.get("headers", ()) if k.lower() == INSTANCE_TOKEN_HEADER), b"")
+            if not hmac.compare_digest(given, self.token):
+                denied = InstanceTokenError("this instance takes requests from its platform's gateway only")
+                await error_response(denied, close=True)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 REQUEST_ID_HEADER = b"x-request-id"

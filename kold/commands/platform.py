@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kold.errors import CLIError, existing_dir
-from kold.output import add_output_option, human_time, note, print_data
+from kold.output import add_output_option, human_bytes, human_time, note, print_data
 from kold.platform_state import (
     DEFAULT_URL,
     PlatformState,
@@ -38,6 +38,16 @@ if TYPE_CHECKING:
     from kold.gateway.registry import Registry
     from kold.hostpool_auto import HostPoolKeeper
     from kold.platform_client import PlatformClient
+
+
+def size_arg(text: str) -> int:
+    """An argparse type for sizes: 3GiB, 512M, a number of bytes (a bad one is a usage error)."""
+    from kold.settings import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(top: Any) -> None:
@@ -66,6 +76,14 @@ def register(top: Any) -> None:
     )
     deploy.add_argument("--device", default="cpu")
     deploy.add_argument("--max-batch", type=int, default=8)
+    deploy.add_argument(
+        "--cpus", type=float, default=1.0, help="CPUs one instance takes of the node (the pool schedules by it)"
+    )
+    deploy.add_argument(
+        "--memory",
+        type=size_arg,
+        help="memory one instance takes (e.g. 3GiB; default: its weights plus a full KV cache)",
+    )
     deploy.add_argument("--target", choices=("local", "knative"), default="local")
     add_output_option(deploy)
     deploy.set_defaults(handler=cmd_deploy)
@@ -122,12 +140,23 @@ def register(top: Any) -> None:
     sub = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
     create = _client_parser(sub, "create", help="create a key (stdout: its secret, shown once)")
     create.add_argument("label", nargs="?", default="")
+    create.add_argument(
+        "--scope",
+        choices=("admin", "invoke"),
+        default="admin",
+        help="invoke: the OpenAI routes only; admin: also deploy, remove, roll back, logs and keys (default)",
+    )
     create.set_defaults(handler=cmd_keys_create)
     keys_ls = _client_parser(sub, "ls", help="list keys")
     add_output_option(keys_ls)
     keys_ls.set_defaults(handler=cmd_keys_ls)
     revoke = _client_parser(sub, "revoke", help="revoke a key")
     revoke.add_argument("key_id")
+    revoke.add_argument(
+        "--disable-auth",
+        action="store_true",
+        help="allow revoking the last key, which turns authentication off (it never turns off by itself)",
+    )
     revoke.set_defaults(handler=cmd_keys_revoke)
 
 
@@ -224,6 +253,7 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
     from kold.gateway.pool import InstancePool
     from kold.gateway.registry import Registry
     from kold.localredis import LocalRedis
+    from kold.resources import node_capacity
 
     logging.getLogger("kold").setLevel(logging.INFO)
     local_redis = None if settings.redis_url else LocalRedis(settings.home / "redis").start()
@@ -249,6 +279,11 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
         # and KOLD_HOST_POOL_DIR when the pool is the one we keep
         env = {**os.environ, **(keeper.instance_env() if keeper is not None else {})}
         pool = InstancePool(settings.home / "logs", env=env, start_method=settings.instance_start)
+        capacity = node_capacity(settings)
+        note(
+            f"node capacity for instances: {capacity.cpus:g} CPUs, {human_bytes(capacity.memory_bytes)}, "
+            f"{capacity.gpus} GPUs (KOLD_NODE_CPUS / KOLD_NODE_MEMORY / KOLD_NODE_GPUS override)"
+        )
         app = build_app(
             registry,
             pool,
@@ -256,6 +291,8 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
             warm_template=True,
             max_body_bytes=settings.max_body_bytes,
             body_timeout_s=settings.body_timeout_s,
+            metrics_need_key=settings.metrics_require_key,
+            capacity=capacity,
         )
         # `kold logs --follow` streams never end on their own: they end when this event is set, or
         # uvicorn's graceful shutdown (`kold down`, Ctrl-C) would wait for them forever
@@ -310,8 +347,6 @@ def _report_host_pool(settings: Settings, registry: Registry) -> HostPoolKeeper 
         print(f"warning: the host pool {pool.directory} has no segments: CPU restores use fresh memory until "
               "`kold snapshot pool fill --size SIZE --count N` adds some", flush=True)  # fmt: skip
         return None
-    from kold.output import human_bytes
-
     sizes = ", ".join(human_bytes(size) for size in sorted({s.size for s in segments}))
     print(f"host pool {pool.directory}: {len(segments)} segments ({sizes}), {sum(not s.in_use for s in segments)} "
           "free, for CPU restores (KOLD_HOST_POOL_DIR: yours, used as it is)", flush=True)  # fmt: skip
@@ -360,6 +395,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     if args.target == "knative":
         raise CLIError("--target knative is not available yet (it comes with the Knative target); use --target local")
     from kold.progress import ByteProgress
+    from kold.resources import instance_memory
     from kold.snapshot import build_snapshot
 
     name = _function_name(args.name)
@@ -378,7 +414,14 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
             "idle_timeout_s": args.idle_timeout,
             "request_timeout_s": args.request_timeout,
         },
-        "runtime": {"device": args.device, "max_batch": args.max_batch},
+        "runtime": {
+            "device": args.device,
+            "max_batch": args.max_batch,
+            "cpus": args.cpus,
+            "memory_bytes": args.memory
+            if args.memory is not None
+            else instance_memory(args.model_dir, built.manifest.data_size, args.max_batch, None),
+        },
         "wait": True,
     }
     note(f"deploying {name}: waiting for the new revision's first instance to be ready ...")
@@ -528,9 +571,16 @@ def cmd_invoke(args: argparse.Namespace, settings: Settings) -> int:
 def _default_mode(client: PlatformClient, name: str, settings: Settings) -> str:
     """chat for a model with a chat template, completion otherwise (kold/chat_model.py)."""
     from kold.chat_model import has_chat_template, serving_snapshot
+    from kold.platform_client import PlatformError
     from kold.snapshot.errors import SnapshotError
 
-    doc = client.request("GET", f"/admin/functions/{name}")  # a missing function fails here, in one line
+    try:
+        doc = client.request("GET", f"/admin/functions/{name}")  # a missing function fails here, in one line
+    except PlatformError as exc:
+        if exc.status != 403:
+            raise
+        note(f"kold: an invoke-scoped key cannot look {name} up: sending a completion (--chat to choose)")
+        return "completion"
     uri = serving_snapshot(doc if isinstance(doc, dict) else {})
     if uri is None:
         return "completion"  # nothing serves: the gateway's answer to the request will say so
@@ -543,8 +593,8 @@ def _default_mode(client: PlatformClient, name: str, settings: Settings) -> str:
 
 def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     """stdout: the secret alone (`KEY=$(kold keys create laptop)`); what it is: stderr."""
-    key = _client(args, settings).request("POST", "/admin/keys", {"label": args.label})
-    note(f"key {key.get('key_id')} created; its secret follows, shown once: store it now")
+    key = _client(args, settings).request("POST", "/admin/keys", {"label": args.label, "scope": args.scope})
+    note(f"{args.scope} key {key.get('key_id')} created; its secret follows, shown once: store it now")
     print(key.get("secret"))
     return 0
 
@@ -559,13 +609,19 @@ def cmd_keys_ls(args: argparse.Namespace, settings: Settings) -> int:
         note("no keys: create one with `kold keys create LABEL` (from then on the gateway demands one)")
         return 0
     rows = [
-        (str(k.get("key_id") or "-"), str(k.get("label") or "-"), _created(k.get("created_at")))
+        (
+            str(k.get("key_id") or "-"),
+            str(k.get("label") or "-"),
+            str(k.get("scope") or "admin"),
+            _created(k.get("created_at")),
+        )
         for k in items
         if isinstance(k, dict)
     ]
-    widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(("KEY ID", "LABEL"))]
-    for row in [("KEY ID", "LABEL", "CREATED"), *rows]:
-        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}")
+    headers = ("KEY ID", "LABEL", "SCOPE")
+    widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(headers)]
+    for row in [(*headers, "CREATED"), *rows]:
+        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}")
     return 0
 
 
@@ -579,6 +635,7 @@ def _created(stamp: Any) -> str:
 def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     if not args.key_id or not all(c.isalnum() or c in "-_" for c in args.key_id):
         raise CLIError(f"{args.key_id!r} is not a key id (`kold keys ls` lists them)")
-    _client(args, settings).request("DELETE", f"/admin/keys/{args.key_id}")
-    print(f"key {args.key_id} revoked")
+    query = "?disable_auth=1" if args.disable_auth else ""
+    _client(args, settings).request("DELETE", f"/admin/keys/{args.key_id}{query}")
+    print(f"key {args.key_id} revoked" + ("; authentication is off" if args.disable_auth else ""))
     return 0

@@ -100,6 +100,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
         termination_log=args.termination_log,
+        instance_token=settings.instance_token,
     )
     loader = snapshot_loader(
         ref.uri,

@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -311,5 +312,59 @@ def test_metrics_can_be_put_behind_a_key(registry: Registry, tmp_path: Path) -> 
         assert s.http.get("/metrics").status_code == 401
         assert s.http.get("/metrics", headers={"Authorization": f"Bearer {key.secret}"}).status_code == 200
         assert s.http.get("/healthz").status_code == 200
+    finally:
+        s.close()
+
+
+def test_the_pool_starts_no_instance_that_does_not_fit_the_node(
+    registry: Registry, tiny_snapshot: str, tmp_path: Path
+) -> None:
+    """A node of 2 CPUs and instances of 1 CPU each: a burst that wants 4 instances gets 2, every request
+    is served by them; another function waits for room, gets a 503 that says why at its timeout, and
+    starts once the first scales in. A revision that can never fit is refused at deploy."""
+    from gateway_helpers import instance_env
+
+    from kold.gateway.app import build_app
+    from kold.gateway.capacity import NodeCapacity
+
+    pool = InstancePool(tmp_path / "logs", env=instance_env(tmp_path))
+    s = Served(build_app(registry, pool, require_keys=False, capacity=NodeCapacity(cpus=2, memory_bytes=8 << 30)))
+    try:
+        rev = registry.create_revision(
+            "wide",
+            tiny_snapshot,
+            scaling=ScalingSpec(max_instances=4, target_concurrency=1, idle_timeout_s=2, request_timeout_s=60),
+            runtime=RuntimeSpec(**RUNTIME, cpus=1.0),
+        )
+        registry.set_traffic("wide", rev.revision_id)
+        body = {"model": "wide", "prompt": "hi", "max_tokens": 8, "ignore_eos": True}
+        with ThreadPoolExecutor(8) as ex:
+            results = list(ex.map(lambda _: s.http.post("/v1/completions", json=body), range(8)))
+        assert [r.status_code for r in results] == [200] * 8, [r.text for r in results if r.status_code != 200]
+        assert len({r.headers["x-kold-instance"] for r in results}) == 2
+        assert len(pool.instances(rev.revision_id)) == 2  # not 4: the node has room for 2
+
+        other = registry.create_revision(
+            "other",
+            tiny_snapshot,
+            scaling=ScalingSpec(request_timeout_s=1),
+            runtime=RuntimeSpec(**RUNTIME, cpus=1.0),
+        )
+        registry.set_traffic("other", other.revision_id)
+        r = s.http.post("/v1/completions", json={**body, "model": "other"})
+        assert r.status_code == 503 and "no room on this node" in r.json()["error"]["message"], r.text
+        assert "Retry-After" in r.headers and not pool.instances(other.revision_id)
+        _wait_for(lambda: not [i for i in pool.instances(rev.revision_id) if i.alive], 30, "wide did not scale in")
+        patient = registry.create_revision(
+            "other", tiny_snapshot, scaling=ScalingSpec(request_timeout_s=60), runtime=RuntimeSpec(**RUNTIME, cpus=1.0)
+        )
+        registry.set_traffic("other", patient.revision_id)
+        s.app.state.gateway.invalidate("other")
+        r = s.http.post("/v1/completions", json={**body, "model": "other"}, timeout=60)
+        assert r.status_code == 200, r.text
+
+        huge = {"snapshot_uri": tiny_snapshot, "runtime": {**RUNTIME, "memory_bytes": 64 << 30}}
+        r = s.http.post("/admin/functions/huge/revisions", json=huge)
+        assert r.status_code == 400 and "can never fit" in r.json()["error"]["message"], r.text
     finally:
         s.close()
