@@ -21,6 +21,7 @@ from kold.gateway.activator import Gateway
 from kold.gateway.auth import KeyAuth
 from kold.gateway.registry import Function, InvalidSpecError, RuntimeSpec, ScalingSpec
 from kold.gateway.router import parse_body
+from kold.runtime.httpserver import read_body
 from kold.runtime.protocol import InvalidRequestError, ModelNotFoundError, RouteNotFoundError, UnavailableError
 
 Endpoint = Any  # the app's wrapper: (handler) -> handler with auth and the error table
@@ -44,7 +45,9 @@ def _spec(cls: type[ScalingSpec] | type[RuntimeSpec], raw: object, what: str) ->
 class AdminAPI:
     """The admin routes over one gateway (its registry and pool) and its key auth."""
 
-    def __init__(self, gateway: Gateway, auth: KeyAuth) -> None:
+    def __init__(self, gateway: Gateway, auth: KeyAuth, *, max_body_bytes: int, body_timeout_s: float) -> None:
+        self.max_body_bytes = max_body_bytes  # bodies are bounded in size and time, as on the data path
+        self.body_timeout_s = body_timeout_s
         self.gw = gateway
         self.registry = gateway.registry
         self.pool = gateway.pool
@@ -69,9 +72,8 @@ class AdminAPI:
             Route("/admin/keys/{key_id}", admin(self.revoke_key), methods=["DELETE"]),
         ]
 
-    @staticmethod
-    async def _json(request: Request) -> dict[str, Any]:
-        raw = await request.body()
+    async def _json(self, request: Request) -> dict[str, Any]:
+        raw = await read_body(request, max_bytes=self.max_body_bytes, timeout_s=self.body_timeout_s)
         return parse_body(raw) if raw else {}
 
     async def _function(self, name: str) -> Function:

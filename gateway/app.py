@@ -149,7 +149,7 @@ def build_app(
     gw = gateway if gateway is not None else Gateway(registry, pool, capacity=capacity)
     client = upstream if upstream is not None else UpstreamClient()
     auth = KeyAuth(registry, gw, require_keys=require_keys, clock=clock)
-    admin = AdminAPI(gw, auth)
+    admin = AdminAPI(gw, auth, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
 
     def endpoint(fn: Handler, *, scope: str | None = "invoke") -> Handler:
         """`fn` behind the key check for `scope` ("invoke", "admin"; None: open) and the error table."""

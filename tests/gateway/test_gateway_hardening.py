@@ -369,3 +369,42 @@ def test_the_pool_starts_no_instance_that_does_not_fit_the_node(
         assert r.status_code == 400 and "can never fit" in r.json()["error"]["message"], r.text
     finally:
         s.close()
+
+
+def test_no_instance_scales_in_while_its_function_has_a_backlog(registry: Registry, tmp_path: Path) -> None:
+    """Two idle instances past their idle timeout beside a busy one: while two requests are held for the
+    function, all three are needed (target_concurrency 1) and none scales in; once the backlog is gone,
+    the idle ones do."""
+    from kold.gateway.activator import Gateway
+    from kold.gateway.pool import Instance
+
+    uri = "file:///x/snapshots/" + "2" * 32
+    rev = registry.create_revision(
+        "busy", uri, scaling=ScalingSpec(max_instances=3, target_concurrency=1, idle_timeout_s=1)
+    )
+    registry.set_traffic("busy", rev.revision_id)
+
+    async def scenario() -> list[str]:
+        pool = InstancePool(tmp_path / "logs")
+        gw = Gateway(registry, pool)
+        await gw.serving_revision("busy")
+        insts = []
+        for n in (1, 2, 3):
+            inst = Instance(id=f"{rev.revision_id}-{n}", revision_id=rev.revision_id, port=0, url="", log_path=tmp_path)
+            inst.state = InstanceState.READY
+            pool._register(inst)
+            insts.append(inst)
+        insts[0].in_flight = 1
+        for inst in insts[1:]:
+            gw._idle_since[inst.id] = time.monotonic() - 10
+        gw.state("busy").waiting = 2
+        await gw.reap_once()
+        held = [i.state.value for i in insts]
+        gw.state("busy").waiting = 0
+        await gw.reap_once()
+        await asyncio.gather(*gw._starts)
+        return held + [i.state.value for i in insts]
+
+    states = asyncio.run(scenario())
+    assert states[:3] == ["ready"] * 3, states  # a backlog: nobody is idle
+    assert states[3] == "ready" and states[4:] == ["stopped", "stopped"], states

@@ -80,8 +80,8 @@ def unknown_function(g: Gateway, size: int = 0) -> httpx.Response:
 
 
 @pytest.mark.redis
-def test_bodies_over_the_limit_get_413_on_both_data_paths(gateway: Gateway) -> None:
-    for path in ("/v1/chat/completions", "/v1/functions/nope/v1/chat/completions"):
+def test_bodies_over_the_limit_get_413_on_both_data_paths_and_the_admin_api(gateway: Gateway) -> None:
+    for path in ("/v1/chat/completions", "/v1/functions/nope/v1/chat/completions", "/admin/functions/x/revisions"):
         answer = declare_oversized(gateway.port, path, MAX_BODY + 1)
         assert answer.status == 413, (path, answer)
         error = answer.json()["error"]
