@@ -82,12 +82,12 @@ def main() -> int:
 
     import os
 
-    from kold.modelgen import write_random_llama
+    from kold.modelgen import write_random_model
 
     model_dir = OUT / args.size / "model"
     if not (model_dir / "config.json").is_file():
         print(f"generating the {args.size} model in {model_dir}", flush=True)
-        write_random_llama(model_dir, args.size)
+        write_random_model(model_dir, "llama", args.size)
     rows = []
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         store = Path(tmp) / "store"

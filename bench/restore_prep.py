@@ -70,7 +70,7 @@ def _progress_printer(log: Log, what: str, total: int) -> Callable[[int], None]:
 
 
 def ensure_model(root: Path, size: str, log: Log) -> Path:
-    from kold.modelgen import SIZES, llama_tensor_specs, write_random_llama
+    from kold.modelgen import SIZES, tensor_specs, write_random_model
 
     model_dir = root / "model"
     if (model_dir / "config.json").is_file():
@@ -78,13 +78,13 @@ def ensure_model(root: Path, size: str, log: Log) -> Path:
     tmp = root / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     total = 0
-    for _, shape in llama_tensor_specs(SIZES[size]):
+    for _, shape in tensor_specs("llama", SIZES[size]):
         n = 2  # bf16
         for d in shape:
             n *= d
         total += n
     log(f"generating the {size} checkpoint ({total / 1e9:.2f} GB, seeded) in {model_dir}")
-    write_random_llama(tmp, size, progress=_progress_printer(log, "generate", total))
+    write_random_model(tmp, "llama", size, progress=_progress_printer(log, "generate", total))
     fsync(sorted(tmp.iterdir()))
     tmp.rename(model_dir)
     return model_dir

@@ -146,11 +146,6 @@ def model_shape(arch: str, size: str) -> LlamaShape:
     return replace(shape, tie_word_embeddings=True) if arch == "qwen2" else shape
 
 
-def llama_tensor_specs(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of a LlamaForCausalLM state dict, in Hugging Face's order."""
-    return tensor_specs("llama", shape)
-
-
 def tensor_specs(arch: str, shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Names and shapes of `arch`'s *ForCausalLM state dict, in Hugging Face's order.
 
@@ -459,22 +454,3 @@ def write_random_model(
     (out / "config.json").write_text(json.dumps(model_config(arch, shape, dtype), indent=2))
     (out / "generation_config.json").write_text(json.dumps(generation_config(arch), indent=2))
     return out
-
-
-def write_random_llama(
-    out: Path,
-    size: str = "tiny",
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    seed: int = 0,
-    shard_bytes: int = SHARD_BYTES,
-    progress: Callable[[int], None] | None = None,
-    tokenizer: bool = True,
-) -> Path:
-    """A random Llama: weights, config.json, generation_config.json and (unless told not to) the tokenizer files.
-
-    Kept for existing callers (tests, benchmarks, the demo): `write_random_model(out, "llama", ...)`.
-    """
-    return write_random_model(
-        out, "llama", size, dtype=dtype, seed=seed, shard_bytes=shard_bytes, progress=progress, tokenizer=tokenizer
-    )

@@ -10,9 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import pytest
-
-pytest.importorskip("boto3")
-
 import urllib3.exceptions
 from botocore.exceptions import BotoCoreError, ClientError
 

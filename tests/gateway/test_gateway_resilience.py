@@ -6,9 +6,9 @@ serving the gateway app in a thread), through the shared conftest.py and gateway
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import os
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -18,14 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_helpers import Served, deploy, deploy_and_wait, free_port
+import redis
+from gateway_helpers import Served, deploy, deploy_and_wait
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from kold.gateway.registry import Registry
-
-redis = pytest.importorskip("redis")
-uvicorn = pytest.importorskip("uvicorn")
+from kold.localredis import LocalRedis
 
 pytestmark = pytest.mark.redis
 
@@ -133,47 +132,33 @@ def test_instance_killed_mid_load_is_replaced_without_loss(
 
 
 class PrivateRedis:
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.tmp = tmp
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+    """A redis-server of this test's own (the code `kold up` runs, in memory), to pause and kill."""
 
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen([*args, "--dir", str(self.tmp)], stdout=subprocess.DEVNULL)
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                assert time.monotonic() < deadline, "private redis-server did not start"
-                time.sleep(0.05)
-        client.close()
+    def __init__(self, tmp: Path) -> None:
+        self.server = LocalRedis(tmp / "redis", persist=False).start()
+        self.port = self.server.port
+
+    def _signal(self, sig: int) -> None:
+        pid = self.server.pid
+        assert pid is not None, "the private redis-server is not running"
+        os.kill(pid, sig)
 
     def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
+        self._signal(signal.SIGCONT)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.server.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._signal(signal.SIGCONT)
+                self._signal(signal.SIGKILL)
+        self.server.stop()
 
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("no redis-server binary")
     pr = PrivateRedis(tmp_path)
     yield pr
     pr.kill()

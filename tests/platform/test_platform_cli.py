@@ -91,7 +91,6 @@ def test_bad_input_is_one_line(env: dict[str, str], args: tuple[str, ...], messa
 @pytest.fixture
 def platform(env: dict[str, str]) -> Iterator[dict[str, str]]:
     """`kold up --detach`, with a host pool of one segment that its instances inherit."""
-    pytest.importorskip("kold.gateway.app")
     from kold.snapshot import HostPool
 
     pool = HostPool(Path("/dev/shm") / f"kold-test-platform-pool-{uuid.uuid4().hex[:8]}")

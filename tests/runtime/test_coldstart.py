@@ -81,11 +81,11 @@ def test_dtype_option_converts_after_binding(tiny_snapshot: str) -> None:
 
 
 def test_bind_weights_casts_and_keeps_ties(tmp_path: Path) -> None:
-    from kold.modelgen import write_random_llama
+    from kold.modelgen import write_random_model
     from kold.runtime.config import ModelConfig
     from kold.snapshot import build_snapshot
 
-    model_dir = write_random_llama(tmp_path / "m", "tiny", dtype=torch.bfloat16, seed=4)
+    model_dir = write_random_model(tmp_path / "m", "llama", "tiny", dtype=torch.bfloat16, seed=4)
     snap = restore(build_snapshot(model_dir, (tmp_path / "store").as_uri(), chunk_size=64 << 10).uri)
     config = ModelConfig.from_hf(snap.config())
     skeleton = build_skeleton(config, torch.bfloat16)

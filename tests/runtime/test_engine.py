@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kold.modelgen import write_random_llama
+from kold.modelgen import write_random_model
 from kold.runtime.engine import (
     Engine,
     EngineStoppedError,
@@ -72,7 +72,7 @@ class ByteTokenizer:
 def model(tmp_path_factory: pytest.TempPathFactory) -> LlamaForCausalLM:
     """The modelgen tiny Llama (vocab 512, 2 layers, GQA) through build_snapshot -> restore -> build_model."""
     root = tmp_path_factory.mktemp("engine")
-    model_dir = write_random_llama(root / "tiny", "tiny", dtype=torch.float32, seed=7)
+    model_dir = write_random_model(root / "tiny", "llama", "tiny", dtype=torch.float32, seed=7)
     snap = restore(build_snapshot(model_dir, (root / "store").as_uri(), chunk_size=64 << 10).uri)
     return build_model(snap)
 
@@ -370,7 +370,7 @@ def _wait_for(condition: object, timeout: float = 5.0) -> None:
 
 
 def test_engine_from_snapshot(tmp_path: Path) -> None:
-    model_dir = write_random_llama(tmp_path / "m", "tiny", dtype=torch.float32, seed=9)
+    model_dir = write_random_model(tmp_path / "m", "llama", "tiny", dtype=torch.float32, seed=9)
     snap = restore(build_snapshot(model_dir, (tmp_path / "store").as_uri(), chunk_size=64 << 10).uri)
     eng = Engine.from_snapshot(snap, CharTokenizer(), max_batch=2, max_seq_len=32)
     assert eng.max_seq_len == 32 and eng.config.vocab_size == 512 and eng.eos_token_ids == {EOS}

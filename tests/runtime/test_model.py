@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 
 from kold.runtime.config import ModelConfig, RopeScaling
 from kold.runtime.kvcache import KVCache
 from kold.runtime.model import LlamaForCausalLM, build_model, rope_inv_freq, tied_weights
 from kold.snapshot import build_snapshot, load_into, restore
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB = 256
 TINY: dict[str, Any] = {

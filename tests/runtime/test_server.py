@@ -376,7 +376,8 @@ def test_fake_client_gone_while_the_model_loads_leaves_the_wait_queue() -> None:
 
 
 def openai_client(runtime: RuntimeProcess) -> Any:
-    openai = pytest.importorskip("openai")
+    import openai
+
     return openai.OpenAI(base_url=f"{runtime.base}/v1", api_key="x", max_retries=0, timeout=60)
 
 
@@ -498,7 +499,8 @@ def test_openai_client_completions_and_chat(shared_runtime: RuntimeProcess) -> N
 
 
 def test_bad_input_gets_openai_errors(shared_runtime: RuntimeProcess) -> None:
-    openai = pytest.importorskip("openai")
+    import openai
+
     client = openai_client(shared_runtime)
     url = f"{shared_runtime.base}/v1/completions"
 

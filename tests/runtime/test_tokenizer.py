@@ -59,7 +59,8 @@ def ours(model_dirs: dict[str, Path]) -> dict[str, Tokenizer]:
 
 @pytest.fixture(scope="module")
 def hf(model_dirs: dict[str, Path]) -> dict[str, Any]:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return {arch: transformers.AutoTokenizer.from_pretrained(str(path)) for arch, path in model_dirs.items()}
 
 
@@ -135,7 +136,8 @@ def test_missing_or_bad_tokenizer_json() -> None:
 
 def test_padded_vocab_round_trips_and_matches_transformers(tmp_path: Path) -> None:
     """The 1b tokenizer: the corpus yields a few thousand merges, padding brings it to 32000 real tokens."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     shape = model_shape("llama", "1b")
     write_tokenizer(tmp_path, "llama", shape)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": shape.vocab_size}))

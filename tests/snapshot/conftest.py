@@ -8,18 +8,20 @@ import pytest
 import torch
 from snapshot_helpers import reference_tensors
 
-from kold.modelgen import write_random_llama
+from kold.modelgen import write_random_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_random_llama(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=1)
+    return write_random_model(tmp_path_factory.mktemp("models") / "tiny", "llama", "tiny", seed=1)
 
 
 @pytest.fixture(scope="session")
 def sharded_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model cut into several shards with an index, as big checkpoints are published."""
-    return write_random_llama(tmp_path_factory.mktemp("models") / "sharded", "tiny", seed=2, shard_bytes=60_000)
+    return write_random_model(
+        tmp_path_factory.mktemp("models") / "sharded", "llama", "tiny", seed=2, shard_bytes=60_000
+    )
 
 
 @pytest.fixture
