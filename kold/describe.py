@@ -94,7 +94,7 @@ def format_describe(doc: dict[str, Any], gateway_url: str, now: float | None = N
                 _ms(cold.get("imports_ms")),
                 _ms(phases.get("torch_import")),
                 _ms(phases.get("restore")),
-                _v(_dict(cold.get("restore")).get("source_tier")),
+                _tier(_dict(cold.get("restore"))),
                 _ms(phases.get("model")),
                 _ms(cold.get("ready_ms")),
             ]
@@ -108,6 +108,8 @@ def format_describe(doc: dict[str, Any], gateway_url: str, now: float | None = N
         lines.append(
             "  that long (they overlap: the restore runs while torch imports); TIER: where the weights came from"
         )
+        if any(r[headers.index("TIER")].endswith("→pool") for r in rows):
+            lines.append("  →pool: restored into a segment of the node's pre-faulted host pool, not fresh memory")
     failed = [i for i in listed if _dict(i.get("failure"))]
     for inst in failed[-_ENDED_SHOWN:]:
         failure = _dict(inst.get("failure"))
@@ -144,6 +146,13 @@ def _list(value: Any) -> list[Any]:
 
 def _v(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
+
+
+def _tier(restore: dict[str, Any]) -> str:
+    """Where the weights came from, and `→pool` when the restore wrote them into a host pool segment
+    (the fast path `kold up` keeps by default) rather than fresh memory."""
+    tier = _v(restore.get("source_tier"))
+    return f"{tier}→pool" if restore.get("pooled") is True else tier
 
 
 def _number(value: Any) -> float | None:

@@ -117,6 +117,7 @@ class ColdStart:
             out["restore"] = {
                 "snapshot_id": r.get("snapshot_id"),
                 "source_tier": r.get("source_tier"),
+                "pooled": bool(r.get("pooled")),  # into a segment of the node's pre-faulted host pool
                 "device": r.get("device"),
                 "bytes": r.get("data_bytes"),
                 "gbps": r.get("gbps"),
