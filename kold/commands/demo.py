@@ -148,8 +148,9 @@ def restore_into_pool(uri: str, data_path: Path, root: Path, nbytes: int, report
             print(f"\n(skipping the host pool: {exc})")
             return
         pages = "2 MiB pages" if pool.huge_pages else "4 KiB pages"
-        print(f"\n    a host pool as `kold up` keeps one: 1 segment of {human_bytes(nbytes)} faulted in ahead of "
-              f"time in {pool.directory} ({pages})")  # fmt: skip
+        sizes = ", ".join(human_bytes(s.size) for s in pool.segments())
+        print(f"\n    a host pool as `kold up` keeps one: a segment of {sizes} faulted in ahead of time in "
+              f"{pool.directory} ({pages})")  # fmt: skip
         # the label says what the restore reports: a pool segment only if it claimed one
         report(*restore_step(uri, "local store", page_cache_state(data_path), pool=pool))
 
