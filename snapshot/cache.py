@@ -114,6 +114,24 @@ class NodeCache:
         with _locked(tier):
             _remove_entry(tier, snapshot_id)
 
+    def quarantine(self, snapshot_id: str, tier: CacheTier, *, identity: tuple[int, int] | None, reason: str) -> bool:
+        """Take out an entry found corrupt after a restore trusted it, so the next restore on the node reads
+        the store (and fills the tier again). `identity` is the (st_dev, st_ino) of the data file that was
+        found corrupt: an entry filled again since (another instance's restore from the store) is a
+        different file and stays. True if the entry was removed. The bad bytes are not kept: in the shm
+        tier they are the node's memory, and the log line names the chunk."""
+        with _locked(tier):
+            if identity is not None and data_identity(tier, snapshot_id) != identity:
+                log.info(
+                    "snapshot %s: the %s tier's entry was replaced already; not quarantined", snapshot_id, tier.name
+                )
+                return False
+            if not tier.entry_dir(snapshot_id).exists():
+                return False
+            _remove_entry(tier, snapshot_id)
+        log.warning("quarantined snapshot %s in the %s tier (%s): %s", snapshot_id, tier.name, tier.root, reason)
+        return True
+
     # -- fills -----------------------------------------------------------------------------------
     def fill(
         self,
@@ -189,6 +207,15 @@ class NodeCache:
             log.info("evicting snapshot %s from the %s tier (least recently used)", victim.snapshot_id, tier.name)
             _remove_entry(tier, victim.snapshot_id)
             used -= victim.size
+
+
+def data_identity(tier: CacheTier, snapshot_id: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of an entry's data file, None if there is none: which fill of the entry it is."""
+    try:
+        st = os.stat(tier.data_path(snapshot_id))
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _write_verified(path: Path, manifest: Manifest, buffer: memoryview) -> None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kold.snapshot import dtypes
-from kold.snapshot.cache import TIER_ORDER, CacheHit, CacheTier, NodeCache
+from kold.snapshot.cache import TIER_ORDER, CacheHit, CacheTier, NodeCache, data_identity
 from kold.snapshot.checksum import chunk_checksum
 from kold.snapshot.devices import (
     PIN_THREADS,
@@ -62,6 +62,7 @@ from kold.snapshot.store import (
     open_store,
     parse_snapshot_uri,
 )
+from kold.snapshot.verify import TrustedTier
 
 if TYPE_CHECKING:
     import mmap
@@ -118,6 +119,9 @@ class RestoredSnapshot:
     buffer: torch.Tensor  # uint8, the whole data blob; every tensor is a view of it
     stats: RestoreStats
     _fill: threading.Thread | None = None
+    # set when the data came from a cache tier without a check (the default: tiers are verified when
+    # filled): what a `TierVerifier` needs to check it after the fact and quarantine a corrupt entry
+    trusted: TrustedTier | None = None
 
     def config(self) -> dict[str, Any]:
         """The model's config.json, parsed (empty if the snapshot carries none)."""
@@ -241,6 +245,7 @@ def _restore(
     # then never pays for importing boto3 and building a client (~0.3 s), only a corrupt chunk would.
     store = _LazyStore(ref.store_uri, s3)
     hit = cache.lookup(ref.snapshot_id) if cache is not None else None
+    identity = data_identity(hit.tier, ref.snapshot_id) if hit is not None else None  # which fill of the entry
     if hit is not None:
         manifest, files = hit.manifest, dict(hit.files)
     else:
@@ -347,7 +352,10 @@ def _restore(
     stats.views_s = time.perf_counter() - views_started
     stats.total_s = time.perf_counter() - started
     log.info("restore %s", json.dumps(stats.as_dict(), sort_keys=True))
-    return RestoredSnapshot(ref, manifest, files, tensors, buffer, stats, fill)
+    trusted = (
+        TrustedTier(cache, hit.tier, identity) if hit is not None and cache is not None and not stats.verified else None
+    )
+    return RestoredSnapshot(ref, manifest, files, tensors, buffer, stats, fill, trusted)
 
 
 def _close_sources(primary: ReadSource, store_source: ReadSource) -> None:
