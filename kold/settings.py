@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     runtime_max_waiting: int = Field(default=256, ge=0, description="requests that may wait for the model to load")
     runtime_queue_timeout_s: float = Field(default=300.0, gt=0, description="how long one of them may wait")
     runtime_drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: how long in-flight requests get")
+    # weights restored from a node cache tier: background trusts the tier (no pass over the weights on
+    # the cold start) and checks them once serving begins, stopping the instance if they are corrupt;
+    # sync checks them before serving; off trusts the tiers (see snapshot/FORMAT.md, "Integrity")
+    verify_tiers: Annotated[Literal["background", "sync", "off"], BeforeValidator(lambda v: str(v).strip().lower())] = (
+        Field(default="background", description="when cache-tier weights are checked: background, sync or off")
+    )
 
     # -- slow and oversized clients: the gateway (`kold up`) and every runtime instance alike --
     # 16 MiB: a full 128k-token context is ~0.5 MB of text (~3 MB with every character JSON-escaped),

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from kold.snapshot.manifest import Manifest
     from kold.snapshot.progress import RestoreProgress
     from kold.snapshot.store import S3Options
+    from kold.snapshot.verify import TierVerifier
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,15 @@ class Loaded:
     backend: Backend
     restore: dict[str, Any] = field(default_factory=dict)  # RestoreStats.as_dict()
     phases: dict[str, float] = field(default_factory=dict)  # seconds by phase
+    # the weights came from a cache tier unchecked: the server runs this check once serving begins
+    # (VERIFY_TIERS "background") and stops serving if the tier was corrupt
+    verifier: TierVerifier | None = None
+
+
+# How a restore treats the node's cache tiers (KOLD_VERIFY_TIERS): "background" trusts them and checks
+# the served bytes right after serving begins; "sync" checks them before serving (a pass over the
+# weights on the critical path; a corrupt entry is then read from the store at once); "off" trusts them.
+VERIFY_TIERS = ("background", "sync", "off")
 
 
 class Loader(Protocol):
@@ -374,6 +384,7 @@ def snapshot_loader(
     readers: int | None = None,
     dtype: str | None = None,
     pool: HostPool | None = None,
+    verify_tiers: str = "background",
 ) -> Loader:
     """A loader (see server.py) for the snapshot at `uri`; phases are timed for the startup log.
 
@@ -386,11 +397,16 @@ def snapshot_loader(
     plus a dtype conversion if `dtype` asks for one) and the engine's start.
     `dtype`: the compute dtype ("auto" or None: the snapshot's; see `DTYPES`). `pool`: the node's
     pre-faulted host memory, which a CPU restore claims instead of faulting in fresh pages.
+    `verify_tiers`: one of `VERIFY_TIERS`; with "background" a restore from a cache tier hands back a
+    `Loaded.verifier`.
 
     With `early` (the server passes it) and a CPU restore that fills a buffer, the model is bound to
     that buffer while it fills and starts serving behind the restore (runtime/early.py): `early_bind`
     is then the prebuild's binding, `early_gate_wait` how long forward passes waited for weights.
     """
+
+    if verify_tiers not in VERIFY_TIERS:
+        raise ValueError(f"unknown tier verification {verify_tiers!r} (one of {', '.join(VERIFY_TIERS)})")
 
     def load(cancel: threading.Event, early: Callable[[Backend], None] | None = None) -> Loaded:
         phases: dict[str, float] = {}
@@ -415,6 +431,7 @@ def snapshot_loader(
         prebuild.start()
         try:
             snap = restore(uri, device, cache=cache, s3=s3, readers=readers, cancel=cancel,
+                           verify=True if verify_tiers == "sync" else None,
                            on_metadata=prebuild.offer, progress=progress, pool=pool)  # fmt: skip
         except BaseException:
             prebuild.abandon()
@@ -424,6 +441,11 @@ def snapshot_loader(
             raise
         prebuild.abandon()  # a no-op once the metadata was offered; else the prebuild ends at once
         phases["restore"] = snap.stats.total_s - snap.stats.import_wait_s
+        verifier = None
+        if verify_tiers == "background":
+            from kold.snapshot.verify import TierVerifier
+
+            verifier = TierVerifier.for_restore(snap)
         importer.join()
         t = time.perf_counter()
         prepared = prebuild.join()
@@ -434,7 +456,7 @@ def snapshot_loader(
             served.engine.model.gate = None
             phases["early_gate_wait"] = served.gate.waited_s
             phases["model"] = time.perf_counter() - t
-            return Loaded(served.backend, restore=snap.stats.as_dict(), phases=phases)
+            return Loaded(served.backend, restore=snap.stats.as_dict(), phases=phases, verifier=verifier)
         from kold.runtime.engine import Engine
         from kold.runtime.model import bind_weights
         from kold.runtime.tokenizer import Tokenizer
@@ -467,6 +489,6 @@ def snapshot_loader(
         engine.start()
         phases["model"] = time.perf_counter() - t
         stats: dict[str, Any] = snap.stats.as_dict()
-        return Loaded(EngineBackend(engine, tokenizer), restore=stats, phases=phases)
+        return Loaded(EngineBackend(engine, tokenizer), restore=stats, phases=phases, verifier=verifier)
 
     return load

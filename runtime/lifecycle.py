@@ -4,6 +4,9 @@
          \\           \\-> failed -/       ^
           \\-----------------------------/   (a SIGTERM before the weights are in place)
 
+and `ready -> failed`: the weights being served turned out corrupt after the fact (a cache tier that
+a background check found bad, see kold.snapshot.verify), so the instance stops serving at once.
+
 `Lifecycle` lives on the event loop's thread (the restore thread reports through
 `loop.call_soon_threadsafe`). Requests that arrive before `ready` wait in a bounded queue
 (`wait_ready`): at most `max_waiting` of them, each at most `queue_timeout` seconds, instead of being
@@ -61,7 +64,7 @@ class State(StrEnum):
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.RESTORING, State.DRAINING, State.FAILED}),
     State.RESTORING: frozenset({State.READY, State.FAILED, State.DRAINING}),
-    State.READY: frozenset({State.DRAINING}),
+    State.READY: frozenset({State.DRAINING, State.FAILED}),
     State.FAILED: frozenset({State.DRAINING, State.STOPPED}),
     State.DRAINING: frozenset({State.STOPPED}),
     State.STOPPED: frozenset(),

@@ -12,6 +12,13 @@ its own), or a new one. The request's log records carry it (`request_id`), and s
 SIGTERM (or SIGINT) drains: new inference requests get 503 (Connection: close), in-flight ones run
 to the end (at most `drain_timeout_s`), then uvicorn closes the listener and the process exits 0. A
 second signal stops at once.
+
+Weights restored from a node cache tier unchecked (the fast path) are checked once serving begins,
+in a low-priority thread (`Loaded.verifier`, kold.snapshot.verify). If they were corrupt, the
+instance stops serving at once: the engine is stopped (requests in flight and queued get a 503
+`tier_corrupted`, as do new ones; a started stream ends with an error event), the tier entry is
+quarantined, the cause goes to the termination log, and the process exits 1 so the platform starts
+a fresh instance, which reads the store.
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvicorn
+from prometheus_client import Gauge
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -64,10 +72,14 @@ from kold.runtime.protocol import (
 )
 from kold.runtime.service import Disconnected, Service
 
+if TYPE_CHECKING:
+    from kold.snapshot.verify import TierVerdict, TierVerifier
+
 log = logging.getLogger("kold.runtime")
 events = logging.getLogger("kold.runtime.events")  # one JSON object a line: startup, first_token, request, drain
 
 INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
+TIER_CORRUPTED = "tier_corrupted"  # the code of a cache tier found corrupt after serving began
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -139,6 +151,17 @@ class Runtime:
             self.lifecycle, self.metrics, model_names=options.model_names, on_first_token=self._log_first_token
         )
         self.startup: dict[str, Any] | None = None  # the `startup` event, once ready (also in /readyz)
+        # whether the weights served were checked against their checksums (in /readyz): state is
+        # verified (on the way in, or after), pending (being checked), corrupt, or unverified (a tier
+        # trusted with the check off)
+        self.tier_verification: dict[str, Any] | None = None
+        self._tier_verified = Gauge(
+            "kold_tier_verified",
+            "1 once the weights served have been checked against their checksums; 0 while a cache tier's are "
+            "being checked (or never are), or were found corrupt",
+            registry=self.metrics.registry,
+        )
+        self._stop_verify = threading.Event()
         self.exit_code = 0
         self.server: uvicorn.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,8 +182,17 @@ class Runtime:
         async def readyz(request: Request) -> Response:
             if lifecycle.ready:
                 # the breakdown rides along: a router that waits for readiness has it without reading logs
-                return JSONResponse({"status": "ready", "state": lifecycle.state.value, "cold_start": self.startup})
-            body = {"status": "not ready", "state": lifecycle.state.value, "waiting": lifecycle.waiting}
+                return JSONResponse(
+                    {
+                        "status": "ready",
+                        "state": lifecycle.state.value,
+                        "tier_verification": self.tier_verification,
+                        "cold_start": self.startup,
+                    }
+                )
+            body: dict[str, Any] = {"status": "not ready", "state": lifecycle.state.value, "waiting": lifecycle.waiting}
+            if self.tier_verification is not None:
+                body["tier_verification"] = self.tier_verification
             if lifecycle.error:
                 body["error"] = lifecycle.error
                 body["code"] = lifecycle.error_code or "load_failed"
@@ -213,13 +245,21 @@ class Runtime:
             raw = await read_body(request, max_bytes=self.options.max_body_bytes, timeout_s=self.options.body_timeout_s)
             parsed = model.model_validate(parse_json_object(raw))
             return await handler(parsed, _disconnect_watcher(request), request_id)
-        except Exception as exc:
+        except Exception as raised:
+            exc = self._as_failure(raised)
             status, _ = error_body(exc)
             if status >= 500 and not isinstance(exc, APIError):
                 log.exception("%s request %s failed", endpoint, request_id, extra={"request_id": request_id})
             self.service.finished(endpoint, str(status), request_id)
             # a body that never came: the connection's state is unknown, so it ends with this answer
             return error_response(exc, close=isinstance(exc, RequestTimeoutError))
+
+    def _as_failure(self, exc: Exception) -> Exception:
+        """A request the instance could not finish because its weights were found corrupt (its
+        generation was cancelled with the engine) reports that cause, not a plain shutdown."""
+        if isinstance(exc, UnavailableError) and self.lifecycle.error_code == TIER_CORRUPTED:
+            return DrainingError(f"the instance stopped serving: {self.lifecycle.error}", code=TIER_CORRUPTED)
+        return exc
 
     # -- the background load ------------------------------------------------------------------------
 
@@ -262,10 +302,62 @@ class Runtime:
         cold.phases.update(loaded.phases)
         self.service.backend = loaded.backend
         self.lifecycle.transition(State.READY)
+        self.tier_verification = _tier_verification(loaded)
+        self._tier_verified.set(1 if self.tier_verification["state"] == "verified" else 0)
         # set in the same event-loop step as READY: no /readyz answer says ready without it
-        self.startup = {"event": "startup", "state": "ready", **cold.summary()}
+        self.startup = {
+            "event": "startup",
+            "state": "ready",
+            **cold.summary(),
+            "tier_verification": dict(self.tier_verification),
+        }
         self.metrics.record_cold_start(cold)
         events.info(json.dumps(self.startup, sort_keys=False))
+        if loaded.verifier is not None:
+            threading.Thread(
+                target=self._verify_tier, args=(loaded.verifier,), name="kold-tier-verify", daemon=True
+            ).start()
+
+    def _verify_tier(self, verifier: TierVerifier) -> None:
+        """The verifier thread: hash the served weights, then report on the event loop."""
+        assert self._loop is not None
+        try:
+            verdict = verifier.run(self._stop_verify)
+        except Exception as exc:  # a check that cannot run says nothing about the weights: keep serving
+            log.warning("could not check the weights from the %s tier: %s", verifier.tier, exc, exc_info=exc)
+            return
+        _call_soon(self._loop, self._tier_checked, verdict)
+
+    def _tier_checked(self, verdict: TierVerdict) -> None:
+        state = verdict.state
+        self.tier_verification = {"state": state, "tier": verdict.tier, "seconds": round(verdict.seconds, 3)}
+        self._tier_verified.set(1 if state == "verified" else 0)
+        line: dict[str, Any] = {"event": "tier_verify", "snapshot_id": verdict.snapshot_id, **self.tier_verification}
+        line["checked_bytes"] = verdict.checked_bytes
+        if verdict.mismatch is None:
+            events.info(json.dumps(line))
+            return
+        message = str(verdict.mismatch)
+        line.update(chunk=verdict.mismatch.chunk.index, quarantined=verdict.quarantined, error=message)
+        self.tier_verification.update(chunk=verdict.mismatch.chunk.index, error=message)
+        events.error(json.dumps(line))
+        self._stop_serving_corrupt(message)
+
+    def _stop_serving_corrupt(self, message: str) -> None:
+        """The weights being served are wrong: refuse everything from now on, cancel what runs (the
+        engine stops without a drain), and exit non-zero once the requests have been answered."""
+        self._write_termination_log(TIER_CORRUPTED, message)
+        lifecycle = self.lifecycle
+        if lifecycle.state is State.READY:
+            lifecycle.transition(State.FAILED, error=message, code=TIER_CORRUPTED)
+        else:  # already draining (a SIGTERM came first): what is still in flight is answered with the cause
+            lifecycle.error, lifecycle.error_code = message, TIER_CORRUPTED
+        backend = self.service.backend
+        if backend is not None:
+            threading.Thread(target=backend.stop, args=(0.0,), name="kold-stop-corrupt", daemon=True).start()
+        log.error("stopped serving: %s", message)
+        self.exit_code = 1
+        self.start_drain()
 
     def _load_failed(self, exc: BaseException) -> None:
         self.service.backend = None  # a model serving early is gone with the restore (the loader stopped it)
@@ -346,6 +438,7 @@ class Runtime:
 
     def finish(self) -> None:
         """After the server stopped: stop the engine (its own bounded drain) and mark the end."""
+        self._stop_verify.set()
         backend = self.service.backend
         if backend is not None:
             backend.stop(self.options.engine_stop_timeout_s)
@@ -369,9 +462,9 @@ class _DrainGate:
         if not self.lifecycle.accepting:
             reason = DrainingError("the instance is shutting down; retry on another instance")
             if self.lifecycle.error:
-                reason = DrainingError(
-                    f"the model could not be loaded: {self.lifecycle.error}", code=self.lifecycle.error_code or None
-                )
+                code = self.lifecycle.error_code
+                what = "the instance stopped serving" if code == TIER_CORRUPTED else "the model could not be loaded"
+                reason = DrainingError(f"{what}: {self.lifecycle.error}", code=code or None)
             await error_response(reason, close=True)(scope, receive, send)
             return
         with self.lifecycle.track():
@@ -432,6 +525,14 @@ class _RequestId:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+def _tier_verification(loaded: Loaded) -> dict[str, Any]:
+    """What /readyz says of the weights' check when the instance becomes ready."""
+    tier = loaded.restore.get("source_tier")
+    if loaded.verifier is not None:
+        return {"state": "pending", "tier": tier}
+    return {"state": "verified" if loaded.restore.get("verified") else "unverified", "tier": tier}
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> bool:

@@ -112,6 +112,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         readers=settings.restore_readers,
         dtype=args.dtype,
         pool=settings.host_pool,
+        verify_tiers=settings.verify_tiers,
     )
     return serve(options, loader, process_start=process_start)
 
