@@ -98,6 +98,8 @@ def test_openai_model_routes_date_header_and_request_id(
     assert r.status_code == 200, r.text
     assert len(r.headers.get_list("date")) == 1, r.headers
     assert r.headers["x-request-id"] == "trace-42"
+    pool = s.app.state.gateway.pool  # served behind the restore it is still cold: wait for READY
+    _wait_for(lambda: any(i.state is InstanceState.READY for i in pool.instances()), 60, "never ready")
     # a request id that is not a plain token (it would go into log lines) is replaced by one of ours
     r = s.http.post("/v1/completions", json=body, headers={"X-Request-Id": "a b\tc"})
     assert r.headers["x-request-id"] not in ("a b\tc", "") and len(r.headers["x-request-id"]) == 32
