@@ -388,7 +388,11 @@ class Service:
                     if event.finish_reason == "error":
                         raise InternalError(f"the generation failed: {event.error or 'engine error'}")
                     if event.finish_reason == "cancelled":
-                        raise DrainingError(f"the generation was cancelled: {event.error or 'engine stopped'}")
+                        # the instance's own failure, when it has one (e.g. tier_corrupted), says why
+                        raise DrainingError(
+                            f"the generation was cancelled: {self.lifecycle.error or event.error or 'engine stopped'}",
+                            code=self.lifecycle.error_code or None,
+                        )
                 yield choice, event
         finally:
             self._close(job)
