@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kold.errors import CLIError, existing_dir
@@ -284,10 +285,13 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
             f"node capacity for instances: {capacity.cpus:g} CPUs, {human_bytes(capacity.memory_bytes)}, "
             f"{capacity.gpus} GPUs (KOLD_NODE_CPUS / KOLD_NODE_MEMORY / KOLD_NODE_GPUS override)"
         )
+        require_keys = not _is_loopback(args.host)
+        if require_keys:
+            _bootstrap_admin_key(settings, registry)
         app = build_app(
             registry,
             pool,
-            require_keys=not _is_loopback(args.host),
+            require_keys=require_keys,
             warm_template=True,
             max_body_bytes=settings.max_body_bytes,
             body_timeout_s=settings.body_timeout_s,
@@ -353,6 +357,36 @@ def _report_host_pool(settings: Settings, registry: Registry) -> HostPoolKeeper 
     return None
 
 
+def _bootstrap_admin_key(settings: Settings, registry: Any) -> None:
+    """A gateway reachable beyond loopback demands a key from the start; with none yet, nobody could
+    create the first one. So `kold up` creates an admin key and leaves its secret where the CLI on this
+    machine looks for one (`$KOLD_HOME/admin.key`, mode 600), as Jupyter leaves its token."""
+    path = admin_key_path(settings)
+    if registry.has_keys():
+        return
+    key = registry.create_key("kold up (bootstrap)", "admin")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.secret + "\n")
+    note(
+        f"no API key existed and the gateway listens beyond loopback: admin key {key.key_id} created, its secret in {path}"
+    )
+
+
+def admin_key_path(settings: Settings) -> Path:
+    return settings.home / "admin.key"
+
+
+def _api_key(settings: Settings) -> str | None:
+    """KOLD_API_KEY, else the admin key `kold up` left on this machine (a gateway beyond loopback)."""
+    if settings.api_key:
+        return settings.api_key
+    try:
+        return admin_key_path(settings).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -387,7 +421,7 @@ def _client(args: argparse.Namespace, settings: Settings) -> PlatformClient:
     from kold.platform_client import PlatformClient
 
     where = locate_gateway(getattr(args, "url", None), settings.gateway_url, settings.home)
-    return PlatformClient(where.url, settings.api_key, unreachable=where.unreachable(settings.home))
+    return PlatformClient(where.url, _api_key(settings), unreachable=where.unreachable(settings.home))
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
