@@ -37,6 +37,7 @@ if [[ "${GPU_DRYRUN:-0}" == 1 ]]; then
   PY=${PYTHON:-$ROOT/python/bin/python}
   WHEELS=$ROOT/whl
   SITE=$ROOT/site
+  rm -rf "$ROOT/out"  # the device empties $OUT before each command; here the last dry run's logs would add up
   OUT=${OUT:-$ROOT/out}
   SIZE=${KOLD_GPU_SIZE:-tiny}
   RUNS=1
