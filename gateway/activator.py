@@ -603,6 +603,19 @@ class Gateway:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.warning("%s failed: %s", task.get_name(), exc)
 
+    async def scale_to_zero(self, name: str, rev_ids: list[str]) -> int:
+        """Drain and stop every live instance of the function now, whatever its idle timeout (what a
+        cold-start measurement needs between requests; min_instances > 0 brings instances back at the
+        next scaling pass). Returns how many were stopped."""
+        insts = [i for r in rev_ids for i in self.pool.instances(r) if i.alive]
+        for inst in insts:
+            inst.state = InstanceState.DRAINING  # out of routing at once
+        await asyncio.gather(*(self._stop(i) for i in insts), return_exceptions=True)
+        for inst in insts:
+            self._idle_since.pop(inst.id, None)
+            self.m_stops.labels(name).inc()
+        return len(insts)
+
     async def stop_function(self, name: str, rev_ids: list[str]) -> None:
         """Drain and stop the function's instances, then forget everything the gateway kept for it."""
         insts = [i for r in rev_ids for i in self.pool.instances(r) if i.alive]

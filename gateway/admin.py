@@ -66,6 +66,7 @@ class AdminAPI:
             Route("/admin/functions/{name}/revisions", admin(self.create_revision), methods=["POST"]),
             Route("/admin/functions/{name}/rollback", admin(self.rollback), methods=["POST"]),
             Route("/admin/functions/{name}/prewarm", admin(self.prewarm), methods=["POST"]),
+            Route("/admin/functions/{name}/scale-to-zero", admin(self.scale_to_zero), methods=["POST"]),
             Route("/admin/functions/{name}/logs", admin(self.logs), methods=["GET"]),
             Route("/admin/keys", admin(self.create_key), methods=["POST"]),
             Route("/admin/keys", admin(self.list_keys), methods=["GET"]),
@@ -195,6 +196,12 @@ class AdminAPI:
             raise InvalidRequestError("'instances' must be an integer >= 0", param="instances")
         started = await self.gw.prewarm(fn.name, instances)
         return JSONResponse({"function": fn.name, "started": started}, status_code=202)
+
+    async def scale_to_zero(self, request: Request) -> Response:
+        """Stop the function's instances now (drained first): the next request is a cold start."""
+        fn = await self._function(request.path_params["name"])
+        stopped = await self.gw.scale_to_zero(fn.name, list(fn.revisions))
+        return JSONResponse({"function": fn.name, "stopped": stopped})
 
     # -- logs: a snapshot as JSON, or (follow=1) a text stream like `tail -F` --
 

@@ -410,3 +410,18 @@ def test_no_instance_scales_in_while_its_function_has_a_backlog(registry: Regist
     states = asyncio.run(scenario())
     assert states[:3] == ["ready"] * 3, states  # a backlog: nobody is idle
     assert states[3] == "ready" and states[4:] == ["stopped", "stopped"], states
+
+
+def test_scale_to_zero_on_demand_makes_the_next_request_cold(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    s = serve(registry)
+    deploy_and_wait(s, "zero", tiny_snapshot)  # idle timeout 60 s: it would stay warm
+    body = {"model": "zero", "prompt": "hi", "max_tokens": 2}
+    assert s.http.post("/v1/completions", json=body).headers["x-kold-cold"] == "0"
+    r = s.http.post("/admin/functions/zero/scale-to-zero")
+    assert r.status_code == 200 and r.json() == {"function": "zero", "stopped": 1}
+    assert not [i for i in s.app.state.gateway.pool.instances() if i.alive]
+    again = s.http.post("/v1/completions", json=body)
+    assert again.status_code == 200 and again.headers["x-kold-cold"] == "1"
+    assert s.http.post("/admin/functions/nope/scale-to-zero").status_code == 404
