@@ -191,6 +191,31 @@ def plot_sweep(path: Path, stages: Sequence[Mapping[str, Any]]) -> Path | None:
     return _save(fig, path)
 
 
+def plot_compare_cdf(path: Path, runs: Sequence[tuple[str, Sequence[RequestRecord]]]) -> Path | None:
+    """Several runs' TTFT and end-to-end latency CDFs overlaid (succeeded requests), for compare."""
+    if not any(r.error is None for _, records in runs for r in records):
+        return None
+    fig, axes = _figure(2)
+    for ax, field, title in zip(
+        axes, ("ttft_s", "latency_s"), ("Time to first token", "End-to-end latency"), strict=True
+    ):
+        every: list[float] = []
+        for name, records in runs:
+            values = [float(getattr(r, field)) for r in records if r.error is None and getattr(r, field) is not None]
+            if values:
+                xs, ys = ecdf(values)
+                ax.step([xs[0], *xs], [0.0, *ys], where="post", linewidth=2, label=f"{name} (n={len(values)})")
+                every.extend(values)
+        _log_if_spread(ax, every, "x")
+        ax.set_title(title, fontsize=13)
+        ax.set_xlabel(f"{title} (s)", fontsize=12)
+        ax.set_ylabel("Share of requests (CDF)", fontsize=12)
+        ax.set_ylim(0, 1.02)
+        if every:
+            ax.legend(fontsize=11, loc="lower right")
+    return _save(fig, path)
+
+
 def plot_all(
     out: Path,
     records: Sequence[RequestRecord],
@@ -211,6 +236,7 @@ def plot_all(
 __all__ = [
     "PLOT_FILES",
     "plot_all",
+    "plot_compare_cdf",
     "plot_instances",
     "plot_latency_cdf",
     "plot_sweep",
