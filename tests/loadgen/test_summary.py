@@ -72,6 +72,8 @@ def test_scheduled_time_variants_and_behind_schedule() -> None:
     assert s["lag_s"]["p99"] == pytest.approx(0.2)
     assert s["behind_schedule"] is True
     assert s["lag_limit_s"] == 0.01
+    relaxed = summarize(records, duration_s=1.0, settings={"behind_lag_s": 0.5})  # RunSettings.behind_lag_s
+    assert relaxed["behind_schedule"] is False and relaxed["lag_limit_s"] == 0.5
 
 
 def test_goodput_needs_every_slo() -> None:
