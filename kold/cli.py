@@ -26,13 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from kold.commands import demo, model, platform, runtime, snapshot
+    from kold.commands import demo, loadgen, model, platform, runtime, snapshot
 
     model.register(top)
     snapshot.register(top)
     demo.register(top)
     runtime.register(top)
     platform.register(top)
+    loadgen.register(top)
     return parser
 
 

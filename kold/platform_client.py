@@ -30,6 +30,7 @@ class PlatformClient:
         self, base_url: str, api_key: str | None = None, timeout_s: float = 600.0, *, unreachable: str | None = None
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.api_key = api_key  # for clients of the same gateway that are not this one (kold loadgen)
         self.base_url = base_url.rstrip("/")
         self.unreachable = unreachable or f"no kold platform answers at {self.base_url}: start it with `kold up`"
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
