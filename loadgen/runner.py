@@ -158,14 +158,15 @@ async def run(
             on_record(record)
 
     pool = settings.concurrency if settings.mode == "closed" else settings.max_concurrency
-    started_at = time.time()
-    cpu0 = time.process_time()
-    origin = time.perf_counter()
-    counts.started = origin
     warnings: list[str] = []
+    cpu0 = time.process_time()
     async with Client(target, max_connections=pool, timeout_s=settings.timeout_s, stall_s=settings.stall_s) as client:
-        sampler = InstanceSampler(target, plan, origin, settings.sample_interval_s, warnings)
-        sampling = asyncio.create_task(sampler.loop())
+        sampler = InstanceSampler(target, plan, settings.sample_interval_s, warnings)
+        # the clock starts once the clients exist (making one costs tens of ms: it would be the first lag)
+        started_at = time.time()
+        origin = time.perf_counter()
+        counts.started = origin
+        sampling = asyncio.create_task(sampler.loop(origin))
         try:
             if settings.mode == "closed":
                 await _closed(plan, client, settings, prompts, origin, counts, finished)
@@ -301,11 +302,9 @@ class InstanceSampler:
     (404) is not sampled again, and a failed sample is skipped: sampling never stops the run.
     """
 
-    def __init__(
-        self, target: Target, plan: Sequence[PlannedRequest], origin: float, interval_s: float, warnings: list[str]
-    ) -> None:
+    def __init__(self, target: Target, plan: Sequence[PlannedRequest], interval_s: float, warnings: list[str]) -> None:
         self.samples: list[dict[str, Any]] = []
-        self._origin = origin
+        self._origin = 0.0  # the run's start (perf_counter), given to loop()
         self._interval = interval_s
         self._warnings = warnings
         self._functions = sorted({p.function for p in plan if p.function}) if target.kold_gateway else []
@@ -315,7 +314,9 @@ class InstanceSampler:
                 base_url=target.kold_gateway.rstrip("/"), headers=target.headers(), timeout=2.0, trust_env=False
             )
 
-    async def loop(self) -> None:
+    async def loop(self, origin: float) -> None:
+        """Sample until cancelled; sample times count from `origin`."""
+        self._origin = origin
         if self._http is None:
             return
         next_at = time.perf_counter()

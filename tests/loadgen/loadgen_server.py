@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
@@ -47,6 +48,18 @@ COLD_HEADERS = {
 }
 
 
+@dataclass
+class Seen:
+    """One request as the server saw it, and when it wrote each token and the end (perf_counter: the same
+    clock as the client's, in this process), which is what the client's measurements are checked against."""
+
+    headers: dict[str, str]
+    body: dict[str, Any]
+    arrived: float
+    tokens: list[float] = field(default_factory=list)
+    done: float | None = None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,13 +71,13 @@ def sse(payload: Any) -> bytes:
 
 
 class FakeServer:
-    """The app under uvicorn in a thread; `requests` holds each request's (headers, body); `max_in_flight`
-    the most generations it ran at once."""
+    """The app under uvicorn in a thread; `requests` holds what it saw and did for each request (`Seen`),
+    `max_in_flight` the most generations it ran at once."""
 
     def __init__(self, *, ttft_s: float = 0.05, gap_s: float = 0.02) -> None:
         self.ttft_s = ttft_s
         self.gap_s = gap_s
-        self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.requests: list[Seen] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.port = free_port()
@@ -107,7 +120,8 @@ class FakeServer:
     async def generate(self, request: Request) -> Response:
         arrived = time.perf_counter()
         body = await request.json()
-        self.requests.append((dict(request.headers), body))
+        seen = Seen(dict(request.headers), body, arrived)
+        self.requests.append(seen)
         model = body.get("model", "")
         chat = request.url.path.endswith("/chat/completions")
         n = int(body.get("max_tokens", 4))
@@ -118,13 +132,14 @@ class FakeServer:
         headers = COLD_HEADERS if model == "cold" else {}
         if not body.get("stream"):
             await self._until(arrived + self.ttft_s + (n - 1) * self.gap_s)
+            seen.done = time.perf_counter()
             text = " ".join(f"w{i}" for i in range(n))
             choice = (
                 {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
             )
             usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
             return JSONResponse({"id": "x", "object": "response", "choices": [choice], "usage": usage}, headers=headers)
-        events = self._events(model, chat, n, arrived, bool(body.get("stream_options", {}).get("include_usage")))
+        events = self._events(seen, model, chat, n, bool(body.get("stream_options", {}).get("include_usage")))
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     async def _until(self, at: float) -> None:
@@ -132,7 +147,7 @@ class FakeServer:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def _events(self, model: str, chat: bool, n: int, arrived: float, usage: bool) -> AsyncIterator[bytes]:
+    async def _events(self, seen: Seen, model: str, chat: bool, n: int, usage: bool) -> AsyncIterator[bytes]:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -142,16 +157,18 @@ class FakeServer:
             for i in range(n):
                 if cut is not None and i == cut:
                     break
-                await self._until(arrived + self.ttft_s + i * self.gap_s)
-                piece = f" w{i}"
-                choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
+                await self._until(seen.arrived + self.ttft_s + i * self.gap_s)
+                word = f" w{i}"
+                choice = {"index": 0, "delta": {"content": word}} if chat else {"index": 0, "text": word}
                 data = sse({"choices": [choice]})
                 if model == "fragments":
                     data = data.replace(b"\n", b"\r\n")
-                    for k in range(0, len(data), 3):
-                        yield data[k : k + 3]
-                else:
-                    yield data
+                    pieces = [data[k : k + 3] for k in range(0, len(data), 3)]
+                    for piece in pieces[:-1]:
+                        yield piece
+                    data = pieces[-1]  # the token is complete when this goes
+                seen.tokens.append(time.perf_counter())
+                yield data
             if model == "crash":
                 raise RuntimeError("the fake server crashed mid-stream")
             if model == "stall":
@@ -166,6 +183,7 @@ class FakeServer:
             if usage:
                 yield sse({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}})
             if model != "no_done":
+                seen.done = time.perf_counter()
                 yield b"data: [DONE]\n\n"
         finally:
             self.in_flight -= 1

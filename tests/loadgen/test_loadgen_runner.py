@@ -63,12 +63,12 @@ def test_open_loop_keeps_its_schedule_against_a_slow_server(slow: FakeServer) ->
     assert len(result.records) == 20 and seen == result.records
     assert all(r.error is None for r in result.records)
     lags = [r.lag_s for r in result.records]
-    assert statistics.median(lags) < 0.005 and max(lags) < 0.05, lags
+    assert statistics.median(lags) < 0.005 and max(lags) < 0.1, lags  # a closed loop: seconds
     assert slow.max_in_flight >= 10  # a closed loop would have had one
     for r in result.records:
-        assert r.sent_s == pytest.approx(r.scheduled_s, abs=0.05)
-        assert r.ttft_s == pytest.approx(0.3, abs=0.03)
-    assert result.duration_s == pytest.approx(19 * 0.025 + 0.35, abs=0.1)
+        assert r.sent_s == pytest.approx(r.scheduled_s, abs=0.1)
+        assert r.ttft_s is not None and 0.3 <= r.ttft_s < 0.4
+    assert 19 * 0.025 + 0.35 <= result.duration_s < 19 * 0.025 + 0.35 + 0.2
     assert result.overhead["cpu_s_per_request"] > 0 and result.instances == []
 
 
@@ -79,7 +79,7 @@ def test_coordinated_omission_shows_in_times_from_the_schedule(server: FakeServe
     assert server.max_in_flight == 1
     records = sorted(result.records, key=lambda r: r.scheduled_s)
     for r in records:
-        assert r.error is None and r.ttft_s == pytest.approx(0.05, abs=0.015)
+        assert r.error is None and r.ttft_s is not None and 0.05 <= r.ttft_s < 0.1
     sched = [r.ttft_sched_s or 0.0 for r in records]
     assert all(b > a for a, b in itertools.pairwise(sched)), sched
     assert sched[-1] > 0.3  # ~7 x (60 - 10) ms of queueing + 50 ms
@@ -91,14 +91,16 @@ def test_coordinated_omission_shows_in_times_from_the_schedule(server: FakeServe
 def test_open_loop_without_a_cap_sends_everything_at_once(server: FakeServer) -> None:
     result = go(server, every(10, 0.0), RunSettings())
     assert server.max_in_flight == 10  # the connection pool does not hold requests back
-    assert max(r.lag_s for r in result.records) < 0.05
+    assert max(r.lag_s for r in result.records) < 0.05  # far below the ~60 ms a queued one would wait
 
 
 def test_max_concurrency_caps_in_flight(server: FakeServer) -> None:
     result = go(server, every(6, 0.0), RunSettings(max_concurrency=3))
     assert server.max_in_flight == 3
-    lags = sorted(r.lag_s for r in result.records)
-    assert lags[2] < 0.03 and lags[3] > 0.04  # the second three waited for the first three
+    records = sorted(result.records, key=lambda r: r.sent_s)
+    first_end = min(r.sent_s + (r.latency_s or 0.0) for r in records[:3])
+    assert records[3].sent_s >= first_end - 0.001  # the fourth waited for a slot
+    assert records[3].lag_s > 0.04
 
 
 def test_closed_loop(server: FakeServer) -> None:
@@ -106,11 +108,11 @@ def test_closed_loop(server: FakeServer) -> None:
     lag is nil and the run takes three answers' time."""
     result = go(server, every(6, 10.0), RunSettings(mode="closed", concurrency=2))
     assert server.max_in_flight == 2
-    assert all(r.error is None and r.lag_s < 0.005 for r in result.records)
+    assert all(r.error is None and r.lag_s < 0.02 for r in result.records)
     records = sorted(result.records, key=lambda r: r.sent_s)
     first_end = min(r.sent_s + r.latency_s for r in records[:2])  # type: ignore[operator]
     assert records[2].sent_s >= first_end - 0.001
-    assert result.duration_s == pytest.approx(0.18, abs=0.06)  # not the plan's 50 s
+    assert 0.18 <= result.duration_s < 1.0  # three answers' time, not the plan's 50 s
     assert not result.behind_schedule
 
 
@@ -137,7 +139,7 @@ def test_instances_sampled_from_the_gateway(server: FakeServer) -> None:
             "function": "fn", "starting": 1, "ready": 2, "draining": 1,
         }  # fmt: skip
     times = [s["t_s"] for s in result.instances]
-    assert times == sorted(times) and times[0] < 0.05
+    assert times == sorted(times) and times[0] < 0.5
 
 
 def test_sampling_refused_is_a_warning_not_a_failure(server: FakeServer) -> None:
