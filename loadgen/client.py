@@ -167,10 +167,15 @@ class Client:
                     timing.status = resp.status_code
                     timing.cold, timing.cold_start, timing.instance = kold_headers(resp.headers)
                     if resp.status_code >= 400:
-                        raise RequestError(f"http_{resp.status_code}", await _error_message(resp))
+                        raise RequestError(f"http_{resp.status_code}", await _error_message(resp, self.stall_s))
                     if not self.target.stream:
                         await self._whole(resp, timing)
                         return
+                    kind = resp.headers.get("content-type", "")
+                    if "text/event-stream" not in kind:
+                        raise RequestError(
+                            "malformed_sse", f"a streamed answer came as {kind!r}, not text/event-stream"
+                        )
                     parser = SSEParser()
                     finished = False
                     stall_at = min(deadline, loop.time() + self.stall_s)
@@ -282,15 +287,16 @@ def _message(text: str) -> str:
     return text[:500]
 
 
-async def _error_message(resp: httpx.Response) -> str:
-    """The message of an error response (its first ERROR_BODY_LIMIT bytes)."""
+async def _error_message(resp: httpx.Response, wait_s: float) -> str:
+    """The message of an error response (its first ERROR_BODY_LIMIT bytes, what came within `wait_s`)."""
     raw = b""
     try:
-        async for chunk in resp.aiter_bytes():
-            raw += chunk
-            if len(raw) >= ERROR_BODY_LIMIT:
-                break
-    except httpx.HTTPError:
+        async with asyncio.timeout(wait_s):
+            async for chunk in resp.aiter_bytes():
+                raw += chunk
+                if len(raw) >= ERROR_BODY_LIMIT:
+                    break
+    except (httpx.HTTPError, TimeoutError):
         pass  # the status says enough
     return _message(raw[:ERROR_BODY_LIMIT].decode("utf-8", "replace"))
 

@@ -12,6 +12,8 @@ so one server covers every case:
 - "malformed": two tokens, then an event whose data is not JSON;
 - "sse_error": two tokens, then an OpenAI error event and [DONE] (as kold does when an instance fails);
 - "no_done": the tokens and usage, then the body ends without [DONE];
+- "error_stall": a 503 head, then a body that never comes;
+- "json_stream": a JSON answer to a streamed request;
 - "slow_head": the response head only after 5 s;
 - "fragments": the stream written a few bytes at a time, CRLF line ends split across writes.
 `GET /admin/functions/{name}` answers instances by state; "forbidden" gets 403.
@@ -127,6 +129,15 @@ class FakeServer:
         n = int(body.get("max_tokens", 4))
         if model == "error500":
             return JSONResponse({"error": {"message": "boom", "type": "server_error", "code": "internal"}}, 500)
+        if model == "error_stall":
+
+            async def never() -> AsyncIterator[bytes]:
+                await asyncio.sleep(60)
+                yield b""
+
+            return StreamingResponse(never(), status_code=503, media_type="application/json")
+        if model == "json_stream":
+            return JSONResponse({"id": "x", "choices": [{"index": 0, "message": {"content": "w0"}}]})
         if model == "slow_head":
             await asyncio.sleep(5)
         headers = COLD_HEADERS if model == "cold" else {}

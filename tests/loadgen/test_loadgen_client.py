@@ -142,7 +142,9 @@ def test_kold_headers_rules() -> None:
 @pytest.mark.parametrize(
     ("model", "error", "status", "detail", "tokens"),
     [
-        ("error500", "http_500", 500, "boom", 0),
+        ("error500", "http_500", 500, "internal: boom", 0),
+        ("error_stall", "http_503", 503, None, 0),  # the status, without waiting for a body that never ends
+        ("json_stream", "malformed_sse", 200, "application/json", 0),
         ("crash", "connection_reset", 200, None, 2),
         ("stall", "stream_stalled", 200, "mid-stream", 2),
         ("malformed", "malformed_sse", 200, "not JSON", 2),
