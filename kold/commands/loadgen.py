@@ -226,7 +226,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     counts = LiveCounts()
     note(f"kold loadgen: {len(planned)} requests to {target.url} ({run_settings.label}); results in {out}")
-    result = _drive(planned, target, run_settings, prompt_for, counts, progress=not args.no_progress)
+    if args.pattern == "sweep" and args.trace is None:
+        result, saturated = _sweep(
+            planned, target, run_settings, prompt_for, stage_s=args.stage_s, progress=not args.no_progress
+        )
+        traffic["saturated_at_rps"] = saturated
+    else:
+        result = _drive(planned, target, run_settings, prompt_for, counts, progress=not args.no_progress)
     described = {
         **dataclasses.asdict(run_settings),
         "driven": run_settings.label,
@@ -274,6 +280,63 @@ def _drive(
 
     with Progress(counts, label=f"{target.url} ({run_settings.label})"):
         return asyncio.run(run(planned, target, run_settings, prompt_for, on_record, live=counts))
+
+
+# A sweep stage saturates the target when it completes under this share of the rate it was offered, or
+# fails more than this share of its requests: later (higher) rates would only measure a queue.
+SATURATED_BELOW = 0.9
+SATURATED_ERRORS = 0.05
+
+
+def _sweep(
+    planned: list[PlannedRequest],
+    target: Target,
+    run_settings: Any,
+    prompt_for: Any,
+    *,
+    stage_s: float | None,
+    progress: bool,
+) -> tuple[RunResult, float | None]:
+    """Run a sweep stage by stage and stop after the first stage that saturates the target; the records
+    keep run-relative times. Returns the merged result and the rate that saturated (None: none did)."""
+    from kold.loadgen.runner import LiveCounts
+
+    stages = sorted({r.stage for r in planned})
+    merged: RunResult | None = None
+    offset = 0.0
+    saturated: float | None = None
+    for stage in stages:
+        part = [r for r in planned if r.stage == stage]
+        start = min(r.at_s for r in part)
+        end = max(r.at_s for r in part)
+        rebased = [dataclasses.replace(r, at_s=r.at_s - start) for r in part]
+        result = _drive(rebased, target, run_settings, prompt_for, LiveCounts(), progress=progress)
+        for rec in result.records:
+            rec.scheduled_s += offset
+            rec.sent_s += offset
+        span = stage_s or max(end - start, 1e-9)
+        offered = len(part) / span
+        done = sum(1 for rec in result.records if rec.error is None)
+        # a target that keeps up finishes the stage about one request latency after its span; one that
+        # does not builds a queue, and its completions stretch far past it
+        achieved = done / max(result.duration_s, span)
+        failed = 1 - done / len(part)
+        note(f"sweep stage {stage}: offered {offered:.2f} req/s, completed {achieved:.2f} req/s, {failed:.0%} failed")
+        if merged is None:
+            merged = result
+        else:
+            merged.records += result.records
+            merged.duration_s = offset + result.duration_s
+            merged.behind_schedule = merged.behind_schedule or result.behind_schedule
+            merged.instances += [{**s, "t_s": s.get("t_s", 0.0) + offset} for s in result.instances]
+            merged.warnings += result.warnings
+        offset += result.duration_s
+        if achieved < SATURATED_BELOW * offered or failed > SATURATED_ERRORS:
+            saturated = offered
+            note(f"the target saturated at {offered:.2f} req/s: the sweep stops here")
+            break
+    assert merged is not None
+    return merged, saturated
 
 
 def _write_results(

@@ -107,3 +107,21 @@ def test_against_the_local_platform_cold_starts_are_counted_and_tagged(tmp_path:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cold_starts"] == sum(1 for rec in records if rec["cold"])
     assert summary["settings"]["kold"] is True
+
+
+def test_a_sweep_stops_at_the_rate_that_saturates_the_target(tmp_path: Path) -> None:
+    """One request at a time (max-concurrency 1) of ~130 ms each: ~7 req/s is all the target can do. A sweep
+    of 2, 20 and 40 req/s keeps up at 2, saturates at 20, and never runs 40."""
+    out = tmp_path / "sweep"
+    with FakeServer(ttft_s=0.05, gap_s=0.02) as server:
+        r = kold(
+            "loadgen", "run", "--base-url", f"{server.url}/v1", "--model", "m", "--pattern", "sweep",
+            "--rates", "2,20,40", "--stage-s", "2", "--max-tokens", "4", "--max-concurrency", "1",
+            "--out", str(out), "--no-progress",
+        )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "saturated at" in r.stderr, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["saturated_at_rps"] > 10
+    stages = {rec["stage"] for rec in map(json.loads, (out / "requests.jsonl").read_text().splitlines())}
+    assert stages == {0, 1}  # the 40 req/s stage never ran
