@@ -115,10 +115,13 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def stream_first_token(port: int, model: str, started: float, failed: Callable[[], str | None]) -> dict[str, Any]:
+def stream_first_token(
+    port: int, model: str, started: float, failed: Callable[[], str | None], headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Ask for one token as soon as the port accepts; seconds from `started` to it, plus the X-Kold-* headers.
 
-    `failed()` says why the runtime is gone (None while it runs), checked while the port refuses.
+    `failed()` says why the runtime is gone (None while it runs), checked while the port refuses;
+    `headers`: what the instance demands (a pool's instance token).
     """
     body = {"model": model, "prompt": PROMPT, "max_tokens": 1, "stream": True}
     deadline = started + 300
@@ -126,7 +129,7 @@ def stream_first_token(port: int, model: str, started: float, failed: Callable[[
         try:
             with (
                 httpx.Client(timeout=300, trust_env=False) as client,
-                client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as resp,
+                client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, headers=headers) as resp,
             ):
                 return read_first_token(resp, started, "runtime")
         except httpx.ConnectError:
@@ -210,7 +213,7 @@ class ForkedRuntimes:
             return None if inst.alive else f"instance {inst.state.value}: {self.pool.read_log(inst, 20)}"
 
         try:
-            return stream_first_token(inst.port, "bench", started, failed)
+            return stream_first_token(inst.port, "bench", started, failed, self.pool.instance_headers)
         finally:
             if inst.state is not InstanceState.FAILED:
                 self._run(self.pool.stop(inst, 30))
