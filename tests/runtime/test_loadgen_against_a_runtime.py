@@ -1,0 +1,60 @@
+"""`kold loadgen` against a bare `kold runtime serve` (no gateway): requests that waited for the
+restore are tagged cold, from the cold-start breakdown the runtime sends; the ones after it, warm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from runtime_helpers import RuntimeProcess, restore_delay_env
+
+
+def test_loadgen_tags_the_requests_that_waited_for_the_restore(
+    start_runtime: Callable[..., RuntimeProcess], tmp_path: Path
+) -> None:
+    runtime = start_runtime("--served-model-name", "tiny", "--max-seq-len", "128", env=restore_delay_env(1.5))
+    runtime.wait_listening()
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kold",
+            "loadgen",
+            "run",
+            "--base-url",
+            f"{runtime.base}/v1",
+            "--model",
+            "tiny",
+            "--api",
+            "completions",
+            "--pattern",
+            "constant",
+            "--rate",
+            "2",
+            "--count",
+            "8",
+            "--max-tokens",
+            "4",
+            "--prompt-tokens",
+            "8",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(rec["error"] is None for rec in records), records
+    first, last = min(records, key=lambda rec: rec["sent_s"]), max(records, key=lambda rec: rec["sent_s"])
+    assert first["cold"] is True and first["cold_start"]["restore-ms"] > 0, first  # sent during the restore
+    assert last["cold"] is False, last  # 3.5 s later: long after it
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cold_starts"] == sum(1 for rec in records if rec["cold"]) >= 1
