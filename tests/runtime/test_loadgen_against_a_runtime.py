@@ -44,7 +44,7 @@ def test_loadgen_tags_the_requests_that_waited_for_the_restore(
             "--out",
             str(out),
             "--no-progress",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=240,
