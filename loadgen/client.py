@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
+from kold.loadgen.http import Connection, Pool, TransportError
 from kold.loadgen.records import RequestRecord
 from kold.loadgen.schedule import PlannedRequest
 from kold.loadgen.sse import MalformedSSEError, SSEParser
@@ -85,12 +85,12 @@ class _Timing:
 
 
 class Client:
-    """Sends planned requests to a target over one pooled HTTP/1.1 client.
+    """Sends planned requests to a target over pooled keep-alive HTTP/1.1 connections (loadgen/http.py).
 
-    `max_connections` sizes the pool to the run's concurrency; None means unbounded, which an open-loop run
-    needs: a pool smaller than the load would queue requests inside the client, unseen. `timeout_s` bounds
-    a whole request; `stall_s` bounds each wait for more of a stream once its head has come (the head
-    itself may legitimately take a cold start's time).
+    `max_connections` caps the requests in flight (the run's concurrency); None means no cap, which an
+    open-loop run needs: a cap below the load would queue requests inside the client, unseen. `timeout_s`
+    bounds a whole request; `stall_s` bounds each wait for more of a stream once its head has come (the
+    head itself may legitimately take a cold start's time).
     """
 
     def __init__(self, target: Target, *, max_connections: int | None, timeout_s: float, stall_s: float) -> None:
@@ -99,19 +99,17 @@ class Client:
         self.target = target
         self.timeout_s = timeout_s
         self.stall_s = stall_s
-        self._url = target.url
-        self._headers = {"Content-Type": "application/json", **target.headers()}
-        self._http = httpx.AsyncClient(
-            http1=True,
-            http2=False,
-            trust_env=False,
-            timeout=httpx.Timeout(None),  # deadlines are ours (see send): httpx's read timeout cannot tell a
-            # slow head (a cold start) from a stalled stream
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        )
+        self._pool = Pool(target.url)
+        self._slots = asyncio.Semaphore(max_connections) if max_connections is not None else None
+        extra = "".join(f"{k}: {v}\r\n" for k, v in target.headers().items())
+        self._head = (
+            f"POST {self._pool.path} HTTP/1.1\r\nhost: {self._pool.authority}\r\nuser-agent: kold-loadgen\r\n"
+            f"content-type: application/json\r\naccept: text/event-stream, application/json\r\n{extra}"
+            "content-length: "
+        ).encode("latin-1")
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        self._pool.close()
 
     async def __aenter__(self) -> Client:
         return self
@@ -139,78 +137,57 @@ class Client:
         time, both perf_counter values; the record's times count from them. Never raises (but cancellation
         propagates)."""
         content = json.dumps(self.body(planned, prompt)).encode()
+        payload = self._head + b"%d\r\n\r\n" % len(content) + content
         timing = _Timing()
         error: str | None = None
         detail: str | None = None
         sent = time.perf_counter()
         try:
-            await self._exchange(content, timing, sent)
+            if self._slots is None:
+                await self._exchange(payload, timing, sent)
+            else:
+                async with self._slots:
+                    await self._exchange(payload, timing, sent)
         except RequestError as exc:
             error, detail = exc.error, exc.detail
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error, detail = _classify(exc), _describe(exc)
+            error, detail = "client_error", _describe(exc)
         return _record(planned, timing, origin=origin, scheduled=scheduled, sent=sent, error=error, detail=detail)
 
-    async def _exchange(self, content: bytes, timing: _Timing, sent: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
-        head = False
-        stall_at: float | None = None  # the stall deadline in force, when it is the nearer one
+    async def _exchange(self, payload: bytes, timing: _Timing, sent: float) -> None:
+        """One request on a pooled connection (a reused one that the server had closed meanwhile is retried
+        once on a new connection: the request never reached it)."""
+        deadline = sent + self.timeout_s
+        for attempt in range(2):
+            conn = self._pool.take_idle() if attempt == 0 else None
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(deadline)
+            exchange = _Exchange(self, conn, timing, deadline, reused)
+            try:
+                conn.start(exchange, payload)
+                await exchange.result
+            except _StaleConnectionError:
+                continue
+            except BaseException:
+                exchange.stop()  # cancelled: the connection, half used, is closed
+                raise
+            return
+        raise RequestError("connection_reset", "the server closed two connections before answering")  # pragma: no cover
+
+    async def _connect(self, deadline: float) -> Connection:
         try:
-            async with asyncio.timeout_at(deadline) as scope:
-                req = self._http.build_request("POST", self._url, content=content, headers=self._headers)
-                resp = await self._http.send(req, stream=True)
-                try:
-                    head = True
-                    timing.status = resp.status_code
-                    timing.cold, timing.cold_start, timing.instance = kold_headers(resp.headers)
-                    if resp.status_code >= 400:
-                        raise RequestError(f"http_{resp.status_code}", await _error_message(resp, self.stall_s))
-                    if not self.target.stream:
-                        await self._whole(resp, timing)
-                        return
-                    kind = resp.headers.get("content-type", "")
-                    if "text/event-stream" not in kind:
-                        raise RequestError(
-                            "malformed_sse", f"a streamed answer came as {kind!r}, not text/event-stream"
-                        )
-                    parser = SSEParser()
-                    finished = False
-                    stall_at = min(deadline, loop.time() + self.stall_s)
-                    scope.reschedule(stall_at)
-                    async for chunk in resp.aiter_bytes():
-                        now = time.perf_counter()
-                        if not finished:
-                            try:
-                                events = parser.feed(chunk)
-                            except MalformedSSEError as exc:
-                                raise RequestError("malformed_sse", str(exc)) from None
-                            for event in events:
-                                if self._event(event.event, event.data, now, timing):
-                                    finished = True
-                                    timing.done = now
-                                    break
-                        # after [DONE], the rest of the body is read only so that the connection can be reused
-                        wait = min(self.stall_s, 1.0) if finished else self.stall_s
-                        stall_at = min(deadline, loop.time() + wait)
-                        scope.reschedule(stall_at)
-                    if not finished:
-                        for event in parser.close():
-                            if self._event(event.event, event.data, time.perf_counter(), timing):
-                                finished = True
-                                timing.done = time.perf_counter()
-                    if not finished:
-                        raise RequestError("incomplete_stream", "the stream ended without data: [DONE]")
-                finally:
-                    await resp.aclose()
+            async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+                return await self._pool.connect()
         except TimeoutError:
-            if timing.done is not None:
-                return  # the answer was complete; only the drain for reuse timed out
-            if head and stall_at is not None and stall_at < deadline:
-                raise RequestError("stream_stalled", f"no data for {self.stall_s:g} s mid-stream") from None
-            raise RequestError("timeout", f"no complete answer within {self.timeout_s:g} s") from None
+            raise RequestError("timeout", f"no connection within {self.timeout_s:g} s") from None
+        except ConnectionRefusedError as exc:
+            raise RequestError("connection_refused", _describe(exc)) from None
+        except (OSError, ssl.SSLError) as exc:
+            refused = any(isinstance(e, ConnectionRefusedError) for e in _chain(exc))
+            raise RequestError("connection_refused" if refused else "connect_error", _describe(exc)) from None
 
     def _event(self, kind: str, data: str, now: float, timing: _Timing) -> bool:
         """Account one SSE event; True at `[DONE]`."""
@@ -229,15 +206,16 @@ class Client:
         choices = payload.get("choices") or []
         if not isinstance(choices, list):
             raise RequestError("malformed_sse", f"'choices' is not a list: {data[:200]!r}")
-        if any(_has_text(c, self.target.api) for c in choices):
-            timing.tokens.append(now)
+        api = self.target.api
+        for choice in choices:
+            if _has_text(choice, api):
+                timing.tokens.append(now)
+                break
         _usage(payload, timing)
         return False
 
-    async def _whole(self, resp: httpx.Response, timing: _Timing) -> None:
-        """A non-streamed answer: read it whole; its usage."""
-        raw = await resp.aread()
-        timing.done = time.perf_counter()
+    def _whole(self, raw: bytes, timing: _Timing) -> None:
+        """A non-streamed answer, read whole: its usage."""
         try:
             payload = json.loads(raw)
         except ValueError:
@@ -247,6 +225,184 @@ class Client:
         if "error" in payload:
             raise RequestError("response_error", _message(raw.decode("utf-8", "replace")))
         _usage(payload, timing)
+
+
+class _StaleConnectionError(Exception):
+    """A reused keep-alive connection was closed by the server before any byte of an answer."""
+
+
+class _Exchange:
+    """One request's response as its connection parses it (loadgen/http.py's Handler): every content token
+    timed by the read that carried it, the stream's stall and the request's deadline watched by one timer.
+    It ends by setting `result` (None, or the RequestError to raise) and by handing the connection back
+    (complete and kept alive) or closing it."""
+
+    def __init__(self, client: Client, conn: Connection, timing: _Timing, deadline: float, reused: bool) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.result: asyncio.Future[None] = self.loop.create_future()
+        self.client = client
+        self.conn = conn
+        self.timing = timing
+        self.deadline = deadline
+        self.reused = reused
+        self.state = "head"  # head | stream | whole | error_body | done
+        self.sse = SSEParser()
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.last = 0.0  # perf_counter of the latest data (the stall clock)
+        self.close_delimited = False
+        self.timer = self.loop.call_later(max(0.0, deadline - time.perf_counter()), self._tick)
+
+    # the end
+    def _finish(self, error: RequestError | None, *, reuse: bool = False) -> None:
+        if self.state == "done":
+            return
+        self.state = "done"
+        self.timer.cancel()
+        if reuse:
+            self.conn.detach(min(self.client.stall_s, 1.0))  # the rest of the body is read only to reuse it
+        else:
+            self.conn.close()
+        if not self.result.done():
+            if error is None:
+                self.result.set_result(None)
+            else:
+                self.result.set_exception(error)
+
+    def stop(self) -> None:
+        """Abandon the request (cancelled)."""
+        if self.state != "done":
+            self.state = "done"
+            self.timer.cancel()
+            self.conn.close()
+
+    def _tick(self) -> None:
+        """The timer: the deadline, a stalled stream, or an error body that does not come."""
+        if self.state == "done":
+            return
+        now = time.perf_counter()
+        stall = self.client.stall_s
+        if self.state in ("stream", "error_body") and now - self.last >= stall - 0.0005:
+            if self.state == "error_body":
+                self._error_status()
+            else:
+                self._finish(RequestError("stream_stalled", f"no data for {stall:g} s mid-stream"))
+            return
+        if now >= self.deadline - 0.0005:
+            if self.state == "stream" and self.last + stall < self.deadline:
+                self._finish(RequestError("stream_stalled", f"no data for {stall:g} s mid-stream"))
+            elif self.state == "error_body":
+                self._error_status()
+            else:
+                self._finish(RequestError("timeout", f"no complete answer within {self.client.timeout_s:g} s"))
+            return
+        due = self.deadline
+        if self.state in ("stream", "error_body"):
+            due = min(due, self.last + stall)
+        self.timer = self.loop.call_later(max(0.0, due - now), self._tick)
+
+    def _error_status(self) -> None:
+        status = self.timing.status
+        raw = b"".join(self.body)[:ERROR_BODY_LIMIT]
+        self._finish(RequestError(f"http_{status}", _message(raw.decode("utf-8", "replace"))))
+
+    # http.Handler
+    def on_head(self, status: int, headers: dict[str, str], now: float) -> None:
+        if self.state != "head":
+            return
+        t = self.timing
+        t.status = status
+        t.cold, t.cold_start, t.instance = kold_headers(headers)
+        self.last = now
+        self.close_delimited = "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "")
+        if status >= 400:
+            self.state = "error_body"  # its message is read for at most stall_s
+            self._retime(now)
+        elif not self.client.target.stream:
+            self.state = "whole"
+        else:
+            kind = headers.get("content-type", "")
+            if "text/event-stream" not in kind:
+                self._finish(
+                    RequestError("malformed_sse", f"a streamed answer came as {kind!r}, not text/event-stream")
+                )
+                return
+            self.state = "stream"
+            self._retime(now)
+
+    def _retime(self, now: float) -> None:
+        """Move the timer to the stall deadline when that is the nearer one."""
+        if now + self.client.stall_s < self.deadline:
+            self.timer.cancel()
+            self.timer = self.loop.call_later(self.client.stall_s, self._tick)
+
+    def on_body(self, data: bytes, now: float) -> None:
+        state = self.state
+        if state == "stream":
+            self.last = now
+            try:
+                events = self.sse.feed(data)
+                for event in events:
+                    if self.client._event(event.event, event.data, now, self.timing):
+                        self.timing.done = now
+                        self._finish(None, reuse=True)
+                        return
+            except MalformedSSEError as exc:
+                self._finish(RequestError("malformed_sse", str(exc)))
+            except RequestError as exc:
+                self._finish(exc)
+        elif state in ("whole", "error_body"):
+            self.last = now
+            self.body.append(data)
+            self.body_size += len(data)
+            if state == "error_body" and self.body_size >= ERROR_BODY_LIMIT:
+                self._error_status()
+
+    def on_complete(self, now: float) -> None:
+        state = self.state
+        if state == "stream":
+            self._stream_end(now, reuse=True)
+        elif state == "whole":
+            self.timing.done = now
+            try:
+                self.client._whole(b"".join(self.body), self.timing)
+            except RequestError as exc:
+                self._finish(exc, reuse=True)
+                return
+            self._finish(None, reuse=True)
+        elif state == "error_body":
+            self._error_status()
+        elif state == "head":  # a response with no head callback (cannot happen with httptools)
+            self._finish(RequestError("protocol_error", "a response without a head"))
+
+    def _stream_end(self, now: float, *, reuse: bool) -> None:
+        """The body ended before [DONE]: a last unterminated event may still hold it."""
+        try:
+            for event in self.sse.close():
+                if self.client._event(event.event, event.data, now, self.timing):
+                    self.timing.done = now
+                    self._finish(None, reuse=reuse)
+                    return
+        except RequestError as exc:
+            self._finish(exc, reuse=reuse)
+            return
+        self._finish(RequestError("incomplete_stream", "the stream ended without data: [DONE]"), reuse=reuse)
+
+    def on_lost(self, error: TransportError, got_bytes: bool) -> None:
+        if self.state == "done":
+            return
+        if self.state == "head" and not got_bytes and self.reused and error.kind == "connection_reset":
+            self.state = "done"
+            self.timer.cancel()
+            self.result.set_exception(_StaleConnectionError())
+            return
+        if self.state == "stream" and self.close_delimited and error.kind == "connection_reset":
+            self._stream_end(time.perf_counter(), reuse=False)  # a body that ends with the connection
+            return
+        if self.state == "error_body":
+            self._error_status()
+            return
+        self._finish(RequestError(error.kind, str(error)))
 
 
 def _has_text(choice: object, api: str) -> bool:
@@ -287,42 +443,8 @@ def _message(text: str) -> str:
     return text[:500]
 
 
-async def _error_message(resp: httpx.Response, wait_s: float) -> str:
-    """The message of an error response (its first ERROR_BODY_LIMIT bytes, what came within `wait_s`)."""
-    raw = b""
-    try:
-        async with asyncio.timeout(wait_s):
-            async for chunk in resp.aiter_bytes():
-                raw += chunk
-                if len(raw) >= ERROR_BODY_LIMIT:
-                    break
-    except (httpx.HTTPError, TimeoutError):
-        pass  # the status says enough
-    return _message(raw[:ERROR_BODY_LIMIT].decode("utf-8", "replace"))
-
-
-def _classify(exc: Exception) -> str:
-    """The error type of a transport failure."""
-    if isinstance(exc, httpx.ConnectError):
-        refused = "refused" in str(exc).lower() or any(isinstance(e, ConnectionRefusedError) for e in _chain(exc))
-        return "connection_refused" if refused else "connect_error"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timeout"
-    if isinstance(exc, httpx.ReadError | httpx.WriteError):
-        return "connection_reset"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        text = str(exc).lower()
-        closed = "peer closed" in text or "disconnected" in text or "incomplete" in text
-        return "connection_reset" if closed else "protocol_error"
-    if isinstance(exc, httpx.DecodingError):
-        return "malformed_response"
-    if isinstance(exc, httpx.HTTPError):
-        return "http_error"
-    return "client_error"
-
-
 def _describe(exc: BaseException) -> str:
-    """The exception's type and the first message along its chain (httpx's own is sometimes empty)."""
+    """The exception's type and the first message along its chain (a wrapper's own is sometimes empty)."""
     causes = list(dict.fromkeys(str(e) for e in _chain(exc) if str(e)))
     return f"{type(exc).__name__}: {' <- '.join(causes[:2])}" if causes else type(exc).__name__
 
