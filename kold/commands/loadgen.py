@@ -65,7 +65,13 @@ def register(top: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     target = run.add_argument_group("target (a kold gateway, or any OpenAI-compatible base URL)")
-    target.add_argument("--function", help="kold function(s), comma-separated; the gateway is found as for `kold ls`")
+    target.add_argument(
+        "--function",
+        "--functions",
+        dest="function",
+        help="kold function(s): a,b,c, or a JSON/YAML file mapping a trace's functions to them; the gateway is "
+        "found as for `kold ls`",
+    )
     target.add_argument("--base-url", help="any OpenAI-compatible base URL (…/v1): vLLM, a Knative URL, a hosted API")
     target.add_argument("--model", help="with --base-url: the model name to send")
     target.add_argument("--api", choices=("chat", "completions"), default="chat")
