@@ -58,6 +58,9 @@ from typing import Any
 import httpx
 from common import free_port, host_pool, log
 
+from kold.loadgen.firsttoken import FirstTokenError, first_token, first_token_s
+from kold.loadgen.target import Target
+
 OUT = Path(__file__).resolve().parent / "out" / "coldstart"
 PROMPT = "The weights of a cold function"
 NAIVE = r"""
@@ -121,36 +124,23 @@ def stream_first_token(
     """Ask for one token as soon as the port accepts; seconds from `started` to it, plus the X-Kold-* headers.
 
     `failed()` says why the runtime is gone (None while it runs), checked while the port refuses;
-    `headers`: what the instance demands (a pool's instance token).
+    `headers`: what the instance demands (a pool's instance token). The client is kold loadgen's.
     """
-    body = {"model": model, "prompt": PROMPT, "max_tokens": 1, "stream": True}
-    deadline = started + 300
-    while True:
-        try:
-            with (
-                httpx.Client(timeout=300, trust_env=False) as client,
-                client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, headers=headers) as resp,
-            ):
-                return read_first_token(resp, started, "runtime")
-        except httpx.ConnectError:
-            why = failed()
-            if why is not None or time.perf_counter() > deadline:
-                raise RuntimeError(f"runtime did not come up: {why or 'timeout'}") from None
-            time.sleep(0.005)
+    target = Target(f"http://127.0.0.1:{port}/v1", api="completions", extra_headers=tuple((headers or {}).items()))
+    return _first_token(target, model, started, failed)
 
 
-def read_first_token(resp: httpx.Response, started: float, who: str) -> dict[str, Any]:
-    """Seconds from `started` to the first token of a streamed completion, and its numeric X-Kold-* headers."""
-    if resp.status_code != 200:
-        raise RuntimeError(f"{who} answered {resp.status_code}: {resp.read()[:300]!r}")
-    for line in resp.iter_lines():
-        if line.startswith("data: ") and line != "data: [DONE]":
-            first = time.perf_counter() - started
-            break
-    else:
-        raise RuntimeError(f"the stream from the {who} ended without a token")
-    headers = {k.lower(): v for k, v in resp.headers.items() if k.lower().startswith("x-kold")}
-    return {"first_token_s": first, **{k: float(v) for k, v in headers.items() if v.replace(".", "").isdigit()}}
+def _first_token(
+    target: Target, model: str, started: float, failed: Callable[[], str | None] | None = None
+) -> dict[str, Any]:
+    """Seconds from `started` to the first token of a streamed completion, and its numeric X-Kold-* headers
+    (kold loadgen's first-token client; the breakdown keyed as the headers are named)."""
+    try:
+        record = asyncio.run(first_token(target, model, PROMPT, origin=started, gone=failed))
+    except FirstTokenError as exc:
+        raise RuntimeError(str(exc)) from None
+    breakdown = {f"x-kold-{k}": v for k, v in (record.cold_start or {}).items()}
+    return {"first_token_s": first_token_s(record), **breakdown}
 
 
 def kold_first_token(uri: str, env: dict[str, str], device: str = "cpu") -> dict[str, Any]:
@@ -303,10 +293,8 @@ class GatewayPlatform:
         self._scaled_to_zero()
         if before is not None:
             before()
-        body = {"model": self.NAME, "prompt": PROMPT, "max_tokens": 1, "stream": True}
         started = time.perf_counter()
-        with self.client.stream("POST", "/v1/completions", json=body) as resp:
-            return read_first_token(resp, started, "gateway")
+        return _first_token(Target(f"{self.base}/v1", api="completions"), self.NAME, started)
 
     def close(self) -> None:
         self.client.close()

@@ -21,6 +21,7 @@ class Target:
     stream: bool = True
     api_key: str | None = None  # sent as a Bearer token
     kold_gateway: str | None = None  # the gateway's root URL when the target is a kold gateway
+    extra_headers: tuple[tuple[str, str], ...] = ()  # sent with every request (e.g. a kold pool's instance token)
 
     def __post_init__(self) -> None:
         if self.api not in APIS:
@@ -35,5 +36,8 @@ class Target:
         return self.base_url.rstrip("/") + path
 
     def headers(self) -> dict[str, str]:
-        """Headers sent with every request (the Bearer key, when given)."""
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        """Headers sent with every request: `extra_headers`, and the Bearer key when given."""
+        out = dict(self.extra_headers)
+        if self.api_key:
+            out["Authorization"] = f"Bearer {self.api_key}"
+        return out
