@@ -9,7 +9,7 @@ One run starts, on loopback:
 Measured with max_tokens=1 (`/v1/completions`, non-streamed), alternating direct and gateway:
 - latency: N sequential requests per path, one keep-alive client each, direct and gateway requests
   interleaved: p50 / p99 (ms), and the gateway's added ms;
-- throughput: C concurrent clients (threads, one httpx client each) for D seconds: requests/s, ratio.
+- throughput: C closed-loop workers (kold loadgen's client, a keep-alive connection each) for D seconds: requests/s, ratio.
 Medians over R repetitions. Targets: added p50 < 2 ms; throughput through the gateway >= 0.8x direct.
 
     .venv/bin/python bench/gateway.py --requests 200 --clients 8 --duration 5 --reps 3
@@ -18,6 +18,7 @@ Medians over R repetitions. Targets: added p50 < 2 ms; throughput through the ga
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import signal
@@ -25,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,14 @@ import httpx
 import psutil
 from common import free_port, log
 
+from kold.loadgen.client import Client
+from kold.loadgen.schedule import PlannedRequest
+from kold.loadgen.target import Target
+
 NAME = "bench"
 RUNTIME = {"max_batch": 4, "max_seq_len": 128}
-BODY = {"model": NAME, "prompt": "The weights of a cold function", "max_tokens": 1}
+PROMPT = "The weights of a cold function"
+REQUEST = PlannedRequest(at_s=0.0, function=NAME, prompt_tokens=0, max_tokens=1)
 
 GATEWAY = r"""
 import sys, logging
@@ -82,13 +87,17 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def _timed_post(client: httpx.Client) -> float:
-    t0 = time.perf_counter()
-    r = client.post("/v1/completions", json=BODY)
-    dt = time.perf_counter() - t0
-    if r.status_code != 200:
-        raise RuntimeError(f"{client.base_url}: {r.status_code} {r.text[:300]}")
-    return dt * 1000
+def _client(base: str) -> Client:
+    """kold loadgen's client (the one the benchmarks share): non-streamed completions, keep-alive."""
+    return Client(Target(f"{base}/v1", api="completions", stream=False), max_connections=None, timeout_s=60, stall_s=60)
+
+
+async def _timed(client: Client) -> float:
+    """One request's latency in ms (it must succeed)."""
+    record = await client.send(REQUEST, PROMPT, origin=time.perf_counter(), scheduled=time.perf_counter())
+    if record.error is not None or record.latency_s is None:
+        raise RuntimeError(f"{client.target.url}: {record.error} {record.error_detail or ''}")
+    return record.latency_s * 1000
 
 
 def latency(direct: str, gateway: str, n: int) -> dict[str, tuple[float, float]]:
@@ -97,51 +106,42 @@ def latency(direct: str, gateway: str, n: int) -> dict[str, tuple[float, float]]
     Direct and gateway requests alternate (which goes first alternates too), so a burst of noise on
     the 2 shared cores lands on both paths alike instead of on whichever ran during it.
     """
-    times: dict[str, list[float]] = {"direct": [], "gateway": []}
-    with (
-        httpx.Client(base_url=direct, timeout=60, trust_env=False) as c_direct,
-        httpx.Client(base_url=gateway, timeout=60, trust_env=False) as c_gateway,
-    ):
-        order = [("direct", c_direct), ("gateway", c_gateway)]
-        for i in range(n + 5):
-            for label, client in order if i % 2 else order[::-1]:
-                dt = _timed_post(client)
-                if i >= 5:  # after 5 warm-up requests
-                    times[label].append(dt)
+
+    async def run() -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {"direct": [], "gateway": []}
+        async with _client(direct) as c_direct, _client(gateway) as c_gateway:
+            order = [("direct", c_direct), ("gateway", c_gateway)]
+            for i in range(n + 5):
+                for label, client in order if i % 2 else order[::-1]:
+                    dt = await _timed(client)
+                    if i >= 5:  # after 5 warm-up requests
+                        times[label].append(dt)
+        return times
+
+    times = asyncio.run(run())
     return {k: (percentile(v, 0.5), percentile(v, 0.99)) for k, v in times.items()}
 
 
 def throughput(base: str, clients: int, duration_s: float) -> float:
-    """Requests/s completed by `clients` threads looping requests for `duration_s`."""
-    counts = [0] * clients
-    errors: list[str] = []
-    start = threading.Barrier(clients + 1)
-    end_at = [0.0]
+    """Requests/s completed by `clients` closed-loop workers (one connection each) for `duration_s`."""
 
-    def loop(k: int) -> None:
-        with httpx.Client(base_url=base, timeout=60, trust_env=False) as client:
-            client.post("/v1/completions", json=BODY)  # connect outside the measured window
-            start.wait()
-            while time.perf_counter() < end_at[0]:
-                r = client.post("/v1/completions", json=BODY)
-                if r.status_code == 200:
-                    counts[k] += 1
-                else:
-                    errors.append(f"{r.status_code} {r.text[:200]}")
+    async def run() -> float:
+        async with _client(base) as client:
+            await asyncio.gather(*(_timed(client) for _ in range(clients)))  # connect outside the window
+            end_at = time.perf_counter() + duration_s
+            t0 = time.perf_counter()
 
-    threads = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(clients)]
-    for t in threads:
-        t.start()
-    end_at[0] = time.perf_counter() + 3600  # set for real once every client is connected
-    start.wait()
-    t0 = time.perf_counter()
-    end_at[0] = t0 + duration_s
-    for t in threads:
-        t.join(duration_s + 60)
-    elapsed = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError(f"{base}: {len(errors)} errors, e.g. {errors[0]}")
-    return sum(counts) / elapsed
+            async def worker() -> int:
+                done = 0
+                while time.perf_counter() < end_at:
+                    await _timed(client)
+                    done += 1
+                return done
+
+            counts = await asyncio.gather(*(worker() for _ in range(clients)))
+            return sum(counts) / (time.perf_counter() - t0)
+
+    return asyncio.run(run())
 
 
 def main() -> int:
