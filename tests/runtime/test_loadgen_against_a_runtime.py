@@ -1,5 +1,5 @@
-"""`kold loadgen` against a bare `kold runtime serve` (no gateway): requests that waited for the
-restore are tagged cold, from the cold-start breakdown the runtime sends; the ones after it, warm."""
+"""`kold loadgen` against a bare `kold runtime serve` (no gateway): the request that carries the
+runtime's cold-start breakdown is tagged cold, the ones after the restore warm."""
 
 from __future__ import annotations
 
@@ -53,8 +53,10 @@ def test_loadgen_tags_the_requests_that_waited_for_the_restore(
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(rec["error"] is None for rec in records), records
-    first, last = min(records, key=lambda rec: rec["sent_s"]), max(records, key=lambda rec: rec["sent_s"])
-    assert first["cold"] is True and first["cold_start"]["restore-ms"] > 0, first  # sent during the restore
-    assert last["cold"] is False, last  # 3.5 s later: long after it
+    # a bare runtime sends its cold-start breakdown once, on the first answer after its restore: that
+    # request (one of those sent while it restored) is cold, and every request sent after it is warm
+    cold = [rec for rec in records if rec["cold"]]
+    assert len(cold) == 1 and cold[0]["sent_s"] < 1.5 and cold[0]["cold_start"]["restore-ms"] > 0, records
+    assert all(rec["cold"] is False for rec in records if rec["sent_s"] > 2.5), records
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cold_starts"] == sum(1 for rec in records if rec["cold"]) >= 1
