@@ -254,6 +254,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     }
     summary = _write_results(out, result, described, slo)
     print(_headline(summary, result))
+    failed = [r for r in result.records if r.error is not None]
+    if failed and len(failed) == len(result.records):
+        example = failed[0]
+        note(f"warning: every request failed, e.g. {example.error}: {example.error_detail or '-'}")
     for warning in result.warnings:
         note(f"warning: {warning}")
     return 0
@@ -364,6 +368,12 @@ def _write_results(
     return summary
 
 
+def _cold_starts(summary: dict[str, Any]) -> str:
+    if summary.get("cold_starts") is None:
+        return "- (the server sends no x-kold-* headers)"
+    return f"{summary['cold_starts']} ({(summary.get('cold_start_rate') or 0) * 100:.1f}%)"
+
+
 def _headline(summary: dict[str, Any], result: RunResult) -> str:
     def ms(block: Any, key: str = "p50") -> str:
         value = block.get(key) if isinstance(block, dict) else None
@@ -377,7 +387,7 @@ def _headline(summary: dict[str, Any], result: RunResult) -> str:
         ("TTFT p50 / p99", f"{ms(summary.get('ttft_s'))} / {ms(summary.get('ttft_s'), 'p99')} ms"),
         ("latency p50 / p99", f"{ms(summary.get('latency_s'))} / {ms(summary.get('latency_s'), 'p99')} ms"),
         ("ITL p50", f"{ms(summary.get('itl_s'))} ms"),
-        ("cold starts", f"{summary.get('cold_starts')} ({(summary.get('cold_start_rate') or 0) * 100:.1f}%)"),
+        ("cold starts", _cold_starts(summary)),
         ("cold / warm TTFT p50", f"{ms(summary.get('cold_ttft_s'))} / {ms(summary.get('warm_ttft_s'))} ms"),
         ("lag p99", f"{ms(summary.get('lag_s'), 'p99')} ms" + (" (BEHIND SCHEDULE)" if result.behind_schedule else "")),
     ]
