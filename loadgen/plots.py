@@ -67,28 +67,39 @@ def _split(records: Sequence[RequestRecord]) -> list[tuple[str, str, list[Reques
     return [g for g in groups if g[2]]
 
 
+_CDF_PANELS = (("ttft_s", "Time to first token"), ("latency_s", "End-to-end latency"))
+
+
+def _cdf_panel(ax: Axes, title: str, lines: Sequence[tuple[str, str | None, list[float]]]) -> None:
+    """One CDF panel: a step line per (label, colour or None for the cycle, values), log x when spread."""
+    every: list[float] = []
+    for label, colour, values in lines:
+        if values:
+            xs, ys = ecdf(values)
+            xs, ys = [xs[0], *xs], [0.0, *ys]  # the step starts from 0 at the fastest request
+            ax.step(xs, ys, where="post", color=colour, linewidth=2, label=f"{label} (n={len(values)})")
+            every.extend(values)
+    _log_if_spread(ax, every, "x")
+    ax.set_title(title, fontsize=13)
+    ax.set_xlabel(f"{title} (s)", fontsize=12)
+    ax.set_ylabel("Share of requests (CDF)", fontsize=12)
+    ax.set_ylim(0, 1.02)
+    if every:
+        ax.legend(fontsize=11, loc="lower right")
+
+
+def _measured(records: Sequence[RequestRecord], field: str) -> list[float]:
+    return [float(getattr(r, field)) for r in records if getattr(r, field) is not None]
+
+
 def plot_latency_cdf(path: Path, records: Sequence[RequestRecord]) -> Path | None:
     """TTFT and end-to-end latency CDFs, one line per group (cold, warm, unknown)."""
     groups = _split(records)
     if not groups:
         return None
-    fig, (ttft_ax, e2e_ax) = _figure(2)
-    for ax, field, title in ((ttft_ax, "ttft_s", "Time to first token"), (e2e_ax, "latency_s", "End-to-end latency")):
-        every: list[float] = []
-        for label, colour, rs in groups:
-            values = [float(getattr(r, field)) for r in rs if getattr(r, field) is not None]
-            if values:
-                xs, ys = ecdf(values)
-                xs, ys = [xs[0], *xs], [0.0, *ys]  # the step starts from 0 at the fastest request
-                ax.step(xs, ys, where="post", color=colour, linewidth=2, label=f"{label} (n={len(values)})")
-                every.extend(values)
-        _log_if_spread(ax, every, "x")
-        ax.set_title(title, fontsize=13)
-        ax.set_xlabel(f"{title} (s)", fontsize=12)
-        ax.set_ylabel("Share of requests (CDF)", fontsize=12)
-        ax.set_ylim(0, 1.02)
-        if every:
-            ax.legend(fontsize=11, loc="lower right")
+    fig, axes = _figure(2)
+    for ax, (field, title) in zip(axes, _CDF_PANELS, strict=True):
+        _cdf_panel(ax, title, [(label, colour, _measured(rs, field)) for label, colour, rs in groups])
     return _save(fig, path)
 
 
@@ -196,23 +207,9 @@ def plot_compare_cdf(path: Path, runs: Sequence[tuple[str, Sequence[RequestRecor
     if not any(r.error is None for _, records in runs for r in records):
         return None
     fig, axes = _figure(2)
-    for ax, field, title in zip(
-        axes, ("ttft_s", "latency_s"), ("Time to first token", "End-to-end latency"), strict=True
-    ):
-        every: list[float] = []
-        for name, records in runs:
-            values = [float(getattr(r, field)) for r in records if r.error is None and getattr(r, field) is not None]
-            if values:
-                xs, ys = ecdf(values)
-                ax.step([xs[0], *xs], [0.0, *ys], where="post", linewidth=2, label=f"{name} (n={len(values)})")
-                every.extend(values)
-        _log_if_spread(ax, every, "x")
-        ax.set_title(title, fontsize=13)
-        ax.set_xlabel(f"{title} (s)", fontsize=12)
-        ax.set_ylabel("Share of requests (CDF)", fontsize=12)
-        ax.set_ylim(0, 1.02)
-        if every:
-            ax.legend(fontsize=11, loc="lower right")
+    for ax, (field, title) in zip(axes, _CDF_PANELS, strict=True):
+        lines = [(name, None, _measured([r for r in records if r.error is None], field)) for name, records in runs]
+        _cdf_panel(ax, title, lines)
     return _save(fig, path)
 
 

@@ -279,17 +279,16 @@ def _drive(
     counts: Any,
     *,
     progress: bool,
-    on_record: Any = None,
 ) -> RunResult:
     from kold.loadgen.runner import run
 
     show = progress and sys.stderr.isatty()
     if not show:
-        return asyncio.run(run(planned, target, run_settings, prompt_for, on_record, live=counts))
+        return asyncio.run(run(planned, target, run_settings, prompt_for, live=counts))
     from kold.loadgen.progress import Progress
 
     with Progress(counts, label=f"{target.url} ({run_settings.label})"):
-        return asyncio.run(run(planned, target, run_settings, prompt_for, on_record, live=counts))
+        return asyncio.run(run(planned, target, run_settings, prompt_for, live=counts))
 
 
 # A sweep stage saturates the target when it completes under this share of the rate it was offered, or
