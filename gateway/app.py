@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import uvicorn
@@ -38,8 +38,10 @@ from kold.runtime.httpserver import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    disconnect_watcher,
     http_protocol,
     read_body,
+    unless_gone,
 )
 from kold.runtime.protocol import (
     ClientDisconnectedError,
@@ -93,34 +95,6 @@ def server_config(
 def request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-
-
-async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run `work` until it ends or the client disconnects, whichever is first; on a disconnect `work`
-    is cancelled (a held request stops being counted, an instance's connection is closed, so the
-    runtime cancels the generation) and ClientDisconnectedError is raised.
-
-    Call it once the request's body has been read: the next ASGI message is then the disconnect."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # cancelled from outside (the server stops): take `work` down too
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise ClientDisconnectedError("the client closed the connection")
 
 
 def build_app(
@@ -191,7 +165,8 @@ def build_app(
         rid = request_id(request)
         headers = {**dict(request.headers), "x-request-id": rid}
         try:
-            response = await unless_disconnected(request, proxy(gw, client, name, f"/v1/{kind}", body, headers, raw))
+            work = proxy(gw, client, name, f"/v1/{kind}", body, headers, raw)
+            response = await unless_gone(work, disconnect_watcher(request), "the client closed the connection")
         except InvalidNameError:
             gw.observe(None, False, 404, time.monotonic() - started)
             raise ModelNotFoundError(f"the function {name!r} does not exist", param="model") from None

@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 from asyncio import TimerHandle, Transport
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -169,3 +171,40 @@ def _timeout_response() -> bytes:
 
 
 _TIMEOUT_RESPONSE = _timeout_response()
+
+
+# -- a client that leaves ---------------------------------------------------------------------------
+
+T = TypeVar("T")
+Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
+
+
+def disconnect_watcher(request: Request) -> Disconnected:
+    """Waits for the client to leave: call it once the request's body has been read, when the next ASGI
+    message is the disconnect."""
+
+    async def wait() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    return wait
+
+
+async def unless_gone(work: Awaitable[T], disconnected: Disconnected, message: str) -> T:
+    """`work`'s result, unless the client leaves first: then `work` is cancelled (a queued wait gives its
+    place up, a proxied request closes its upstream connection) and `ClientDisconnectedError(message)` is
+    raised. The runtime and the gateway both wait this way."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if not task.done() or task.cancelled():
+        raise ClientDisconnectedError(message)
+    return task.result()

@@ -52,6 +52,8 @@ from kold.runtime.httpserver import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    Disconnected,
+    disconnect_watcher,
     http_protocol,
     read_body,
 )
@@ -70,7 +72,7 @@ from kold.runtime.protocol import (
     error_body,
     parse_json_object,
 )
-from kold.runtime.service import Disconnected, Service
+from kold.runtime.service import Service
 
 if TYPE_CHECKING:
     from kold.snapshot.verify import TierVerdict, TierVerifier
@@ -244,7 +246,7 @@ class Runtime:
         try:
             raw = await read_body(request, max_bytes=self.options.max_body_bytes, timeout_s=self.options.body_timeout_s)
             parsed = model.model_validate(parse_json_object(raw))
-            return await handler(parsed, _disconnect_watcher(request), request_id)
+            return await handler(parsed, disconnect_watcher(request), request_id)
         except Exception as raised:
             exc = self._as_failure(raised)
             status, _ = error_body(exc)
@@ -541,16 +543,6 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: 
     except RuntimeError:  # the loop is closed: the process is exiting
         return False
     return True
-
-
-def _disconnect_watcher(request: Request) -> Disconnected:
-    async def wait() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    return wait
 
 
 class _Server(uvicorn.Server):

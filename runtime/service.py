@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from starlette.responses import JSONResponse, Response
 
 from kold.runtime.backend import Backend, EngineStats, Generation, Sampling, TokenEvent
+from kold.runtime.httpserver import Disconnected, unless_gone
 from kold.runtime.lifecycle import Lifecycle
 from kold.runtime.logprobs import ChoiceLogprobs, CompletionOffsets, chat_logprobs
 from kold.runtime.metrics import RuntimeMetrics
@@ -35,7 +36,6 @@ from kold.runtime.protocol import (
     ChatDelta,
     ChatLogprobs,
     ChatResponseMessage,
-    ClientDisconnectedError,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -63,7 +63,6 @@ T = TypeVar("T")
 # hop would cost more than it saves); longer ones in one of TOKENIZE_THREADS threads.
 INLINE_TOKENIZE_CHARS = 8192
 TOKENIZE_THREADS = 2
-Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
 
 
 @dataclass
@@ -262,7 +261,7 @@ class Service:
         must not keep its place in the bounded wait queue (or run a generation) for nobody."""
         queue_s = 0.0
         if not self.lifecycle.can_serve:
-            queue_s = await _unless_gone(
+            queue_s = await unless_gone(
                 self.lifecycle.wait_ready(),
                 disconnected,
                 "the client closed the connection while the model was loading",
@@ -278,7 +277,7 @@ class Service:
         if self.lifecycle.ready:
             return
         try:
-            await _unless_gone(
+            await unless_gone(
                 self.lifecycle.wait_settled(),
                 disconnected,
                 "the client closed the connection while the model was loading",
@@ -424,7 +423,7 @@ class Service:
             async for _ in self._events(job):
                 pass
 
-        await _unless_gone(consume(), disconnected, "the client closed the connection before the completion was done")
+        await unless_gone(consume(), disconnected, "the client closed the connection before the completion was done")
 
     async def _completion_events(
         self, job: _Job, echo: list[str], offsets: list[CompletionOffsets], usage: bool
@@ -545,20 +544,3 @@ def _with_seed(s: Sampling, seed: int) -> Sampling:
     from dataclasses import replace
 
     return replace(s, seed=seed)
-
-
-async def _unless_gone(work: Awaitable[T], disconnected: Disconnected, message: str) -> T:
-    """`work`'s result, unless the client leaves first: then `work` is cancelled (a queued wait
-    gives its place up) and `ClientDisconnectedError(message)` is raised."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if not task.done() or task.cancelled():
-        raise ClientDisconnectedError(message)
-    return task.result()
