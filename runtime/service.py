@@ -45,6 +45,7 @@ from kold.runtime.protocol import (
     ModelCard,
     ModelList,
     ModelNotFoundError,
+    NotReadyError,
     Usage,
     error_body,
     new_id,
@@ -288,8 +289,12 @@ class Service:
         job.headers.update(self.lifecycle.take_cold_start_headers())
 
     def _backend(self) -> Backend:
-        if self.backend is None:  # ready implies a backend; a bug otherwise
-            raise InternalError("the instance is ready but has no model")
+        if self.backend is None:
+            if self.lifecycle.error is not None:  # the restore failed under a request admitted behind it
+                raise NotReadyError(
+                    f"the model could not be loaded: {self.lifecycle.error}", code=self.lifecycle.error_code or None
+                )
+            raise InternalError("the instance is ready but has no model")  # ready implies a backend: a bug
         return self.backend
 
     def _sampling(
