@@ -1,21 +1,254 @@
-"""The `forecast` policy (being written: for now it holds nothing, so the spec's idle timeout rules)."""
+"""The `forecast` policy: predict each function's near-future demand and pay idle time only where it buys
+fewer cold starts than its price.
+
+The one trade it makes everywhere: `budget` is how many idle instance-seconds one avoided cold start is
+worth. From the function's own history it predicts, in this order:
+- periodicity (timers): when the recent gaps between arrivals agree, the next arrival is due at
+  last + period, give or take their spread. Holding an instance over the whole gap costs the period;
+  releasing it and pre-warming ahead costs the measured cold start, a safety lead and the spread. It
+  takes the cheaper, and a pre-warm starts early enough to cover the function's measured restore time;
+- time-of-day seasonality and trend: the arrival rate expected in the next minutes is the larger of
+  the last RECENT_MINUTES' rate and the rate at the same time on the previous days. While that rate
+  makes an arrival expected within `budget` seconds, an instance is held (Poisson arrivals are
+  memoryless: holding pays off exactly when the expected gap is below the budget);
+- bursts and irregular gaps: the keep-alive after an arrival is the one that maximises, over the
+  idle-time histogram, (share of gaps caught warm) - (idle seconds it costs) / budget;
+- concurrency: more than one instance is held ahead of demand when the recent or the seasonal
+  per-minute concurrency peaks need them, rising with the trend, so a busy function scales out before
+  its requests queue for starts instead of after.
+
+Pure: everything comes from the arguments. Derived values (the period, the best keep-alive) are cached
+per function and recomputed when enough new arrivals came in, which keeps a plan call in the
+microseconds the simulator needs.
+"""
 
 from __future__ import annotations
 
+import itertools
+import math
+from dataclasses import dataclass
+from statistics import median
 from typing import ClassVar
 
-from kold.controller.history import DemandHistory
+from kold.controller.history import IDLE_BINS, DemandHistory
 from kold.controller.policies.base import Plan
 from kold.controller.scaling import Floor, Spec
+
+DEFAULT_COLD_START_S = 5.0  # until a start of the function was measured: the local platform's cold TTFT order
+RELEASE_S = 2.0  # the keep-alive of an instance the forecast does not want: long enough to finish its answer
+MIN_GAPS = 4  # recent gaps needed before a period is believed
+MIN_IDLE_TIMES = 10  # below this many gaps the history predicts nothing: the spec's idle timeout rules
+CLUSTER_S = 60.0  # arrivals closer than this belong to one firing (a timer's calls spread over its minute)
+PERIOD_SPREAD = 0.3  # a period is believed when the gaps stay within this share of it
+RECENT_MINUTES = 15  # the window of the trend rate
+SEASON_DAYS = 3  # previous days looked at for the same time of day
+SEASON_SPAN = 5  # minutes either side of the same time of day
+REFRESH_ARRIVALS = 32  # recompute the cached keep-alive and period after this many new arrivals
+RATE_RECHECK_S = 60.0  # how often a rate-held floor is re-evaluated
+
+
+@dataclass
+class _Derived:
+    """What the policy derived from one function's history, and when."""
+
+    arrivals: int = -1
+    period: float | None = None  # between the starts of firings
+    spread: float = 0.0
+    cluster_s: float = 0.0  # how long a firing's calls keep coming after its first
+    keepalive_s: float = 0.0
+    season_peak_rate: float = 0.0  # the highest same-time-of-day rate seen on previous days (per s)
 
 
 class Forecast:
     name: ClassVar[str] = "forecast"
     knob: ClassVar[str] = "budget"
-    knob_values: ClassVar[tuple[float, ...]] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    knob_values: ClassVar[tuple[float, ...]] = (15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
 
-    def __init__(self, budget: float = 1.0) -> None:
-        self.budget = budget
+    def __init__(self, budget: float = 120.0, default_cold_start_s: float = DEFAULT_COLD_START_S) -> None:
+        if not budget > 0:
+            raise ValueError(f"budget must be > 0 idle seconds per avoided cold start, not {budget}")
+        if not default_cold_start_s >= 0:
+            raise ValueError(f"default_cold_start_s must be >= 0, not {default_cold_start_s}")
+        self.budget = float(budget)
+        self.default_cold_start_s = float(default_cold_start_s)
+        self._derived: dict[str, _Derived] = {}
 
     def plan(self, function: str, history: DemandHistory, spec: Spec, now: float) -> Plan:
-        return Plan(Floor(0, now, "forecast: no prediction yet"))
+        last = history.last_arrival
+        if last is None:
+            return Plan(Floor(0, now, "forecast: no demand seen yet"))
+        d = self._derive(function, history, now)
+        cold = history.cold_start_s if history.cold_start_s is not None else self.default_cold_start_s
+        lead = 1.2 * cold + 1.0  # start this long before an expected arrival: the restore, with a margin
+
+        conc, conc_why = self._concurrency(history, spec, now)
+        if history.idle_times < MIN_IDLE_TIMES:
+            keep, until, recheck = 0, now, None
+            why = f"learning ({history.idle_times} of {MIN_IDLE_TIMES} gaps seen): the spec's idle timeout"
+        else:
+            keep, until, recheck, why = self._single(d, history, now, last, lead)
+        if conc > keep:
+            return Plan(
+                Floor(conc, now + RATE_RECHECK_S, f"forecast: {conc_why}", idle_timeout_s=spec.idle_timeout_s),
+                now + RATE_RECHECK_S / 4,
+            )
+        idle = None if keep or history.idle_times < MIN_IDLE_TIMES else RELEASE_S
+        return Plan(Floor(keep, until, f"forecast: {why}", idle_timeout_s=idle), recheck)
+
+    # -- one instance: periodic pre-warm, seasonal rate, keep-alive ------------------------------------
+
+    def _single(
+        self, d: _Derived, h: DemandHistory, now: float, last: float, lead: float
+    ) -> tuple[int, float, float | None, str]:
+        """(instances 0 or 1, until, recheck_at, why) for holding the function's first instance."""
+        rate = self._rate(h, now + lead)
+        if rate * self.budget >= 1.0:
+            return 1, now + RATE_RECHECK_S, now + RATE_RECHECK_S, f"{rate * 60:.1f} arrivals/min expected"
+        if d.period is not None:
+            period, spread = d.period, d.spread
+            start = _firing_start(h)
+            if now < last + d.cluster_s:  # the firing's other calls are still coming
+                end = last + d.cluster_s
+                return 1, end, end, f"every {period:.0f} s: held through the firing"
+            nxt = start + period
+            if now <= nxt + spread + lead:  # the next beat is still ahead (or just due): follow it
+                window_open = nxt - spread - lead
+                if window_open - last <= RELEASE_S + lead or period <= 2 * spread + 2 * lead:
+                    # the gap is too short to release and start again: hold through it
+                    return 1, nxt + spread + 1.0, nxt + spread + 1.0, f"every {period:.0f} s: held between calls"
+                if now >= window_open:
+                    end = nxt + spread + 1.0
+                    return 1, end, end, f"every {period:.0f} s: pre-warmed for the call due at +{nxt - last:.0f} s"
+                return 0, window_open, window_open, f"every {period:.0f} s: next pre-warm in {window_open - now:.0f} s"
+        if d.keepalive_s > 0 and now < last + d.keepalive_s:
+            end = last + d.keepalive_s
+            return (
+                1,
+                end,
+                end,
+                f"kept {d.keepalive_s:.0f} s after each call (idle-time histogram, budget {self.budget:g} s)",
+            )
+        recheck = self._next_rate_rise(d, h, now, lead)
+        return 0, now + RATE_RECHECK_S, recheck, "no call expected soon"
+
+    def _next_rate_rise(self, d: _Derived, h: DemandHistory, now: float, lead: float) -> float | None:
+        """When to look again for a seasonal rise: only functions whose previous days ever had a rate
+        worth holding for are re-checked on a timer (the others wait for their next arrival)."""
+        if d.season_peak_rate * self.budget >= 1.0:
+            return now + RATE_RECHECK_S
+        return None
+
+    # -- rates and concurrency ---------------------------------------------------------------------------
+
+    def _rate(self, h: DemandHistory, at: float) -> float:
+        """Arrivals per second expected around `at`: the larger of the recent rate (trend, bursts) and
+        the rate at the same time on the previous days (seasonality)."""
+        minute = int(at // 60)
+        recent = sum(h.counts.get(m, 0) for m in range(minute - RECENT_MINUTES, minute)) / (RECENT_MINUTES * 60)
+        return max(recent, self._season_rate(h, minute))
+
+    @staticmethod
+    def _season_rate(h: DemandHistory, minute: int) -> float:
+        if h.first_arrival is None:
+            return 0.0
+        first = int(h.first_arrival // 60)
+        days = 0
+        total = 0
+        for day in range(1, SEASON_DAYS + 1):
+            centre = minute - 1440 * day
+            if centre + SEASON_SPAN < first:  # before the history began: not a day seen
+                break
+            days += 1
+            total += sum(h.counts.get(m, 0) for m in range(centre - SEASON_SPAN, centre + SEASON_SPAN + 1))
+        return total / (days * (2 * SEASON_SPAN + 1) * 60) if days else 0.0
+
+    @staticmethod
+    def _concurrency(h: DemandHistory, spec: Spec, now: float) -> tuple[int, str]:
+        """Instances the predicted concurrency needs: the recent peak, rising with its trend, or the peak
+        at this time of day on the previous day, whichever is higher."""
+        minute = int(now // 60)
+        current, previous = h.peak(minute), h.peak(minute - 1)
+        recent = max(current, previous)
+        trend = max(0, current - previous)
+        season = max((h.peak(minute - 1440 + k) for k in range(0, 3)), default=0)
+        peak = max(recent + trend, season)
+        need = math.ceil(peak / spec.target_concurrency) if peak > spec.target_concurrency else 0
+        need = min(need, spec.max_instances)
+        return need, f"concurrency peak {peak} expected ({spec.target_concurrency} per instance)"
+
+    # -- derived values, cached per function ----------------------------------------------------------
+
+    def _derive(self, function: str, h: DemandHistory, now: float) -> _Derived:
+        d = self._derived.get(function)
+        if d is None:
+            d = self._derived[function] = _Derived()
+        elif d.arrivals >= 0 and h.arrivals - d.arrivals < REFRESH_ARRIVALS and not self._broken(d, h):
+            return d
+        d.arrivals = h.arrivals
+        d.period, d.spread, d.cluster_s = _period(list(h.recent))
+        d.keepalive_s = self._keepalive(h)
+        d.season_peak_rate = max(
+            (self._season_rate(h, m) for m in range(int(now // 60), int(now // 60) + 1440, 30)), default=0.0
+        )
+        return d
+
+    @staticmethod
+    def _broken(d: _Derived, h: DemandHistory) -> bool:
+        """The believed period no longer fits the last gap: derive again at once, not 32 arrivals later."""
+        if d.period is None or len(h.recent) < 2:
+            return False
+        gap = h.recent[-1] - h.recent[-2]
+        return abs(gap - d.period) > d.spread + 1.0
+
+    def _keepalive(self, h: DemandHistory) -> float:
+        """The keep-alive (seconds after an arrival) maximising caught - idle / budget over the idle-time
+        histogram; 0 when no keep-alive pays for itself."""
+        total = h.idle_times
+        if total == 0:
+            return 0.0
+        best_t, best_j = 0, 0.0
+        caught = 0  # gaps shorter than t minutes
+        idle_caught = 0.0  # idle seconds those gaps cost (mid-bin)
+        for t in range(1, IDLE_BINS + 1):
+            n = h.idle_bins[t - 1]
+            caught += n
+            idle_caught += n * (t - 0.5) * 60
+            idle = idle_caught + (total - caught) * t * 60  # the others cost the whole keep-alive
+            j = (caught - idle / self.budget) / total
+            if j > best_j:
+                best_t, best_j = t, j
+        return best_t * 60.0
+
+
+def _period(times: list[float]) -> tuple[float | None, float, float]:
+    """(period, spread, cluster) of a timer: the gaps between firings (arrivals after a gap of
+    CLUSTER_S or more) agree within PERIOD_SPREAD of their median; `cluster` is how long a firing's calls
+    kept coming after its first. (None, 0, 0) when the arrivals are not periodic."""
+    starts: list[float] = []
+    cluster = 0.0
+    prev = -math.inf
+    for t in times:
+        if t - prev >= CLUSTER_S:
+            starts.append(t)
+        else:
+            cluster = max(cluster, t - starts[-1])
+        prev = t
+    gaps = [b - a for a, b in itertools.pairwise(starts)][-16:]
+    if len(gaps) < MIN_GAPS:
+        return None, 0.0, 0.0
+    p = median(gaps)
+    spread = max(abs(g - p) for g in gaps)
+    if spread > PERIOD_SPREAD * p:
+        return None, 0.0, 0.0
+    return p, spread, min(cluster + 1.0, CLUSTER_S) if cluster else 0.0
+
+
+def _firing_start(h: DemandHistory) -> float:
+    """The first arrival of the latest firing (arrivals less than CLUSTER_S apart are one firing)."""
+    recent = h.recent
+    start = recent[-1]
+    for i in range(len(recent) - 2, -1, -1):
+        if start - recent[i] >= CLUSTER_S:
+            break
+        start = recent[i]
+    return start
