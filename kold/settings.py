@@ -135,6 +135,14 @@ class Settings(BaseSettings):
     instance_start: Literal["fork-template", "spawn"] = Field(
         default="fork-template", description="how the local platform starts instances"
     )
+    # -- the pre-warm controller (`kold controller`, and inside `kold up` unless off) --
+    controller: bool = Field(default=True, description="kold up runs the pre-warm controller")
+    # one decision pass a second: a pre-warm is planned ahead by at least the cold start it hides (seconds),
+    # and a cold arrival pokes the controller at once rather than waiting for the tick
+    controller_tick_s: float = Field(default=1.0, gt=0, le=300, description="the controller's decision interval")
+    # a lease a little over a few ticks: a controller that died hands over within seconds, while a slow
+    # tick (Redis busy) does not lose it
+    controller_lease_s: float = Field(default=10.0, gt=0, le=3600, description="the controller lease's expiry")
     # unset: the platform `kold up` started (its state under `home`), else http://127.0.0.1:8080
     gateway_url: str | None = Field(default=None, description="where the CLI finds the gateway")
     api_key: str | None = Field(default=None, description="Bearer key the CLI sends to the gateway")
