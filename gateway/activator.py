@@ -5,13 +5,21 @@ loaded instance that has room under `target_concurrency` (a READY one, or one st
 already takes requests); when every instance is full and more are starting, it is held (not failed)
 until one has room, and with no instance at all until one can take it or the revision's
 `request_timeout_s` passes (503 + Retry-After). At max_instances the target is soft: the least
-loaded READY instance takes the request and the runtime queues it. Every acquire re-evaluates how
-many instances the revision needs, Knative-style: ceil((in flight + waiting) / target_concurrency),
-between min_instances and max_instances, and starts only the missing ones (counted synchronously, so
-a burst at a cold function starts as many instances as its concurrency needs, not one per request).
-A background task stops instances idle for `idle_timeout_s` (the runtime drains on SIGTERM), down to
-min_instances (0: scale to zero) but never below what the function's load and backlog need.
-Invocations are recorded off the critical path by a queue drained in batches.
+loaded READY instance takes the request and the runtime queues it.
+
+Scaling is split as Knative's autoscaler is: collect -> decide -> act. `observed(rev)` collects what
+the pool shows (instances by state, in flight, idle since; held requests; starts not spawned yet);
+`kold.controller.scaling.decide` (pure, shared with the controller and the simulator) decides how
+many instances to run and which idle ones to stop; the gateway acts (spawns the missing starts,
+drains the stops). Two callers ask: the request path (`ensure_capacity` at every acquire: it only
+starts, so a burst at a cold function starts as many instances as its concurrency needs, counted
+synchronously) and the scale pass (`scale_once`, every REAP_INTERVAL_S, and at once after a floor
+changes: starts and stops). Floors are what the pre-warm controller holds per function
+(`set_floor`, Unix time in, the gateway's clock inside): the scale pass keeps what a floor holds.
+Only the outer loops read the clock (`clock`, injected; `wall` for Unix times), so the same code runs
+under a test's fake clock. Revisions that no longer serve are decided with no minimum and no floor.
+
+Every request and every instance start is recorded for the controller (gateway/recorder.py).
 """
 
 from __future__ import annotations
@@ -28,9 +36,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from redis.exceptions import RedisError
 
+from kold.controller import scaling
+from kold.controller.scaling import Decision, Floor, InstanceView, Observed, Spec, decide
 from kold.gateway.capacity import Footprint, NodeCapacity, total
+from kold.gateway.floors import FloorTable
+from kold.gateway.names import validate_function_name
 from kold.gateway.pool import Instance, InstancePool, InstanceState
-from kold.gateway.registry import Invocation, Registry, Revision, RuntimeSpec
+from kold.gateway.recorder import Call, DemandWriter, Recorder, cold_start_record
+from kold.gateway.registry import Registry, Revision, RuntimeSpec, ScalingSpec
 from kold.gateway.startfailures import RevisionFailure, StartFailures
 from kold.runtime.protocol import ModelNotFoundError, UnavailableError
 
@@ -39,12 +52,6 @@ log = logging.getLogger("kold.gateway.activator")
 SERVING_CACHE_S = 1.0
 REGISTRY_PROBE_S = 0.5  # while Redis is unreachable, how often the gateway asks again
 REAP_INTERVAL_S = 0.25
-RECORD_BATCH = 500
-# How long the recorder waits after a record for others to share its Redis round trip. The controller
-# reads demand over windows of seconds, so 0.1 s of delay costs it nothing, while writing each record
-# of a busy function on its own cost a thread hop and a round trip per request (bench/gateway.py).
-RECORD_LINGER_S = 0.1
-RECORD_QUEUE_MAX = 10_000
 DRAIN_TIMEOUT_S = 30.0
 
 
@@ -76,7 +83,8 @@ class ColdStartTimeoutError(UnavailableError):
 class FunctionState:
     """What the activator tracks per function (all touched from the event loop only)."""
 
-    waiting: int = 0  # requests held for want of a READY instance
+    waiting: int = 0  # requests held for want of an instance with room
+    active: int = 0  # requests acquired and not released yet (on any revision)
     pending: dict[str, int] = field(default_factory=dict)  # revision id -> starts not yet spawned
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -85,11 +93,33 @@ class FunctionState:
         self.changed = asyncio.Event()
 
 
-Controller = Callable[["Gateway", float], Awaitable[None]]
+@dataclass(frozen=True, slots=True)
+class _Retiring:
+    """What `decide` reads of a revision that no longer serves: its spec with no minimum, so its
+    instances go once idle (and its in-flight requests keep what they need meanwhile)."""
+
+    max_instances: int
+    target_concurrency: int
+    idle_timeout_s: float
+    min_instances: int = 0
+
+    @classmethod
+    def of(cls, spec: ScalingSpec) -> _Retiring:
+        return cls(spec.max_instances, spec.target_concurrency, spec.idle_timeout_s)
+
+
+# The pre-warm controller's hook (optional): awaited every tick with the gateway and the Unix time.
+Controller = Callable[["Gateway", float], Awaitable[object]]
 
 
 class Gateway:
-    """Per-function state over a registry and an instance pool."""
+    """Per-function state over a registry and an instance pool.
+
+    `clock` (monotonic seconds) is the only clock the scaling reads, and `wall` (Unix seconds) the one
+    records and floors are written in; both injected so tests run the scaler on a fake timeline.
+    `demand` (kold.controller.demand.DemandStore) receives the invocation and cold-start records
+    (None: none kept). `on_cold(function)` is called on the event loop, and must not block, when a
+    request arrives at a function with no READY instance (the controller's poke)."""
 
     def __init__(
         self,
@@ -100,28 +130,36 @@ class Gateway:
         controller: Controller | None = None,
         controller_tick_s: float = 1.0,
         capacity: NodeCapacity | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        demand: DemandWriter | None = None,
+        on_cold: Callable[[str], None] | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
+        self.clock = clock
+        self.wall = wall
+        self.demand = demand
+        self.on_cold = on_cold
         # the node's resources; None: unbounded (instances start as the load asks, up to max_instances)
         self.capacity = capacity
         self._no_room: dict[str, str] = {}  # function -> what its last wanted start was short of
-        # the pre-warm controller's hook: called every tick with the gateway (its actuator: prewarm)
-        # and the time; the policies that decide come with the controller (controller/)
+        # a pre-warm controller run inside the gateway's loop, ticked with the Unix time (optional)
         self.controller = controller
         self.controller_tick_s = controller_tick_s
         if pool.on_failure is None:
             pool.on_failure = self._on_failure
         self.functions: dict[str, FunctionState] = {}
+        self.floors = FloorTable()
         self._revisions: dict[str, Revision] = {}  # immutable: cached for good
         self._serving: dict[str, tuple[float, Revision]] = {}  # name -> (fresh until, revision)
         self._refreshing: set[str] = set()  # functions whose serving revision is being re-read
-        # instance id -> monotonic time it last became idle (no request in flight); only live instances
+        # instance id -> clock time it last became idle (nothing in flight); only live READY instances
         self._idle_since: dict[str, float] = {}
+        self._idle_counted: dict[str, float] = {}  # instance id -> time its idle seconds are counted to
+        self._prewarmed: set[str] = set()  # instances a floor started that have served nothing yet
         self.start_failures = StartFailures()
         self._request_labels: dict[str, set[tuple[str, str]]] = {}  # function -> (cold, status) it was counted with
-        self._queue: asyncio.Queue[Invocation] | None = None
-        self._in_hand: list[Invocation] = []  # records taken off the queue, not written yet
         self._tasks: list[asyncio.Task[None]] = []
         self._starts: set[asyncio.Task[Any]] = set()
         self._redis_down_logged = False
@@ -146,13 +184,33 @@ class Gateway:
             registry=self.metrics,
         )
         self.m_dropped = Counter(
-            "kold_gateway_invocation_records_dropped", "Invocation records not written", registry=self.metrics
+            "kold_gateway_invocation_records_dropped",
+            "Demand records (invocations, cold starts) not written",
+            registry=self.metrics,
         )
         self.m_starts = Counter(
             "kold_gateway_instance_starts", "Instances started", ["function"], registry=self.metrics
         )
         self.m_stops = Counter(
             "kold_gateway_instance_stops", "Instances scaled in", ["function"], registry=self.metrics
+        )
+        self.m_prewarm_starts = Counter(
+            "kold_gateway_prewarm_starts",
+            "Instances started because a floor (the pre-warm controller's, or an admin pre-warm) asked for them",
+            ["function"],
+            registry=self.metrics,
+        )
+        self.m_prewarm_hits = Counter(
+            "kold_gateway_prewarm_hits",
+            "Pre-warmed instances that served a request before being stopped",
+            ["function"],
+            registry=self.metrics,
+        )
+        self.m_idle = Counter(
+            "kold_gateway_idle_instance_seconds",
+            "Instance-seconds READY with nothing in flight (pre-warmed time included)",
+            ["function"],
+            registry=self.metrics,
         )
         self.m_waiting = Gauge("kold_gateway_waiting", "Requests held for a cold function", registry=self.metrics)
         self.m_registry_down = Gauge(
@@ -180,6 +238,7 @@ class Gateway:
         self.m_failures = Counter(
             "kold_gateway_instance_failures", "Instances that exited unexpectedly", ["function"], registry=self.metrics
         )
+        self.recorder = Recorder(demand, self.m_dropped)
 
     def refresh_instance_gauge(self) -> None:
         """Set `kold_gateway_instances` from the pool (called at scrape time: always current, no bookkeeping)."""
@@ -194,13 +253,21 @@ class Gateway:
             for state in (InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING):
                 self.m_instances.labels(fn, state.value).set(counts.get((fn, state.value), 0))
 
+    def refresh_metrics(self) -> None:
+        """What a scrape brings up to date: the instance gauge and the idle instance-seconds."""
+        self.refresh_instance_gauge()
+        self._account_idle(self.clock())
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue(RECORD_QUEUE_MAX)
+        """Start the background work: the recorder, the scale pass loop, and, off the loop, reading every
+        function's serving revision so that min_instances holds from start-up (not only after a
+        function's first request); while Redis is away that is retried until it answers."""
+        self.recorder.start()
         self._tasks = [
-            asyncio.create_task(self._record_loop(), name="kold-gateway-records"),
             asyncio.create_task(self._reap_loop(), name="kold-gateway-reaper"),
+            asyncio.create_task(self._scale_at_start(), name="kold-gateway-startup"),
         ]
         if self.controller is not None:
             self._tasks.append(asyncio.create_task(self._controller_loop(), name="kold-gateway-controller"))
@@ -210,7 +277,7 @@ class Gateway:
         for t in [*self._tasks, *self._starts, *probe]:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._starts, *probe, return_exceptions=True)
-        await self._flush()
+        await self.recorder.close()
         await self.pool.close(drain_timeout_s)
 
     def state(self, name: str) -> FunctionState:
@@ -218,6 +285,30 @@ class Gateway:
         if st is None:
             st = self.functions[name] = FunctionState()
         return st
+
+    async def _scale_at_start(self) -> None:
+        while True:
+            try:
+                known = await asyncio.to_thread(self._read_all_serving)
+                break
+            except RedisError as exc:
+                self.redis_unreachable(exc)
+                await asyncio.sleep(REGISTRY_PROBE_S)
+        fresh_until = self.clock() + SERVING_CACHE_S
+        for name, rev in known:
+            self._revisions.setdefault(rev.revision_id, rev)
+            self._serving.setdefault(name, (fresh_until, rev))  # a request may have read it meanwhile
+        self.scale_once()
+
+    def _read_all_serving(self) -> list[tuple[str, Revision]]:
+        """Every function's serving revision (the latest where none serves yet), in one thread hop."""
+        out = []
+        for fn in self.registry.list_functions():
+            rev_id = fn.serving_revision or fn.latest_revision
+            rev = self._revisions.get(rev_id) or self.registry.get_revision(rev_id)
+            if rev is not None:
+                out.append((fn.name, rev))
+        return out
 
     # -- revisions ---------------------------------------------------------------------------------
 
@@ -237,7 +328,7 @@ class Gateway:
         and this request goes on with what is known. Only a function never seen waits for Redis."""
         cached = self._serving.get(name)
         if cached is not None:
-            if cached[0] <= time.monotonic() and not self.registry_down:
+            if cached[0] <= self.clock() and not self.registry_down:
                 self._refresh_serving(name)
             return cached[1]
         try:
@@ -254,17 +345,19 @@ class Gateway:
         rev = await self.revision(fn.serving_revision or fn.latest_revision)
         if rev is None:
             raise ModelNotFoundError(f"the function {name!r} has no revision", param="model")
-        self._serving[name] = (time.monotonic() + SERVING_CACHE_S, rev)
+        self._serving[name] = (self.clock() + SERVING_CACHE_S, rev)
         return rev
 
     def _refresh_serving(self, name: str) -> None:
-        """One background refresh of a function's serving revision at a time."""
+        """One background refresh of a function's serving revision at a time; the function is scaled
+        once it is known (a new serving revision, a floor set before the function was seen)."""
         if name in self._refreshing:
             return
 
         async def refresh() -> None:
             try:
-                await self._read_serving(name)
+                rev = await self._read_serving(name)
+                self._scale(rev, self.clock(), serving=True)
             except RedisError as exc:
                 self.redis_unreachable(exc)
             except ModelNotFoundError:
@@ -299,45 +392,113 @@ class Gateway:
             self.m_registry_down.set(0)
             return
 
-    def invalidate(self, name: str) -> None:
+    def invalidate(self, name: str, *, reload: bool = True) -> None:
+        """Forget the function's serving revision (traffic moved); with `reload`, read it again in the
+        background so that its minimum and floor apply to the new one without waiting for a request."""
         self._serving.pop(name, None)
+        if reload and _on_loop():
+            self._refresh_serving(name)
 
-    # -- acquiring and releasing instances ----------------------------------------------------------
+    def _is_serving(self, rev: Revision) -> bool:
+        """Whether `rev` is its function's serving revision (as far as the gateway knows: an unknown
+        function's is taken to be)."""
+        cached = self._serving.get(rev.function)
+        return cached is None or cached[1].revision_id == rev.revision_id
 
-    def _live(self, rev_id: str) -> list[Instance]:
-        return [i for i in self.pool.instances(rev_id) if i.state in (InstanceState.STARTING, InstanceState.READY)]
+    # -- collect -----------------------------------------------------------------------------------
 
-    def _ready(self, rev_id: str, exclude: Instance | None = None) -> list[Instance]:
-        return [i for i in self.pool.instances(rev_id) if i.state is InstanceState.READY and i is not exclude]
+    def observed(self, rev: Revision, extra: int = 0) -> Observed:
+        """What the pool shows of `rev` now: its STARTING and READY instances (in flight, idle since),
+        the function's held requests (when `rev` serves; `extra` more: a rollout's own) and the starts
+        asked for but not spawned yet."""
+        views = []
+        for inst in self.pool.instances(rev.revision_id):
+            if inst.state is InstanceState.READY:
+                idle = None if inst.in_flight else self._idle_since.get(inst.id)
+                views.append(InstanceView(inst.id, scaling.READY, inst.in_flight, idle))
+            elif inst.state is InstanceState.STARTING:
+                views.append(InstanceView(inst.id, scaling.STARTING, inst.in_flight))
+        st = self.functions.get(rev.function)
+        waiting = st.waiting if st is not None and self._is_serving(rev) else 0
+        pending = st.pending.get(rev.revision_id, 0) if st is not None else 0
+        return Observed(tuple(views), waiting + extra, pending)
 
-    def _accepting(self, rev: Revision, exclude: Instance | None = None) -> list[Instance]:
-        """Starting instances that already take requests (they run them behind their restore), while
-        they have room: the request that woke an instance goes there at once instead of waiting."""
-        limit = rev.scaling.target_concurrency
-        return [
-            i
-            for i in self.pool.instances(rev.revision_id)
-            if i.state is InstanceState.STARTING and i.accepting and i.in_flight < limit and i is not exclude
-        ]
+    # -- decide and act ----------------------------------------------------------------------------
+
+    def _decide(self, rev: Revision, observed: Observed, now: float, serving: bool) -> tuple[Decision, int]:
+        """`decide` for `rev`, and how many of its starts only the floor asks for (pre-warms)."""
+        spec: Spec = rev.scaling if serving else _Retiring.of(rev.scaling)
+        floor = self.floors.local(rev.function, now) if serving else None
+        decision = decide(spec, observed, floor, now)
+        assert isinstance(decision, Decision)  # an observation was made: never NoData
+        prewarm = 0
+        if floor is not None and decision.start:
+            without = decide(spec, observed, None, now)
+            prewarm = decision.start - (without.start if isinstance(without, Decision) else 0)
+        return decision, prewarm
 
     def ensure_capacity(self, rev: Revision, extra: int = 0) -> int:
-        """Start the instances `rev` is missing for its load; no await: the count cannot race. Returns starts."""
-        st = self.state(rev.function)
-        sc = rev.scaling
-        load = sum(i.in_flight for i in self._live(rev.revision_id)) + st.waiting + extra
-        want = min(sc.max_instances, max(sc.min_instances, math.ceil(load / sc.target_concurrency)))
-        have = len(self._live(rev.revision_id)) + st.pending.get(rev.revision_id, 0)
-        return self._start(rev, want, have)
+        """The request path: start the instances `rev` is missing for its load, floor and minimum (no
+        await: the count cannot race). Stopping is the scale pass's. Returns how many it started."""
+        now = self.clock()
+        observed = self.observed(rev, extra)
+        decision, prewarm = self._decide(rev, observed, now, self._is_serving(rev))
+        if not decision.start:
+            return 0
+        return self._start(rev, decision.start, prewarm, len(observed.instances) + observed.pending, now)
 
-    def _start(self, rev: Revision, want: int, have: int) -> int:
-        """Spawn want - have instances; while the revision's starts are failing, one at a time and only
-        once its back-off has passed."""
-        if self.start_failures.get(rev.revision_id) is not None:
-            if not self.start_failures.may_start(rev.revision_id, time.monotonic()):
-                return 0
-            want = min(want, 1)
+    def _scale(self, rev: Revision, now: float, *, serving: bool) -> int:
+        """One revision's scale pass: decide, start what is missing, drain the idle instances to stop."""
+        observed = self.observed(rev)
+        idle = not (observed.instances or observed.pending or observed.waiting)
+        if idle and (not serving or (not rev.scaling.min_instances and self.floors.local(rev.function, now) is None)):
+            return 0  # nothing runs and nothing is wanted: skip the decision
+        decision, prewarm = self._decide(rev, observed, now, serving)
         started = 0
-        for _ in range(want - have):
+        if decision.start:
+            have = len(observed.instances) + observed.pending
+            started = self._start(rev, decision.start, prewarm, have, now)
+            if started:
+                log.info("starting %d of %s (%s)", started, rev.revision_id, decision.reason)
+        for inst_id in decision.stop:
+            self._drain(rev, inst_id, now, decision.reason)
+        return started
+
+    def scale_once(self) -> None:
+        """One scale pass over every function (the reaper's, and after a floor changes): each serving
+        revision is decided with its spec and floor, each old revision with live instances with no
+        minimum and no floor. A revision whose function's serving revision is unknown is not acted on
+        (no guessing): its function is read again instead."""
+        now = self.clock()
+        self._account_idle(now)
+        self.floors.expire(now)
+        for name in self.floors.functions():
+            if name not in self._serving and not self.registry_down:
+                self._refresh_serving(name)
+        serving = set()
+        for _, current in list(self._serving.values()):
+            serving.add(current.revision_id)
+            self._scale(current, now, serving=True)
+        others = {i.revision_id for i in self.pool.instances() if i.state in _LIVE} - serving
+        for rev_id in others:
+            old = self._revisions.get(rev_id)
+            if old is None:
+                continue
+            if old.function not in self._serving:
+                if not self.registry_down:
+                    self._refresh_serving(old.function)
+                continue
+            self._scale(old, now, serving=False)
+
+    def _start(self, rev: Revision, n: int, prewarm: int, have: int, now: float) -> int:
+        """Spawn `n` instances (the last `prewarm` of them for a floor); while the revision's starts are
+        failing, one at a time and only once its back-off has passed; none that does not fit the node."""
+        if self.start_failures.get(rev.revision_id) is not None:
+            if not self.start_failures.may_start(rev.revision_id, now):
+                return 0
+            n = min(n, max(0, 1 - have))
+        started = 0
+        for k in range(n):
             short = self._shortfall(rev)
             if short is not None:
                 if self._no_room.get(rev.function) != short:
@@ -345,9 +506,23 @@ class Gateway:
                 self._no_room[rev.function] = short
                 break
             self._no_room.pop(rev.function, None)
-            self._spawn(rev)
+            self._spawn(rev, prewarm=k >= n - prewarm, now=now)
             started += 1
         return started
+
+    def _drain(self, rev: Revision, inst_id: str, now: float, reason: str) -> None:
+        """Take an idle instance out of routing at once and stop it (the runtime drains on SIGTERM)."""
+        inst = self.pool.get(inst_id)
+        if inst is None or inst.state is not InstanceState.READY or inst.in_flight:
+            return
+        self._count_idle(inst.id, rev.function, now)
+        idle = now - self._idle_since.pop(inst.id, now)
+        self._idle_counted.pop(inst.id, None)
+        self._prewarmed.discard(inst.id)
+        log.info("scaling in %s (idle %.1fs; %s)", inst.id, idle, reason)
+        self.m_stops.labels(rev.function).inc()
+        inst.state = InstanceState.DRAINING
+        self.run_background(self._stop(inst))
 
     @staticmethod
     def footprint_of(spec: RuntimeSpec) -> Footprint:
@@ -385,31 +560,55 @@ class Gateway:
         await self.pool.stop(inst, DRAIN_TIMEOUT_S)
         self._room_freed()
 
+    # -- floors: the pre-warm controller's actuator ------------------------------------------------
+
+    def set_floor(self, function: str, floor: Floor | None) -> None:
+        """Hold `floor` for the function (its `until` in Unix time; None clears it), replacing the last
+        one, and apply it at once with a scale pass of the function. ValueError (InvalidNameError for a
+        bad name) names what is wrong. Called on the gateway's event loop."""
+        validate_function_name(function)
+        now = self.clock()
+        self.floors.set(function, floor, now=now, wall=self.wall())
+        cached = self._serving.get(function)
+        if cached is not None:
+            self._scale(cached[1], now, serving=True)
+        elif floor is not None and not self.registry_down:
+            self._refresh_serving(function)  # scaled once its serving revision is known
+
+    def floor(self, function: str) -> Floor | None:
+        """The function's floor as set (Unix `until`); None when unset or expired."""
+        return self.floors.unix(function, self.clock())
+
     async def prewarm(self, name: str, instances: int = 1) -> int:
-        """The controller's actuator: have `instances` of the serving revision up or starting (capped at
-        max_instances) before demand arrives. Returns how many it started; idle ones scale in as usual."""
+        """Have `instances` of the serving revision up or starting (capped at max_instances) before
+        demand arrives: a floor for the revision's idle timeout, so the pre-warmed instances are held
+        by it and then scale in as idle ones do (a controller's next floor replaces it). Returns how
+        many instances it started."""
         rev = await self.serving_revision(name)
         want = min(rev.scaling.max_instances, instances)
-        have = len(self._live(rev.revision_id)) + self.state(name).pending.get(rev.revision_id, 0)
-        return self._start(rev, want, have)
+        until = self.wall() + rev.scaling.idle_timeout_s
+        self.floors.set(name, Floor(want, until, "pre-warmed by an admin"), now=self.clock(), wall=self.wall())
+        return self._scale(rev, self.clock(), serving=self._is_serving(rev))
 
     async def _controller_loop(self) -> None:
         assert self.controller is not None
         while True:
             try:
-                await self.controller(self, time.time())
+                await self.controller(self, self.wall())
             except Exception:  # a failing policy must never take the gateway down
                 log.exception("the pre-warm controller failed; trying again next tick")
             await asyncio.sleep(self.controller_tick_s)
 
-    def _spawn(self, rev: Revision) -> None:
+    # -- starting instances ------------------------------------------------------------------------
+
+    def _spawn(self, rev: Revision, *, prewarm: bool, now: float) -> None:
         st = self.state(rev.function)
         st.pending[rev.revision_id] = st.pending.get(rev.revision_id, 0) + 1
-        task = asyncio.create_task(self._start_instance(rev), name=f"kold-start-{rev.revision_id}")
+        task = asyncio.create_task(self._start_instance(rev, prewarm, now), name=f"kold-start-{rev.revision_id}")
         self._starts.add(task)
         task.add_done_callback(self._starts.discard)
 
-    async def _start_instance(self, rev: Revision) -> None:
+    async def _start_instance(self, rev: Revision, prewarm: bool, asked_at: float) -> None:
         st = self.state(rev.function)
         counted = True
         try:
@@ -417,17 +616,29 @@ class Gateway:
             st.pending[rev.revision_id] -= 1  # from now on pool.instances() counts it
             counted = False
             self.m_starts.labels(rev.function).inc()
+            if prewarm:
+                self._prewarmed.add(inst.id)
+                self.m_prewarm_starts.labels(rev.function).inc()
             if await self.pool.wait_ready(inst, rev.scaling.request_timeout_s, on_accepting=lambda _: st.notify()):
-                self._idle_since[inst.id] = time.monotonic()
+                now = self.clock()
+                if not inst.in_flight:  # a request taken while it restored still runs
+                    self._idle_since[inst.id] = now
                 self.start_failures.succeeded(rev.revision_id)
+                self.recorder.add(
+                    cold_start_record(
+                        rev.function, rev.revision_id, self.wall(), now - asked_at, inst.cold_start, inst.start_method
+                    )
+                )
             else:
                 await self.pool.stop(inst, 1.0)
+                self._prewarmed.discard(inst.id)
                 cause = inst.failure or {
                     "code": "start_timeout",
                     "error": f"not ready within the request timeout ({rev.scaling.request_timeout_s:g} s)",
                 }
+                now = self.clock()
                 failure = self.start_failures.record(
-                    rev.revision_id, cause["code"], cause["error"], now=time.monotonic(), wall=time.time()
+                    rev.revision_id, cause["code"], cause["error"], now=now, wall=self.wall()
                 )
                 log.warning(
                     "instance %s did not become ready (%s: %s); next start of %s in %.0f s%s",
@@ -435,7 +646,7 @@ class Gateway:
                     failure.code,
                     failure.error,
                     rev.revision_id,
-                    failure.retry_at - time.monotonic(),
+                    failure.retry_at - now,
                     "; the revision is marked failed" if failure.failed else "",
                 )
                 self.run_background(self._retry_after_backoff(rev, failure))
@@ -449,8 +660,26 @@ class Gateway:
     async def _retry_after_backoff(self, rev: Revision, failure: RevisionFailure) -> None:
         """Wake the function's held requests once the back-off has passed, so that one of them starts
         the next instance (nothing else would: no instance will change state meanwhile)."""
-        await asyncio.sleep(max(0.0, failure.retry_at - time.monotonic()))
+        await asyncio.sleep(max(0.0, failure.retry_at - self.clock()))
         self.state(rev.function).notify()
+
+    # -- acquiring and releasing instances ----------------------------------------------------------
+
+    def _live(self, rev_id: str) -> list[Instance]:
+        return [i for i in self.pool.instances(rev_id) if i.state in _LIVE]
+
+    def _ready(self, rev_id: str, exclude: Instance | None = None) -> list[Instance]:
+        return [i for i in self.pool.instances(rev_id) if i.state is InstanceState.READY and i is not exclude]
+
+    def _accepting(self, rev: Revision, exclude: Instance | None = None) -> list[Instance]:
+        """Starting instances that already take requests (they run them behind their restore), while
+        they have room: the request that woke an instance goes there at once instead of waiting."""
+        limit = rev.scaling.target_concurrency
+        return [
+            i
+            for i in self.pool.instances(rev.revision_id)
+            if i.state is InstanceState.STARTING and i.accepting and i.in_flight < limit and i is not exclude
+        ]
 
     def _pick(self, rev: Revision, exclude: Instance | None) -> Instance | None:
         """The least busy instance with room under target_concurrency: a READY one, or a STARTING one
@@ -471,18 +700,30 @@ class Gateway:
             return None
         return min(ready, key=lambda i: i.in_flight)
 
-    async def acquire(self, name: str, exclude: Instance | None = None) -> tuple[Instance, Revision, bool, float]:
+    def begin(self, name: str) -> Call:
+        """A request's record, started at its arrival (finished by `finish`)."""
+        return Call(name, self.wall())
+
+    async def acquire(
+        self, name: str, exclude: Instance | None = None, call: Call | None = None
+    ) -> tuple[Instance, Revision, bool, float]:
         """An instance for one request (its in_flight counted), the revision, whether it was cold, the wait.
 
+        `call`, the request's record, gets its concurrency at arrival, and its cold flag and wait added.
         Cancelling the wait (the client left) uncounts the request at once, so it neither holds a slot
         nor keeps asking for capacity."""
-        t0 = time.monotonic()
+        t0 = self.clock()
         rev = await self.serving_revision(name)
         st = self.state(name)
         deadline = t0 + rev.scaling.request_timeout_s
         cold = False
         st.waiting += 1  # counted as load from the start, so capacity is planned for it
         self.m_waiting.inc()
+        if call is not None and not call.known:
+            call.known = True
+            call.concurrency = st.active + st.waiting
+        if exclude is None and self.on_cold is not None and not self._has_ready(rev.revision_id):
+            self._poke(name)
         try:
             while True:
                 self.ensure_capacity(rev)
@@ -491,10 +732,10 @@ class Gateway:
                     break
                 failure = self.start_failures.get(rev.revision_id)
                 if failure is not None and failure.failed:
-                    raise RevisionFailedError(rev.revision_id, failure, time.monotonic())
+                    raise RevisionFailedError(rev.revision_id, failure, self.clock())
                 cold = cold or not self._ready(rev.revision_id, exclude)
                 changed = st.changed
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self.clock()
                 if remaining <= 0:
                     short = self._no_room.get(name)
                     why = f": no room on this node for another instance (needs {short})" if short else ""
@@ -507,10 +748,39 @@ class Gateway:
             st.waiting -= 1
             self.m_waiting.dec()
         cold = cold or inst.state is InstanceState.STARTING  # still restoring: this request pays its cold start
+        now = self.clock()
+        if inst.id in self._idle_since:  # idle until now
+            self._count_idle(inst.id, name, now)
+            del self._idle_since[inst.id]
+            self._idle_counted.pop(inst.id, None)
+        if self._prewarmed and inst.id in self._prewarmed:
+            self._prewarmed.discard(inst.id)
+            self.m_prewarm_hits.labels(name).inc()
         inst.in_flight += 1
-        self._idle_since.pop(inst.id, None)
-        self.m_wait.labels(name, "1" if cold else "0").observe(time.monotonic() - t0)
-        return inst, rev, cold, time.monotonic() - t0
+        st.active += 1
+        wait_s = now - t0
+        self.m_wait.labels(name, "1" if cold else "0").observe(wait_s)
+        if call is not None:
+            call.cold = call.cold or cold
+            call.wait_s += wait_s
+        return inst, rev, cold, wait_s
+
+    def _has_ready(self, rev_id: str) -> bool:
+        return any(i.state is InstanceState.READY for i in self.pool.instances(rev_id))
+
+    def _poke(self, name: str) -> None:
+        assert self.on_cold is not None
+        try:
+            self.on_cold(name)
+        except Exception:  # the controller's trouble must not fail the request
+            log.exception("on_cold(%s) failed", name)
+
+    def finish(self, call: Call, outcome: str, tokens_in: int | None = None, tokens_out: int | None = None) -> None:
+        """Record the request (once; a request for no known function is not recorded)."""
+        if call.finished or not call.known:
+            return
+        call.finished = True
+        self.recorder.add(call.invocation(outcome, tokens_in, tokens_out))
 
     def observe(self, name: str | None, cold: bool, status: int, seconds: float) -> None:
         """Count one data-path request once its answer is over (or failed). Names the gateway does not
@@ -526,13 +796,15 @@ class Gateway:
 
     def release(self, inst: Instance) -> None:
         inst.in_flight = max(0, inst.in_flight - 1)
-        if inst.in_flight == 0:
-            self._idle_since[inst.id] = time.monotonic()
+        if inst.in_flight == 0 and inst.state is InstanceState.READY:
+            self._idle_since[inst.id] = self.clock()
         rev = self._revisions.get(inst.revision_id)
         if rev is not None:
             st = self.functions.get(rev.function)
-            if st is not None and st.waiting:
-                st.notify()  # a slot came free: a held request may take it
+            if st is not None:
+                st.active = max(0, st.active - 1)
+                if st.waiting:
+                    st.notify()  # a slot came free: a held request may take it
 
     def _on_failure(self, inst: Instance) -> None:
         """A crashed instance: FAILED already, so routing skips it; wake waiters so they re-plan."""
@@ -542,50 +814,41 @@ class Gateway:
             self.state(rev.function).notify()
         self._room_freed()
 
+    # -- idle instance-seconds ---------------------------------------------------------------------
+
+    def _count_idle(self, inst_id: str, function: str, now: float) -> None:
+        """Add the instance's idle seconds not counted yet (since it became idle or was last counted)."""
+        since = self._idle_since.get(inst_id)
+        if since is None:
+            return
+        start = max(since, self._idle_counted.get(inst_id, since))
+        if now > start:
+            self.m_idle.labels(function).inc(now - start)
+        self._idle_counted[inst_id] = now
+
+    def _account_idle(self, now: float) -> None:
+        """Bring the idle instance-seconds up to `now` (scale passes, scrapes), and forget instances
+        that are gone: O(idle instances), no work per request."""
+        for inst_id in list(self._idle_since):
+            inst = self.pool.get(inst_id)
+            rev = self._revisions.get(inst.revision_id) if inst is not None else None
+            if inst is None or rev is None or not inst.alive:
+                del self._idle_since[inst_id]
+                self._idle_counted.pop(inst_id, None)
+            elif inst.state is InstanceState.READY and not inst.in_flight:
+                self._count_idle(inst_id, rev.function, now)
+        if self._prewarmed:
+            self._prewarmed = {i for i in self._prewarmed if self._is_alive(i)}
+
     # -- scale in ----------------------------------------------------------------------------------
 
     async def _reap_loop(self) -> None:
         while True:
             await asyncio.sleep(REAP_INTERVAL_S)
             try:
-                await self.reap_once()
+                self.scale_once()
             except Exception:
-                log.exception("scale-in pass failed")
-
-    async def reap_once(self) -> None:
-        """Scale in: stop READY instances idle for idle_timeout_s, keeping min_instances of the serving
-        revision and as many as the function's current load needs (in flight + held requests over
-        target_concurrency). An instance is not idle while its function has a backlog."""
-        now = time.monotonic()
-        serving = {name: rev.revision_id for name, (_, rev) in self._serving.items()}
-        by_rev: dict[str, list[Instance]] = {}
-        for inst in self.pool.instances():
-            if inst.state is InstanceState.READY:
-                by_rev.setdefault(inst.revision_id, []).append(inst)
-        for rev_id, instances in by_rev.items():
-            rev = self._revisions.get(rev_id)
-            if rev is None:
-                continue
-            floor = rev.scaling.min_instances if serving.get(rev.function, rev_id) == rev_id else 0
-            st = self.functions.get(rev.function)
-            waiting = st.waiting if st is not None and serving.get(rev.function) == rev_id else 0
-            load = sum(i.in_flight for i in self._live(rev_id)) + waiting
-            keep = max(floor, math.ceil(load / rev.scaling.target_concurrency))
-            idle = [
-                i
-                for i in instances
-                if i.in_flight == 0 and now - self._idle_since.get(i.id, now) >= rev.scaling.idle_timeout_s
-            ]
-            for inst in idle[: max(0, len(instances) - keep)]:
-                log.info("scaling in %s (idle %.1fs)", inst.id, now - self._idle_since.get(inst.id, now))
-                self.m_stops.labels(rev.function).inc()
-                self.run_background(self._stop(inst))
-                inst.state = InstanceState.DRAINING  # out of routing at once
-        for inst_id in [i for i in self._idle_since if not self._is_alive(i)]:
-            del self._idle_since[inst_id]  # stopped or failed: never idle again
-        for _, rev in list(self._serving.values()):
-            if rev.scaling.min_instances:
-                self.ensure_capacity(rev)
+                log.exception("scale pass failed")
 
     def _is_alive(self, instance_id: str) -> bool:
         found = self.pool.get(instance_id)
@@ -605,26 +868,34 @@ class Gateway:
 
     async def scale_to_zero(self, name: str, rev_ids: list[str]) -> int:
         """Drain and stop every live instance of the function now, whatever its idle timeout (what a
-        cold-start measurement needs between requests; min_instances > 0 brings instances back at the
-        next scaling pass). Returns how many were stopped."""
+        cold-start measurement needs between requests; min_instances > 0 or a floor brings instances
+        back at the next scale pass). Returns how many were stopped."""
         insts = [i for r in rev_ids for i in self.pool.instances(r) if i.alive]
+        now = self.clock()
         for inst in insts:
+            self._count_idle(inst.id, name, now)
             inst.state = InstanceState.DRAINING  # out of routing at once
         await asyncio.gather(*(self._stop(i) for i in insts), return_exceptions=True)
         for inst in insts:
             self._idle_since.pop(inst.id, None)
+            self._idle_counted.pop(inst.id, None)
+            self._prewarmed.discard(inst.id)
             self.m_stops.labels(name).inc()
         return len(insts)
 
     async def stop_function(self, name: str, rev_ids: list[str]) -> None:
-        """Drain and stop the function's instances, then forget everything the gateway kept for it."""
+        """Drain and stop the function's instances, then forget everything the gateway kept for it
+        (its floor and its demand records included)."""
         insts = [i for r in rev_ids for i in self.pool.instances(r) if i.alive]
         await asyncio.gather(*(self.pool.stop(i, DRAIN_TIMEOUT_S) for i in insts), return_exceptions=True)
-        self.invalidate(name)
+        self.invalidate(name, reload=False)
+        self.floors.forget(name)
         self._no_room.pop(name, None)
         self._room_freed()
         for inst in insts:
             self._idle_since.pop(inst.id, None)
+            self._idle_counted.pop(inst.id, None)
+            self._prewarmed.discard(inst.id)
         st = self.functions.get(name)
         if st is not None and not st.waiting:
             del self.functions[name]
@@ -638,9 +909,16 @@ class Gateway:
                     histogram.remove(name, cold)
         for flag, status in self._request_labels.pop(name, set()):
             self.m_requests.remove(name, flag, status)
-        for family in (self.m_starts, self.m_stops, self.m_failures, self.m_streams_cut):
+        families = (self.m_starts, self.m_stops, self.m_failures, self.m_streams_cut)
+        for family in (*families, self.m_prewarm_starts, self.m_prewarm_hits, self.m_idle):
             with contextlib.suppress(KeyError):
                 family.remove(name)
+        forget = getattr(self.demand, "forget", None)
+        if forget is not None:
+            try:
+                await asyncio.to_thread(forget, name)
+            except RedisError as exc:  # they expire on their own (the store's TTL)
+                log.warning("could not remove the demand records of %s: %s", name, exc)
 
     # -- revisions: deploying ----------------------------------------------------------------------
 
@@ -655,58 +933,30 @@ class Gateway:
         rev = await self.revision(rev_id)
         if rev is None:
             return False
-        deadline = time.monotonic() + rev.scaling.request_timeout_s
+        deadline = self.clock() + rev.scaling.request_timeout_s
         st = self.state(rev.function)
-        while time.monotonic() < deadline:
+        while self.clock() < deadline:
             if self._ready(rev_id):
                 await asyncio.to_thread(self.registry.set_traffic, rev.function, rev_id)
                 self.invalidate(rev.function)
                 return True
             failure = self.start_failures.get(rev_id)
             if failure is not None and failure.failed:
-                raise RevisionFailedError(rev_id, failure, time.monotonic())
+                raise RevisionFailedError(rev_id, failure, self.clock())
             changed = st.changed
             self.ensure_capacity(rev, extra=1)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), 1.0)
         return False
 
-    # -- invocation records ------------------------------------------------------------------------
 
-    def record(self, name: str, arrival: float, cold: bool, wait_s: float) -> None:
-        if self._queue is None:
-            return
-        try:
-            self._queue.put_nowait(Invocation(name, arrival, cold, wait_s))
-        except asyncio.QueueFull:
-            self.m_dropped.inc()
+_LIVE = (InstanceState.STARTING, InstanceState.READY)
 
-    async def _record_loop(self) -> None:
-        assert self._queue is not None
-        while True:
-            # held in `_in_hand` while lingering, so a close() during the wait still flushes them
-            self._in_hand = [await self._queue.get()]
-            await asyncio.sleep(RECORD_LINGER_S)
-            batch, self._in_hand = self._in_hand, []
-            while len(batch) < RECORD_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._write(batch)
 
-    async def _flush(self) -> None:
-        if self._queue is None:
-            return
-        batch, self._in_hand = self._in_hand, []
-        while not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        if batch:
-            await self._write(batch)
-
-    async def _write(self, batch: list[Invocation]) -> None:
-        try:
-            await asyncio.to_thread(self.registry.record_invocations, batch)
-            self._redis_down_logged = False
-        except Exception as exc:
-            self.m_dropped.inc(len(batch))
-            if not self._redis_down_logged:
-                log.warning("cannot record invocations (%s): dropping them until Redis is back", exc)
-                self._redis_down_logged = True
+def _on_loop() -> bool:
+    """Whether this runs on an event loop (tests call some methods from another thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -1,5 +1,6 @@
 """The admin API (what `kold deploy|ls|describe|rm|rollback|logs|keys` call): functions, revisions,
-traffic, pre-warming, instance logs and API keys.
+traffic, pre-warming and floors (what a pre-warm controller in another process sets), instance logs
+and API keys.
 
 Handlers only parse, ask the registry or the activator, and shape JSON; errors are raised and turned
 into responses by the app's one error table (gateway/errors.py).
@@ -8,7 +9,7 @@ into responses by the app's one error table (gateway/errors.py).
 from __future__ import annotations
 
 import asyncio
-import time
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -16,9 +17,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from kold.controller.scaling import Floor
 from kold.gateway import logs as instance_logs
 from kold.gateway.activator import Gateway
 from kold.gateway.auth import KeyAuth
+from kold.gateway.floors import MAX_FLOOR_INSTANCES, MAX_REASON_LEN, check_floor
 from kold.gateway.registry import Function, InvalidSpecError, RuntimeSpec, ScalingSpec
 from kold.gateway.router import parse_body
 from kold.runtime.httpserver import read_body
@@ -40,6 +43,60 @@ def _spec(cls: type[ScalingSpec] | type[RuntimeSpec], raw: object, what: str) ->
         raise InvalidRequestError(f"'{what}' takes only these fields: {known}", param=what) from None
     except InvalidSpecError as exc:
         raise InvalidRequestError(f"{what}: {exc}", param=what) from None
+
+
+_FLOOR_FIELDS = ("instances", "until", "ttl_s", "reason", "idle_timeout_s")
+
+
+def floor_json(floor: Floor | None) -> dict[str, Any] | None:
+    """A floor as the admin API shows it (`until` in Unix time)."""
+    if floor is None:
+        return None
+    return {
+        "instances": floor.instances,
+        "until": floor.until,
+        "reason": floor.reason,
+        "idle_timeout_s": floor.idle_timeout_s,
+    }
+
+
+def _number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def floor_from_body(body: dict[str, Any], wall_now: float) -> Floor:
+    """The floor a PUT asks for: `instances`, `until` (Unix time) or `ttl_s` (from now), `reason`,
+    `idle_timeout_s` (null: the revision's). A bad or unknown field is a 400 that names it."""
+    unknown = sorted(set(body) - set(_FLOOR_FIELDS))
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown floor field {unknown[0]!r}: a floor takes {', '.join(_FLOOR_FIELDS)}", param=unknown[0]
+        )
+    instances = body.get("instances")
+    if isinstance(instances, bool) or not isinstance(instances, int) or not 0 <= instances <= MAX_FLOOR_INSTANCES:
+        raise InvalidRequestError(
+            f"'instances' must be an integer between 0 and {MAX_FLOOR_INSTANCES}", param="instances"
+        )
+    if ("until" in body) == ("ttl_s" in body):
+        raise InvalidRequestError("give the floor's end as 'until' (Unix time) or 'ttl_s', one of them", param="until")
+    if "until" in body:
+        until = body["until"]
+        if not _number(until):
+            raise InvalidRequestError("'until' must be a Unix time in seconds", param="until")
+    else:
+        ttl = body["ttl_s"]
+        if not _number(ttl) or ttl <= 0:
+            raise InvalidRequestError("'ttl_s' must be a number of seconds > 0", param="ttl_s")
+        until = wall_now + ttl
+    reason = body.get("reason", "set through the admin API")
+    if not isinstance(reason, str) or len(reason) > MAX_REASON_LEN or not reason.isprintable():
+        raise InvalidRequestError(
+            f"'reason' must be printable text of at most {MAX_REASON_LEN} characters", param="reason"
+        )
+    idle = body.get("idle_timeout_s")
+    if idle is not None and (not _number(idle) or idle <= 0):
+        raise InvalidRequestError("'idle_timeout_s' must be a number of seconds > 0, or null", param="idle_timeout_s")
+    return check_floor(Floor(instances, float(until), reason, None if idle is None else float(idle)))
 
 
 class AdminAPI:
@@ -66,6 +123,8 @@ class AdminAPI:
             Route("/admin/functions/{name}/revisions", admin(self.create_revision), methods=["POST"]),
             Route("/admin/functions/{name}/rollback", admin(self.rollback), methods=["POST"]),
             Route("/admin/functions/{name}/prewarm", admin(self.prewarm), methods=["POST"]),
+            Route("/admin/functions/{name}/floor", admin(self.put_floor), methods=["PUT"]),
+            Route("/admin/functions/{name}/floor", admin(self.delete_floor), methods=["DELETE"]),
             Route("/admin/functions/{name}/scale-to-zero", admin(self.scale_to_zero), methods=["POST"]),
             Route("/admin/functions/{name}/logs", admin(self.logs), methods=["GET"]),
             Route("/admin/keys", admin(self.create_key), methods=["POST"]),
@@ -159,13 +218,16 @@ class AdminAPI:
                         "created_at": rev.created_at,
                         "scaling": asdict(rev.scaling),
                         "runtime": asdict(rev.runtime),
-                        "start_failure": failure.describe(time.monotonic()) if failure is not None else None,
+                        "start_failure": failure.describe(self.gw.clock()) if failure is not None else None,
                     }
                 )
+        current = await self.gw.revision(fn.serving_revision or fn.latest_revision)
         return JSONResponse(
             {
                 "name": fn.name,
                 "serving": fn.serving_revision,
+                "prewarm": current.scaling.prewarm if current is not None else None,
+                "floor": floor_json(self.gw.floor(fn.name)),
                 "revisions": revisions,
                 "instances": self._instances(fn.revisions),
             }
@@ -196,6 +258,18 @@ class AdminAPI:
             raise InvalidRequestError("'instances' must be an integer >= 0", param="instances")
         started = await self.gw.prewarm(fn.name, instances)
         return JSONResponse({"function": fn.name, "started": started}, status_code=202)
+
+    async def put_floor(self, request: Request) -> Response:
+        """Hold a floor for the function (what `kold controller`'s HTTP actuator sends); applied at once."""
+        fn = await self._function(request.path_params["name"])
+        floor = floor_from_body(await self._json(request), self.gw.wall())
+        self.gw.set_floor(fn.name, floor)
+        return JSONResponse({"function": fn.name, "floor": floor_json(self.gw.floor(fn.name))})
+
+    async def delete_floor(self, request: Request) -> Response:
+        fn = await self._function(request.path_params["name"])
+        self.gw.set_floor(fn.name, None)
+        return JSONResponse({"function": fn.name, "floor": None})
 
     async def scale_to_zero(self, request: Request) -> Response:
         """Stop the function's instances now (drained first): the next request is a cold start."""

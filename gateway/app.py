@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from kold.controller.demand import DemandStore
 from kold.gateway.activator import ColdStartTimeoutError, Gateway, RegistryUnavailableError
 from kold.gateway.admin import AdminAPI
 from kold.gateway.auth import KeyAuth
@@ -110,6 +111,7 @@ def build_app(
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     metrics_need_key: bool = False,
     capacity: NodeCapacity | None = None,
+    demand: DemandStore | None = None,
 ) -> Starlette:
     """The gateway app; its lifespan runs the gateway's background tasks and stops instances at the end.
 
@@ -119,8 +121,13 @@ def build_app(
     the body is not in within the time; the instances have the same limits).
     `capacity`: the node's resources, so that no instance starts that does not fit (None: unbounded).
     `metrics_need_key`: /metrics asks for an API key, like the data path (off: open for scrapers).
+    `demand`: where the gateway built here records demand (None: a DemandStore on the registry's
+    Redis and prefix). A `gateway` passed in brings its own (and its capacity).
     """
-    gw = gateway if gateway is not None else Gateway(registry, pool, capacity=capacity)
+    if gateway is None:
+        store = demand if demand is not None else DemandStore(registry.redis, registry.prefix)
+        gateway = Gateway(registry, pool, capacity=capacity, demand=store)
+    gw = gateway
     client = upstream if upstream is not None else UpstreamClient()
     auth = KeyAuth(registry, gw, require_keys=require_keys, clock=clock)
     admin = AdminAPI(gw, auth, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
@@ -232,7 +239,7 @@ def build_app(
         return JSONResponse({"status": "ready", "registry": "ok"})
 
     async def metrics(request: Request) -> Response:
-        gw.refresh_instance_gauge()
+        gw.refresh_metrics()
         return Response(generate_latest(gw.metrics), media_type=CONTENT_TYPE_LATEST)
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -1,4 +1,4 @@
-"""Functions, immutable revisions, traffic, API keys and invocation records, kept in Redis.
+"""Functions, immutable revisions, traffic and API keys, kept in Redis.
 
 Layout, everything under one prefix (default `kold:`) so tests and several installations can share a
 Redis and a function's keys can be found (and removed) together:
@@ -8,7 +8,7 @@ Redis and a function's keys can be found (and removed) together:
     {p}fn:{name}:revisions        ZSET revision id -> revision number (ordered even under races)
     {p}fn:{name}:serving          the revision traffic goes to (unset until `set_traffic`)
     {p}fn:{name}:rev:{rev_id}     the revision as JSON, written once (SET NX) and never changed
-    {p}fn:{name}:invocations      STREAM of invocation records for the controller
+    {p}fn:{name}:invocations, :coldstarts, :demand   the function's demand records (controller/demand.py)
     {p}apikeys                    SET of key ids
     {p}apikey:{key_id}            HASH sha256 / label / created_at (never the secret)
     {p}apikey-by-hash:{sha256}    the key id, so verification is one lookup by hash
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import math
 import re
 import secrets
@@ -31,9 +32,11 @@ from typing import Any
 
 import redis
 
+from kold.controller.policies.registry import DEFAULT_POLICY, parse_policy
 from kold.gateway.names import REVISION_DIGITS, validate_function_name, validate_revision_id
 
-INVOCATIONS_MAXLEN = 10_000  # per function; approximate trimming (MAXLEN ~) keeps XADD O(1)
+log = logging.getLogger("kold.gateway.registry")
+
 MAX_REVISION_NUMBER = 10**REVISION_DIGITS - 1
 MAX_LABEL_LEN = 200
 KEY_PREFIX = "kold_"
@@ -96,8 +99,15 @@ class ScalingSpec:
     # how long a request may wait for a ready instance (then 503), and then for that instance to begin
     # its answer (then 504; Knative's timeoutSeconds)
     request_timeout_s: float = 300.0
+    # the pre-warm policy the controller plans this function with ("name" or "name:knob=value,...",
+    # controller/policies/registry.py); revisions written before it existed load with the default
+    prewarm: str = DEFAULT_POLICY
 
     def __post_init__(self) -> None:
+        try:
+            parse_policy(self.prewarm)
+        except ValueError as exc:
+            raise InvalidSpecError(str(exc)) from None
         for name in ("min_instances", "max_instances", "target_concurrency"):
             _require_int(name, getattr(self, name))
         for name in ("idle_timeout_s", "request_timeout_s"):
@@ -213,16 +223,6 @@ class KeyInfo:
     scope: str = "admin"  # keys made before scopes existed could do everything
 
 
-@dataclass(frozen=True)
-class Invocation:
-    """One request as the controller sees it: `arrival` is a Unix time, `wait_s` the time held."""
-
-    function: str
-    arrival: float
-    cold: bool
-    wait_s: float
-
-
 def snapshot_id_from_uri(uri: str) -> str:
     """The snapshot id at the end of `<store>/snapshots/<32 hex>` (the gateway does not import kold.snapshot)."""
     if not isinstance(uri, str) or not uri or any(ch in uri for ch in "\x00\r\n"):
@@ -237,7 +237,7 @@ def snapshot_id_from_uri(uri: str) -> str:
 
 
 class Registry:
-    """Functions, revisions, traffic, API keys and invocation records in one Redis, under one prefix.
+    """Functions, revisions, traffic and API keys in one Redis, under one prefix.
 
     Works with clients created with or without `decode_responses`.
     """
@@ -366,7 +366,8 @@ class Registry:
         return target
 
     def delete_function(self, name: str) -> bool:
-        """Remove the function, all its revisions, its counter, traffic and invocations; False if absent."""
+        """Remove the function, all its revisions, its counter and traffic; False if absent (its demand
+        records are the demand store's: `DemandStore.forget`)."""
         validate_function_name(name)
         revisions = self._fn(name, "revisions")
         existed = False
@@ -376,7 +377,7 @@ class Registry:
             rev_ids = [_text(r) for r in pipe.zrange(revisions, 0, -1)]
             existed = bool(rev_ids)
             pipe.multi()
-            keys = [self._fn(name, w) for w in ("counter", "revisions", "serving", "invocations")]
+            keys = [self._fn(name, w) for w in ("counter", "revisions", "serving")]
             keys += [self._fn(name, f"rev:{r}") for r in rev_ids]
             pipe.delete(*keys)
             pipe.srem(self._functions_key, name)
@@ -509,36 +510,6 @@ class Registry:
     def _by_hash_key(self, digest: str) -> str:
         return f"{self.prefix}apikey-by-hash:{digest}"
 
-    # -- invocation records for the controller --
-
-    def record_invocations(self, records: Iterable[Invocation]) -> None:
-        """Append records to their functions' streams in one pipelined round trip (trimmed, approximately)."""
-        records = list(records)
-        for rec in records:
-            validate_function_name(rec.function)
-        if not records:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for rec in records:
-            fields: dict[Any, Any] = {
-                "arrival": repr(float(rec.arrival)),
-                "cold": "1" if rec.cold else "0",
-                "wait_s": repr(float(rec.wait_s)),
-            }
-            pipe.xadd(self._fn(rec.function, "invocations"), fields, maxlen=INVOCATIONS_MAXLEN, approximate=True)
-        pipe.execute()
-
-    def invocations(self, function: str, since: float | None = None) -> list[Invocation]:
-        """A function's recorded invocations, oldest first; with `since`, only those arriving at or after it."""
-        validate_function_name(function)
-        out = []
-        for _id, fields in self.redis.xrange(self._fn(function, "invocations")) or []:
-            f = {_text(k): _text(v) for k, v in (fields or {}).items()}
-            rec = Invocation(function, float(f["arrival"]), f["cold"] == "1", float(f["wait_s"]))
-            if since is None or rec.arrival >= since:
-                out.append(rec)
-        return out
-
 
 # -- helpers ----------------------------------------------------------------------------------------
 
@@ -563,7 +534,21 @@ def _revision_from_json(rev_id: str, raw: str) -> Revision:
         revision_id=rev_id,
         snapshot_uri=data["snapshot_uri"],
         snapshot_id=data["snapshot_id"],
-        scaling=ScalingSpec(**data["scaling"]),
+        scaling=_scaling_from_json(rev_id, data["scaling"]),
         runtime=RuntimeSpec(**data["runtime"]),
         created_at=float(data["created_at"]),
     )
+
+
+def _scaling_from_json(rev_id: str, data: Mapping[str, Any]) -> ScalingSpec:
+    """A stored scaling spec. One whose pre-warm policy is no longer known (a policy renamed since it
+    was deployed) still loads, with the default policy: the revision must keep serving."""
+    try:
+        return ScalingSpec(**data)
+    except InvalidSpecError:
+        if "prewarm" not in data:
+            raise
+        rest = {k: v for k, v in data.items() if k != "prewarm"}
+        spec = ScalingSpec(**rest)
+        log.warning("revision %s: unknown prewarm policy %r, planned with %r", rev_id, data["prewarm"], DEFAULT_POLICY)
+        return spec

@@ -4,6 +4,8 @@ The body's `model` (the function name) is replaced by the revision's snapshot id
 runtime serves. Response bytes are passed through as they arrive (SSE unbuffered); the runtime's
 headers are kept and `X-Kold-Instance` / `X-Kold-Cold` added. A request whose instance failed
 before any byte reached the client (a crash, a refused connection) is retried once on another instance.
+Every request is recorded once it is over (gateway/recorder.py): its outcome, and its tokens from the
+answer's `usage` (gateway/usage.py: a non-streamed body's, or a stream's last chunks').
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from kold.gateway.activator import Gateway
+from kold.controller import records
+from kold.gateway.activator import ColdStartTimeoutError, Gateway
 from kold.gateway.pool import Instance, InstanceState
+from kold.gateway.recorder import Call, outcome_of
 from kold.gateway.startfailures import FAILED_AFTER
 from kold.gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+from kold.gateway.usage import StreamTail, tokens
 from kold.runtime.protocol import (
     SSE_DONE,
+    ClientDisconnectedError,
     ResponseTimeoutError,
     UnavailableError,
     error_body,
@@ -94,7 +99,30 @@ async def proxy(
     and a non-streamed request whose instance fails before the whole answer arrived is retried too,
     since nothing reached the client yet.
     """
-    arrival = time.time()
+    call = gateway.begin(name)
+    try:
+        return await _forward(gateway, upstream_client, name, path, body, headers, raw, call)
+    except (asyncio.CancelledError, ClientDisconnectedError):
+        gateway.finish(call, records.CANCELLED)
+        raise
+    except ColdStartTimeoutError:
+        gateway.finish(call, records.TIMED_OUT)
+        raise
+    except Exception:
+        gateway.finish(call, records.FAILED)
+        raise
+
+
+async def _forward(
+    gateway: Gateway,
+    upstream_client: UpstreamClient,
+    name: str,
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    raw: bytes | None,
+    call: Call,
+) -> Response:
     if raw is None or body.get("model") != name:
         raw = json.dumps({**body, "model": name}).encode()
     fwd = [(k, v) for k, v in headers.items() if k.lower() in _FORWARD_REQUEST_HEADERS]
@@ -103,9 +131,7 @@ async def proxy(
     failed: Instance | None = None
     retries = 1  # a request that failed on a warm instance is tried once more on another
     for attempt in range(MAX_ATTEMPTS):
-        inst, revision, cold, wait_s = await gateway.acquire(name, exclude=failed)
-        if attempt == 0:
-            gateway.record(name, arrival, cold, wait_s)
+        inst, revision, cold, _ = await gateway.acquire(name, exclude=failed, call=call)
         starting = inst.state is InstanceState.STARTING
         timeout_s = revision.scaling.request_timeout_s
         upstream: UpstreamResponse | None = None
@@ -148,6 +174,7 @@ async def proxy(
         out_headers["X-Kold-Cold"] = "1" if cold else "0"
         if content is not None:
             gateway.release(inst)
+            gateway.finish(call, outcome_of(upstream.status_code), *tokens(content))
             return Response(content, status_code=upstream.status_code, headers=out_headers)
         released = False
 
@@ -159,10 +186,15 @@ async def proxy(
                 gateway.release(inst)
 
         async def stream(upstream: UpstreamResponse = upstream, inst: Instance = inst) -> AsyncIterator[bytes]:
+            tail = StreamTail()
+            outcome = records.CANCELLED  # unless it ends: the client left mid-stream
             try:
                 async for chunk in sse_events(upstream.iter_raw()):
+                    tail.add(chunk)
                     yield chunk
+                outcome = outcome_of(upstream.status_code)
             except UpstreamError as exc:
+                outcome = records.FAILED
                 # bytes have gone out, so the status cannot change: end the stream as a stream ends on an
                 # error (an SSE error event, then [DONE]) instead of leaving the client a cut body
                 log.warning("instance %s broke off a stream (%s)", inst.id, exc)
@@ -171,6 +203,7 @@ async def proxy(
                 yield sse(error_body(error)[1])
                 yield SSE_DONE
             finally:
+                gateway.finish(call, outcome, *tail.tokens())
                 done()
 
         async def cleanup() -> None:  # async: Starlette would run a plain function in a worker thread

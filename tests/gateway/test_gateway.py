@@ -15,6 +15,7 @@ import openai
 import pytest
 from gateway_helpers import Served, deploy, deploy_and_wait, instance_env
 
+from kold.controller.demand import DemandStore
 from kold.gateway.app import build_app
 from kold.gateway.pool import InstancePool
 from kold.gateway.registry import Registry
@@ -72,12 +73,20 @@ def test_scale_from_zero_then_warm_then_to_zero(
     ]
     assert ready in ([], ['kold_gateway_instances{function="tiny",state="ready"} 0.0'])
     assert 'kold_gateway_instance_stops_total{function="tiny"} 1.0' in metrics
-    # invocations recorded off the critical path
+    # invocations recorded off the critical path, through the demand store on the registry's Redis
+    demand = DemandStore(registry.redis, registry.prefix)
     deadline = time.monotonic() + 5
-    while len(registry.invocations("tiny")) < 3:
+    while len(demand.invocations("tiny")) < 3:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert registry.invocations("tiny")[0].cold
+    first, *warm = demand.invocations("tiny")
+    assert first.cold and first.outcome == "ok" and not any(r.cold for r in warm)
+    # the non-streamed answers carry usage; the stream asked for none
+    assert first.tokens_in is not None and first.tokens_in > 0 and first.tokens_out is not None
+    assert (warm[-1].tokens_in, warm[-1].tokens_out) == (None, None)
+    assert [r.concurrency for r in (first, *warm)] == [1, 1, 1]
+    [cold_start] = demand.cold_starts("tiny")
+    assert cold_start.revision.startswith("tiny-") and cold_start.total_s > 0
 
 
 def test_burst_at_cold_function_scales_out_to_what_it_needs_and_spreads_evenly(

@@ -400,10 +400,10 @@ def test_no_instance_scales_in_while_its_function_has_a_backlog(registry: Regist
         for inst in insts[1:]:
             gw._idle_since[inst.id] = time.monotonic() - 10
         gw.state("busy").waiting = 2
-        await gw.reap_once()
+        gw.scale_once()
         held = [i.state.value for i in insts]
         gw.state("busy").waiting = 0
-        await gw.reap_once()
+        gw.scale_once()
         await asyncio.gather(*gw._starts)
         return held + [i.state.value for i in insts]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -10,10 +11,11 @@ from dataclasses import FrozenInstanceError
 import pytest
 import redis
 
+from kold.controller.policies.registry import DEFAULT_POLICY
 from kold.gateway.names import InvalidNameError, validate_function_name, validate_revision_id
 from kold.gateway.registry import (
     ConflictError,
-    Invocation,
+    InvalidSpecError,
     KeyInfo,
     Registry,
     RuntimeSpec,
@@ -234,7 +236,6 @@ def test_delete_removes_everything_of_the_function(registry: Registry, client: r
         registry.create_revision("tiny", SNAP_A)
     registry.create_revision("tiny-2", SNAP_A)  # a name that shares "tiny" as a prefix survives
     registry.set_traffic("tiny", "tiny-00002")
-    registry.record_invocations([Invocation("tiny", 1.0, True, 0.5)])
     assert any(":fn:tiny:" in k for k in _keys(client, prefix))
 
     assert registry.delete_function("tiny") is True
@@ -244,7 +245,6 @@ def test_delete_removes_everything_of_the_function(registry: Registry, client: r
     assert registry.get_function("tiny") is None
     assert registry.get_revision("tiny-00001") is None
     assert [f.name for f in registry.list_functions()] == ["keep", "tiny-2"]
-    assert registry.invocations("tiny") == []
     # the counter went too: a new function of the same name starts again at 1
     assert registry.create_revision("tiny", SNAP_B).revision_id == "tiny-00001"
 
@@ -341,41 +341,38 @@ def test_key_label_validation(registry: Registry) -> None:
         registry.create_key("bad\nlabel")
 
 
-# -- invocations ------------------------------------------------------------------------------------
+# -- the pre-warm policy in the scaling spec ------------------------------------------------------
 
 
-def test_invocations_round_trip(registry: Registry) -> None:
-    records = [
-        Invocation("tiny", 1_700_000_000.123456, True, 1.25),
-        Invocation("other", 1_700_000_000.5, False, 0.0),
-        Invocation("tiny", 1_700_000_001.987654, False, 0.003),
-    ]
-    registry.record_invocations(records)
-    registry.record_invocations([])
-    assert registry.invocations("tiny") == [records[0], records[2]]
-    assert registry.invocations("other") == [records[1]]
-    assert registry.invocations("tiny", since=1_700_000_001.0) == [records[2]]
-    assert registry.invocations("nobody") == []
-    with pytest.raises(InvalidNameError):
-        registry.record_invocations([Invocation("Bad", 1.0, False, 0.0)])
+def test_scaling_spec_names_a_prewarm_policy_checked_at_deploy(registry: Registry) -> None:
+    assert ScalingSpec().prewarm == DEFAULT_POLICY
+    spec = ScalingSpec(prewarm="fixed-keepalive:minutes=5")
+    rev = registry.create_revision("tiny", SNAP_A, scaling=spec)
+    assert registry.get_revision(rev.revision_id) == rev and rev.scaling.prewarm == "fixed-keepalive:minutes=5"
+    with pytest.raises(InvalidSpecError, match="unknown prewarm policy 'nope'"):
+        ScalingSpec(prewarm="nope")
+    with pytest.raises(InvalidSpecError, match="has no parameter 'hours'"):
+        ScalingSpec(prewarm="fixed-keepalive:hours=5")
+    with pytest.raises(InvalidSpecError, match="must be a string"):
+        ScalingSpec(prewarm=5)  # type: ignore[arg-type]
 
 
-def test_record_invocations_is_one_round_trip(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    original = registry.redis.pipeline
-
-    def counting_pipeline(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(registry.redis, "pipeline", counting_pipeline)
-    monkeypatch.setattr(
-        registry.redis, "execute_command", lambda *a, **k: pytest.fail("a command outside the pipeline")
-    )
-    registry.record_invocations([Invocation("tiny", float(i), False, 0.0) for i in range(50)])
-    monkeypatch.undo()
-    assert calls == [1]
-    assert len(registry.invocations("tiny")) == 50
+def test_revisions_written_before_prewarm_existed_still_load(
+    registry: Registry, client: redis.Redis, prefix: str
+) -> None:
+    """A revision stored without the field loads with the default policy, and one whose policy is no
+    longer known loads too (the function keeps serving) rather than failing every request."""
+    rev = registry.create_revision("old", SNAP_A, scaling=ScalingSpec(min_instances=1))
+    key = f"{prefix}fn:old:rev:{rev.revision_id}"
+    data = json.loads(client.get(key))  # type: ignore[arg-type]
+    del data["scaling"]["prewarm"]
+    client.set(key, json.dumps(data))
+    loaded = registry.get_revision(rev.revision_id)
+    assert loaded is not None and loaded.scaling == ScalingSpec(min_instances=1)
+    data["scaling"]["prewarm"] = "retired-policy"
+    client.set(key, json.dumps(data))
+    loaded = registry.get_revision(rev.revision_id)
+    assert loaded is not None and loaded.scaling.prewarm == DEFAULT_POLICY and loaded.scaling.min_instances == 1
 
 
 def test_works_with_a_decoding_client(prefix: str, redis_url: str) -> None:
@@ -388,6 +385,4 @@ def test_works_with_a_decoding_client(prefix: str, redis_url: str) -> None:
     assert fn is not None and fn.serving_revision == rev.revision_id
     key = registry.create_key("k")
     assert registry.verify_key(key.secret) and registry.revoke_key(key.key_id, disable_auth=True)
-    registry.record_invocations([Invocation("tiny", 2.5, True, 0.1)])
-    assert registry.invocations("tiny") == [Invocation("tiny", 2.5, True, 0.1)]
     client.close()

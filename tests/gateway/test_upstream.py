@@ -251,6 +251,7 @@ def test_the_router_gives_up_with_504_when_an_instance_does_not_answer_in_time()
     from types import SimpleNamespace
 
     from kold.gateway.pool import InstanceState
+    from kold.gateway.recorder import Call
     from kold.gateway.router import proxy
     from kold.runtime.protocol import ResponseTimeoutError, status_for
 
@@ -263,15 +264,23 @@ def test_the_router_gives_up_with_504_when_an_instance_does_not_answer_in_time()
             inst = SimpleNamespace(id="slow-00001-1", port=srv.port, state=InstanceState.READY)
             revision = SimpleNamespace(scaling=SimpleNamespace(request_timeout_s=0.3))
             released: list[object] = []
+            outcomes: list[str] = []
 
             class Gateway:
                 pool = SimpleNamespace(host="127.0.0.1", instance_headers={})
 
-                async def acquire(self, name: str, exclude: object = None) -> tuple[object, object, bool, float]:
+                def begin(self, name: str) -> Call:
+                    return Call(name, 0.0)
+
+                async def acquire(
+                    self, name: str, exclude: object = None, call: Call | None = None
+                ) -> tuple[object, object, bool, float]:
+                    assert call is not None
+                    call.known = True
                     return inst, revision, False, 0.0
 
-                def record(self, *args: object) -> None:
-                    pass
+                def finish(self, call: Call, outcome: str, *tokens: int | None) -> None:
+                    outcomes.append(outcome)
 
                 def release(self, instance: object) -> None:
                     released.append(instance)
@@ -280,7 +289,7 @@ def test_the_router_gives_up_with_504_when_an_instance_does_not_answer_in_time()
             with pytest.raises(ResponseTimeoutError, match=r"'slow' did not answer within 0\.3 s") as err:
                 await proxy(Gateway(), client, "slow", "/v1/completions", {"model": "slow"}, {}, b"{}")  # type: ignore[arg-type]
             assert status_for(err.value) == (504, "timeout_error")
-            assert released == [inst]
+            assert released == [inst] and outcomes == ["failed"]  # a 504 is the instance's failure
             assert not any(client._idle.values())
             assert len(srv.requests) == 1  # sent once, not retried elsewhere
 
