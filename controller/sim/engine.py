@@ -104,7 +104,7 @@ class SimResult:
 
 
 class _Instance:
-    __slots__ = ("id", "idle_from", "idle_since", "in_flight", "ready_at", "started", "state")
+    __slots__ = ("id", "idle_from", "idle_since", "in_flight", "ready_at", "started", "state", "view")
 
     def __init__(self, ident: str, now: float) -> None:
         self.id = ident
@@ -114,6 +114,13 @@ class _Instance:
         self.idle_from: float | None = now  # when its current idle stretch began (starting counts), None while busy
         self.started = now
         self.ready_at = float("inf")
+        self.view: InstanceView | None = None  # what the decider is shown; None once it changed
+
+    def observed(self) -> InstanceView:
+        view = self.view
+        if view is None:
+            view = self.view = InstanceView(self.id, self.state, self.in_flight, self.idle_since)
+        return view
 
 
 class _Function:
@@ -196,6 +203,7 @@ class _Sim:
             inst.idle_from = None
             inst.idle_since = None
         inst.in_flight += 1
+        inst.view = None
         fn.load += 1
         if now > arrival:
             self.waits.append(now - arrival)
@@ -208,6 +216,7 @@ class _Sim:
 
     def done(self, fn: _Function, inst: _Instance, now: float) -> None:
         inst.in_flight -= 1
+        inst.view = None
         fn.load -= 1
         self.outstanding -= 1
         if fn.queue:
@@ -220,6 +229,7 @@ class _Sim:
     def ready(self, fn: _Function, inst: _Instance, now: float) -> None:
         inst.state = READY
         inst.ready_at = now
+        inst.view = None
         fn.history.observe_cold_start(self.start_s)
         queue = fn.queue
         while queue and inst.in_flight < self.conc:
@@ -227,6 +237,7 @@ class _Sim:
             self.serve(fn, inst, now, arrival, service)
         if not inst.in_flight:
             inst.idle_since = now
+            inst.view = None
             self.recheck_later(fn, now)
 
     def recheck(self, fn: _Function, now: float) -> None:
@@ -258,7 +269,7 @@ class _Sim:
     # -- the decider, and acting on it --
 
     def decide(self, fn: _Function, now: float, recheck_at: float | None) -> None:
-        views = [InstanceView(i.id, i.state, i.in_flight, i.idle_since) for i in fn.instances]
+        views = [i.view or i.observed() for i in fn.instances]
         decision = decide(self.spec, Observed(views, len(fn.queue), 0), fn.floor, now)
         assert isinstance(decision, Decision)  # an observation is always there
         for _ in range(decision.start):

@@ -38,6 +38,8 @@ instance_seconds, instance_starts, simulated_s, wall_s, settings (and per_functi
 
 
 def register(top: Any) -> None:
+    from kold.controller.sim import model as m
+
     sim = top.add_parser(
         "sim",
         help="simulate pre-warm policies on a trace: cold starts against idle cost",
@@ -81,12 +83,20 @@ def register(top: Any) -> None:
     model.add_argument("--target-concurrency", type=int, default=4, help="requests per instance the scaler aims at")
     model.add_argument("--concurrency", type=int, help="requests one instance serves at once (default: the target)")
     model.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle instance is kept")
-    model.add_argument("--start-s", type=float, help="fixed part of an instance start, seconds")
-    model.add_argument("--restore-gbps", type=float, help="snapshot restore bandwidth, GB/s")
-    model.add_argument("--snapshot-gb", type=float, help="snapshot size, GB")
-    model.add_argument("--service-time", type=float, help="seconds a request runs when the trace has no tokens")
-    model.add_argument("--prefill-tps", type=float, help="prompt tokens per second (LLM traces)")
-    model.add_argument("--decode-tps", type=float, help="output tokens per second per request (LLM traces)")
+    model.add_argument(
+        "--start-s", type=float, help=f"fixed part of an instance start, s (default {m.DEFAULT_START_S})"
+    )
+    model.add_argument("--restore-gbps", type=float, help=f"restore bandwidth, GB/s (default {m.DEFAULT_RESTORE_GBPS})")
+    model.add_argument("--snapshot-gb", type=float, help=f"snapshot size, GB (default {m.DEFAULT_SNAPSHOT_GB})")
+    model.add_argument(
+        "--service-time",
+        type=float,
+        help=f"seconds a request runs without token counts (default {m.DEFAULT_SERVICE_S})",
+    )
+    model.add_argument("--prefill-tps", type=float, help=f"prompt tokens/s (default {m.DEFAULT_PREFILL_TPS:g})")
+    model.add_argument(
+        "--decode-tps", type=float, help=f"output tokens/s per request (default {m.DEFAULT_DECODE_TPS:g})"
+    )
 
     sim.add_argument("--json", action="store_true", help="one JSON object (--pareto: the points)")
     sim.add_argument("--per-function", action="store_true", help="--json: each function's figures too")
