@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from kold.commands import demo, loadgen, model, platform, runtime, snapshot
+    from kold.commands import demo, loadgen, model, platform, runtime, sim, snapshot
 
     model.register(top)
     snapshot.register(top)
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.register(top)
     platform.register(top)
     loadgen.register(top)
+    sim.register(top)
     return parser
 
 
