@@ -744,6 +744,11 @@ class Gateway:
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
+        except BaseException:  # timed out, failed or cancelled while held: the record says how long, and cold
+            if call is not None:
+                call.cold = call.cold or cold
+                call.wait_s += self.clock() - t0
+            raise
         finally:
             st.waiting -= 1
             self.m_waiting.dec()
