@@ -1,0 +1,124 @@
+"""How the controller's floors reach what runs the instances.
+
+The controller decides a floor per function (`scaling.Floor`: keep N instances until a time); an
+actuator hands it to whatever scales: the local gateway in the same process (`LocalActuator`), a
+gateway in another process over its admin API (`HttpActuator`), and later Knative (`KnativeActuator`,
+an interface only until issue 14). Actuators never raise into the controller's loop: a floor that
+did not arrive is logged, and the controller sends its floors again on its next refresh.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import httpx
+
+from kold.controller.scaling import Floor
+
+log = logging.getLogger("kold.controller.actuators")
+
+
+class Actuator(Protocol):
+    async def set_floor(self, function: str, floor: Floor | None) -> None:
+        """Hold `floor` for `function` (its `until` is Unix time); None clears the function's floor."""
+        ...
+
+
+class FloorHolder(Protocol):
+    """What LocalActuator needs of the gateway (kold.gateway.activator.Gateway fits it; the controller
+    does not import the gateway)."""
+
+    def set_floor(self, function: str, floor: Floor | None) -> None: ...
+
+
+class LocalActuator:
+    """The gateway in this process (`kold up`): its floor is a method call."""
+
+    def __init__(self, gateway: FloorHolder) -> None:
+        self.gateway = gateway
+
+    async def set_floor(self, function: str, floor: Floor | None) -> None:
+        try:
+            self.gateway.set_floor(function, floor)
+        except Exception:  # the gateway's own failure must not stop the controller deciding for others
+            log.exception("the gateway refused the floor for %s", function)
+
+
+class HttpActuator:
+    """A gateway in another process (`kold controller`): PUT/DELETE /admin/functions/NAME/floor.
+
+    Failures are logged once per function until that function's floor goes through again, so an
+    unreachable gateway costs one line per function, not one per tick."""
+
+    def __init__(
+        self,
+        gateway_url: str,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = gateway_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport
+        )
+        self._failing: set[str] = set()
+
+    async def set_floor(self, function: str, floor: Floor | None) -> None:
+        path = f"/admin/functions/{quote(function, safe='')}/floor"
+        try:
+            if floor is None:
+                resp = await self._client.delete(path)
+            else:
+                resp = await self._client.put(path, json=floor_body(floor))
+        except httpx.HTTPError as exc:
+            self._failed(function, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return
+        if resp.status_code == 404 and floor is None:
+            self._failing.discard(function)  # nothing to clear: the function is gone
+            return
+        if resp.status_code >= 400:
+            self._failed(function, f"HTTP {resp.status_code}: {' '.join(resp.text.split())[:200]}")
+            return
+        if function in self._failing:
+            self._failing.discard(function)
+            log.info("the gateway at %s takes %s's floor again", self.base_url, function)
+
+    def _failed(self, function: str, why: str) -> None:
+        if function not in self._failing:
+            self._failing.add(function)
+            log.warning("could not set %s's floor at the gateway %s: %s (retrying)", function, self.base_url, why)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def floor_body(floor: Floor) -> dict[str, Any]:
+    """The admin API's floor body (`until`: Unix time, the clock the controller and Redis share)."""
+    return {
+        "instances": floor.instances,
+        "until": floor.until,
+        "reason": floor.reason,
+        "idle_timeout_s": floor.idle_timeout_s,
+    }
+
+
+class KnativeActuator:
+    """Not written yet: the Knative target comes with issue 14, and this actuator with it.
+
+    What it will do: hold a floor on a cluster by raising the function's serving Revision's minimum
+    scale (its PodAutoscaler's `autoscaling.knative.dev/min-scale`) through the Kubernetes API until
+    the floor's `until`, and lowering it back to the revision's own min-scale after; a floor's
+    `idle_timeout_s` maps to the revision's scale-down delay. Nothing can select it today (`kold up`
+    and `kold controller` use the local and HTTP actuators), and making one fails at once rather
+    than pretending to act.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("the Knative actuator comes with the Knative target (issue 14)")
+
+    async def set_floor(self, function: str, floor: Floor | None) -> None:
+        raise NotImplementedError("the Knative actuator comes with the Knative target (issue 14)")

@@ -1,0 +1,99 @@
+"""The actuators: what reaches the gateway for a floor, and that none of their failures reaches the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import httpx
+import pytest
+
+from kold.controller.actuators import HttpActuator, KnativeActuator, LocalActuator
+from kold.controller.scaling import Floor
+
+FLOOR = Floor(2, 1_700_000_100.0, "every 600 s: pre-warmed", idle_timeout_s=30.0)
+
+
+def test_http_actuator_puts_and_deletes_the_admin_floor_with_the_key() -> None:
+    seen: list[tuple[str, str, str | None, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        seen.append((request.method, request.url.path, request.headers.get("authorization"), body))
+        return httpx.Response(200, json={})
+
+    async def scenario() -> None:
+        actuator = HttpActuator("http://gw:8080/", "secret", transport=httpx.MockTransport(handler))
+        await actuator.set_floor("fn", FLOOR)
+        await actuator.set_floor("fn", None)
+        await actuator.aclose()
+
+    asyncio.run(scenario())
+    body = {"instances": 2, "until": 1_700_000_100.0, "reason": "every 600 s: pre-warmed", "idle_timeout_s": 30.0}
+    assert seen == [
+        ("PUT", "/admin/functions/fn/floor", "Bearer secret", body),
+        ("DELETE", "/admin/functions/fn/floor", "Bearer secret", None),
+    ]
+
+
+def test_http_actuator_logs_a_failing_gateway_once_per_function_and_its_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    answers: list[httpx.Response | Exception] = [
+        httpx.ConnectError("refused"),
+        httpx.Response(503, text="registry away"),
+        httpx.Response(200, json={}),
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def scenario() -> None:
+        actuator = HttpActuator("http://gw:8080", transport=httpx.MockTransport(handler))
+        for _ in range(3):
+            await actuator.set_floor("fn", FLOOR)  # never raises
+        await actuator.aclose()
+
+    with caplog.at_level(logging.INFO, logger="kold.controller.actuators"):
+        asyncio.run(scenario())
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "could not set fn's floor" in messages[0] and "ConnectError: refused" in messages[0]
+    assert "takes fn's floor again" in messages[1]
+
+
+def test_http_actuator_takes_a_missing_function_on_clear_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        actuator = HttpActuator("http://gw", transport=httpx.MockTransport(lambda r: httpx.Response(404)))
+        await actuator.set_floor("gone", None)
+        await actuator.aclose()
+
+    with caplog.at_level(logging.INFO, logger="kold.controller.actuators"):
+        asyncio.run(scenario())
+    assert caplog.records == []
+
+
+def test_local_actuator_hands_the_floor_to_the_gateway_and_keeps_its_errors() -> None:
+    class Gateway:
+        def __init__(self) -> None:
+            self.floors: dict[str, Floor | None] = {}
+
+        def set_floor(self, function: str, floor: Floor | None) -> None:
+            if function == "bad":
+                raise ValueError("no such function")
+            self.floors[function] = floor
+
+    gateway = Gateway()
+    actuator = LocalActuator(gateway)
+    asyncio.run(actuator.set_floor("fn", FLOOR))
+    asyncio.run(actuator.set_floor("bad", FLOOR))  # logged, not raised
+    assert gateway.floors == {"fn": FLOOR}
+
+
+def test_the_knative_actuator_is_not_selectable_yet() -> None:
+    with pytest.raises(NotImplementedError, match="issue 14"):
+        KnativeActuator()
