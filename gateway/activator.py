@@ -918,10 +918,9 @@ class Gateway:
         for family in (*families, self.m_prewarm_starts, self.m_prewarm_hits, self.m_idle):
             with contextlib.suppress(KeyError):
                 family.remove(name)
-        forget = getattr(self.demand, "forget", None)
-        if forget is not None:
+        if self.demand is not None:
             try:
-                await asyncio.to_thread(forget, name)
+                await asyncio.to_thread(self.demand.forget, name)
             except RedisError as exc:  # they expire on their own (the store's TTL)
                 log.warning("could not remove the demand records of %s: %s", name, exc)
 

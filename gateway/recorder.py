@@ -34,10 +34,11 @@ Record = Invocation | ColdStart
 
 
 class DemandWriter(Protocol):
-    """What the recorder needs of `kold.controller.demand.DemandStore`."""
+    """What the gateway needs of `kold.controller.demand.DemandStore`."""
 
     def record_invocations(self, records: list[Invocation]) -> None: ...
     def record_cold_starts(self, reports: list[ColdStart]) -> None: ...
+    def forget(self, function: str) -> None: ...
 
 
 @dataclass(slots=True)
