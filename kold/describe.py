@@ -41,6 +41,9 @@ def format_describe(doc: dict[str, Any], gateway_url: str, now: float | None = N
                 f"idle timeout {_v(scaling.get('idle_timeout_s'))} s, request timeout {_v(scaling.get('request_timeout_s'))} s",
             )
         )
+    if "prewarm" in doc or "floor" in doc:  # a gateway with the pre-warm controller's floors
+        fields.append(("Pre-warm", _v(doc.get("prewarm"))))
+        fields.append(("Floor", _floor(_dict(doc.get("floor")), now)))
     runtime = _dict(shown.get("runtime"))
     if runtime:
         seq = runtime.get("max_seq_len")
@@ -117,6 +120,20 @@ def format_describe(doc: dict[str, Any], gateway_url: str, now: float | None = N
     if len(ended) > _ENDED_SHOWN:
         lines.append(f"  ({len(ended) - _ENDED_SHOWN} earlier stopped instances not shown: -o json lists all)")
     return "\n".join(lines)
+
+
+def _floor(floor: dict[str, Any], now: float) -> str:
+    """The floor the pre-warm controller holds, and why: `1 instance for 4m10s more (until 14:02:11),
+    idle timeout 60 s: fixed-keepalive: 10 min after the last request`."""
+    until = _number(floor.get("until"))
+    if not floor or until is None or until <= now:
+        return "none (the scaling spec alone decides)"
+    n = floor.get("instances")
+    count = f"{_v(n)} instance{'' if n == 1 else 's'}"
+    idle = _number(floor.get("idle_timeout_s"))
+    keep = "" if idle is None else f", idle timeout {idle:g} s"
+    end = time.strftime("%H:%M:%S", time.localtime(until))
+    return f"{count} for {human_age(until - now)} more (until {end}){keep}: {_v(floor.get('reason'))}"
 
 
 def _table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> list[str]:

@@ -9,6 +9,7 @@ finds its context. Commands whose stdout is data print it alone there; status li
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import ipaddress
 import os
@@ -36,6 +37,8 @@ from kold.platform_state import (
 from kold.settings import Settings
 
 if TYPE_CHECKING:
+    from kold.controller.loop import Controller
+    from kold.gateway.activator import Gateway
     from kold.gateway.registry import Registry
     from kold.hostpool_auto import HostPoolKeeper
     from kold.platform_client import PlatformClient
@@ -56,6 +59,13 @@ def register(top: Any) -> None:
     up.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback requires API keys)")
     up.add_argument("--port", type=int, default=8080)
     up.add_argument("--detach", action="store_true", help="run in the background (stop with `kold down`)")
+    up.add_argument(
+        "--no-controller",
+        dest="controller",
+        action="store_false",
+        default=None,
+        help="do not run the pre-warm controller in the platform (default: KOLD_CONTROLLER, on)",
+    )
     up.add_argument("--log-file", help=argparse.SUPPRESS)  # set by --detach: where the platform's output goes
     up.set_defaults(handler=cmd_up)
 
@@ -84,6 +94,12 @@ def register(top: Any) -> None:
         "--memory",
         type=size_arg,
         help="memory one instance takes (e.g. 3GiB; default: its weights plus a full KV cache)",
+    )
+    deploy.add_argument(
+        "--prewarm",
+        metavar="POLICY",
+        help="the pre-warm policy: NAME or NAME:KNOB=VALUE[,...] (forecast, hybrid-histogram, fixed-keepalive, "
+        "knative-default; default: forecast)",
     )
     deploy.add_argument("--target", choices=("local", "knative"), default="local")
     add_output_option(deploy)
@@ -221,6 +237,8 @@ def _up_detached(args: argparse.Namespace, settings: Settings, url: str) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     log_path = settings.home / "platform.log"
     argv = ["up", "--host", args.host, "--port", str(args.port), "--log-file", str(log_path)]
+    if args.controller is False:
+        argv.append("--no-controller")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kold", *argv],
@@ -250,6 +268,8 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
+    from kold.controller.demand import DemandStore
+    from kold.gateway.activator import Gateway
     from kold.gateway.app import build_app, server_config
     from kold.gateway.pool import InstancePool
     from kold.gateway.registry import Registry
@@ -288,10 +308,13 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
         require_keys = not _is_loopback(args.host)
         if require_keys:
             _bootstrap_admin_key(settings, registry)
+        gateway = Gateway(registry, pool, capacity=capacity, demand=DemandStore(client, prefix="kold:"))
+        controller = _controller(args, settings, redis_url, gateway)
         app = build_app(
             registry,
             pool,
             require_keys=require_keys,
+            gateway=gateway,
             warm_template=True,
             max_body_bytes=settings.max_body_bytes,
             body_timeout_s=settings.body_timeout_s,
@@ -304,8 +327,18 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
         app.state.log_streams_stopping = stopping
 
         class Server(uvicorn.Server):
+            controller_task: asyncio.Task[None] | None = None
+
+            async def startup(self, sockets: list[Any] | None = None) -> None:
+                await super().startup(sockets)  # the gateway's lifespan has started it
+                if controller is not None and not self.should_exit:
+                    self.controller_task = asyncio.create_task(controller.run(), name="kold-controller")
+
             async def shutdown(self, sockets: list[Any] | None = None) -> None:
                 stopping.set()
+                if self.controller_task is not None:  # first: it gives its lease up on the way out
+                    self.controller_task.cancel()
+                    await asyncio.gather(self.controller_task, return_exceptions=True)
                 await super().shutdown(sockets)
 
             def handle_exit(self, sig: int, frame: Any) -> None:
@@ -330,6 +363,40 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
             keeper.close()  # the instances have stopped: their segments are free to remove
         if local_redis is not None:
             local_redis.stop()
+
+
+def _controller(args: argparse.Namespace, settings: Settings, redis_url: str, gateway: Gateway) -> Controller | None:
+    """The pre-warm controller `kold up` runs beside the gateway (None when --no-controller or
+    KOLD_CONTROLLER=off): it sets floors on this gateway directly, and a cold request pokes it.
+
+    Its own Redis client: a fold of a long backlog may take longer than the data path's 250 ms
+    budget, and must not hold the connections warm requests' background refreshes use."""
+    enabled = settings.controller if args.controller is None else args.controller
+    if not enabled:
+        print("pre-warm controller: off (floors only from the admin API or a `kold controller`)", flush=True)
+        return None
+    import redis
+
+    from kold.commands.controller import LEASE_KEY, lease_seconds
+    from kold.controller.actuators import LocalActuator
+    from kold.controller.demand import DemandStore
+    from kold.controller.lease import Lease, default_holder_id
+    from kold.controller.loop import Controller, RegistrySource
+    from kold.controller.metrics import ControllerMetrics
+    from kold.gateway.registry import Registry
+
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2)
+    controller = Controller(
+        DemandStore(client, prefix="kold:"),
+        RegistrySource(Registry(client, prefix="kold:")),
+        LocalActuator(gateway),
+        Lease(client, LEASE_KEY, default_holder_id(), lease_seconds(settings, settings.controller_tick_s)),
+        tick_s=settings.controller_tick_s,
+        metrics=ControllerMetrics(gateway.metrics),  # on the gateway's /metrics
+    )
+    gateway.on_cold = controller.poke
+    print(f"pre-warm controller: on, a decision pass every {settings.controller_tick_s:g} s", flush=True)
+    return controller
 
 
 def _report_host_pool(settings: Settings, registry: Registry) -> HostPoolKeeper | None:
@@ -377,7 +444,7 @@ def admin_key_path(settings: Settings) -> Path:
     return settings.home / "admin.key"
 
 
-def _api_key(settings: Settings) -> str | None:
+def api_key(settings: Settings) -> str | None:
     """KOLD_API_KEY, else the admin key `kold up` left on this machine (a gateway beyond loopback)."""
     if settings.api_key:
         return settings.api_key
@@ -421,7 +488,7 @@ def _client(args: argparse.Namespace, settings: Settings) -> PlatformClient:
     from kold.platform_client import PlatformClient
 
     where = locate_gateway(getattr(args, "url", None), settings.gateway_url, settings.home)
-    return PlatformClient(where.url, _api_key(settings), unreachable=where.unreachable(settings.home))
+    return PlatformClient(where.url, api_key(settings), unreachable=where.unreachable(settings.home))
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
@@ -433,6 +500,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     from kold.snapshot import build_snapshot
 
     name = _function_name(args.name)
+    prewarm = _prewarm_policy(args.prewarm)
     client = _client(args, settings)
     # fail fast, before building, if no platform runs or its registry (Redis) is known to be away
     client.request("GET", "/readyz")
@@ -447,6 +515,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
             "target_concurrency": args.target_concurrency,
             "idle_timeout_s": args.idle_timeout,
             "request_timeout_s": args.request_timeout,
+            **({"prewarm": prewarm} if prewarm is not None else {}),
         },
         "runtime": {
             "device": args.device,
@@ -492,6 +561,19 @@ def cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
         count = len(instances) if isinstance(instances, list) else instances
         print(f"{fn.get('name', '?'):<24} {fn.get('serving') or '-':<20} {count:>9}")
     return 0
+
+
+def _prewarm_policy(text: str | None) -> str | None:
+    """`--prewarm`, checked here (a one-line error naming the problem, before anything is built)."""
+    if text is None:
+        return None
+    from kold.controller.policies.registry import parse_policy
+
+    try:
+        parse_policy(text)
+    except ValueError as exc:
+        raise CLIError(f"--prewarm: {exc}") from None
+    return text.strip()
 
 
 def _function_name(name: str) -> str:

@@ -59,9 +59,7 @@ def test_a_lease_taken_away_is_noticed_at_the_next_renew(redis_client: redis.Red
     assert not a.try_acquire(1.0) and not a.held(1.0)
 
 
-def test_a_restarted_holder_with_the_same_id_takes_its_lease_back(
-    redis_client: redis.Redis, redis_prefix: str
-) -> None:
+def test_a_restarted_holder_with_the_same_id_takes_its_lease_back(redis_client: redis.Redis, redis_prefix: str) -> None:
     first, _ = _pair(redis_client, redis_prefix)
     assert first.try_acquire(0.0)
     again = Lease(redis_client, first.key, "a", 10.0)
