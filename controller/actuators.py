@@ -42,8 +42,10 @@ class LocalActuator:
     async def set_floor(self, function: str, floor: Floor | None) -> None:
         try:
             self.gateway.set_floor(function, floor)
+        except ValueError as exc:  # a floor it refuses (a bad field): the controller goes on with the others
+            log.warning("the gateway refused %s's floor: %s", function, exc)
         except Exception:  # the gateway's own failure must not stop the controller deciding for others
-            log.exception("the gateway refused the floor for %s", function)
+            log.exception("the gateway failed to take %s's floor", function)
 
 
 class HttpActuator:

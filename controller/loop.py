@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from redis.exceptions import RedisError
@@ -43,6 +43,7 @@ SET: Final = "set"  # a floor set or changed
 REFRESH: Final = "refresh"  # the same floor sent again: extended before it ran out, or re-asserted
 CLEAR: Final = "clear"  # the floor cleared: the policy holds nothing now
 FORGET: Final = "forget"  # the function left the registry: floor cleared, demand keys dropped
+MAX_REASON_CHARS: Final = 200  # the most the gateway takes (gateway/floors.py): a longer reason is cut
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +258,10 @@ class Controller:
                 self._recheck_at = (
                     plan.recheck_at if self._recheck_at is None else min(self._recheck_at, plan.recheck_at)
                 )
-            action = await self._apply(view.name, policy, plan.floor, now)
+            floor = plan.floor
+            if len(floor.reason) > MAX_REASON_CHARS:
+                floor = replace(floor, reason=floor.reason[: MAX_REASON_CHARS - 1] + "…")
+            action = await self._apply(view.name, policy, floor, now)
             if action is not None:
                 actions.append(action)
         return actions

@@ -55,7 +55,7 @@ def size_arg(text: str) -> int:
 
 
 def register(top: Any) -> None:
-    up = top.add_parser("up", help="start the local platform (gateway, instance manager, controller hook)")
+    up = top.add_parser("up", help="start the local platform (gateway, instance manager, pre-warm controller)")
     up.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback requires API keys)")
     up.add_argument("--port", type=int, default=8080)
     up.add_argument("--detach", action="store_true", help="run in the background (stop with `kold down`)")

@@ -223,6 +223,15 @@ def test_an_unchanged_floor_is_reasserted_every_reassert_s(redis_client: redis.R
     assert actuator.calls == [("fn", policy.floor)] * 3
 
 
+def test_a_reason_longer_than_the_gateway_takes_is_cut(redis_client: redis.Redis, redis_prefix: str) -> None:
+    policy = Scripted()
+    policy.floor = Floor(1, T0 + 60, "why " * 100)
+    controller, actuator, _ = make_controller(redis_client, redis_prefix, {"fn": "x"}, make_policy=lambda t: policy)
+    run(controller.tick_once(T0))
+    sent = actuator.floors["fn"]
+    assert sent is not None and len(sent.reason) == 200 and sent.reason.endswith("…")
+
+
 def test_a_broken_or_unknown_policy_does_not_stop_the_others(
     redis_client: redis.Redis, redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
