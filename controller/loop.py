@@ -146,6 +146,12 @@ class Controller:
         self._poked: set[str] = set()
         self._wake = asyncio.Event()
 
+    @property
+    def recheck_at(self) -> float | None:
+        """The earliest time a plan of the last pass asked to be asked again (a pre-warm falling due
+        before the next tick); `run` wakes then."""
+        return self._recheck_at
+
     # -- the loop ----------------------------------------------------------------------------------
 
     def poke(self, function: str) -> None:

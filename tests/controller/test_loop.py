@@ -102,14 +102,9 @@ PERIODIC = [
         "hybrid-histogram unloads after each call of a 5-minute timer and pre-warms before the next",
         "hybrid-histogram", 300, 16, 1, 400, prewarms=True,
     ),
-    pytest.param(
-        Case(
-            "forecast pre-warms a 10-minute timer before each call once it has seen ten gaps",
-            "forecast", 600, 16, 11, 900, prewarms=True,
-        ),
-        # the controller keeps one policy object per text: forecast derives a function's period at its
-        # first call and caches it for 32 more, so a timer waits 33 calls for its first pre-warm
-        marks=pytest.mark.xfail(strict=True, reason="forecast's per-function cache hides the period for 32 calls"),
+    Case(
+        "forecast pre-warms a 10-minute timer before each call once it has seen ten gaps",
+        "forecast", 600, 16, 11, 900, prewarms=True,
     ),
     Case(
         "fixed-keepalive keeps a 2-minute timer warm across its gaps and lets it go 5 minutes after the last call",
@@ -122,7 +117,7 @@ PERIODIC = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", PERIODIC, ids=lambda c: c.name if isinstance(c, Case) else str(c))
+@pytest.mark.parametrize("case", PERIODIC, ids=lambda c: c.name)
 def test_a_periodic_function_is_warm_at_each_arrival_and_stops_costing_when_calls_stop(
     case: Case, redis_client: redis.Redis, redis_prefix: str
 ) -> None:
@@ -147,13 +142,19 @@ def test_a_periodic_function_is_warm_at_each_arrival_and_stops_costing_when_call
                 unloaded_between += 1
             if now > arrivals[-1] + case.cold_within_s:
                 assert not actuator.warm_at("timer", now), f"still holding an instance at last + {now - arrivals[-1]} s"
-            now += step
+            now = _next_tick(controller, now, step)
 
     run(timeline())
     cold = [k for k, warm in enumerate(found_warm) if k >= case.warm_from and not warm]
     assert not cold, f"arrivals {cold} found no instance held"
     assert (unloaded_between > 0) == case.prewarms
     assert controller.metrics.lease_held._value.get() == 1
+
+
+def _next_tick(controller: Controller, now: float, step: float) -> float:
+    """When `run` would tick next: after `step`, or sooner when a plan asked to be rechecked."""
+    recheck = controller.recheck_at
+    return min(now + step, recheck) if recheck is not None and recheck > now else now + step
 
 
 # -- what is sent, and when -------------------------------------------------------------------------
