@@ -23,7 +23,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
@@ -142,6 +142,7 @@ class Controller:
         self._sent: dict[str, tuple[Floor, float]] = {}  # function -> (floor sent, when)
         self._acting = False
         self._redis_down = False
+        self._failing = False
         self._recheck_at: float | None = None
         self._poked: set[str] = set()
         self._wake = asyncio.Event()
@@ -166,7 +167,7 @@ class Controller:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                await self.tick_once(self.clock())
+                await self._guarded(self.tick_once(self.clock()))
                 wait_s = self.tick_s
                 if self._recheck_at is not None:
                     wait_s = max(0.0, min(wait_s, self._recheck_at - self.clock()))
@@ -181,9 +182,24 @@ class Controller:
                         break
                     self._wake.clear()
                     poked, self._poked = self._poked, set()
-                    await self.decide_now(poked, self.clock())
+                    await self._guarded(self.decide_now(poked, self.clock()))
         finally:
             await self._give_up_lease()
+
+    async def _guarded(self, work: Coroutine[Any, Any, list[Action]]) -> None:
+        """A pass that fails for any other reason than Redis (a bug, a garbled revision) is logged,
+        once until a pass succeeds again, and the loop goes on: the controller must not die silently
+        inside `kold up`."""
+        try:
+            await work
+        except Exception:
+            if not self._failing:
+                self._failing = True
+                log.exception("a pre-warm controller pass failed; trying again next tick")
+            return
+        if self._failing:
+            self._failing = False
+            log.info("the pre-warm controller's passes succeed again")
 
     async def tick_once(self, now: float) -> list[Action]:
         """One pass over every function at `now`, if this controller holds the lease."""

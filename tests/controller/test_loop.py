@@ -486,3 +486,34 @@ def _exposition(metrics: ControllerMetrics) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(metrics.registry).decode()
+
+
+def test_a_pass_that_fails_is_logged_once_and_the_loop_goes_on(
+    redis_client: redis.Redis, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Flaky(Functions):
+        fails = 3
+
+        def list(self) -> list[FunctionView]:
+            if self.fails:
+                self.fails -= 1
+                raise RuntimeError("a garbled revision")
+            return super().list()
+
+    store = DemandStore(redis_client, redis_prefix)
+    actuator = Recorder()
+    lease = Lease(redis_client, f"{redis_prefix}controller:lease", "a", 10.0)
+    controller = Controller(store, Flaky({"fn": "fixed-keepalive"}), actuator, lease, tick_s=0.02)
+    arrive(store, "fn", time.time())
+
+    async def scenario() -> None:
+        task = asyncio.create_task(controller.run())
+        await _until(lambda: actuator.calls, "a floor once the passes succeed")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.INFO, logger="kold.controller"):
+        run(scenario())
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("pass failed" in m for m in messages) == 1
+    assert sum("succeed again" in m for m in messages) == 1
