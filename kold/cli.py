@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from kold.commands import demo, loadgen, model, platform, runtime, sim, snapshot
+    from kold.commands import controller, demo, loadgen, model, platform, runtime, sim, snapshot
 
     model.register(top)
     snapshot.register(top)
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     platform.register(top)
     loadgen.register(top)
     sim.register(top)
+    controller.register(top)
     return parser
 
 

@@ -38,6 +38,7 @@ DEFAULT_COLD_START_S = 5.0  # until a start of the function was measured: the lo
 RELEASE_S = 2.0  # the keep-alive of an instance the forecast does not want: long enough to finish its answer
 MIN_GAPS = 4  # recent gaps needed before a period is believed
 MIN_IDLE_TIMES = 10  # below this many gaps the history predicts nothing: the spec's idle timeout rules
+GRID_SLACK_S = 2.0  # a minute-resolution timer's window reaches this far past its minute
 CLUSTER_S = 60.0  # arrivals closer than this belong to one firing (a timer's calls spread over its minute)
 PERIOD_SPREAD = 0.3  # a period is believed when the gaps stay within this share of it
 RECENT_MINUTES = 15  # the window of the trend rate
@@ -55,8 +56,13 @@ class _Derived:
     period: float | None = None  # between the starts of firings
     spread: float = 0.0
     cluster_s: float = 0.0  # how long a firing's calls keep coming after its first
+    # a timer seen at minute resolution (a per-minute trace), whose calls land anywhere in their minute:
+    # the fewest and most whole minutes between firings (0, 0: not one)
+    grid: tuple[int, int] = (0, 0)
     keepalive_s: float = 0.0
     season_peak_rate: float = 0.0  # the highest same-time-of-day rate seen on previous days (per s)
+    rate_minute: int = -1  # the minute `rate` was computed for
+    rate: float = 0.0
 
 
 class Forecast:
@@ -82,17 +88,13 @@ class Forecast:
         lead = 1.2 * cold + 1.0  # start this long before an expected arrival: the restore, with a margin
 
         conc, conc_why = self._concurrency(history, spec, now)
-        if history.idle_times < MIN_IDLE_TIMES:
-            keep, until, recheck = 0, now, None
-            why = f"learning ({history.idle_times} of {MIN_IDLE_TIMES} gaps seen): the spec's idle timeout"
-        else:
-            keep, until, recheck, why = self._single(d, history, now, last, lead)
+        keep, until, recheck, why = self._single(d, history, now, last, lead)
         if conc > keep:
             return Plan(
                 Floor(conc, now + RATE_RECHECK_S, f"forecast: {conc_why}", idle_timeout_s=spec.idle_timeout_s),
                 now + RATE_RECHECK_S / 4,
             )
-        idle = None if keep or history.idle_times < MIN_IDLE_TIMES else RELEASE_S
+        idle = None if keep else RELEASE_S
         return Plan(Floor(keep, until, f"forecast: {why}", idle_timeout_s=idle), recheck)
 
     # -- one instance: periodic pre-warm, seasonal rate, keep-alive ------------------------------------
@@ -101,35 +103,51 @@ class Forecast:
         self, d: _Derived, h: DemandHistory, now: float, last: float, lead: float
     ) -> tuple[int, float, float | None, str]:
         """(instances 0 or 1, until, recheck_at, why) for holding the function's first instance."""
-        rate = self._rate(h, now + lead)
+        if d.period is not None:
+            beat = self._beat(d, h, now, last, lead)
+            if beat is not None:
+                return beat
+        rate = self._rate(d, h, now + lead)
         if rate * self.budget >= 1.0:
             return 1, now + RATE_RECHECK_S, now + RATE_RECHECK_S, f"{rate * 60:.1f} arrivals/min expected"
-        if d.period is not None:
-            period, spread = d.period, d.spread
-            start = _firing_start(h)
-            if now < last + d.cluster_s:  # the firing's other calls are still coming
-                end = last + d.cluster_s
-                return 1, end, end, f"every {period:.0f} s: held through the firing"
-            nxt = start + period
-            if now <= nxt + spread + lead:  # the next beat is still ahead (or just due): follow it
-                window_open = nxt - spread - lead
-                if window_open - last <= RELEASE_S + lead or period <= 2 * spread + 2 * lead:
-                    # the gap is too short to release and start again: hold through it
-                    return 1, nxt + spread + 1.0, nxt + spread + 1.0, f"every {period:.0f} s: held between calls"
-                if now >= window_open:
-                    end = nxt + spread + 1.0
-                    return 1, end, end, f"every {period:.0f} s: pre-warmed for the call due at +{nxt - last:.0f} s"
-                return 0, window_open, window_open, f"every {period:.0f} s: next pre-warm in {window_open - now:.0f} s"
-        if d.keepalive_s > 0 and now < last + d.keepalive_s:
+        if h.idle_times < MIN_IDLE_TIMES:  # too little history to predict: hold what one cold start is worth
+            end = last + self.budget
+            if now < end:
+                return 1, end, end, f"learning ({h.idle_times} gaps seen): held {self.budget:g} s after each call"
+        elif d.keepalive_s > 0 and now < last + d.keepalive_s:
             end = last + d.keepalive_s
-            return (
-                1,
-                end,
-                end,
-                f"kept {d.keepalive_s:.0f} s after each call (idle-time histogram, budget {self.budget:g} s)",
-            )
+            why = f"kept {d.keepalive_s:.0f} s after each call (idle-time histogram, budget {self.budget:g} s)"
+            return 1, end, end, why
         recheck = self._next_rate_rise(d, h, now, lead)
         return 0, now + RATE_RECHECK_S, recheck, "no call expected soon"
+
+    @staticmethod
+    def _beat(
+        d: _Derived, h: DemandHistory, now: float, last: float, lead: float
+    ) -> tuple[int, float, float | None, str] | None:
+        """A timer's plan: held through a firing, released between firings, pre-warmed `lead` before
+        the next one's window. None once the next beat has passed without a call (the period is off)."""
+        assert d.period is not None
+        period, spread = d.period, d.spread
+        if now < last + d.cluster_s:  # the firing's other calls are still coming
+            end = last + d.cluster_s
+            return 1, end, end, f"every {period:.0f} s: held through the firing"
+        start = _firing_start(h)
+        if d.grid[1]:
+            # a per-minute trace: the call comes somewhere in its minute, so the window is that minute
+            minute = int(start // 60)
+            opens = (minute + d.grid[0]) * 60 - lead - GRID_SLACK_S
+            closes = (minute + d.grid[1] + 1) * 60 + GRID_SLACK_S
+        else:
+            nxt = start + period
+            opens, closes = nxt - spread - lead, nxt + spread + 1.0
+        if now > closes:
+            return None
+        if opens - last <= RELEASE_S + lead:  # too short to release and start again: hold through it
+            return 1, closes, closes, f"every {period:.0f} s: held between calls"
+        if now >= opens:
+            return 1, closes, closes, f"every {period:.0f} s: pre-warmed for the call due by +{closes - last:.0f} s"
+        return 0, opens, opens, f"every {period:.0f} s: next pre-warm in {opens - now:.0f} s"
 
     def _next_rate_rise(self, d: _Derived, h: DemandHistory, now: float, lead: float) -> float | None:
         """When to look again for a seasonal rise: only functions whose previous days ever had a rate
@@ -140,12 +158,16 @@ class Forecast:
 
     # -- rates and concurrency ---------------------------------------------------------------------------
 
-    def _rate(self, h: DemandHistory, at: float) -> float:
+    def _rate(self, d: _Derived, h: DemandHistory, at: float) -> float:
         """Arrivals per second expected around `at`: the larger of the recent rate (trend, bursts) and
-        the rate at the same time on the previous days (seasonality)."""
+        the rate at the same time on the previous days (seasonality). Both read whole minutes before
+        `at`'s, so the answer holds for the minute and is cached for it."""
         minute = int(at // 60)
+        if d.rate_minute == minute:
+            return d.rate
         recent = sum(h.counts.get(m, 0) for m in range(minute - RECENT_MINUTES, minute)) / (RECENT_MINUTES * 60)
-        return max(recent, self._season_rate(h, minute))
+        d.rate_minute, d.rate = minute, max(recent, self._season_rate(h, minute))
+        return d.rate
 
     @staticmethod
     def _season_rate(h: DemandHistory, minute: int) -> float:
@@ -182,14 +204,14 @@ class Forecast:
         d = self._derived.get(function)
         if d is None:
             d = self._derived[function] = _Derived()
-        elif d.arrivals >= 0 and h.arrivals - d.arrivals < REFRESH_ARRIVALS and not self._broken(d, h):
-            return d
+        elif h.arrivals - d.arrivals < min(REFRESH_ARRIVALS, max(1, d.arrivals // 4)) and not self._broken(d, h):
+            return d  # derived often while the history is young (a period shows after a few calls), then every 32
         d.arrivals = h.arrivals
-        d.period, d.spread, d.cluster_s = _period(list(h.recent))
+        d.period, d.spread, d.cluster_s, d.grid = _period(list(h.recent))
         d.keepalive_s = self._keepalive(h)
-        d.season_peak_rate = max(
-            (self._season_rate(h, m) for m in range(int(now // 60), int(now // 60) + 1440, 30)), default=0.0
-        )
+        d.season_peak_rate = 0.0
+        if h.first_arrival is not None and now - h.first_arrival >= 86400 - SEASON_SPAN * 60:
+            d.season_peak_rate = max(self._season_rate(h, m) for m in range(int(now // 60), int(now // 60) + 1440, 30))
         return d
 
     @staticmethod
@@ -220,10 +242,12 @@ class Forecast:
         return best_t * 60.0
 
 
-def _period(times: list[float]) -> tuple[float | None, float, float]:
-    """(period, spread, cluster) of a timer: the gaps between firings (arrivals after a gap of
+def _period(times: list[float]) -> tuple[float | None, float, float, tuple[int, int]]:
+    """(period, spread, cluster, grid) of a timer: the gaps between firings (arrivals after a gap of
     CLUSTER_S or more) agree within PERIOD_SPREAD of their median; `cluster` is how long a firing's calls
-    kept coming after its first. (None, 0, 0) when the arrivals are not periodic."""
+    kept coming after its first; `grid` the fewest and most whole minutes between firings when the
+    calls look placed anywhere in their minute (a per-minute trace), else (0, 0). None when the
+    arrivals are not periodic."""
     starts: list[float] = []
     cluster = 0.0
     prev = -math.inf
@@ -233,14 +257,21 @@ def _period(times: list[float]) -> tuple[float | None, float, float]:
         else:
             cluster = max(cluster, t - starts[-1])
         prev = t
-    gaps = [b - a for a, b in itertools.pairwise(starts)][-16:]
+    starts = starts[-17:]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     if len(gaps) < MIN_GAPS:
-        return None, 0.0, 0.0
+        return None, 0.0, 0.0, (0, 0)
     p = median(gaps)
     spread = max(abs(g - p) for g in gaps)
-    if spread > PERIOD_SPREAD * p:
-        return None, 0.0, 0.0
-    return p, spread, min(cluster + 1.0, CLUSTER_S) if cluster else 0.0
+    grid = (0, 0)
+    if p >= 120 and spread >= 5 and abs(p / 60 - round(p / 60)) < 0.1:
+        # whole minutes apart, give or take the one a firing near a minute's edge slips into
+        minutes = [int(b // 60) - int(a // 60) for a, b in itertools.pairwise(starts)]
+        if max(abs(m - round(p / 60)) for m in minutes) <= 1:
+            grid = (min(minutes), max(minutes))
+    if not grid[1] and spread > PERIOD_SPREAD * p:
+        return None, 0.0, 0.0, (0, 0)
+    return p, spread, min(cluster + 1.0, CLUSTER_S) if cluster else 0.0, grid
 
 
 def _firing_start(h: DemandHistory) -> float:

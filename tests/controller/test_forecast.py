@@ -60,11 +60,17 @@ class Case:
 
 CASES = [
     Case(
-        "a new function holds nothing of its own: the spec's idle timeout rules while it is learning",
-        lambda: periodic(300, 5),
-        lambda t: t[-1] + 1,
+        "a new function is held the budget after each call while it learns",
+        lambda: [1000.0, 1400.0, 2500.0],
+        lambda t: t[-1] + 100,
+        1,
+        lambda f, r, t: f.until == t[-1] + 120,
+    ),
+    Case(
+        "a new function is released once the budget after its last call has passed",
+        lambda: [1000.0, 1400.0, 2500.0],
+        lambda t: t[-1] + 121,
         0,
-        lambda f, r, t: f.idle_timeout_s is None,
     ),
     Case(
         "a strictly periodic function is released between calls and the next pre-warm is due before the call",
