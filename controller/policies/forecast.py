@@ -45,6 +45,11 @@ RECENT_MINUTES = 15  # the window of the trend rate
 SEASON_DAYS = 3  # previous days looked at for the same time of day
 SEASON_SPAN = 5  # minutes either side of the same time of day
 REFRESH_ARRIVALS = 32  # recompute the cached keep-alive and period after this many new arrivals
+# the capacity held for a predicted concurrency is re-planned this often, and what it held beyond the
+# prediction goes after this much idle: the prediction moves minute by minute, so holding longer only
+# adds instance-seconds
+CONCURRENCY_HOLD_S = 20.0
+CONCURRENCY_IDLE_S = 30.0
 RATE_RECHECK_S = 60.0  # how often a rate-held floor is re-evaluated
 
 
@@ -91,8 +96,8 @@ class Forecast:
         keep, until, recheck, why = self._single(d, history, now, last, lead)
         if conc > keep:
             return Plan(
-                Floor(conc, now + RATE_RECHECK_S, f"forecast: {conc_why}", idle_timeout_s=spec.idle_timeout_s),
-                now + RATE_RECHECK_S / 4,
+                Floor(conc, now + CONCURRENCY_HOLD_S, f"forecast: {conc_why}", idle_timeout_s=CONCURRENCY_IDLE_S),
+                now + CONCURRENCY_HOLD_S / 2,
             )
         idle = None if keep else RELEASE_S
         return Plan(Floor(keep, until, f"forecast: {why}", idle_timeout_s=idle), recheck)
@@ -186,14 +191,17 @@ class Forecast:
 
     @staticmethod
     def _concurrency(h: DemandHistory, spec: Spec, now: float) -> tuple[int, str]:
-        """Instances the predicted concurrency needs: the recent peak, rising with its trend, or the peak
-        at this time of day on the previous day, whichever is higher."""
+        """Instances a rising concurrency will need: while this minute's peak is above the last one's,
+        room for one request more than the peak (the next instance starts a request ahead of the
+        reactive rule, which starts it when that request is already waiting); or the peak of the next
+        minutes at this time of day on the previous day. 0 while demand is flat or falling: reactive
+        scaling then has what it needs. (Holding the rise's full slope, or the last minutes' peaks,
+        cost 13-30% more instance-seconds than knative-default in the simulator for the same waits.)"""
         minute = int(now // 60)
-        current, previous = h.peak(minute), h.peak(minute - 1)
-        recent = max(current, previous)
-        trend = max(0, current - previous)
+        current = h.peak(minute)
+        rising = current + 1 if current > h.peak(minute - 1) else 0
         season = max((h.peak(minute - 1440 + k) for k in range(0, 3)), default=0)
-        peak = max(recent + trend, season)
+        peak = max(rising, season)
         need = math.ceil(peak / spec.target_concurrency) if peak > spec.target_concurrency else 0
         need = min(need, spec.max_instances)
         return need, f"concurrency peak {peak} expected ({spec.target_concurrency} per instance)"

@@ -24,10 +24,12 @@ class Spec:
 DAY = 86400.0
 
 
-def history(times: list[float], cold_start_s: float | None = 2.0, concurrency: int = 1) -> DemandHistory:
+def history(times: list[float], cold_start_s: float | None = 2.0, concurrency: int = 1, rise: int = 0) -> DemandHistory:
+    """Arrivals at `times`, each seeing `concurrency` requests, `rise` fewer before the last minute."""
     h = DemandHistory()
+    last_minute = int(times[-1] // 60) if times else 0
     for t in times:
-        h.observe(t, concurrency)
+        h.observe(t, concurrency if int(t // 60) == last_minute else max(1, concurrency - rise))
     if cold_start_s is not None:
         h.observe_cold_start(cold_start_s)
     return h
@@ -56,6 +58,7 @@ class Case:
     check: Callable[[Floor, float | None, list[float]], bool] = lambda f, r, t: True
     budget: float = 120.0
     concurrency: int = 1
+    rise: int = 0  # how much lower the concurrency was before the last minute
 
 
 CASES = [
@@ -125,11 +128,19 @@ CASES = [
         1,
     ),
     Case(
-        "concurrency peaks hold more instances ahead of demand",
+        "a rising concurrency starts the next instance a request ahead of demand",
         lambda: poisson(1, 0, 600),
         lambda t: t[-1] + 1,
-        3,
+        3,  # this minute's peak (10, against the last minute's 9) + 1 = 11 requests: 3 instances of 4
         concurrency=10,
+        rise=1,
+    ),
+    Case(
+        "a flat concurrency leaves scale-out to the reactive rule",
+        lambda: poisson(1, 0, 600),
+        lambda t: t[-1] + 1,
+        1,
+        concurrency=9,
     ),
 ]
 
@@ -138,7 +149,7 @@ CASES = [
 def test_forecast(case: Case) -> None:
     times = case.times()
     at = case.at(times)
-    h = history([t for t in times if t <= at], concurrency=case.concurrency)
+    h = history([t for t in times if t <= at], concurrency=case.concurrency, rise=case.rise)
     plan = Forecast(budget=case.budget).plan("f", h, Spec(), at)
     floor = plan.floor
     held = floor.instances if floor.holds(at) else 0
