@@ -73,7 +73,19 @@ class _Derived:
 class Forecast:
     name: ClassVar[str] = "forecast"
     knob: ClassVar[str] = "budget"
-    knob_values: ClassVar[tuple[float, ...]] = (15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+    knob_values: ClassVar[tuple[float, ...]] = (
+        15.0,
+        30.0,
+        60.0,
+        120.0,
+        300.0,
+        600.0,
+        1200.0,
+        2400.0,
+        4800.0,
+        9600.0,
+        19200.0,
+    )
 
     def __init__(self, budget: float = 120.0, default_cold_start_s: float = DEFAULT_COLD_START_S) -> None:
         if not budget > 0:
@@ -191,15 +203,17 @@ class Forecast:
 
     @staticmethod
     def _concurrency(h: DemandHistory, spec: Spec, now: float) -> tuple[int, str]:
-        """Instances a rising concurrency will need: while this minute's peak is above the last one's,
-        room for one request more than the peak (the next instance starts a request ahead of the
+        """Instances a rising concurrency will need: while this minute's peak is at the instances'
+        capacity and above the last one's, room for one request more than the peak (the next instance starts a request ahead of the
         reactive rule, which starts it when that request is already waiting); or the peak of the next
         minutes at this time of day on the previous day. 0 while demand is flat or falling: reactive
         scaling then has what it needs. (Holding the rise's full slope, or the last minutes' peaks,
         cost 13-30% more instance-seconds than knative-default in the simulator for the same waits.)"""
         minute = int(now // 60)
-        current = h.peak(minute)
-        rising = current + 1 if current > h.peak(minute - 1) else 0
+        current, previous = h.peak(minute), h.peak(minute - 1)
+        # a rise while busy: at the instances' capacity, and above a minute that had calls (the first
+        # call after a quiet minute is not a rise in concurrency)
+        rising = current + 1 if current >= spec.target_concurrency and current > previous > 0 else 0
         season = max((h.peak(minute - 1440 + k) for k in range(0, 3)), default=0)
         peak = max(rising, season)
         need = math.ceil(peak / spec.target_concurrency) if peak > spec.target_concurrency else 0

@@ -168,3 +168,11 @@ def test_the_same_history_gives_the_same_plan() -> None:
 def test_bad_knobs_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         Forecast(**bad)
+
+
+def test_the_first_call_after_a_quiet_minute_is_not_a_rise_in_concurrency() -> None:
+    """At one request per instance, a call in a new minute after a silent one must not hold a second instance."""
+    times = [60.0 * m + 5 for m in range(0, 40, 2)]  # a call every other minute, alone
+    h = history(times, concurrency=1)
+    plan = Forecast().plan("f", h, Spec(target_concurrency=1), times[-1] + 1)
+    assert plan.floor.instances <= 1, plan.floor.reason
