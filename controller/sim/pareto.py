@@ -141,6 +141,7 @@ def plot(path: Path, points: Sequence[Point], title: str = "") -> None:
                 )
         ax.set_xlabel("idle instance-hours (alive with nothing in flight, starts and pre-warms included)")
         ax.set_ylabel("cold starts (requests that waited for an instance start)")
+        ax.set_yscale("symlog", linthresh=10)  # the points that matter sit in the lowest decades; 0 stays drawable
         ax.set_title(title or "pre-warm policies: cold starts against idle cost")
         ax.grid(True, alpha=0.3)
         ax.legend()
