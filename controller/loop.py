@@ -169,8 +169,8 @@ class Controller:
             while True:
                 await self._guarded(self.tick_once(self.clock()))
                 wait_s = self.tick_s
-                if self._recheck_at is not None:
-                    wait_s = max(0.0, min(wait_s, self._recheck_at - self.clock()))
+                if self._recheck_at is not None and self._recheck_at > (now := self.clock()):
+                    wait_s = min(wait_s, self._recheck_at - now)  # a past one (a pass cut short) waits the tick
                 deadline = loop.time() + wait_s
                 while (remaining := deadline - loop.time()) > 0:
                     try:
@@ -203,6 +203,9 @@ class Controller:
 
     async def tick_once(self, now: float) -> list[Action]:
         """One pass over every function at `now`, if this controller holds the lease."""
+        # this pass's plans set it again; a pass cut short (lease lost, Redis away) must not leave an
+        # old one behind, or `run` would find it past and tick back to back
+        self._recheck_at = None
         try:
             if not await self._hold_lease(now):
                 return []
@@ -212,7 +215,6 @@ class Controller:
             self._views = {v.name: v for v in views}
             for name in gone:
                 actions.append(await self._forget(name))
-            self._recheck_at = None
             actions += await self._decide(views, now)
             self._redis_back()
             return actions

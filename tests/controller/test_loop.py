@@ -442,6 +442,57 @@ async def _until(cond: Callable[[], object], what: str) -> None:
         await asyncio.sleep(0.01)
 
 
+class CountingLease(Lease):
+    """The lease, counting the tick's calls to it (each is a Redis round trip)."""
+
+    tries = 0
+
+    def try_acquire(self, now: float) -> bool:
+        self.tries += 1
+        return super().try_acquire(now)
+
+
+@pytest.mark.parametrize("lost", ["to another holder", "to a Redis error"])
+def test_a_standby_controller_with_a_stale_recheck_waits_for_its_tick(
+    lost: str, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    """A plan asked to be rechecked soon; then the lease went (another took it, or Redis failed). The
+    recheck time is now in the past: `run` must wait for its tick, not call the lease back to back."""
+    policy = Scripted()
+    policy.floor = Floor(1, T0 + 600, "hold")
+    recheck = Plan(policy.floor, recheck_at=T0 + 5)
+    policy.plan = lambda *args: recheck  # type: ignore[method-assign]
+    clock = [T0]
+    store = DemandStore(redis_client, redis_prefix)
+    key = f"{redis_prefix}controller:lease"
+    lease = CountingLease(redis_client, key, "a", 10.0)
+    controller = Controller(
+        store, Functions({"fn": "x"}), Recorder(), lease, make_policy=lambda t: policy, tick_s=1.0,
+        clock=lambda: clock[0],
+    )  # fmt: skip
+    run(controller.tick_once(T0))
+    assert controller.recheck_at == T0 + 5
+    clock[0] = T0 + 20  # our lease ran out by our own view; the recheck is 15 s stale
+    if lost == "to another holder":
+        redis_client.set(key, "b", px=60_000)
+    else:
+        controller.lease = lease = CountingLease(
+            redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)),
+            key, "a", 10.0,
+        )  # fmt: skip
+
+    async def scenario() -> None:
+        task = asyncio.create_task(controller.run())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    lease.tries = 0
+    run(scenario())
+    assert 1 <= lease.tries <= 2, f"{lease.tries} lease calls in half a second with a 1 s tick"
+    assert controller.recheck_at is None
+
+
 def test_a_poke_without_the_lease_does_nothing(redis_client: redis.Redis, redis_prefix: str) -> None:
     a, act_a, store = make_controller(redis_client, redis_prefix, {"fn": "fixed-keepalive"}, holder="a")
     b, act_b, _ = make_controller(redis_client, redis_prefix, {"fn": "fixed-keepalive"}, holder="b")
