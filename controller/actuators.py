@@ -4,7 +4,7 @@ The controller decides a floor per function (`scaling.Floor`: keep N instances u
 actuator hands it to whatever scales: the local gateway in the same process (`LocalActuator`), a
 gateway in another process over its admin API (`HttpActuator`), and later Knative (`KnativeActuator`,
 an interface only until issue 14). Actuators never raise into the controller's loop: a floor that
-did not arrive is logged, and the controller sends its floors again on its next refresh.
+did not arrive is logged and `set_floor` says False, and the controller sends it again next tick.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ log = logging.getLogger("kold.controller.actuators")
 
 
 class Actuator(Protocol):
-    async def set_floor(self, function: str, floor: Floor | None) -> None:
-        """Hold `floor` for `function` (its `until` is Unix time); None clears the function's floor."""
+    async def set_floor(self, function: str, floor: Floor | None) -> bool:
+        """Hold `floor` for `function` (its `until` is Unix time); None clears the function's floor.
+        True when it was delivered; False (logged here) when not, so the caller tries again."""
         ...
 
 
@@ -39,13 +40,16 @@ class LocalActuator:
     def __init__(self, gateway: FloorHolder) -> None:
         self.gateway = gateway
 
-    async def set_floor(self, function: str, floor: Floor | None) -> None:
+    async def set_floor(self, function: str, floor: Floor | None) -> bool:
         try:
             self.gateway.set_floor(function, floor)
         except ValueError as exc:  # a floor it refuses (a bad field): the controller goes on with the others
             log.warning("the gateway refused %s's floor: %s", function, exc)
+            return False
         except Exception:  # the gateway's own failure must not stop the controller deciding for others
             log.exception("the gateway failed to take %s's floor", function)
+            return False
+        return True
 
 
 class HttpActuator:
@@ -69,7 +73,7 @@ class HttpActuator:
         )
         self._failing: set[str] = set()
 
-    async def set_floor(self, function: str, floor: Floor | None) -> None:
+    async def set_floor(self, function: str, floor: Floor | None) -> bool:
         path = f"/admin/functions/{quote(function, safe='')}/floor"
         try:
             if floor is None:
@@ -78,16 +82,17 @@ class HttpActuator:
                 resp = await self._client.put(path, json=floor_body(floor))
         except httpx.HTTPError as exc:
             self._failed(function, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            return
+            return False
         if resp.status_code == 404 and floor is None:
             self._failing.discard(function)  # nothing to clear: the function is gone
-            return
+            return True
         if resp.status_code >= 400:
             self._failed(function, f"HTTP {resp.status_code}: {' '.join(resp.text.split())[:200]}")
-            return
+            return False
         if function in self._failing:
             self._failing.discard(function)
             log.info("the gateway at %s takes %s's floor again", self.base_url, function)
+        return True
 
     def _failed(self, function: str, why: str) -> None:
         if function not in self._failing:
@@ -122,5 +127,5 @@ class KnativeActuator:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("the Knative actuator comes with the Knative target (issue 14)")
 
-    async def set_floor(self, function: str, floor: Floor | None) -> None:
+    async def set_floor(self, function: str, floor: Floor | None) -> bool:
         raise NotImplementedError("the Knative actuator comes with the Knative target (issue 14)")

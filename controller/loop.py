@@ -139,7 +139,10 @@ class Controller:
         self._bad_policies: set[str] = set()
         self._failing_plans: set[str] = set()
         self._views: dict[str, FunctionView] = {}
-        self._sent: dict[str, tuple[Floor, float]] = {}  # function -> (floor sent, when)
+        self._sent: dict[str, tuple[Floor, float]] = {}  # function -> (floor delivered, when)
+        # functions whose floor at the gateway is known since this controller took the lease: for the
+        # others a previous holder may have left one, so a plan that holds nothing still clears once
+        self._known: set[str] = set()
         self._acting = False
         self._redis_down = False
         self._failing = False
@@ -254,8 +257,9 @@ class Controller:
         if held and not self._acting:
             log.info("pre-warm controller %s holds the lease %s: deciding floors", self.lease.holder_id, self.lease.key)
             # what the gateway holds now is not known (another controller may have set floors):
-            # every floor a policy holds is sent afresh
+            # every floor a policy holds is sent afresh, and every one it does not is cleared once
             self._sent.clear()
+            self._known.clear()
             self._views = {}
         elif not held and self._acting:
             log.info("pre-warm controller %s no longer holds the lease: it stops acting", self.lease.holder_id)
@@ -330,18 +334,25 @@ class Controller:
         # right after its request, to be pre-warmed later)
         holds = floor.holds(now) and (floor.instances > 0 or floor.idle_timeout_s is not None)
         if not holds:
-            if sent_floor is None:
+            if sent_floor is None and function in self._known:
                 return None
-            await self.actuator.set_floor(function, None)
+            if not await self.actuator.set_floor(function, None):
+                return None  # not delivered (the actuator logged it): tried again next tick
             self._sent.pop(function, None)
-            self.metrics.decided(function, policy, raised=False)
-            log.info("%s: floor cleared (%s)", function, floor.reason)
+            self._known.add(function)
+            if sent_floor is None:  # not a decision: whatever a previous lease holder left is gone
+                log.debug("%s: floor cleared on taking the lease (%s)", function, floor.reason)
+            else:
+                self.metrics.decided(function, policy, raised=False)
+                log.info("%s: floor cleared (%s)", function, floor.reason)
             return Action(function, CLEAR, None, policy)
         kind = self._change(sent_floor, sent_at, floor, now)
         if kind is None:
             return None
-        await self.actuator.set_floor(function, floor)
+        if not await self.actuator.set_floor(function, floor):
+            return None  # the floor sent before (if any) stays the one to compare with: retried next tick
         self._sent[function] = (floor, now)
+        self._known.add(function)
         if kind == SET:
             raised = floor.instances > (sent_floor.instances if sent_floor is not None else 0)
             self.metrics.decided(function, policy, raised=raised)
@@ -375,7 +386,8 @@ class Controller:
     async def _forget(self, function: str) -> Action:
         log.info("%s left the registry: its floor is cleared and its demand records dropped", function)
         self._sent.pop(function, None)
-        await self.actuator.set_floor(function, None)
+        self._known.discard(function)
+        await self.actuator.set_floor(function, None)  # not delivered: the function is gone anyway
         await asyncio.to_thread(self.store.forget, function)
         self.metrics.forget(function)
         return Action(function, FORGET, None, "")

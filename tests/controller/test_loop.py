@@ -48,10 +48,15 @@ class Recorder:
 
     calls: list[tuple[str, Floor | None]] = field(default_factory=list)
     floors: dict[str, Floor | None] = field(default_factory=dict)
+    fail_next: int = 0  # this many calls from now do not arrive
 
-    async def set_floor(self, function: str, floor: Floor | None) -> None:
+    async def set_floor(self, function: str, floor: Floor | None) -> bool:
         self.calls.append((function, floor))
+        if self.fail_next:
+            self.fail_next -= 1
+            return False
         self.floors[function] = floor
+        return True
 
     def warm_at(self, function: str, t: float) -> bool:
         """Whether the floor in force at `t` keeps an instance."""
@@ -187,7 +192,8 @@ def test_a_floor_is_sent_when_it_changes_refreshed_before_it_runs_out_and_cleare
     def tick(now: float) -> list[tuple[str, int | None]]:
         return [(a.kind, None if a.floor is None else a.floor.instances) for a in run(controller.tick_once(now))]
 
-    assert tick(T0) == [], "nothing held, nothing sent"
+    assert tick(T0) == [(CLEAR, None)], "the first pass clears what a previous lease holder may have left"
+    assert tick(T0 + 1) == [], "then: nothing held, nothing sent"
     policy.floor = Floor(1, T0 + 100, "hold")
     assert tick(T0) == [(SET, 1)]
     assert tick(T0 + 10) == [], "the same floor is not sent again"
@@ -222,6 +228,25 @@ def test_an_unchanged_floor_is_reasserted_every_reassert_s(redis_client: redis.R
     kinds = [[a.kind for a in run(controller.tick_once(T0 + t))] for t in range(0, 70, 10)]
     assert kinds == [[SET], [], [], [REFRESH], [], [], [REFRESH]]
     assert actuator.calls == [("fn", policy.floor)] * 3
+
+
+def test_a_floor_that_did_not_arrive_is_sent_again_next_tick(redis_client: redis.Redis, redis_prefix: str) -> None:
+    policy = Scripted()
+    controller, actuator, _ = make_controller(
+        redis_client, redis_prefix, {"fn": "scripted"}, make_policy=lambda text: policy, reassert_s=1000.0
+    )
+    run(controller.tick_once(T0))
+    policy.floor = Floor(1, T0 + 600, "hold")
+    actuator.fail_next = 1
+    assert run(controller.tick_once(T0 + 10)) == [], "not delivered: nothing was done"
+    assert [a.kind for a in run(controller.tick_once(T0 + 20))] == [SET], "retried at the next tick"
+    assert actuator.floors["fn"] == policy.floor
+    policy.floor = Floor(0, T0 + 600, "nothing now")
+    actuator.fail_next = 1
+    assert run(controller.tick_once(T0 + 30)) == []
+    assert [a.kind for a in run(controller.tick_once(T0 + 40))] == [CLEAR], "a clear that failed is retried too"
+    assert actuator.floors["fn"] is None and run(controller.tick_once(T0 + 50)) == []
+    assert controller.metrics.decisions.labels("fn", "scripted")._value.get() == 2, "delivered decisions only"
 
 
 def test_a_reason_longer_than_the_gateway_takes_is_cut(redis_client: redis.Redis, redis_prefix: str) -> None:
@@ -308,6 +333,30 @@ def test_two_controllers_never_both_act(redis_client: redis.Redis, redis_prefix:
     assert len({t for t, _ in acting}) == len(acting), "both acted at one time"
     assert act_a.calls and act_b.calls
     assert act_b.calls[0][1] is not None, "the new holder sends its floor at once, not only on a change"
+
+
+def test_a_new_lease_holder_clears_the_floors_the_last_one_left(redis_client: redis.Redis, redis_prefix: str) -> None:
+    """`a` set a floor and went away without clearing it; `b` takes the lease, its policy holds
+    nothing: it sends one clear (it cannot know what the gateway holds), then nothing more. The same
+    when a controller loses the lease and takes it back."""
+    hold, nothing = Scripted(), Scripted()
+    hold.floor = Floor(1, T0 + 3600, "hold")
+    a, gateway, _ = make_controller(
+        redis_client, redis_prefix, {"fn": "x"}, holder="a", make_policy=lambda t: hold, lease_s=5.0
+    )
+    b, _, _ = make_controller(
+        redis_client, redis_prefix, {"fn": "x"}, holder="b", make_policy=lambda t: nothing, lease_s=5.0
+    )
+    b.actuator = a.actuator  # one gateway
+    assert [x.kind for x in run(a.tick_once(T0))] == [SET] and gateway.warm_at("fn", T0 + 60)
+    a.lease.release()  # gone without a word to the gateway
+    assert [x.kind for x in run(b.tick_once(T0 + 10))] == [CLEAR]
+    assert gateway.floors["fn"] is None and run(b.tick_once(T0 + 11)) == []
+    redis_client.set(b.lease.key, "c", px=60_000)  # `c` took the lease from `b` (a stall)...
+    assert run(b.tick_once(T0 + 20)) == [] and not b.lease.held(T0 + 20)
+    gateway.floors["fn"] = hold.floor  # ...set a floor, and went away
+    redis_client.delete(b.lease.key)
+    assert [x.kind for x in run(b.tick_once(T0 + 30))] == [CLEAR] and gateway.floors["fn"] is None
 
 
 # -- Redis going away ---------------------------------------------------------------------------------
@@ -417,15 +466,15 @@ def test_a_poke_decides_at_once_without_waiting_for_the_tick(redis_client: redis
 
     async def scenario() -> None:
         task = asyncio.create_task(controller.run())
-        await _until(lambda: controller.lease.held(clock[0]), "the controller holds the lease")
-        assert actuator.calls == []
+        await _until(lambda: actuator.calls, "the first tick's clear")
+        assert actuator.calls == [("fn", None)], "nothing held: whatever a previous holder left is cleared"
         clock[0] = T0 + 5
         arrive(store, "fn", T0 + 5)
         started = time.monotonic()
         controller.poke("fn")
-        await _until(lambda: actuator.calls, "a floor after the poke")
+        await _until(lambda: actuator.floors["fn"], "a floor after the poke")
         assert time.monotonic() - started < 5, "the poke waited for the tick"
-        assert actuator.calls == [("fn", actuator.floors["fn"])] and actuator.warm_at("fn", T0 + 60)
+        assert actuator.calls[1:] == [("fn", actuator.floors["fn"])] and actuator.warm_at("fn", T0 + 60)
         controller.poke("not-a-function")  # unknown names are ignored
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

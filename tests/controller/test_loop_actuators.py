@@ -25,8 +25,8 @@ def test_http_actuator_puts_and_deletes_the_admin_floor_with_the_key() -> None:
 
     async def scenario() -> None:
         actuator = HttpActuator("http://gw:8080/", "secret", transport=httpx.MockTransport(handler))
-        await actuator.set_floor("fn", FLOOR)
-        await actuator.set_floor("fn", None)
+        assert await actuator.set_floor("fn", FLOOR) is True
+        assert await actuator.set_floor("fn", None) is True
         await actuator.aclose()
 
     asyncio.run(scenario())
@@ -54,8 +54,8 @@ def test_http_actuator_logs_a_failing_gateway_once_per_function_and_its_recovery
 
     async def scenario() -> None:
         actuator = HttpActuator("http://gw:8080", transport=httpx.MockTransport(handler))
-        for _ in range(3):
-            await actuator.set_floor("fn", FLOOR)  # never raises
+        delivered = [await actuator.set_floor("fn", FLOOR) for _ in range(3)]  # never raises
+        assert delivered == [False, False, True], "the caller learns which floors did not arrive"
         await actuator.aclose()
 
     with caplog.at_level(logging.INFO, logger="kold.controller.actuators"):
@@ -69,7 +69,7 @@ def test_http_actuator_logs_a_failing_gateway_once_per_function_and_its_recovery
 def test_http_actuator_takes_a_missing_function_on_clear_quietly(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         actuator = HttpActuator("http://gw", transport=httpx.MockTransport(lambda r: httpx.Response(404)))
-        await actuator.set_floor("gone", None)
+        assert await actuator.set_floor("gone", None) is True, "nothing left to clear"
         await actuator.aclose()
 
     with caplog.at_level(logging.INFO, logger="kold.controller.actuators"):
@@ -89,8 +89,8 @@ def test_local_actuator_hands_the_floor_to_the_gateway_and_keeps_its_errors() ->
 
     gateway = Gateway()
     actuator = LocalActuator(gateway)
-    asyncio.run(actuator.set_floor("fn", FLOOR))
-    asyncio.run(actuator.set_floor("bad", FLOOR))  # logged, not raised
+    assert asyncio.run(actuator.set_floor("fn", FLOOR)) is True
+    assert asyncio.run(actuator.set_floor("bad", FLOOR)) is False  # logged, not raised
     assert gateway.floors == {"fn": FLOOR}
 
 
