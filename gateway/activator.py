@@ -118,8 +118,10 @@ class Gateway:
     `clock` (monotonic seconds) is the only clock the scaling reads, and `wall` (Unix seconds) the one
     records and floors are written in; both injected so tests run the scaler on a fake timeline.
     `demand` (kold.controller.demand.DemandStore) receives the invocation and cold-start records
-    (None: none kept). `on_cold(function)` is called on the event loop, and must not block, when a
-    request arrives at a function with no READY instance (the controller's poke)."""
+    (None: none kept). `on_cold(function, arrival, concurrency)` is called on the event loop, and must
+    not block, when a request arrives at a function with no READY instance (the controller's poke): it
+    carries the request's Unix arrival and its concurrency at arrival, as its Invocation record will,
+    so the controller plans with the request before the record is written (at the request's end)."""
 
     def __init__(
         self,
@@ -133,7 +135,7 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         demand: DemandWriter | None = None,
-        on_cold: Callable[[str], None] | None = None,
+        on_cold: Callable[[str, float, int], None] | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
@@ -154,9 +156,13 @@ class Gateway:
         self._revisions: dict[str, Revision] = {}  # immutable: cached for good
         self._serving: dict[str, tuple[float, Revision]] = {}  # name -> (fresh until, revision)
         self._refreshing: set[str] = set()  # functions whose serving revision is being re-read
-        # instance id -> clock time it last became idle (nothing in flight); only live READY instances
+        # instance id -> clock time it last became idle (nothing in flight); only live READY instances:
+        # what the decider's idle timeout counts from
         self._idle_since: dict[str, float] = {}
-        self._idle_counted: dict[str, float] = {}  # instance id -> time its idle seconds are counted to
+        # instance id -> clock time its idle instance-seconds are counted up to; every live instance
+        # with nothing in flight, STARTING ones from when their start was asked for (the metric's)
+        self._idle_from: dict[str, float] = {}
+        self._ready_at: dict[str, float] = {}  # instance id -> clock time it became READY (live ones)
         self._prewarmed: set[str] = set()  # instances a floor started that have served nothing yet
         self.start_failures = StartFailures()
         self._request_labels: dict[str, set[tuple[str, str]]] = {}  # function -> (cold, status) it was counted with
@@ -208,7 +214,8 @@ class Gateway:
         )
         self.m_idle = Counter(
             "kold_gateway_idle_instance_seconds",
-            "Instance-seconds READY with nothing in flight (pre-warmed time included)",
+            "Instance-seconds alive with nothing in flight: READY, or STARTING from when the start was asked for "
+            "(as the simulator counts them; pre-warmed time included)",
             ["function"],
             registry=self.metrics,
         )
@@ -516,9 +523,8 @@ class Gateway:
         if inst is None or inst.state is not InstanceState.READY or inst.in_flight:
             return
         self._count_idle(inst.id, rev.function, now)
-        idle = now - self._idle_since.pop(inst.id, now)
-        self._idle_counted.pop(inst.id, None)
-        self._prewarmed.discard(inst.id)
+        idle = now - self._idle_since.get(inst.id, now)
+        self._forget_instance(inst.id)
         log.info("scaling in %s (idle %.1fs; %s)", inst.id, idle, reason)
         self.m_stops.labels(rev.function).inc()
         inst.state = InstanceState.DRAINING
@@ -615,12 +621,15 @@ class Gateway:
             inst = await self.pool.start(rev)
             st.pending[rev.revision_id] -= 1  # from now on pool.instances() counts it
             counted = False
+            if not inst.in_flight:  # idle from when its start was asked for, as the simulator counts it
+                self._idle_from[inst.id] = asked_at
             self.m_starts.labels(rev.function).inc()
             if prewarm:
                 self._prewarmed.add(inst.id)
                 self.m_prewarm_starts.labels(rev.function).inc()
             if await self.pool.wait_ready(inst, rev.scaling.request_timeout_s, on_accepting=lambda _: st.notify()):
                 now = self.clock()
+                self._ready_at[inst.id] = now
                 if not inst.in_flight:  # a request taken while it restored still runs
                     self._idle_since[inst.id] = now
                 self.start_failures.succeeded(rev.revision_id)
@@ -630,8 +639,9 @@ class Gateway:
                     )
                 )
             else:
+                self._count_idle(inst.id, rev.function, self.clock())
+                self._forget_instance(inst.id)
                 await self.pool.stop(inst, 1.0)
-                self._prewarmed.discard(inst.id)
                 cause = inst.failure or {
                     "code": "start_timeout",
                     "error": f"not ready within the request timeout ({rev.scaling.request_timeout_s:g} s)",
@@ -723,7 +733,10 @@ class Gateway:
             call.known = True
             call.concurrency = st.active + st.waiting
         if exclude is None and self.on_cold is not None and not self._has_ready(rev.revision_id):
-            self._poke(name)
+            if call is not None:
+                self._poke(name, call.arrival, call.concurrency)
+            else:
+                self._poke(name, self.wall(), st.active + st.waiting)
         try:
             while True:
                 self.ensure_capacity(rev)
@@ -752,12 +765,14 @@ class Gateway:
         finally:
             st.waiting -= 1
             self.m_waiting.dec()
-        cold = cold or inst.state is InstanceState.STARTING  # still restoring: this request pays its cold start
+        # cold as the simulator counts it: the request waited for a start (the instance that took it is
+        # still restoring, or became READY after the request arrived), whatever else was READY meanwhile
+        cold = cold or inst.state is InstanceState.STARTING or self._ready_at.get(inst.id, -math.inf) > t0
         now = self.clock()
-        if inst.id in self._idle_since:  # idle until now
+        if inst.id in self._idle_from:  # idle until now
             self._count_idle(inst.id, name, now)
-            del self._idle_since[inst.id]
-            self._idle_counted.pop(inst.id, None)
+            del self._idle_from[inst.id]
+        self._idle_since.pop(inst.id, None)
         if self._prewarmed and inst.id in self._prewarmed:
             self._prewarmed.discard(inst.id)
             self.m_prewarm_hits.labels(name).inc()
@@ -773,10 +788,10 @@ class Gateway:
     def _has_ready(self, rev_id: str) -> bool:
         return any(i.state is InstanceState.READY for i in self.pool.instances(rev_id))
 
-    def _poke(self, name: str) -> None:
+    def _poke(self, name: str, arrival: float, concurrency: int) -> None:
         assert self.on_cold is not None
         try:
-            self.on_cold(name)
+            self.on_cold(name, arrival, max(1, concurrency))
         except Exception:  # the controller's trouble must not fail the request
             log.exception("on_cold(%s) failed", name)
 
@@ -801,8 +816,11 @@ class Gateway:
 
     def release(self, inst: Instance) -> None:
         inst.in_flight = max(0, inst.in_flight - 1)
-        if inst.in_flight == 0 and inst.state is InstanceState.READY:
-            self._idle_since[inst.id] = self.clock()
+        if inst.in_flight == 0 and inst.state in _LIVE:
+            now = self.clock()
+            self._idle_from[inst.id] = now
+            if inst.state is InstanceState.READY:
+                self._idle_since[inst.id] = now
         rev = self._revisions.get(inst.revision_id)
         if rev is not None:
             st = self.functions.get(rev.function)
@@ -823,24 +841,29 @@ class Gateway:
 
     def _count_idle(self, inst_id: str, function: str, now: float) -> None:
         """Add the instance's idle seconds not counted yet (since it became idle or was last counted)."""
-        since = self._idle_since.get(inst_id)
+        since = self._idle_from.get(inst_id)
         if since is None:
             return
-        start = max(since, self._idle_counted.get(inst_id, since))
-        if now > start:
-            self.m_idle.labels(function).inc(now - start)
-        self._idle_counted[inst_id] = now
+        if now > since:
+            self.m_idle.labels(function).inc(now - since)
+            self._idle_from[inst_id] = now
+
+    def _forget_instance(self, inst_id: str) -> None:
+        """Drop what the gateway kept of an instance that is stopping or gone."""
+        self._idle_since.pop(inst_id, None)
+        self._idle_from.pop(inst_id, None)
+        self._ready_at.pop(inst_id, None)
+        self._prewarmed.discard(inst_id)
 
     def _account_idle(self, now: float) -> None:
         """Bring the idle instance-seconds up to `now` (scale passes, scrapes), and forget instances
-        that are gone: O(idle instances), no work per request."""
-        for inst_id in list(self._idle_since):
+        that are gone: O(idle and READY instances), no work per request."""
+        for inst_id in [*self._idle_from, *self._ready_at]:
             inst = self.pool.get(inst_id)
             rev = self._revisions.get(inst.revision_id) if inst is not None else None
             if inst is None or rev is None or not inst.alive:
-                del self._idle_since[inst_id]
-                self._idle_counted.pop(inst_id, None)
-            elif inst.state is InstanceState.READY and not inst.in_flight:
+                self._forget_instance(inst_id)
+            elif not inst.in_flight:
                 self._count_idle(inst_id, rev.function, now)
         if self._prewarmed:
             self._prewarmed = {i for i in self._prewarmed if self._is_alive(i)}
@@ -882,9 +905,7 @@ class Gateway:
             inst.state = InstanceState.DRAINING  # out of routing at once
         await asyncio.gather(*(self._stop(i) for i in insts), return_exceptions=True)
         for inst in insts:
-            self._idle_since.pop(inst.id, None)
-            self._idle_counted.pop(inst.id, None)
-            self._prewarmed.discard(inst.id)
+            self._forget_instance(inst.id)
             self.m_stops.labels(name).inc()
         return len(insts)
 
@@ -898,9 +919,7 @@ class Gateway:
         self._no_room.pop(name, None)
         self._room_freed()
         for inst in insts:
-            self._idle_since.pop(inst.id, None)
-            self._idle_counted.pop(inst.id, None)
-            self._prewarmed.discard(inst.id)
+            self._forget_instance(inst.id)
         st = self.functions.get(name)
         if st is not None and not st.waiting:
             del self.functions[name]

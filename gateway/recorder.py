@@ -3,7 +3,8 @@
 Every request becomes a `records.Invocation` (timed out, failed and cancelled ones too) and every
 instance that becomes READY a `records.ColdStart`. They are queued without waiting and written in
 batches through the demand store (controller/demand.py), one thread hop and one pipelined Redis
-round trip per batch and kind. When Redis is away, or the queue is full, records are dropped and
+round trip per batch and kind; a batch's invocations in arrival order (they are made as requests
+finish). When Redis is away, or the queue is full, records are dropped and
 counted (`kold_gateway_invocation_records_dropped_total`): demand tracking must never slow or fail a
 request.
 """
@@ -160,7 +161,9 @@ class Recorder:
 
     async def _write(self, batch: list[Record]) -> None:
         assert self.demand is not None
-        invocations = [r for r in batch if isinstance(r, Invocation)]
+        # made as requests finish, so in finish order; written in arrival order, since the demand
+        # history drops an arrival older than the last it saw (history.observe)
+        invocations = sorted((r for r in batch if isinstance(r, Invocation)), key=lambda r: r.arrival)
         cold_starts = [r for r in batch if isinstance(r, ColdStart)]
         try:
             await asyncio.to_thread(self._write_sync, invocations, cold_starts)

@@ -101,8 +101,6 @@ CASES = [
         (3.0, 60.0, 60.5, 200.0),
         end_s=330.0,
         service_s=3.0,  # the new instance is READY (62.5) before the busy one is free (63)
-        gap="the gateway counts a request cold only when no instance was READY as it waited "
-        "(activator.acquire), the simulator when the instance that took it became READY after it arrived",
     ),
     Case(
         "hybrid-histogram: the 4-hour fallback until 10 idle times, then unload after each call and pre-warm "
@@ -372,8 +370,7 @@ async def on_gateway(case: Case, registry: Registry, log_dir: Path) -> GatewayRu
         instance_s=sum(
             min(life.stopped if life.stopped is not None else case.end_s, case.end_s) - life.started for life in lives
         ),
-        # the gateway counts READY instances only; the simulator counts an instance idle from its start
-        idle_s=idle + sum((life.ready or 0.0) - life.started for life in lives),
+        idle_s=idle,
     )
     hits = gw.metrics.get_sample_value("kold_gateway_prewarm_hits_total", {"function": FN}) or 0.0
     await gw.close()

@@ -36,13 +36,15 @@ class Timeline:
 
 class FakePool(InstancePool):
     """Instances with no process. They become READY at once (with the runtime's cold-start report),
-    except those of the functions in `stuck`, which never do. `port`: where their requests go (a
-    scripted upstream), 0 when nothing is sent to them."""
+    except those of the functions in `stuck`, which never do, and, while `gate` is set to an unset
+    event, only once it is set (a start that takes time on the test's timeline). `port`: where their
+    requests go (a scripted upstream), 0 when nothing is sent to them."""
 
     def __init__(self, log_dir: Path, *, port: int = 0) -> None:
         super().__init__(log_dir, start_method="spawn")
         self.port = port
         self.stuck: set[str] = set()
+        self.gate: asyncio.Event | None = None
         self.started: list[Instance] = []
         self._function: dict[str, str] = {}
 
@@ -66,6 +68,8 @@ class FakePool(InstancePool):
         if self._function[inst.id] in self.stuck:
             await asyncio.sleep(timeout_s)
             return False
+        if self.gate is not None:
+            await self.gate.wait()
         inst.state = InstanceState.READY
         inst.ready_at = time.time()
         inst.cold_start = {**COLD_START, "start_method": "fork-template"}

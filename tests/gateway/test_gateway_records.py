@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 from gateway_fakes import FakePool
+from prometheus_client import CollectorRegistry, Counter
 from starlette.responses import StreamingResponse
 
 from kold.controller.demand import DemandStore
-from kold.controller.records import Invocation
+from kold.controller.records import ColdStart, Invocation
 from kold.gateway.activator import ColdStartTimeoutError, Gateway
+from kold.gateway.recorder import Call, Recorder
 from kold.gateway.registry import Registry, RuntimeSpec, ScalingSpec
 from kold.gateway.router import proxy
 from kold.gateway.upstream import UpstreamClient
@@ -199,6 +201,38 @@ def test_a_gateway_without_a_demand_store_records_nothing_and_still_serves(regis
 
     assert asyncio.run(scenario()) == 200
     assert DemandStore(registry.redis, registry.prefix).invocations("fn") == []
+
+
+class Written:
+    """A demand writer that keeps each batch it is given, as given."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Invocation]] = []
+
+    def record_invocations(self, records: list[Invocation]) -> None:
+        self.batches.append(list(records))
+
+    def record_cold_starts(self, reports: list[ColdStart]) -> None:
+        pass
+
+    def forget(self, function: str) -> None:
+        pass
+
+
+def test_a_batch_of_records_is_written_in_arrival_order() -> None:
+    """Records are made as requests finish, so a batch comes in finish order; the demand history
+    drops an arrival older than the last one it saw, so each batch is written by arrival."""
+    written = Written()
+
+    async def scenario() -> None:
+        recorder = Recorder(written, Counter("dropped", "test", registry=CollectorRegistry()))
+        recorder.start()
+        for arrival in (3.0, 1.0, 2.0):  # a long request that arrived first finishes last
+            recorder.add(Call("fn", arrival, known=True).invocation("ok", None, None))
+        await recorder.close()
+
+    asyncio.run(scenario())
+    assert [[r.arrival for r in batch] for batch in written.batches] == [[1.0, 2.0, 3.0]]
 
 
 @pytest.mark.parametrize(

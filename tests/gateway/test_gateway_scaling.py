@@ -260,33 +260,46 @@ def test_start_up_tolerates_redis_being_away_and_applies_min_instances_once_it_i
     assert flaky.down == 0  # both failed reads were retried
 
 
-def test_a_request_at_a_function_with_no_ready_instance_pokes_the_controller(
+def test_a_request_at_a_function_with_no_ready_instance_pokes_the_controller_with_its_arrival(
     registry: Registry, tmp_path: Path
 ) -> None:
+    """The poke carries what the request's record will say (its Unix arrival, its concurrency at
+    arrival), so the controller can plan with it before the record is written."""
     deploy(registry, "fn")
     deploy(registry, "other")
 
-    async def scenario() -> list[str]:
-        pokes: list[str] = []
-        gw = Gateway(registry, FakePool(tmp_path), on_cold=pokes.append)
-        inst, *_ = await gw.acquire("fn")  # cold: poked
-        gw.release(inst)
-        inst, *_ = await gw.acquire("fn")  # a READY instance: no poke
+    async def scenario() -> tuple[list[tuple[str, float, int]], list[tuple[float, int]]]:
+        pokes: list[tuple[str, float, int]] = []
+        tl = Timeline(3.0)
+        pool = FakePool(tmp_path)
+        gw = Gateway(registry, pool, clock=tl.clock, wall=tl.wall, on_cold=lambda f, at, n: pokes.append((f, at, n)))
+        await gw.serving_revision("fn")
+        pool.gate = asyncio.Event()  # the start takes a while: both requests arrive before it is READY
+        calls = [gw.begin("fn"), gw.begin("fn")]
+        held = [asyncio.create_task(gw.acquire("fn", call=c)) for c in calls]
+        await asyncio.sleep(0.01)
+        pool.gate.set()
+        for inst, *_ in await asyncio.gather(*held):
+            gw.release(inst)
+        tl.t = 4.0
+        inst, *_ = await gw.acquire("fn", call=gw.begin("fn"))  # a READY instance: no poke
         gw.release(inst)
         gw.set_floor("other", Floor(1, gw.wall() + 60, "pre-warmed"))
         await settle(gw)
         inst, *_ = await gw.acquire("other")  # pre-warmed: warm, no poke
         gw.release(inst)
         await gw.close()
-        return pokes
+        return pokes, [(c.arrival, c.concurrency) for c in calls]
 
-    assert asyncio.run(scenario()) == ["fn"]
+    pokes, records = asyncio.run(scenario())
+    assert pokes == [("fn", EPOCH + 3.0, 1), ("fn", EPOCH + 3.0, 2)]
+    assert [(at, n) for _, at, n in pokes] == records
 
 
 def test_a_poke_that_fails_does_not_fail_the_request(registry: Registry, tmp_path: Path) -> None:
     deploy(registry, "fn")
 
-    def broken(function: str) -> None:
+    def broken(function: str, arrival: float, concurrency: int) -> None:
         raise RuntimeError("the controller is broken")
 
     async def scenario() -> bool:
@@ -338,3 +351,64 @@ def test_prewarm_and_idle_metrics(registry: Registry, tmp_path: Path) -> None:
     # idle: instance 1 from 0 to 5, then 8 to 10 (busy 5-8, as its second request took it at 7);
     # instance 2 from 7 (READY at 5 but busy at once) to 10
     assert got == {"starts": 1.0, "hits": 1.0, "idle": 5 + 2 + 3, "all_starts": 2.0}, got
+
+
+def test_a_request_that_waits_for_a_scale_out_start_is_cold_though_another_instance_was_ready(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """Cold means what it means in the simulator: the instance that took the request became READY
+    after the request arrived (it waited for a start), whatever else was READY meanwhile."""
+    deploy(registry, "fn", target_concurrency=1, max_instances=2)
+
+    async def scenario() -> list[tuple[bool, float]]:
+        tl = Timeline()
+        pool = FakePool(tmp_path)
+        gw = Gateway(registry, pool, clock=tl.clock, wall=tl.wall)
+        first, _, first_cold, first_wait = await gw.acquire("fn")  # READY at 0, as it arrived
+        tl.t = 1.0
+        pool.gate = asyncio.Event()
+        second = asyncio.create_task(gw.acquire("fn"))  # the READY one is busy: a start for it
+        await asyncio.sleep(0.01)
+        tl.t = 3.0
+        pool.gate.set()
+        inst, _, second_cold, second_wait = await second
+        gw.release(first)
+        gw.release(inst)
+        tl.t = 4.0
+        _, _, third_cold, third_wait = await gw.acquire("fn")  # READY before it arrived: warm
+        await gw.close()
+        return [(first_cold, first_wait), (second_cold, second_wait), (third_cold, third_wait)]
+
+    assert asyncio.run(scenario()) == [(True, 0.0), (True, 2.0), (False, 0.0)]
+
+
+def test_idle_instance_seconds_count_the_start_as_the_simulator_does(registry: Registry, tmp_path: Path) -> None:
+    """An instance is idle while it is alive with nothing in flight, from when its start was asked for:
+    the seconds it spends starting count, as in the simulator, up to the request that takes it."""
+    deploy(registry, "fn", idle_timeout_s=100)
+
+    async def scenario() -> list[float]:
+        tl = Timeline()
+        pool = FakePool(tmp_path)
+        gw = Gateway(registry, pool, clock=tl.clock, wall=tl.wall)
+        await gw.serving_revision("fn")
+        pool.gate = asyncio.Event()
+        gw.set_floor("fn", Floor(1, tl.wall() + 1000, "test"))  # asked for at 0
+        await asyncio.sleep(0.01)
+        tl.t = 2.0
+        gw.refresh_metrics()  # starting since 0
+        seen = [gw.metrics.get_sample_value("kold_gateway_idle_instance_seconds_total", {"function": "fn"}) or 0.0]
+        tl.t = 3.0
+        pool.gate.set()  # READY at 3
+        await settle(gw)
+        tl.t = 5.0
+        inst, *_ = await gw.acquire("fn")  # busy from 5 to 6
+        tl.t = 6.0
+        gw.release(inst)
+        tl.t = 10.0
+        gw.scale_once()
+        seen.append(gw.metrics.get_sample_value("kold_gateway_idle_instance_seconds_total", {"function": "fn"}) or 0.0)
+        await gw.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [2.0, 5.0 + 4.0]
