@@ -207,6 +207,8 @@ async def _forward(
                 done()
 
         async def cleanup() -> None:  # async: Starlette would run a plain function in a worker thread
+            # a client that left before the stream began: its generator never ran, nor its finally
+            gateway.finish(call, records.CANCELLED)  # a no-op once the stream recorded it
             done()
 
         return StreamingResponse(

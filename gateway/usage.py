@@ -4,7 +4,8 @@ Every request's record carries its tokens in and out when the instance said (a n
 `usage`, or a stream's usage chunk, sent when the client asked for `stream_options.include_usage`).
 Parsing every answer, or every chunk of a stream, would cost the data path CPU for two integers; the
 usage object is at the end of an OpenAI answer, so this looks for the last `"usage"` key in the bytes
-given (the whole body, or a stream's last chunks) and parses that small object alone. Inside a JSON
+given (the whole body, or a stream's last chunks) and parses that small object alone (with its nested
+objects, such as `prompt_tokens_details`: `raw_decode` reads one JSON value and stops). Inside a JSON
 string a quote is always escaped, so generated text cannot fake the key.
 """
 
@@ -14,7 +15,8 @@ import json
 import re
 
 _KEY = b'"usage"'
-_OBJECT = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+_COLON = re.compile(rb"\s*:\s*")
+_DECODER = json.JSONDecoder()
 
 
 def tokens(data: bytes) -> tuple[int | None, int | None]:
@@ -22,12 +24,12 @@ def tokens(data: bytes) -> tuple[int | None, int | None]:
     at = data.rfind(_KEY)
     if at < 0:
         return None, None
-    match = _OBJECT.match(data, at)
-    if match is None:  # "usage": null, or cut off
+    colon = _COLON.match(data, at + len(_KEY))
+    if colon is None or data[colon.end() : colon.end() + 1] != b"{":  # "usage": null, or cut off
         return None, None
     try:
-        usage = json.loads(match.group(1))
-    except ValueError:
+        usage, _ = _DECODER.raw_decode(data[colon.end() :].decode("utf-8", "replace"))
+    except ValueError:  # cut off
         return None, None
     return _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
 

@@ -203,6 +203,41 @@ def test_a_gateway_without_a_demand_store_records_nothing_and_still_serves(regis
     assert DemandStore(registry.redis, registry.prefix).invocations("fn") == []
 
 
+def test_a_stream_whose_client_left_before_it_began_is_recorded_as_cancelled(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """The client leaves between the answer's head and its first byte: the stream's generator never
+    runs (nor its own bookkeeping); the response's cleanup records the request and frees the instance."""
+    deploy(registry, "fn", request_timeout_s=5)
+    demand = DemandStore(registry.redis, registry.prefix)
+
+    async def scenario() -> int:
+        upstream = Upstream()
+        server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+        gw = Gateway(registry, FakePool(tmp_path, port=server.sockets[0].getsockname()[1]), demand=demand)
+        await gw.start()
+        client = UpstreamClient()
+        body = {"model": "fn", "prompt": "stream", "stream": True}
+        response = await proxy(gw, client, "fn", "/v1/completions", body, {}, json.dumps(body).encode())
+        assert isinstance(response, StreamingResponse)
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.disconnect"}  # gone already
+
+        async def send(message: dict[str, Any]) -> None:
+            await asyncio.sleep(0)
+
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+        active = gw.functions["fn"].active
+        await gw.close()
+        await client.aclose()
+        server.close()
+        return active
+
+    assert asyncio.run(scenario()) == 0
+    assert [r.outcome for r in demand.invocations("fn")] == ["cancelled"]
+
+
 class Written:
     """A demand writer that keeps each batch it is given, as given."""
 
@@ -239,6 +274,20 @@ def test_a_batch_of_records_is_written_in_arrival_order() -> None:
     ("data", "expected"),
     [
         (json.dumps({"choices": [], "usage": USAGE}).encode(), (5, 7)),
+        (
+            json.dumps(
+                {
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 6,
+                        "completion_tokens": 8,
+                        "prompt_tokens_details": {"cached_tokens": 2},
+                        "completion_tokens_details": {"reasoning_tokens": 0},
+                    },
+                }
+            ).encode(),
+            (6, 8),
+        ),
         (b'{"choices": [{"text": "\\"usage\\": {\\"prompt_tokens\\": 9}"}], "usage": null}', (None, None)),
         (b'{"choices": [{"text": "\\"usage\\": {\\"prompt_tokens\\": 9}"}]}', (None, None)),
         (b'{"usage": {"prompt_tokens": 4, "completion_tokens": true}}', (4, None)),
@@ -248,6 +297,7 @@ def test_a_batch_of_records_is_written_in_arrival_order() -> None:
     ],
     ids=[
         "a JSON answer's usage gives both counts",
+        "a usage object with nested details gives both counts",
         "usage null is unknown, whatever the generated text says",
         "generated text that spells a usage object is not taken for one",
         "a count of the wrong type is left unknown",
