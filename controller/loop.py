@@ -78,27 +78,58 @@ class RegistrySource:
     Duck typed (`list_functions()` -> objects with `name`, `serving_revision`, `latest_revision`;
     `get_revision(id)` -> an object with `scaling`), so the controller does not import the gateway.
     The policy is the revision's `scaling.prewarm`; `default_policy` where it has none. Revisions
-    are immutable, so each is read once and kept while it is one a function uses."""
+    are immutable, so each is read once and kept while it is one a function uses.
+
+    A revision that cannot be read (garbled data) costs that function only: it is logged once, and
+    the function keeps the view read before (or is left out until it reads), so the others are still
+    decided and the controller does not take it for deleted and forget its floor and demand."""
 
     def __init__(self, registry: Any, default_policy: str = DEFAULT_POLICY) -> None:
         self.registry = registry
         self.default_policy = default_policy
         self._revisions: dict[str, Any] = {}
+        self._last: dict[str, FunctionView] = {}  # function -> its last view read
+        self._unreadable: set[str] = set()  # functions logged as unreadable, until they read again
 
     def list(self) -> list[FunctionView]:
         views: list[FunctionView] = []
         known: dict[str, Any] = {}
-        for fn in self.registry.list_functions():
+        last: dict[str, FunctionView] = {}
+        listed = self.registry.list_functions()
+        for fn in listed:
             rev_id = fn.serving_revision or fn.latest_revision  # the latest while none serves yet
-            rev = self._revisions.get(rev_id)
-            if rev is None:
-                rev = self.registry.get_revision(rev_id)
-                if rev is None:  # deleted while we read
-                    continue
+            try:
+                rev = self._revisions.get(rev_id)
+                if rev is None:
+                    rev = self.registry.get_revision(rev_id)
+                    if rev is None:  # deleted while we read
+                        continue
+                policy = getattr(rev.scaling, "prewarm", None) or self.default_policy
+                view = FunctionView(fn.name, rev.scaling, str(policy))
+            except RedisError:
+                raise  # the tick's: Redis away is not one function's problem
+            except Exception as exc:
+                if fn.name not in self._unreadable:
+                    self._unreadable.add(fn.name)
+                    log.warning(
+                        "revision %s of %s cannot be read (%s); %s",
+                        rev_id,
+                        fn.name,
+                        f"{type(exc).__name__}: {exc}",
+                        "planned with the revision read before" if fn.name in self._last else "not planned",
+                    )
+                if fn.name in self._last:
+                    views.append(last.setdefault(fn.name, self._last[fn.name]))
+                continue
+            if fn.name in self._unreadable:
+                self._unreadable.discard(fn.name)
+                log.info("revision %s of %s reads again", rev_id, fn.name)
             known[rev_id] = rev
-            policy = getattr(rev.scaling, "prewarm", None) or self.default_policy
-            views.append(FunctionView(fn.name, rev.scaling, str(policy)))
+            last[fn.name] = view
+            views.append(view)
         self._revisions = known
+        self._last = last
+        self._unreadable &= {fn.name for fn in listed}  # a deleted one is logged afresh if it comes back
         return views
 
 
@@ -298,13 +329,17 @@ class Controller:
         out: list[tuple[FunctionView, str, Plan | None]] = []
         for view in views:
             policy = self._policy(view.policy)
-            history = self.store.fold(view.name)  # RedisError ends the tick
             try:
+                history = self.store.fold(view.name)
                 plan = policy.plan(view.name, history, view.spec, now)
-            except Exception:  # one broken policy must not stop the others' decisions
+            except RedisError:
+                raise  # ends the tick
+            except Exception:  # one broken policy or function must not stop the others' decisions
                 if view.name not in self._failing_plans:
                     self._failing_plans.add(view.name)
-                    log.exception("policy %s failed for %s; its floor is left as it is", view.policy, view.name)
+                    log.exception(
+                        "the plan failed for %s (policy %s); its floor is left as it is", view.name, view.policy
+                    )
                 out.append((view, policy.name, None))
                 continue
             self._failing_plans.discard(view.name)

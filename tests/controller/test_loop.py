@@ -582,6 +582,55 @@ def test_a_function_removed_from_the_registry_loses_its_floor_and_its_demand_rec
     assert 'function="drop"' not in _exposition(controller.metrics)
 
 
+def test_a_garbled_revision_does_not_stop_the_other_functions_decisions(
+    redis_client: redis.Redis, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`new` has only a garbled revision; `old` is redeployed with one: the others' floors are still
+    decided, `old` goes on with the revision read before (it is not forgotten), and each is logged once."""
+    registry = Registry(redis_client, redis_prefix)
+    uri = "file:///store/snapshots/" + "ab" * 16
+    spec = ScalingSpec(prewarm="fixed-keepalive:minutes=1")
+    for name in ("good", "old"):
+        registry.create_revision(name, uri, scaling=spec)
+    store = DemandStore(redis_client, redis_prefix)
+    actuator = Recorder()
+    lease = Lease(redis_client, f"{redis_prefix}controller:lease", "a", 10.0)
+    controller = Controller(store, RegistrySource(registry), actuator, lease, tick_s=1.0)
+    for name in ("good", "old", "new"):
+        arrive(store, name, T0)
+    assert {a.function for a in run(controller.tick_once(T0 + 1))} == {"good", "old"}
+    garbled = [registry.create_revision(name, uri, scaling=spec).revision_id for name in ("old", "new")]
+    for rev_id in garbled:
+        redis_client.set(f"{redis_prefix}fn:{rev_id.rsplit('-', 1)[0]}:rev:{rev_id}", "{not json")
+    with caplog.at_level(logging.WARNING, logger="kold.controller"):
+        for t in (2, 3, 59):  # at 59 s the first floors are about to run out: extended
+            arrive(store, "good", T0 + t)
+            arrive(store, "old", T0 + t)
+            actions = run(controller.tick_once(T0 + t))
+            assert FORGET not in {a.kind for a in actions}, "a function is not forgotten for a bad revision"
+    assert actuator.warm_at("good", T0 + 100) and actuator.warm_at("old", T0 + 100), "both still decided"
+    assert "new" not in actuator.floors
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sum("old" in m and "cannot be read" in m for m in warnings) == 1, warnings
+    assert sum("new" in m and "cannot be read" in m for m in warnings) == 1, warnings
+
+
+def test_a_function_that_cannot_be_planned_does_not_stop_the_others(
+    redis_client: redis.Redis, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A name the demand store refuses (data from elsewhere) fails that function's plan only."""
+    good = Scripted()
+    good.floor = Floor(1, T0 + 600, "hold")
+    controller, actuator, _ = make_controller(
+        redis_client, redis_prefix, {"Not_A_Name": "x", "fn": "x"}, make_policy=lambda t: good
+    )
+    with caplog.at_level(logging.WARNING, logger="kold.controller"):
+        for t in (0, 10, 20):
+            run(controller.tick_once(T0 + t))
+    assert set(actuator.floors) == {"fn"}
+    assert sum("Not_A_Name" in r.getMessage() for r in caplog.records) == 1
+
+
 def _exposition(metrics: ControllerMetrics) -> str:
     from prometheus_client import generate_latest
 
