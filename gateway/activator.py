@@ -29,7 +29,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,10 +108,6 @@ class _Retiring:
         return cls(spec.max_instances, spec.target_concurrency, spec.idle_timeout_s)
 
 
-# The pre-warm controller's hook (optional): awaited every tick with the gateway and the Unix time.
-Controller = Callable[["Gateway", float], Awaitable[object]]
-
-
 class Gateway:
     """Per-function state over a registry and an instance pool.
 
@@ -129,8 +125,6 @@ class Gateway:
         pool: InstancePool,
         *,
         metrics: CollectorRegistry | None = None,
-        controller: Controller | None = None,
-        controller_tick_s: float = 1.0,
         capacity: NodeCapacity | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -146,9 +140,6 @@ class Gateway:
         # the node's resources; None: unbounded (instances start as the load asks, up to max_instances)
         self.capacity = capacity
         self._no_room: dict[str, str] = {}  # function -> what its last wanted start was short of
-        # a pre-warm controller run inside the gateway's loop, ticked with the Unix time (optional)
-        self.controller = controller
-        self.controller_tick_s = controller_tick_s
         if pool.on_failure is None:
             pool.on_failure = self._on_failure
         self.functions: dict[str, FunctionState] = {}
@@ -276,8 +267,8 @@ class Gateway:
             asyncio.create_task(self._reap_loop(), name="kold-gateway-reaper"),
             asyncio.create_task(self._scale_at_start(), name="kold-gateway-startup"),
         ]
-        if self.controller is not None:
-            self._tasks.append(asyncio.create_task(self._controller_loop(), name="kold-gateway-controller"))
+        for task in self._tasks:
+            task.add_done_callback(_log_failure)
 
     async def close(self, drain_timeout_s: float = 5.0) -> None:
         probe = [self._probe] if self._probe is not None else []
@@ -308,11 +299,21 @@ class Gateway:
         self.scale_once()
 
     def _read_all_serving(self) -> list[tuple[str, Revision]]:
-        """Every function's serving revision (the latest where none serves yet), in one thread hop."""
+        """Every function's serving revision (the latest where none serves yet), in one thread hop. A
+        revision that cannot be read (garbled in Redis) is skipped with a warning: one function must not
+        keep the others from their minimum; Redis being away is raised (the caller retries)."""
         out = []
         for fn in self.registry.list_functions():
             rev_id = fn.serving_revision or fn.latest_revision
-            rev = self._revisions.get(rev_id) or self.registry.get_revision(rev_id)
+            try:
+                rev = self._revisions.get(rev_id) or self.registry.get_revision(rev_id)
+            except RedisError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "cannot read revision %s of %s at start-up (%s): not scaled until it is", rev_id, fn.name, exc
+                )
+                continue
             if rev is not None:
                 out.append((fn.name, rev))
         return out
@@ -595,15 +596,6 @@ class Gateway:
         until = self.wall() + rev.scaling.idle_timeout_s
         self.floors.set(name, Floor(want, until, "pre-warmed by an admin"), now=self.clock(), wall=self.wall())
         return self._scale(rev, self.clock(), serving=self._is_serving(rev))
-
-    async def _controller_loop(self) -> None:
-        assert self.controller is not None
-        while True:
-            try:
-                await self.controller(self, self.wall())
-            except Exception:  # a failing policy must never take the gateway down
-                log.exception("the pre-warm controller failed; trying again next tick")
-            await asyncio.sleep(self.controller_tick_s)
 
     # -- starting instances ------------------------------------------------------------------------
 
@@ -974,6 +966,12 @@ class Gateway:
 
 
 _LIVE = (InstanceState.STARTING, InstanceState.READY)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """Retrieve a background task's exception and log it (never left for the loop to report at exit)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s failed: %r", task.get_name(), exc)
 
 
 def _on_loop() -> bool:

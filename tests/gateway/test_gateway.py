@@ -7,17 +7,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from gateway_helpers import Served, deploy, deploy_and_wait, instance_env
+from gateway_helpers import Served, deploy, deploy_and_wait
 
 from kold.controller.demand import DemandStore
-from kold.gateway.app import build_app
-from kold.gateway.pool import InstancePool
 from kold.gateway.registry import Registry
 
 pytestmark = pytest.mark.redis
@@ -194,27 +191,21 @@ def test_prewarm_starts_an_instance_before_demand(
     assert s.http.post("/admin/functions/nope/prewarm", json={}).status_code == 404
 
 
-def test_the_controller_hook_runs_every_tick(registry: Registry, tmp_path: Path, tiny_snapshot: str) -> None:
-    from kold.gateway.activator import Gateway
-
-    deploy(registry, "ticked", tiny_snapshot, idle_timeout_s=60, request_timeout_s=60)
-    ticks: list[float] = []
-
-    async def controller(gw: Gateway, now: float) -> None:
-        ticks.append(now)
-        if len(ticks) == 2:
-            raise RuntimeError("a broken policy")  # must not stop the loop
-        if len(ticks) == 3:
-            await gw.prewarm("ticked", 1)
-
-    pool = InstancePool(tmp_path / "logs", env=instance_env(tmp_path))
-    gw = Gateway(registry, pool, controller=controller, controller_tick_s=0.05)
-    s = Served(build_app(registry, pool, require_keys=False, gateway=gw))
-    try:
-        deadline = time.monotonic() + 60
-        while not [i for i in live_instances(s) if i.state.value == "ready"]:
-            assert time.monotonic() < deadline, "the controller's prewarm never produced a ready instance"
-            time.sleep(0.1)
-        assert len(ticks) >= 3 and ticks == sorted(ticks)
-    finally:
-        s.close()
+def test_a_controller_floor_starts_a_real_instance_ahead_of_the_request(
+    registry: Registry, serve: Callable[..., Served], tiny_snapshot: str
+) -> None:
+    """The pre-warm controller speaks to the gateway through floors only (set_floor, or this PUT from
+    another process): the instance a floor starts serves the next request warm, a pre-warm hit."""
+    deploy(registry, "floored", tiny_snapshot, idle_timeout_s=60, request_timeout_s=60)
+    s = serve(registry)
+    r = s.http.put("/admin/functions/floored/floor", json={"instances": 1, "ttl_s": 120, "reason": "forecast"})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 60
+    while not [i for i in live_instances(s) if i.state.value == "ready"]:
+        assert time.monotonic() < deadline, "the floor's instance never became ready"
+        time.sleep(0.1)
+    r = chat(s, "floored")
+    assert r.status_code == 200 and r.headers["x-kold-cold"] == "0"
+    metrics = s.http.get("/metrics").text
+    assert 'kold_gateway_prewarm_starts_total{function="floored"} 1.0' in metrics
+    assert 'kold_gateway_prewarm_hits_total{function="floored"} 1.0' in metrics

@@ -412,3 +412,26 @@ def test_idle_instance_seconds_count_the_start_as_the_simulator_does(registry: R
         return seen
 
     assert asyncio.run(scenario()) == [2.0, 5.0 + 4.0]
+
+
+def test_one_garbled_revision_does_not_stop_start_up_scaling_of_the_others(
+    registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    garbled = deploy(registry, "broken", min_instances=1)
+    registry.redis.set(registry._rev_key(garbled), "{not json")
+    deploy(registry, "always", min_instances=1)
+
+    async def scenario() -> int:
+        pool = FakePool(tmp_path)
+        gw = Gateway(registry, pool)
+        await gw.start()
+        for _ in range(200):
+            if pool.live("always"):
+                break
+            await asyncio.sleep(0.02)
+        live = len(pool.live("always"))
+        await gw.close()
+        return live
+
+    assert asyncio.run(scenario()) == 1
+    assert any("broken" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records), caplog.text
