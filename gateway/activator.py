@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 from kold.controller import scaling
 from kold.controller.scaling import Decision, Floor, InstanceView, Observed, Spec, decide
 from kold.gateway.capacity import Footprint, NodeCapacity, total
-from kold.gateway.floors import FloorTable
+from kold.gateway.floors import MAX_FLOOR_INSTANCES, FloorTable
 from kold.gateway.names import validate_function_name
 from kold.gateway.pool import Instance, InstancePool, InstanceState
 from kold.gateway.recorder import Call, DemandWriter, Recorder, cold_start_record
@@ -587,12 +587,12 @@ class Gateway:
         return self.floors.unix(function, self.clock())
 
     async def prewarm(self, name: str, instances: int = 1) -> int:
-        """Have `instances` of the serving revision up or starting (capped at max_instances) before
-        demand arrives: a floor for the revision's idle timeout, so the pre-warmed instances are held
-        by it and then scale in as idle ones do (a controller's next floor replaces it). Returns how
-        many instances it started."""
+        """Have `instances` of the serving revision up or starting (capped at max_instances and at the
+        floor limit) before demand arrives: a floor for the revision's idle timeout, so the pre-warmed
+        instances are held by it and then scale in as idle ones do (a controller's next floor replaces
+        it). Returns how many instances it started."""
         rev = await self.serving_revision(name)
-        want = min(rev.scaling.max_instances, instances)
+        want = min(rev.scaling.max_instances, instances, MAX_FLOOR_INSTANCES)
         until = self.wall() + rev.scaling.idle_timeout_s
         self.floors.set(name, Floor(want, until, "pre-warmed by an admin"), now=self.clock(), wall=self.wall())
         return self._scale(rev, self.clock(), serving=self._is_serving(rev))

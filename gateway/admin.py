@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from starlette.requests import Request
@@ -21,7 +21,7 @@ from kold.controller.scaling import Floor
 from kold.gateway import logs as instance_logs
 from kold.gateway.activator import Gateway
 from kold.gateway.auth import KeyAuth
-from kold.gateway.floors import MAX_FLOOR_INSTANCES, MAX_REASON_LEN, check_floor
+from kold.gateway.floors import MAX_FLOOR_INSTANCES, FloorError, check_floor, floor_to_json
 from kold.gateway.registry import Function, InvalidSpecError, RuntimeSpec, ScalingSpec
 from kold.gateway.router import parse_body
 from kold.runtime.httpserver import read_body
@@ -48,55 +48,37 @@ def _spec(cls: type[ScalingSpec] | type[RuntimeSpec], raw: object, what: str) ->
 _FLOOR_FIELDS = ("instances", "until", "ttl_s", "reason", "idle_timeout_s")
 
 
-def floor_json(floor: Floor | None) -> dict[str, Any] | None:
-    """A floor as the admin API shows it (`until` in Unix time)."""
-    if floor is None:
-        return None
-    return {
-        "instances": floor.instances,
-        "until": floor.until,
-        "reason": floor.reason,
-        "idle_timeout_s": floor.idle_timeout_s,
-    }
-
-
-def _number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+def _floor_json(floor: Floor | None) -> dict[str, Any] | None:
+    return None if floor is None else floor_to_json(floor)
 
 
 def floor_from_body(body: dict[str, Any], wall_now: float) -> Floor:
     """The floor a PUT asks for: `instances`, `until` (Unix time) or `ttl_s` (from now), `reason`,
-    `idle_timeout_s` (null: the revision's). A bad or unknown field is a 400 that names it."""
+    `idle_timeout_s` (null: the revision's). A bad or unknown field is a 400 that names it; the floor's
+    own fields are checked by floors.check_floor, as `set_floor` checks them."""
     unknown = sorted(set(body) - set(_FLOOR_FIELDS))
     if unknown:
         raise InvalidRequestError(
             f"unknown floor field {unknown[0]!r}: a floor takes {', '.join(_FLOOR_FIELDS)}", param=unknown[0]
         )
-    instances = body.get("instances")
-    if isinstance(instances, bool) or not isinstance(instances, int) or not 0 <= instances <= MAX_FLOOR_INSTANCES:
-        raise InvalidRequestError(
-            f"'instances' must be an integer between 0 and {MAX_FLOOR_INSTANCES}", param="instances"
-        )
     if ("until" in body) == ("ttl_s" in body):
         raise InvalidRequestError("give the floor's end as 'until' (Unix time) or 'ttl_s', one of them", param="until")
     if "until" in body:
         until = body["until"]
-        if not _number(until):
-            raise InvalidRequestError("'until' must be a Unix time in seconds", param="until")
     else:
         ttl = body["ttl_s"]
-        if not _number(ttl) or ttl <= 0:
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
             raise InvalidRequestError("'ttl_s' must be a number of seconds > 0", param="ttl_s")
         until = wall_now + ttl
-    reason = body.get("reason", "set through the admin API")
-    if not isinstance(reason, str) or len(reason) > MAX_REASON_LEN or not reason.isprintable():
-        raise InvalidRequestError(
-            f"'reason' must be printable text of at most {MAX_REASON_LEN} characters", param="reason"
-        )
-    idle = body.get("idle_timeout_s")
-    if idle is not None and (not _number(idle) or idle <= 0):
-        raise InvalidRequestError("'idle_timeout_s' must be a number of seconds > 0, or null", param="idle_timeout_s")
-    return check_floor(Floor(instances, float(until), reason, None if idle is None else float(idle)))
+    floor = Floor(
+        body.get("instances"), until, body.get("reason", "set through the admin API"), body.get("idle_timeout_s")
+    )
+    try:
+        check_floor(floor)
+    except FloorError as exc:
+        raise InvalidRequestError(str(exc), param=exc.field) from None
+    idle = floor.idle_timeout_s
+    return replace(floor, until=float(floor.until), idle_timeout_s=None if idle is None else float(idle))
 
 
 class AdminAPI:
@@ -227,7 +209,7 @@ class AdminAPI:
                 "name": fn.name,
                 "serving": fn.serving_revision,
                 "prewarm": current.scaling.prewarm if current is not None else None,
-                "floor": floor_json(self.gw.floor(fn.name)),
+                "floor": _floor_json(self.gw.floor(fn.name)),
                 "revisions": revisions,
                 "instances": self._instances(fn.revisions),
             }
@@ -254,8 +236,10 @@ class AdminAPI:
         fn = await self._function(request.path_params["name"])
         body = await self._json(request)
         instances = body.get("instances", 1)
-        if not isinstance(instances, int) or isinstance(instances, bool) or instances < 0:
-            raise InvalidRequestError("'instances' must be an integer >= 0", param="instances")
+        if not isinstance(instances, int) or isinstance(instances, bool) or not 0 <= instances <= MAX_FLOOR_INSTANCES:
+            raise InvalidRequestError(
+                f"'instances' must be an integer between 0 and {MAX_FLOOR_INSTANCES}", param="instances"
+            )
         started = await self.gw.prewarm(fn.name, instances)
         return JSONResponse({"function": fn.name, "started": started}, status_code=202)
 
@@ -264,7 +248,7 @@ class AdminAPI:
         fn = await self._function(request.path_params["name"])
         floor = floor_from_body(await self._json(request), self.gw.wall())
         self.gw.set_floor(fn.name, floor)
-        return JSONResponse({"function": fn.name, "floor": floor_json(self.gw.floor(fn.name))})
+        return JSONResponse({"function": fn.name, "floor": _floor_json(self.gw.floor(fn.name))})
 
     async def delete_floor(self, request: Request) -> Response:
         fn = await self._function(request.path_params["name"])

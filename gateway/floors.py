@@ -3,13 +3,16 @@
 The controller and Redis speak Unix time (`Floor.until`); the gateway's scaling runs on a monotonic
 clock that a change of the wall clock cannot move. A floor is converted once, when it is set, and
 kept in both forms: the local one for `decide`, the Unix one to show (`kold describe`, the admin
-API). Pure: both clocks' readings are passed in.
+API). Pure: both clocks' readings are passed in. `check_floor` is the one check of a floor (the
+admin API's floor bodies and `set_floor` both go through it), `floor_to_json` the one way a floor is
+shown (the admin API, the controller's HTTP actuator).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from kold.controller.scaling import Floor
 
@@ -17,21 +20,39 @@ MAX_FLOOR_INSTANCES = 1_000  # far above any node's instances: a typo, not a pla
 MAX_REASON_LEN = 200
 
 
+class FloorError(ValueError):
+    """A floor that cannot be held; `field` names the bad field (the admin API's 400 `param`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def check_floor(floor: Floor) -> Floor:
-    """`floor` when it is usable, else ValueError naming the bad field."""
+    """`floor` when it is usable, else FloorError (a ValueError) naming the bad field."""
     if not isinstance(floor, Floor):
-        raise ValueError(f"a floor must be a scaling.Floor, not {type(floor).__name__}")
+        raise FloorError("floor", f"a floor must be a scaling.Floor, not {type(floor).__name__}")
     if isinstance(floor.instances, bool) or not isinstance(floor.instances, int):
-        raise ValueError(f"instances must be an integer, not {floor.instances!r}")
+        raise FloorError("instances", f"instances must be an integer, not {floor.instances!r}")
     if not 0 <= floor.instances <= MAX_FLOOR_INSTANCES:
-        raise ValueError(f"instances must be between 0 and {MAX_FLOOR_INSTANCES}, not {floor.instances}")
+        raise FloorError("instances", f"instances must be between 0 and {MAX_FLOOR_INSTANCES}, not {floor.instances}")
     if not _finite(floor.until):
-        raise ValueError(f"until must be a finite Unix time, not {floor.until!r}")
+        raise FloorError("until", f"until must be a finite Unix time, not {floor.until!r}")
     if not isinstance(floor.reason, str) or len(floor.reason) > MAX_REASON_LEN or not floor.reason.isprintable():
-        raise ValueError(f"reason must be printable text of at most {MAX_REASON_LEN} characters")
+        raise FloorError("reason", f"reason must be printable text of at most {MAX_REASON_LEN} characters")
     if floor.idle_timeout_s is not None and (not _finite(floor.idle_timeout_s) or floor.idle_timeout_s <= 0):
-        raise ValueError(f"idle_timeout_s must be a number > 0 or null, not {floor.idle_timeout_s!r}")
+        raise FloorError("idle_timeout_s", f"idle_timeout_s must be a number > 0 or null, not {floor.idle_timeout_s!r}")
     return floor
+
+
+def floor_to_json(floor: Floor) -> dict[str, Any]:
+    """A floor as the admin API shows and takes it (`until` in Unix time)."""
+    return {
+        "instances": floor.instances,
+        "until": floor.until,
+        "reason": floor.reason,
+        "idle_timeout_s": floor.idle_timeout_s,
+    }
 
 
 def _finite(value: object) -> bool:

@@ -14,8 +14,10 @@ from gateway_fakes import FakePool
 from gateway_helpers import Served
 
 from kold.controller.policies.registry import DEFAULT_POLICY
+from kold.controller.scaling import Floor
 from kold.gateway.activator import Gateway
 from kold.gateway.app import build_app
+from kold.gateway.floors import MAX_FLOOR_INSTANCES, floor_to_json
 from kold.gateway.registry import Registry, RuntimeSpec, ScalingSpec
 
 pytestmark = pytest.mark.redis
@@ -150,3 +152,27 @@ def test_a_revision_names_its_prewarm_policy(served: tuple[Served, FakePool]) ->
     assert bad.status_code == 400
     error = bad.json()["error"]
     assert error["param"] == "scaling" and "unknown prewarm policy 'psychic'" in error["message"], error
+
+
+def test_admin_prewarm_beyond_the_floor_limit_is_a_400_naming_instances(registry: Registry, tmp_path: Path) -> None:
+    rev = registry.create_revision("big", URI, scaling=ScalingSpec(max_instances=5000), runtime=RuntimeSpec())
+    registry.set_traffic("big", rev.revision_id)
+    pool = FakePool(tmp_path)
+    s = Served(build_app(registry, pool, require_keys=False, gateway=Gateway(registry, pool)))
+    try:
+        r = s.http.post("/admin/functions/big/prewarm", json={"instances": 5000})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "instances" and str(MAX_FLOOR_INSTANCES) in error["message"], error
+        assert not pool.live("big") and s.http.get("/admin/functions/big").json()["floor"] is None
+    finally:
+        s.close()
+
+
+def test_a_floor_reads_as_json_in_unix_time() -> None:
+    assert floor_to_json(Floor(2, 1_700_000_060.0, "forecast", 5.0)) == {
+        "instances": 2,
+        "until": 1_700_000_060.0,
+        "reason": "forecast",
+        "idle_timeout_s": 5.0,
+    }
