@@ -52,6 +52,7 @@ log = logging.getLogger("kold.gateway.activator")
 SERVING_CACHE_S = 1.0
 REGISTRY_PROBE_S = 0.5  # while Redis is unreachable, how often the gateway asks again
 REAP_INTERVAL_S = 0.25
+MISSING_REREAD_S = 1.0  # how often a floor's function that the registry says does not exist is read again
 DRAIN_TIMEOUT_S = 30.0
 
 
@@ -147,6 +148,8 @@ class Gateway:
         self._revisions: dict[str, Revision] = {}  # immutable: cached for good
         self._serving: dict[str, tuple[float, Revision]] = {}  # name -> (fresh until, revision)
         self._refreshing: set[str] = set()  # functions whose serving revision is being re-read
+        # function -> clock time the registry last said it does not exist (functions a floor names)
+        self._missing: dict[str, float] = {}
         # instance id -> clock time it last became idle (nothing in flight); only live READY instances:
         # what the decider's idle timeout counts from
         self._idle_since: dict[str, float] = {}
@@ -365,11 +368,12 @@ class Gateway:
         async def refresh() -> None:
             try:
                 rev = await self._read_serving(name)
+                self._missing.pop(name, None)
                 self._scale(rev, self.clock(), serving=True)
             except RedisError as exc:
                 self.redis_unreachable(exc)
-            except ModelNotFoundError:
-                pass  # removed: the next request finds no cached revision and gets 404
+            except ModelNotFoundError:  # removed: the next request finds no cached revision and gets 404
+                self._missing[name] = self.clock()
             finally:
                 self._refreshing.discard(name)
 
@@ -480,9 +484,12 @@ class Gateway:
         now = self.clock()
         self._account_idle(now)
         self.floors.expire(now)
-        for name in self.floors.functions():
-            if name not in self._serving and not self.registry_down:
+        floored = self.floors.functions()
+        for name in floored:
+            if name not in self._serving and self._may_read(name, now):
                 self._refresh_serving(name)
+        if self._missing:
+            self._missing = {name: at for name, at in self._missing.items() if name in floored}
         serving = set()
         for _, current in list(self._serving.values()):
             serving.add(current.revision_id)
@@ -497,6 +504,12 @@ class Gateway:
                     self._refresh_serving(old.function)
                 continue
             self._scale(old, now, serving=False)
+
+    def _may_read(self, name: str, now: float) -> bool:
+        """Whether to read a floor's function from the registry now: not while Redis is away, and not
+        more than once every MISSING_REREAD_S while the registry says it does not exist (a floor can
+        name a function deleted since, or not created yet)."""
+        return not self.registry_down and now - self._missing.get(name, -math.inf) >= MISSING_REREAD_S
 
     def _start(self, rev: Revision, n: int, prewarm: int, have: int, now: float) -> int:
         """Spawn `n` instances (the last `prewarm` of them for a floor); while the revision's starts are
@@ -579,7 +592,7 @@ class Gateway:
         cached = self._serving.get(function)
         if cached is not None:
             self._scale(cached[1], now, serving=True)
-        elif floor is not None and not self.registry_down:
+        elif floor is not None and self._may_read(function, now):
             self._refresh_serving(function)  # scaled once its serving revision is known
 
     def floor(self, function: str) -> Floor | None:
@@ -908,6 +921,7 @@ class Gateway:
         await asyncio.gather(*(self.pool.stop(i, DRAIN_TIMEOUT_S) for i in insts), return_exceptions=True)
         self.invalidate(name, reload=False)
         self.floors.forget(name)
+        self._missing.pop(name, None)
         self._no_room.pop(name, None)
         self._room_freed()
         for inst in insts:

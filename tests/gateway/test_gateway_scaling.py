@@ -435,3 +435,50 @@ def test_one_garbled_revision_does_not_stop_start_up_scaling_of_the_others(
 
     assert asyncio.run(scenario()) == 1
     assert any("broken" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records), caplog.text
+
+
+class CountingRegistry(Registry):
+    """A registry that counts the reads of a function."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        super().__init__(client, prefix)
+        self.reads = 0
+
+    def get_function(self, name: str) -> Any:
+        self.reads += 1
+        return super().get_function(name)
+
+
+def test_a_floor_for_a_deleted_function_is_dropped_and_its_function_not_reread_more_than_once_a_second(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """Deleting a function drops its floor; a floor that arrives after (a controller's tick in flight)
+    holds nothing and its function, which the registry says does not exist, is read again at most once
+    a second by the scale pass (every 0.25 s), not at every pass."""
+    rev_id = deploy(registry, "gone")
+    counting = CountingRegistry(registry.redis, registry.prefix)
+
+    async def scenario() -> tuple[Floor | None, int, int]:
+        tl = Timeline()
+        pool = FakePool(tmp_path)
+        gw = Gateway(counting, pool, clock=tl.clock, wall=tl.wall)
+        await gw.serving_revision("gone")
+        gw.set_floor("gone", Floor(1, tl.wall() + 60, "test"))
+        await settle(gw)
+        await asyncio.to_thread(counting.delete_function, "gone")
+        await gw.stop_function("gone", [rev_id])
+        dropped = gw.floor("gone")
+        counting.reads = 0
+        gw.set_floor("gone", Floor(1, tl.wall() + 60, "late"))  # read once: it does not exist
+        await settle(gw)
+        for k in range(1, 9):  # 2 s of scale passes
+            tl.t = k * 0.25
+            gw.scale_once()
+            await settle(gw)
+        live = len(pool.live("gone"))
+        await gw.close()
+        return dropped, counting.reads, live
+
+    dropped, reads, live = asyncio.run(scenario())
+    assert dropped is None and live == 0
+    assert reads == 3, reads  # at 0 (the floor), 1 and 2
