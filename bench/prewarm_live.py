@@ -40,6 +40,7 @@ reaper holding them, pre-warmed instances serving), not the timer forecast of `k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -222,8 +223,10 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, trace: Path, mapp
             )  # fmt: skip
             log(f"[{mode}] replay done in {time.monotonic() - t0:.0f} s")
             after = gateway_metrics(gateway)
-        (out / "platform.log").write_bytes((root / "home" / "platform.log").read_bytes())
     finally:
+        out.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # kept for a failed run's post-mortem too
+            shutil.copyfile(root / "home" / "platform.log", out / "platform.log")
         shutil.rmtree(root, ignore_errors=True)
     summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
     return {"summary": summary, "gateway": {k: after[k] - before[k] for k in GATEWAY_METRICS}}
