@@ -8,7 +8,9 @@ and a fold reads only what arrived since the last one, never the whole stream. E
 nobody calls or deletes stops costing memory. The layout is in controller/README.md ("Redis schema").
 
 Works with clients created with or without `decode_responses`. Redis errors (RedisError) propagate:
-the caller's loop decides how to wait for Redis to come back; nothing here retries or caches.
+the caller's loop decides how to wait for Redis to come back; nothing here retries. `HeldHistories`
+is the leased controller's in-memory copy of the histories it folds, so a fold with nothing new
+costs a stream read, not a read and parse of the stored history.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -151,30 +154,48 @@ class DemandStore:
 
         A missing demand key starts a fresh history (a new function, or a Redis that lost its data); a
         garbled one does too, with a warning. Not safe to run concurrently for one function: the lease
-        makes the folding controller the only writer of `demand`."""
-        key = self._key(function, "demand")
-        raw = self.redis.get(key)
+        makes the folding controller the only writer of `demand`. The controller keeps its histories
+        in memory between folds instead (`HeldHistories`); this reads and writes Redis every time."""
+        folded = self._load(function)
+        self._fold_new(function, folded)
+        if folded.unsaved:  # new records, or a garbled history replaced
+            self._save(function, folded)
+        else:  # nothing to write: keep the stored history alive while it is being folded
+            self.redis.pexpire(self._key(function, "demand"), self._ttl_ms)
+        return folded.history
+
+    def _load(self, function: str) -> _Folded:
+        """The stored history and cursors (one GET); a fresh one for a missing or garbled key."""
+        raw = self.redis.get(self._key(function, "demand"))
         loaded = None if raw is None else _parse_demand(function, _text(raw))
-        history, inv_cursor, cold_cursor = loaded or (DemandHistory(), None, None)
+        if loaded is None:
+            return _Folded(DemandHistory(), None, None, unsaved=raw is not None)  # a garbled one is replaced
+        return _Folded(*loaded)
+
+    def _fold_new(self, function: str, folded: _Folded) -> int:
+        """Observe the records after `folded`'s cursors into its history and move them; how many."""
         new = 0
-        for entry_id, fields in self._entries(self._key(function, "invocations"), inv_cursor):
-            inv_cursor = entry_id
+        history = folded.history
+        for entry_id, fields in self._entries(self._key(function, "invocations"), folded.invocations):
+            folded.invocations = entry_id
             rec = _parse_invocation(function, fields, "invocations", entry_id)
             if rec is not None:
                 history.observe(rec.arrival, rec.concurrency)
             new += 1
-        for entry_id, fields in self._entries(self._key(function, "coldstarts"), cold_cursor):
-            cold_cursor = entry_id
+        for entry_id, fields in self._entries(self._key(function, "coldstarts"), folded.coldstarts):
+            folded.coldstarts = entry_id
             rep = _parse_cold_start(function, fields, "coldstarts", entry_id)
             if rep is not None:
                 history.observe_cold_start(rep.total_s)
             new += 1
-        if new or (raw is not None and loaded is None):  # new records, or a garbled history replaced
-            doc = {"history": history.to_dict(), "cursor": {"invocations": inv_cursor, "coldstarts": cold_cursor}}
-            self.redis.set(key, json.dumps(doc, separators=(",", ":")), px=self._ttl_ms)
-        else:  # nothing to write: keep the stored history alive while it is being folded
-            self.redis.pexpire(key, self._ttl_ms)
-        return history
+        folded.unsaved = folded.unsaved or new > 0
+        return new
+
+    def _save(self, function: str, folded: _Folded) -> None:
+        cursor = {"invocations": folded.invocations, "coldstarts": folded.coldstarts}
+        doc = {"history": folded.history.to_dict(), "cursor": cursor}
+        self.redis.set(self._key(function, "demand"), json.dumps(doc, separators=(",", ":")), px=self._ttl_ms)
+        folded.unsaved = False
 
     def history(self, function: str) -> DemandHistory | None:
         """The stored history as of the last fold (read-only); None when there is none or it is garbled."""
@@ -194,6 +215,71 @@ class DemandStore:
     def forget(self, function: str) -> None:
         """Drop the function's demand keys (its streams and its folded history)."""
         self.redis.delete(*(self._key(function, what) for what in ("invocations", "coldstarts", "demand")))
+
+
+@dataclass(slots=True)
+class _Folded:
+    """A function's history with the stream cursors it has been folded up to."""
+
+    history: DemandHistory
+    invocations: str | None  # the last invocations entry id folded (None: none yet)
+    coldstarts: str | None
+    unsaved: bool = False  # folded records (or a garbled history replaced) not written back yet
+    written_at: float = -math.inf  # when it was last written or its expiry refreshed (the holder's clock)
+
+
+class HeldHistories:
+    """The leased controller's histories, kept in memory between folds.
+
+    `DemandStore.fold` GETs and parses a function's stored history (about 100 KB of JSON after three
+    days) every time; a controller folding every function every second would spend its time there.
+    This reads the stored history once (when first folded after `clear`), then reads only the streams
+    after its cursors, and writes it back when records were folded, at most every `save_every_s` per
+    function. A holder that loses the lease loses at most that window of writes, and nothing is lost
+    with it: the stored cursors are written with the history, so the next holder folds those records
+    again from the streams.
+
+    Call `clear` whenever the lease is (re)acquired or lost (Redis is the truth then: another holder
+    may have folded since), `flush` before giving the lease up. Not thread-safe: one folder at a time,
+    as the lease makes it."""
+
+    def __init__(self, store: DemandStore, *, save_every_s: float = 5.0) -> None:
+        if not _finite(save_every_s) or save_every_s < 0:
+            raise ValueError(f"save_every_s must be a number of seconds >= 0, not {save_every_s!r}")
+        self.store = store
+        self.save_every_s = float(save_every_s)
+        # the stored history's expiry is refreshed this often while nothing new is folded
+        self.touch_every_s = min(600.0, store.ttl_s / 4)
+        self._held: dict[str, _Folded] = {}
+
+    def fold(self, function: str, now: float) -> DemandHistory:
+        """The function's history with every record folded (the stored one read on first use); the
+        held object itself, which the caller must not change."""
+        folded = self._held.get(function)
+        if folded is None:
+            folded = self._held[function] = self.store._load(function)
+        self.store._fold_new(function, folded)
+        if folded.unsaved and now - folded.written_at >= self.save_every_s:
+            self.store._save(function, folded)
+            folded.written_at = now
+        elif not folded.unsaved and now - folded.written_at >= self.touch_every_s:
+            self.store.redis.pexpire(self.store._key(function, "demand"), self.store._ttl_ms)
+            folded.written_at = now
+        return folded.history
+
+    def flush(self) -> None:
+        """Write back every history with records folded since it was last written."""
+        for function, folded in self._held.items():
+            if folded.unsaved:
+                self.store._save(function, folded)
+
+    def clear(self) -> None:
+        """Forget what is held, unwritten: the next folds start from what Redis stored."""
+        self._held.clear()
+
+    def drop(self, function: str) -> None:
+        """Forget one function's history, unwritten (it left the registry)."""
+        self._held.pop(function, None)
 
 
 # -- record encoding: every field a string, None fields left out ---------------------------------------

@@ -30,7 +30,7 @@ from typing import Any, Final, Protocol
 from redis.exceptions import RedisError
 
 from kold.controller.actuators import Actuator
-from kold.controller.demand import DemandStore
+from kold.controller.demand import DemandStore, HeldHistories
 from kold.controller.lease import Lease
 from kold.controller.metrics import ControllerMetrics
 from kold.controller.policies.base import Plan, Policy
@@ -155,6 +155,8 @@ class Controller:
         if not (math.isfinite(tick_s) and tick_s > 0):
             raise ValueError(f"tick_s must be a positive number of seconds, not {tick_s}")
         self.store = store
+        # the histories folded while this controller holds the lease, read from Redis once per holding
+        self.histories = HeldHistories(store)
         self.functions = functions
         self.actuator = actuator
         self.lease = lease
@@ -292,12 +294,19 @@ class Controller:
             self._sent.clear()
             self._known.clear()
             self._views = {}
+            self.histories.clear()  # another holder may have folded since: Redis has the latest
         elif not held and self._acting:
             log.info("pre-warm controller %s no longer holds the lease: it stops acting", self.lease.holder_id)
+            self.histories.clear()  # unwritten folds are not ours to write now; the next holder redoes them
         self._acting = held
         self.metrics.lease_held.set(1 if held else 0)
 
     async def _give_up_lease(self) -> None:
+        try:
+            if self._acting and self.lease.held(self.clock()):
+                await asyncio.to_thread(self.histories.flush)  # the next holder starts from the latest folds
+        except RedisError as exc:
+            log.warning("could not write the folded demand back (%s): the next holder folds it again", exc)
         self._set_acting(False, self.clock())
         try:
             await asyncio.to_thread(self.lease.release)
@@ -330,7 +339,7 @@ class Controller:
         for view in views:
             policy = self._policy(view.policy)
             try:
-                history = self.store.fold(view.name)
+                history = self.histories.fold(view.name, now)
                 plan = policy.plan(view.name, history, view.spec, now)
             except RedisError:
                 raise  # ends the tick
@@ -422,6 +431,7 @@ class Controller:
         log.info("%s left the registry: its floor is cleared and its demand records dropped", function)
         self._sent.pop(function, None)
         self._known.discard(function)
+        self.histories.drop(function)
         await self.actuator.set_floor(function, None)  # not delivered: the function is gone anyway
         await asyncio.to_thread(self.store.forget, function)
         self.metrics.forget(function)

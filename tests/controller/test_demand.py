@@ -17,7 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kold.controller.demand import COLDSTARTS_MAXLEN, INVOCATIONS_MAXLEN, PAGE, DemandStore
+from kold.controller.demand import COLDSTARTS_MAXLEN, INVOCATIONS_MAXLEN, PAGE, DemandStore, HeldHistories
 from kold.controller.history import IDLE_BINS, RING_MINUTES, DemandHistory
 from kold.controller.records import CANCELLED, FAILED, OK, TIMED_OUT, ColdStart, Invocation
 from kold.localredis import LocalRedis, RestartBackoff
@@ -166,6 +166,88 @@ def test_folding_gives_the_same_history_as_observing_the_records(store: DemandSt
     assert max(history.peaks.values()) == 8 and sum(history.counts.values()) == len(invs)
     stored = store.history("fn")
     assert stored is not None and stored.to_dict() == expected.to_dict()
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    """How many times the server ran `command` (the test server is this session's alone)."""
+    stats = client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def _stored_arrivals(store: DemandStore) -> int | None:
+    stored = store.history("fn")
+    return None if stored is None else stored.arrivals
+
+
+def test_a_held_history_is_read_once_and_written_only_after_new_records_at_most_every_few_seconds(
+    store: DemandStore,
+) -> None:
+    store.record_invocations(_inv(t) for t in (0.0, 30.0))
+    store.fold("fn")  # what an earlier holder stored
+    held = HeldHistories(store, save_every_s=5.0)
+    gets, sets = _calls(store.redis, "get"), _calls(store.redis, "set")
+    for now in range(10):
+        assert held.fold("fn", 1000.0 + now).arrivals == 2
+    assert (_calls(store.redis, "get") - gets, _calls(store.redis, "set") - sets) == (1, 0), "nothing new: no write"
+    store.record_invocations([_inv(100.0)])
+    assert held.fold("fn", 1010.0).arrivals == 3 and _stored_arrivals(store) == 3, "new records: written"
+    store.record_invocations([_inv(101.0)])
+    assert held.fold("fn", 1012.0).arrivals == 4 and _stored_arrivals(store) == 3, "not within save_every_s"
+    assert held.fold("fn", 1015.0).arrivals == 4 and _stored_arrivals(store) == 4, "written once it passed"
+    assert _calls(store.redis, "get") - gets == 1 + 3, "the three reads of the stored history are the test's"
+
+
+def test_a_holder_that_goes_without_writing_loses_no_record_and_counts_none_twice(store: DemandStore) -> None:
+    """Its unwritten window is folded again from the stored cursors by the next holder."""
+    times = [0.0, 30.0, 100.0, 101.0, 250.0]
+    a = HeldHistories(store, save_every_s=60.0)
+    store.record_invocations(_inv(t) for t in times[:2])
+    a.fold("fn", 1000.0)
+    for t in times[2:]:
+        store.record_invocations([_inv(t)])
+        a.fold("fn", 1000.0 + t / 10)
+    assert _stored_arrivals(store) == 2, "a wrote once, then within its window"
+    b = HeldHistories(store)
+    expected = DemandHistory()
+    for t in times:
+        expected.observe(t)
+    assert b.fold("fn", 1100.0).to_dict() == expected.to_dict() == a.fold("fn", 1100.0).to_dict()
+
+
+def test_flush_writes_what_is_unwritten_and_clear_rereads_what_redis_stored(store: DemandStore) -> None:
+    held = HeldHistories(store, save_every_s=60.0)
+    store.record_invocations([_inv(0.0)])
+    held.fold("fn", 1000.0)
+    store.record_invocations([_inv(10.0)])
+    held.fold("fn", 1001.0)
+    assert _stored_arrivals(store) == 1
+    held.flush()
+    assert _stored_arrivals(store) == 2
+    key = f"{store.prefix}fn:fn:demand"
+    doc = json.loads(store.redis.get(key) or "")
+    doc["history"]["cold_starts"] = 42  # another holder's fold, as far as this one can tell
+    store.redis.set(key, json.dumps(doc))
+    assert held.fold("fn", 1003.0).cold_starts == 0, "held: what it folded is what it knows"
+    held.clear()
+    assert held.fold("fn", 1004.0).cold_starts == 42, "cleared: read again from Redis"
+
+
+def test_a_held_history_keeps_its_stored_copy_alive(redis_client: redis.Redis, redis_prefix: str) -> None:
+    store = DemandStore(redis_client, redis_prefix, ttl_s=100.0)
+    held = HeldHistories(store)
+    store.record_invocations([_inv(0.0)])
+    held.fold("fn", 1000.0)
+    key = f"{redis_prefix}fn:fn:demand"
+    redis_client.pexpire(key, 1000)
+    held.fold("fn", 1010.0)
+    assert redis_client.pttl(key) <= 1000, "not refreshed at every fold"
+    held.fold("fn", 1000.0 + held.touch_every_s)
+    assert redis_client.pttl(key) > 90_000, "refreshed every touch_every_s while nothing new comes"
+
+
+def test_held_histories_refuse_a_bad_save_interval(store: DemandStore) -> None:
+    with pytest.raises(ValueError, match="save_every_s"):
+        HeldHistories(store, save_every_s=-1.0)
 
 
 def test_streams_are_capped_keys_expire_and_a_trimmed_cursor_continues(

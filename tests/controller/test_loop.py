@@ -249,6 +249,44 @@ def test_a_floor_that_did_not_arrive_is_sent_again_next_tick(redis_client: redis
     assert controller.metrics.decisions.labels("fn", "scripted")._value.get() == 2, "delivered decisions only"
 
 
+def _calls(client: redis.Redis, command: str) -> int:
+    """How many times the server ran `command` (the test server is this session's alone)."""
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_a_tick_with_nothing_new_neither_reads_nor_writes_a_stored_history(
+    redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    """A history is read from Redis when the lease is taken, then kept: a quiet tick reads only the
+    streams. A new holder reads what the last one wrote and counts each call once."""
+    policies = {"a": "knative-default", "b": "knative-default"}
+    controller, _, store = make_controller(redis_client, redis_prefix, policies, clock=lambda: T0 + 13)
+    for name in ("a", "b"):
+        arrive(store, name, T0)
+    run(controller.tick_once(T0 + 1))
+    run(controller.tick_once(T0 + 1.5))  # the lease's first renewal loads its script
+    counts = ("get", "set", "evalsha")
+    before = [_calls(redis_client, c) for c in counts]
+    for t in range(2, 12):
+        run(controller.tick_once(T0 + t))
+    gets, sets, renewals = (_calls(redis_client, c) - n for c, n in zip(counts, before, strict=True))
+    assert renewals == 10 and (gets - renewals, sets) == (0, 0), "the lease's renew script GETs its key once"
+    arrive(store, "a", T0 + 12)
+    run(controller.tick_once(T0 + 12))
+    history = store.history("a")
+    assert history is not None and history.arrivals == 2, "new records are written back"
+    arrive(store, "a", T0 + 13)
+    run(controller.tick_once(T0 + 13))
+    assert store.history("a").arrivals == 2, "within the few seconds between writes"  # type: ignore[union-attr]
+    run(controller._give_up_lease())  # as `run` ends: what is unwritten is written, then the lease goes
+    assert store.history("a").arrivals == 3  # type: ignore[union-attr]
+    successor, _, _ = make_controller(redis_client, redis_prefix, {"a": "knative-default"}, holder="b")
+    arrive(store, "a", T0 + 14)
+    run(successor.tick_once(T0 + 14))
+    history = store.history("a")
+    assert history is not None and history.arrivals == 4 and history.last_arrival == T0 + 14
+
+
 def test_a_reason_longer_than_the_gateway_takes_is_cut(redis_client: redis.Redis, redis_prefix: str) -> None:
     policy = Scripted()
     policy.floor = Floor(1, T0 + 60, "why " * 100)
