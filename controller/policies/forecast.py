@@ -66,8 +66,9 @@ class _Derived:
     grid: tuple[int, int] = (0, 0)
     keepalive_s: float = 0.0
     season_peak_rate: float = 0.0  # the highest same-time-of-day rate seen on previous days (per s)
-    rate_minute: int = -1  # the minute `rate` was computed for
-    rate: float = 0.0
+    rate_minute: int = -1  # the minute `rate` and `rate_counts` were computed for
+    rate: float = 0.0  # the seasonal rate then
+    rate_counts: int = 0  # arrivals in the RECENT_MINUTES whole minutes before it
 
 
 class Forecast:
@@ -176,12 +177,18 @@ class Forecast:
     # -- rates and concurrency ---------------------------------------------------------------------------
 
     def _rate(self, d: _Derived, h: DemandHistory, at: float) -> float:
-        """Arrivals per second expected around `at`: the larger of the recent rate (trend, bursts) and
-        the rate at the same time on the previous days (seasonality). Both read whole minutes before
-        `at`'s, so the answer holds for the minute and is cached for it."""
+        """Arrivals per second expected around `at`: the larger of the recent rate (trend, bursts: the
+        last RECENT_MINUTES whole minutes and the current one so far) and the rate at the same time on
+        the previous days (seasonality). The whole minutes' part is cached for the minute."""
         minute = int(at // 60)
-        if d.rate_minute == minute:
-            return d.rate
+        if d.rate_minute != minute:
+            d.rate_minute = minute
+            d.rate_counts = sum(h.counts.get(m, 0) for m in range(minute - RECENT_MINUTES, minute))
+            d.rate = self._season_rate(h, minute)
+        # the window runs back RECENT_MINUTES whole minutes, or to the first arrival when the history is younger
+        start = max(60.0 * (minute - RECENT_MINUTES), h.first_arrival if h.first_arrival is not None else at)
+        span = max(60.0, at - start)
+        return max((d.rate_counts + h.counts.get(minute, 0)) / span, d.rate)
         recent = sum(h.counts.get(m, 0) for m in range(minute - RECENT_MINUTES, minute)) / (RECENT_MINUTES * 60)
         d.rate_minute, d.rate = minute, max(recent, self._season_rate(h, minute))
         return d.rate
@@ -252,11 +259,13 @@ class Forecast:
             return 0.0
         best_t, best_j = 0, 0.0
         caught = 0  # gaps shorter than t minutes
-        idle_caught = 0.0  # idle seconds those gaps cost (mid-bin)
+        idle_caught = 0.0  # idle seconds those gaps cost (mid-bin; the first bin from the recent gaps)
+        short = [b - a for a, b in itertools.pairwise(h.recent) if b - a < 60]
+        first_bin_s = sum(short) / len(short) if short else 30.0
         for t in range(1, IDLE_BINS + 1):
             n = h.idle_bins[t - 1]
             caught += n
-            idle_caught += n * (t - 0.5) * 60
+            idle_caught += n * (first_bin_s if t == 1 else (t - 0.5) * 60)
             idle = idle_caught + (total - caught) * t * 60  # the others cost the whole keep-alive
             j = (caught - idle / self.budget) / total
             if j > best_j:

@@ -108,6 +108,20 @@ CASES = [
         1,
     ),
     Case(
+        "a busy function keeps its instance from its first minute on",
+        lambda: poisson(2, 1000, 1030),
+        lambda t: t[-1] + 0.5,
+        1,
+        budget=30.0,
+    ),
+    Case(
+        "calls a second apart are worth a short keep-alive even on a small budget",
+        lambda: [1000.0 + 1.5 * i for i in range(12)] + [5000.0 + 1.5 * i for i in range(12)],
+        lambda t: t[-1] + 0.5,
+        1,
+        budget=10.0,
+    ),
+    Case(
         "a rare irregular function is released right after its call",
         lambda: poisson(1 / 3000, 0, 100_000, seed=3),
         lambda t: t[-1] + 5,
