@@ -3,23 +3,28 @@
 Every `tick_s`, and at once for a function the gateway pokes (a request found it cold), the
 controller that holds the lease (controller/lease.py):
 1. lists the functions with their serving revision's scaling spec and pre-warm policy;
-2. folds each function's new demand records into its history (controller/demand.py), off the event
-   loop, and asks the function's policy for a plan (`Policy.plan`: pure, `now` passed in);
-3. sends the plan's floor through the actuator only when it differs from the floor it last sent
-   (instances or keep-alive changed, or the end moved by more than a tick), when the floor it sent is
-   about to run out and the policy extends it, or every `reassert_s` (a gateway that restarted, or a
-   floor that did not arrive, gets it again); a floor the policy no longer holds is cleared;
+2. folds each function's new demand records into its history, off the event loop (the histories
+   are held in memory while the lease is: controller/demand.py's `HeldHistories`), adds the poked
+   arrivals whose records have not come yet to a throwaway copy, and asks the function's policy
+   for a plan (`Policy.plan`: pure, `now` passed in);
+3. sends the plan's floor through the actuator only when it differs from the floor it last
+   delivered (instances or keep-alive changed, or the end moved by more than a tick), when the floor
+   it sent is about to run out and the policy extends it, or every `reassert_s` (a gateway that
+   restarted gets it again); a floor that did not arrive is sent again next tick; a floor the policy
+   no longer holds is cleared, and so, once, is whatever a previous lease holder may have left;
 4. clears the floor of a function removed from the registry and drops its demand keys.
 
 Only the outer loop (`run`) owns a clock; `tick_once(now)` and `decide_now(functions, now)` take the
 time, so tests drive the controller on a fake timeline against a real Redis. A Redis error ends the
 tick (logged once until Redis answers again): floors already set hold until they expire, and the
-next tick starts over from what Redis kept (the folded history and the stream cursors).
+next tick starts over from what Redis kept (the folded history and the stream cursors). One
+function that cannot be read or planned is logged once and costs only its own decision.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import time
@@ -44,6 +49,10 @@ REFRESH: Final = "refresh"  # the same floor sent again: extended before it ran 
 CLEAR: Final = "clear"  # the floor cleared: the policy holds nothing now
 FORGET: Final = "forget"  # the function left the registry: floor cleared, demand keys dropped
 MAX_REASON_CHARS: Final = 200  # the most the gateway takes (gateway/floors.py): a longer reason is cut
+# a poked arrival is planned with until its record is folded, or this long at most (a request that
+# never finishes, a record lost with Redis); and at most this many are kept per function
+PENDING_S: Final = 60.0
+MAX_PENDING: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +190,8 @@ class Controller:
         self._failing = False
         self._recheck_at: float | None = None
         self._poked: set[str] = set()
+        # arrivals pokes told of, per function, until the folded history covers them: (Unix time, concurrency)
+        self._pending: dict[str, list[tuple[float, int]]] = {}
         self._wake = asyncio.Event()
 
     @property
@@ -191,9 +202,22 @@ class Controller:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def poke(self, function: str) -> None:
+    def poke(self, function: str, arrival: float | None = None, concurrency: int = 1) -> None:
         """Decide for `function` now, not at the next tick (the gateway calls it, on the event loop,
-        when a request finds the function with no ready instance). Never blocks."""
+        when a request finds the function with no ready instance). Never blocks.
+
+        `arrival` (Unix time) and `concurrency` are that request's: the gateway records a request only
+        once it finishes, so until its record is folded the plans observe it into a copy of the
+        function's history (never stored: the record is counted when it comes, once)."""
+        if arrival is not None:
+            if not (isinstance(arrival, int | float) and math.isfinite(arrival)):
+                raise ValueError(f"a poke's arrival must be a finite Unix time, not {arrival!r}")
+            if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+                raise ValueError(f"a poke's concurrency must be a whole number >= 1, not {concurrency!r}")
+            pending = self._pending.setdefault(function, [])
+            pending.append((float(arrival), concurrency))
+            if len(pending) > MAX_PENDING or pending[0][0] < arrival - PENDING_S:
+                self._pending[function] = [p for p in pending[-MAX_PENDING:] if p[0] >= arrival - PENDING_S]
         self._poked.add(function)
         self._wake.set()
 
@@ -317,9 +341,16 @@ class Controller:
 
     async def _decide(self, views: list[FunctionView], now: float) -> list[Action]:
         """Fold and plan off the event loop (Redis reads, and the policies' arithmetic), then act."""
-        planned = await asyncio.to_thread(self._plan_all, views, now)
+        pending = self._pending_arrivals(now)  # a copy: pokes add to the table meanwhile, on the loop
+        planned = await asyncio.to_thread(self._plan_all, views, pending, now)
         actions: list[Action] = []
-        for view, policy, plan in planned:
+        for view, policy, plan, covered in planned:
+            if covered is not None and view.name in self._pending:  # folded now: the record counts them
+                left = [p for p in self._pending[view.name] if p[0] > covered]
+                if left:
+                    self._pending[view.name] = left
+                else:
+                    del self._pending[view.name]
             if plan is None:
                 continue
             if plan.recheck_at is not None and plan.recheck_at > now:
@@ -334,12 +365,32 @@ class Controller:
                 actions.append(action)
         return actions
 
-    def _plan_all(self, views: list[FunctionView], now: float) -> list[tuple[FunctionView, str, Plan | None]]:
-        out: list[tuple[FunctionView, str, Plan | None]] = []
+    def _pending_arrivals(self, now: float) -> dict[str, tuple[tuple[float, int], ...]]:
+        """The poked arrivals still waiting for their records (older than PENDING_S dropped)."""
+        for function in list(self._pending):
+            left = [p for p in self._pending[function] if p[0] >= now - PENDING_S]
+            if left:
+                self._pending[function] = left
+            else:
+                del self._pending[function]
+        return {function: tuple(arrivals) for function, arrivals in self._pending.items()}
+
+    def _plan_all(
+        self, views: list[FunctionView], pending: dict[str, tuple[tuple[float, int], ...]], now: float
+    ) -> list[tuple[FunctionView, str, Plan | None, float | None]]:
+        """Each function's plan, with the last arrival its folded history covers (None: unknown)."""
+        out: list[tuple[FunctionView, str, Plan | None, float | None]] = []
         for view in views:
             policy = self._policy(view.policy)
+            covered: float | None = None
             try:
                 history = self.histories.fold(view.name, now)
+                covered = -math.inf if history.last_arrival is None else history.last_arrival
+                unfolded = sorted(p for p in pending.get(view.name, ()) if p[0] > covered)
+                if unfolded:  # a throwaway copy: the held (and stored) history never sees them
+                    history = copy.deepcopy(history)
+                    for arrival, concurrency in unfolded:
+                        history.observe(arrival, concurrency)
                 plan = policy.plan(view.name, history, view.spec, now)
             except RedisError:
                 raise  # ends the tick
@@ -349,10 +400,10 @@ class Controller:
                     log.exception(
                         "the plan failed for %s (policy %s); its floor is left as it is", view.name, view.policy
                     )
-                out.append((view, policy.name, None))
+                out.append((view, policy.name, None, covered))
                 continue
             self._failing_plans.discard(view.name)
-            out.append((view, policy.name, plan))
+            out.append((view, policy.name, plan, covered))
         return out
 
     def _policy(self, text: str) -> Policy:
@@ -431,6 +482,7 @@ class Controller:
         log.info("%s left the registry: its floor is cleared and its demand records dropped", function)
         self._sent.pop(function, None)
         self._known.discard(function)
+        self._pending.pop(function, None)
         self.histories.drop(function)
         await self.actuator.set_floor(function, None)  # not delivered: the function is gone anyway
         await asyncio.to_thread(self.store.forget, function)

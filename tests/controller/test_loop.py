@@ -5,6 +5,7 @@ what it is sent stands in for the gateway (it holds the last floor per function,
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import signal
@@ -177,7 +178,7 @@ class Scripted:
         self.seen: list[DemandHistory] = []
 
     def plan(self, function: str, history: DemandHistory, spec: Any, now: float) -> Plan:
-        self.seen.append(history)
+        self.seen.append(copy.deepcopy(history))  # as it was at this plan
         return Plan(self.floor)
 
 
@@ -495,8 +496,9 @@ def test_a_redis_restart_loses_only_the_window_in_flight_and_the_controller_reco
 
 
 def test_a_poke_decides_at_once_without_waiting_for_the_tick(redis_client: redis.Redis, redis_prefix: str) -> None:
-    """The tick is a minute; a request that finds the function cold pokes the controller, which folds
-    that call and sets the function's floor within moments. Cancelled, it gives the lease up."""
+    """The tick is a minute; a request that finds the function cold pokes the controller with its
+    arrival, and the controller sets the function's floor within moments, though the gateway writes
+    the request's record only once it finishes. Cancelled, it gives the lease up."""
     clock = [T0]
     controller, actuator, store = make_controller(
         redis_client, redis_prefix, {"fn": "fixed-keepalive:minutes=1"}, tick_s=60.0, clock=lambda: clock[0]
@@ -507,9 +509,8 @@ def test_a_poke_decides_at_once_without_waiting_for_the_tick(redis_client: redis
         await _until(lambda: actuator.calls, "the first tick's clear")
         assert actuator.calls == [("fn", None)], "nothing held: whatever a previous holder left is cleared"
         clock[0] = T0 + 5
-        arrive(store, "fn", T0 + 5)
         started = time.monotonic()
-        controller.poke("fn")
+        controller.poke("fn", T0 + 5, 1)  # no record yet: the request is still being served
         await _until(lambda: actuator.floors["fn"], "a floor after the poke")
         assert time.monotonic() - started < 5, "the poke waited for the tick"
         assert actuator.calls[1:] == [("fn", actuator.floors["fn"])] and actuator.warm_at("fn", T0 + 60)
@@ -520,6 +521,8 @@ def test_a_poke_decides_at_once_without_waiting_for_the_tick(redis_client: redis
 
     run(scenario())
     assert controller.lease.holder() is None and controller.metrics.lease_held._value.get() == 0
+    stored = store.history("fn")
+    assert stored is None or stored.arrivals == 0, "the poked arrival was planned with, never stored"
 
 
 async def _until(cond: Callable[[], object], what: str) -> None:
@@ -578,6 +581,35 @@ def test_a_standby_controller_with_a_stale_recheck_waits_for_its_tick(
     run(scenario())
     assert 1 <= lease.tries <= 2, f"{lease.tries} lease calls in half a second with a 1 s tick"
     assert controller.recheck_at is None
+
+
+def test_a_poked_arrival_is_planned_with_until_its_record_is_folded_and_counted_once(
+    redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    policy = Scripted()
+    controller, _, store = make_controller(redis_client, redis_prefix, {"fn": "x"}, make_policy=lambda t: policy)
+    run(controller.tick_once(T0))
+    controller.poke("fn", T0 + 5, 3)
+    run(controller.decide_now(["fn"], T0 + 5.01))
+    seen = policy.seen[-1]
+    assert (seen.arrivals, seen.last_arrival, seen.peak(int((T0 + 5) // 60))) == (1, T0 + 5, 3)
+    run(controller.tick_once(T0 + 6))
+    assert policy.seen[-1].arrivals == 1, "still pending: the request has not finished"
+    stored = store.history("fn")
+    assert stored is None or stored.arrivals == 0, "a poked arrival is never stored"
+    store.record_invocations([Invocation("fn", T0 + 5, cold=True, wait_s=2.0, concurrency=3)])
+    run(controller.tick_once(T0 + 8))
+    run(controller.tick_once(T0 + 9))
+    assert [h.arrivals for h in policy.seen[-2:]] == [1, 1], "its record folded: counted once, not twice"
+    assert store.history("fn").arrivals == 1  # type: ignore[union-attr]
+    controller.poke("fn", T0 + 10)  # a request whose record never comes
+    run(controller.tick_once(T0 + 20))
+    run(controller.tick_once(T0 + 10 + 61))
+    assert [h.arrivals for h in policy.seen[-2:]] == [2, 1], "dropped after a minute"
+    with pytest.raises(ValueError, match="concurrency"):
+        controller.poke("fn", T0, 0)
+    with pytest.raises(ValueError, match="arrival"):
+        controller.poke("fn", float("nan"))
 
 
 def test_a_poke_without_the_lease_does_nothing(redis_client: redis.Redis, redis_prefix: str) -> None:
