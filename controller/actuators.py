@@ -16,6 +16,7 @@ from urllib.parse import quote
 import httpx
 
 from kold.controller.scaling import Floor
+from kold.gateway.floors import floor_to_json  # pure: the admin API's one JSON form of a floor
 
 log = logging.getLogger("kold.controller.actuators")
 
@@ -79,7 +80,7 @@ class HttpActuator:
             if floor is None:
                 resp = await self._client.delete(path)
             else:
-                resp = await self._client.put(path, json=floor_body(floor))
+                resp = await self._client.put(path, json=floor_to_json(floor))
         except httpx.HTTPError as exc:
             self._failed(function, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             return False
@@ -101,16 +102,6 @@ class HttpActuator:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-def floor_body(floor: Floor) -> dict[str, Any]:
-    """The admin API's floor body (`until`: Unix time, the clock the controller and Redis share)."""
-    return {
-        "instances": floor.instances,
-        "until": floor.until,
-        "reason": floor.reason,
-        "idle_timeout_s": floor.idle_timeout_s,
-    }
 
 
 class KnativeActuator:

@@ -41,6 +41,7 @@ from kold.controller.metrics import ControllerMetrics
 from kold.controller.policies.base import Plan, Policy
 from kold.controller.policies.registry import DEFAULT_POLICY, make_policy
 from kold.controller.scaling import Floor, Spec
+from kold.gateway.floors import MAX_REASON_LEN  # pure: the gateway's floor rules, no gateway with it
 
 log = logging.getLogger("kold.controller")
 
@@ -48,7 +49,6 @@ SET: Final = "set"  # a floor set or changed
 REFRESH: Final = "refresh"  # the same floor sent again: extended before it ran out, or re-asserted
 CLEAR: Final = "clear"  # the floor cleared: the policy holds nothing now
 FORGET: Final = "forget"  # the function left the registry: floor cleared, demand keys dropped
-MAX_REASON_CHARS: Final = 200  # the most the gateway takes (gateway/floors.py): a longer reason is cut
 # a poked arrival is planned with until its record is folded, or this long at most (a request that
 # never finishes, a record lost with Redis); and at most this many are kept per function
 PENDING_S: Final = 60.0
@@ -358,8 +358,8 @@ class Controller:
                     plan.recheck_at if self._recheck_at is None else min(self._recheck_at, plan.recheck_at)
                 )
             floor = plan.floor
-            if len(floor.reason) > MAX_REASON_CHARS:
-                floor = replace(floor, reason=floor.reason[: MAX_REASON_CHARS - 1] + "…")
+            if len(floor.reason) > MAX_REASON_LEN:  # the most the gateway takes: a longer reason is cut
+                floor = replace(floor, reason=floor.reason[: MAX_REASON_LEN - 1] + "…")
             action = await self._apply(view.name, policy, floor, now)
             if action is not None:
                 actions.append(action)
