@@ -102,7 +102,8 @@ def test_kold_up_runs_the_controller_and_its_floor_outlives_the_idle_timeout(tmp
 
 def test_kold_controller_on_its_own_sets_floors_through_the_admin_api(tmp_path: Path) -> None:
     """`kold up --no-controller` holds no floor by itself; a `kold controller` started beside it takes
-    the lease, sets the floor over HTTP, and gives the lease up when stopped."""
+    the lease, sets the floor over HTTP, serves its metrics on --metrics-port, and gives the lease up
+    when stopped."""
     env = platform_env(tmp_path)
     up = kold("up", "--detach", "--no-controller", "--port", env["KOLD_TEST_PORT"], env=env, timeout=90)
     assert up.returncode == 0, up.stderr
@@ -112,8 +113,9 @@ def test_kold_controller_on_its_own_sets_floors_through_the_admin_api(tmp_path: 
         time.sleep(1)
         assert _describe(env)["floor"] is None, "no controller runs in the platform"
         assert "pre-warm controller: off" in platform_log(env)
+        metrics_port = free_port()
         controller = subprocess.Popen(
-            [sys.executable, "-m", "kold", "controller", "--tick", "0.5"],
+            [sys.executable, "-m", "kold", "controller", "--tick", "0.5", "--metrics-port", str(metrics_port)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -121,6 +123,9 @@ def test_kold_controller_on_its_own_sets_floors_through_the_admin_api(tmp_path: 
         )
         doc = wait_for(lambda: (d := _describe(env))["floor"] and d, 60, "the standalone controller's floor")
         assert doc["floor"]["instances"] == 1 and doc["floor"]["reason"].startswith("fixed-keepalive:")
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert "kold_controller_lease_held 1.0" in metrics
+        assert 'kold_controller_decisions_total{function="tiny",policy="fixed-keepalive"} 1.0' in metrics
         controller.send_signal(signal.SIGTERM)
         _, err = controller.communicate(timeout=30)
         assert controller.returncode == 0, err
@@ -155,3 +160,6 @@ def test_kold_controller_without_a_platform_says_so_in_one_line(tmp_path: Path) 
     assert len(result.stderr.strip().splitlines()) == 1
     bad = kold("controller", "--tick", "0", env=env)
     assert bad.returncode == 1 and "--tick 0" in bad.stderr
+    bad_port = kold("controller", "--metrics-port", "70000", env=env)
+    assert bad_port.returncode == 1 and "--metrics-port 70000" in bad_port.stderr, bad_port.stderr
+    assert len(bad_port.stderr.strip().splitlines()) == 1
