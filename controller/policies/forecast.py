@@ -189,9 +189,6 @@ class Forecast:
         start = max(60.0 * (minute - RECENT_MINUTES), h.first_arrival if h.first_arrival is not None else at)
         span = max(60.0, at - start)
         return max((d.rate_counts + h.counts.get(minute, 0)) / span, d.rate)
-        recent = sum(h.counts.get(m, 0) for m in range(minute - RECENT_MINUTES, minute)) / (RECENT_MINUTES * 60)
-        d.rate_minute, d.rate = minute, max(recent, self._season_rate(h, minute))
-        return d.rate
 
     @staticmethod
     def _season_rate(h: DemandHistory, minute: int) -> float:
