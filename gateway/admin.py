@@ -70,9 +70,8 @@ def floor_from_body(body: dict[str, Any], wall_now: float) -> Floor:
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
             raise InvalidRequestError("'ttl_s' must be a number of seconds > 0", param="ttl_s")
         until = wall_now + ttl
-    floor = Floor(
-        body.get("instances"), until, body.get("reason", "set through the admin API"), body.get("idle_timeout_s")
-    )
+    instances: Any = body.get("instances")  # checked, with the rest, by check_floor
+    floor = Floor(instances, until, body.get("reason", "set through the admin API"), body.get("idle_timeout_s"))
     try:
         check_floor(floor)
     except FloorError as exc:
