@@ -868,7 +868,7 @@ class Gateway:
             rev = self._revisions.get(inst.revision_id) if inst is not None else None
             if inst is None or rev is None or not inst.alive:
                 self._forget_instance(inst_id)
-            elif not inst.in_flight:
+            elif inst.state in _LIVE and not inst.in_flight:  # a draining one was counted as it began
                 self._count_idle(inst_id, rev.function, now)
         if self._prewarmed:
             self._prewarmed = {i for i in self._prewarmed if self._is_alive(i)}
