@@ -50,7 +50,10 @@ REFRESH_ARRIVALS = 32  # recompute the cached keep-alive and period after this m
 # adds instance-seconds
 CONCURRENCY_HOLD_S = 20.0
 CONCURRENCY_IDLE_S = 30.0
-RATE_RECHECK_S = 60.0  # how often a rate-held floor is re-evaluated
+RATE_RECHECK_S = 60.0
+RATE_MIN_ARRIVALS = (
+    4  # arrivals in the window before the recent rate is believed  # how often a rate-held floor is re-evaluated
+)
 
 
 @dataclass
@@ -185,10 +188,15 @@ class Forecast:
             d.rate_minute = minute
             d.rate_counts = sum(h.counts.get(m, 0) for m in range(minute - RECENT_MINUTES, minute))
             d.rate = self._season_rate(h, minute)
-        # the window runs back RECENT_MINUTES whole minutes, or to the first arrival when the history is younger
-        start = max(60.0 * (minute - RECENT_MINUTES), h.first_arrival if h.first_arrival is not None else at)
-        span = max(60.0, at - start)
-        return max((d.rate_counts + h.counts.get(minute, 0)) / span, d.rate)
+        arrivals = d.rate_counts + h.counts.get(minute, 0)
+        if arrivals < RATE_MIN_ARRIVALS or h.first_arrival is None or h.last_arrival is None:
+            return d.rate  # a rate from one or two calls is noise: the learning keep-alive covers them
+        # the window runs back RECENT_MINUTES whole minutes, or to the first arrival when the history is
+        # younger, and ends at the last arrival: the answer then changes with arrivals, not with the
+        # moment it is asked (the simulator and the controller plan at different moments)
+        start = max(60.0 * (minute - RECENT_MINUTES), h.first_arrival)
+        span = max(60.0, h.last_arrival - start)
+        return max(arrivals / span, d.rate)
 
     @staticmethod
     def _season_rate(h: DemandHistory, minute: int) -> float:
