@@ -150,6 +150,9 @@ class Gateway:
         self._refreshing: set[str] = set()  # functions whose serving revision is being re-read
         # function -> clock time the registry last said it does not exist (functions a floor names)
         self._missing: dict[str, float] = {}
+        # functions whose floors are ignored: being removed (until they are gone), or scaled to zero by
+        # an admin (until their next request: a cold-start measurement must find them cold)
+        self._floor_paused: set[str] = set()
         # instance id -> clock time it last became idle (nothing in flight); only live READY instances:
         # what the decider's idle timeout counts from
         self._idle_since: dict[str, float] = {}
@@ -587,6 +590,8 @@ class Gateway:
         one, and apply it at once with a scale pass of the function. ValueError (InvalidNameError for a
         bad name) names what is wrong. Called on the gateway's event loop."""
         validate_function_name(function)
+        if function in self._floor_paused:
+            return
         now = self.clock()
         self.floors.set(function, floor, now=now, wall=self.wall())
         cached = self._serving.get(function)
@@ -729,6 +734,7 @@ class Gateway:
         nor keeps asking for capacity."""
         t0 = self.clock()
         rev = await self.serving_revision(name)
+        self._floor_paused.discard(name)
         st = self.state(name)
         deadline = t0 + rev.scaling.request_timeout_s
         cold = False
@@ -902,7 +908,10 @@ class Gateway:
     async def scale_to_zero(self, name: str, rev_ids: list[str]) -> int:
         """Drain and stop every live instance of the function now, whatever its idle timeout (what a
         cold-start measurement needs between requests; min_instances > 0 or a floor brings instances
-        back at the next scale pass). Returns how many were stopped."""
+        back at the next scale pass; a floor only after the function's next request). Returns how many
+        were stopped."""
+        self._floor_paused.add(name)
+        self.floors.forget(name)
         insts = [i for r in rev_ids for i in self.pool.instances(r) if i.alive]
         now = self.clock()
         for inst in insts:
@@ -916,11 +925,19 @@ class Gateway:
 
     async def stop_function(self, name: str, rev_ids: list[str]) -> None:
         """Drain and stop the function's instances, then forget everything the gateway kept for it
-        (its floor and its demand records included)."""
-        insts = [i for r in rev_ids for i in self.pool.instances(r) if i.alive]
-        await asyncio.gather(*(self.pool.stop(i, DRAIN_TIMEOUT_S) for i in insts), return_exceptions=True)
-        self.invalidate(name, reload=False)
+        (its floor and its demand records included). Its floor goes first, so no scale pass starts an
+        instance while the others drain; one started just before is stopped too."""
+        self._floor_paused.add(name)
         self.floors.forget(name)
+        self.invalidate(name, reload=False)
+        insts: list[Instance] = []
+        for _ in range(3):  # a start already under way when the floor went shows up after the first round
+            fresh = [i for r in rev_ids for i in self.pool.instances(r) if i.alive and all(i is not j for j in insts)]
+            if not fresh:
+                break
+            insts += fresh
+            await asyncio.gather(*(self.pool.stop(i, DRAIN_TIMEOUT_S) for i in fresh), return_exceptions=True)
+        self._floor_paused.discard(name)
         self._missing.pop(name, None)
         self._no_room.pop(name, None)
         self._room_freed()

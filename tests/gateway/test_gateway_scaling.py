@@ -55,6 +55,18 @@ class Case:
 
 CASES = [
     Case(
+        "an admin's scale to zero holds against the controller's floor until the function's next request",
+        (
+            Step(0, "floor", 1, instances=1, ttl=300),
+            Step(1, "zero", 0),
+            Step(2, "floor", 0, instances=1, ttl=300),  # the controller re-sends it: a measurement must find it cold
+            Step(3, "request", 1),
+            Step(4, "floor", 1, instances=1, ttl=300),  # after a request, floors count again
+            Step(100, "pass", 1),
+        ),
+        {"idle_timeout_s": 10},
+    ),
+    Case(
         "with no floor and no minimum an idle instance goes after idle_timeout",
         (Step(0, "request", 1), Step(9.9, "pass", 1), Step(10, "pass", 0)),
         {"idle_timeout_s": 10},
@@ -143,6 +155,9 @@ def test_scaling_timeline(case: Case, registry: Registry, tmp_path: Path) -> Non
                 for inst in held:
                     gw.release(inst)
                 held.clear()
+            elif step.do == "zero":
+                rev = await gw.serving_revision("fn")
+                await gw.scale_to_zero("fn", [rev.revision_id])
             elif step.do == "deploy":
                 await asyncio.to_thread(deploy, registry, **case.spec)
                 gw.invalidate("fn")
@@ -482,3 +497,27 @@ def test_a_floor_for_a_deleted_function_is_dropped_and_its_function_not_reread_m
     dropped, reads, live = asyncio.run(scenario())
     assert dropped is None and live == 0
     assert reads == 3, reads  # at 0 (the floor), 1 and 2
+
+
+def test_removing_a_function_stops_what_its_floor_started_while_it_drained(registry: Registry, tmp_path: Path) -> None:
+    """The floor goes before the drain, so no scale pass starts an instance of a function being removed;
+    a start already under way is stopped too, and a floor sent meanwhile is ignored."""
+    rev_id = deploy(registry)
+
+    async def scenario() -> list[Instance]:
+        tl = Timeline()
+        pool = FakePool(tmp_path)
+        gw = Gateway(registry, pool, clock=tl.clock, wall=tl.wall)
+        await gw.serving_revision("fn")
+        gw.set_floor("fn", Floor(1, tl.wall() + 300, "test"))
+        await settle(gw)
+        removal = asyncio.ensure_future(gw.stop_function("fn", [rev_id]))
+        gw.set_floor("fn", Floor(2, tl.wall() + 300, "late"))  # the controller has not noticed yet
+        gw.scale_once()
+        await removal
+        await settle(gw)
+        live = pool.live("fn")
+        await gw.close()
+        return live
+
+    assert asyncio.run(scenario()) == []
