@@ -31,6 +31,8 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
+from kold.controller.records import Arrival
+
 from .shapes import Shape
 
 PATTERNS = ("constant", "poisson", "gamma", "onoff", "diurnal", "ramp", "sweep")
@@ -63,6 +65,12 @@ class PlannedRequest:
     max_tokens: int
     ignore_eos: bool = False  # True for trace replay (output lengths reproduced)
     stage: int = 0  # sweep stage index (0 otherwise)
+
+    def arrival(self, sized: bool = True) -> Arrival:
+        """This request as the shared record type the simulator replays (`sized`: with its token counts)."""
+        if sized:
+            return Arrival(self.function, self.at_s, self.prompt_tokens, self.max_tokens)
+        return Arrival(self.function, self.at_s)
 
 
 @dataclass(frozen=True)

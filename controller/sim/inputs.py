@@ -60,12 +60,10 @@ def from_trace(
         )
         minutes = sum(1 for name in header if name.isdigit())
         end = max(0.0, minutes * 60.0 - start_s) / speedup if limit is None else None
-        return Workload([Arrival(r.function, r.at_s) for r in planned], end, f"{path} (azure-functions)")
+        return Workload([r.arrival(sized=False) for r in planned], end, f"{path} (azure-functions)")
     name = path.stem or "function"
     planned = read_trace(path, fmt=fmt, speedup=speedup, limit=limit, start_s=start_s, functions=[name], seed=seed)
-    return Workload(
-        [Arrival(r.function, r.at_s, r.prompt_tokens, r.max_tokens) for r in planned], None, f"{path} (one function)"
-    )
+    return Workload([r.arrival() for r in planned], None, f"{path} (one function)")
 
 
 def from_pattern(
@@ -80,10 +78,7 @@ def from_pattern(
     names = list(functions) or ["function"]
     sized = prompt is not None or output is not None
     planned = plan(spec, names, prompt or _ONE, output or _ONE, seed)
-    if sized:
-        arrivals = [Arrival(r.function, r.at_s, r.prompt_tokens, r.max_tokens) for r in planned]
-    else:
-        arrivals = [Arrival(r.function, r.at_s) for r in planned]
+    arrivals = [r.arrival(sized) for r in planned]
     return Workload(arrivals, spec.duration_s, f"{spec.pattern} pattern")
 
 
