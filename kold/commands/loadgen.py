@@ -24,7 +24,7 @@ from kold.settings import Settings
 if TYPE_CHECKING:
     from kold.loadgen.records import RequestRecord
     from kold.loadgen.runner import RunResult
-    from kold.loadgen.schedule import PlannedRequest
+    from kold.loadgen.schedule import PatternSpec, PlannedRequest
     from kold.loadgen.target import Target
 
 PATTERNS = ("constant", "poisson", "gamma", "onoff", "diurnal", "ramp", "sweep")
@@ -155,7 +155,7 @@ def _target(args: argparse.Namespace, settings: Settings) -> tuple[Target, list[
 
 
 def _plan(args: argparse.Namespace, functions: list[str]) -> tuple[list[PlannedRequest], dict[str, Any]]:
-    from kold.loadgen.schedule import PatternSpec, plan
+    from kold.loadgen.schedule import plan
     from kold.loadgen.shapes import parse_shape
 
     prompt, output = parse_shape(args.prompt_tokens), parse_shape(args.max_tokens)
@@ -176,23 +176,7 @@ def _plan(args: argparse.Namespace, functions: list[str]) -> tuple[list[PlannedR
             output=output,
         )
         return planned, {"trace": str(args.trace), "speedup": args.speedup, "limit": args.limit, "start_s": args.start}
-    rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else ()
-    if args.duration is None and args.count is None and args.pattern != "sweep":
-        raise CLIError("say how much traffic: --duration SECONDS or --count N")
-    spec = PatternSpec(
-        pattern=args.pattern,
-        rate=args.rate,
-        duration_s=args.duration,
-        count=args.count,
-        burstiness=args.burstiness,
-        on_s=args.on_s,
-        off_s=args.off_s,
-        period_s=args.period_s,
-        amplitude=args.amplitude,
-        rate_to=args.rate_to,
-        rates=rates,
-        stage_s=args.stage_s,
-    )
+    spec = pattern_spec(args)
     planned = plan(spec, functions, prompt, output, args.seed)
     settings = {k: v for k, v in dataclasses.asdict(spec).items() if v not in (None, ())}
     return planned, {**settings, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
@@ -467,3 +451,27 @@ def cmd_compare(args: argparse.Namespace, settings: Settings) -> int:
         raise CLIError(f"not a loadgen results folder (no summary.json): {', '.join(missing)}")
     print(compare(args.runs, args.out))
     return 0
+
+
+def pattern_spec(args: argparse.Namespace) -> PatternSpec:
+    """The synthetic pattern the command line describes (`kold loadgen run` and `kold sim` share the
+    flags; sweep's `--rates`/`--stage-s` exist only where the command has them)."""
+    from kold.loadgen.schedule import PatternSpec
+
+    if args.duration is None and args.count is None and args.pattern != "sweep":
+        raise CLIError("say how much traffic: --duration SECONDS or --count N")
+    rates_text = getattr(args, "rates", None)
+    return PatternSpec(
+        pattern=args.pattern,
+        rate=args.rate,
+        duration_s=args.duration,
+        count=args.count,
+        burstiness=args.burstiness,
+        on_s=args.on_s,
+        off_s=args.off_s,
+        period_s=args.period_s,
+        amplitude=args.amplitude,
+        rate_to=args.rate_to,
+        rates=tuple(float(r) for r in rates_text.split(",")) if rates_text else (),
+        stage_s=getattr(args, "stage_s", None),
+    )

@@ -238,24 +238,11 @@ def _workload(args: argparse.Namespace) -> Workload:
             limit=args.limit,
             start_s=args.start,
         )
-    from kold.loadgen.schedule import PatternSpec
+    from kold.commands.loadgen import pattern_spec
     from kold.loadgen.shapes import parse_shape
     from kold.loadgen.traces import parse_functions
 
-    if args.duration is None and args.count is None and args.pattern != "sweep":
-        raise CLIError("say how much traffic: --duration SECONDS or --count N")
-    spec = PatternSpec(
-        pattern=args.pattern,
-        rate=args.rate,
-        duration_s=args.duration,
-        count=args.count,
-        burstiness=args.burstiness,
-        on_s=args.on_s,
-        off_s=args.off_s,
-        period_s=args.period_s,
-        amplitude=args.amplitude,
-        rate_to=args.rate_to,
-    )
+    spec = pattern_spec(args)
     names = parse_functions(args.functions) if args.functions else []
     if isinstance(names, dict):
         raise CLIError("--functions: a pattern takes a list of names, not a mapping")
