@@ -3,19 +3,20 @@ fewer cold starts than its price.
 
 The one trade it makes everywhere: `budget` is how many idle instance-seconds one avoided cold start is
 worth. From the function's own history it predicts, in this order:
-- periodicity (timers): when the recent gaps between arrivals agree, the next arrival is due at
-  last + period, give or take their spread. Holding an instance over the whole gap costs the period;
-  releasing it and pre-warming ahead costs the measured cold start, a safety lead and the spread. It
-  takes the cheaper, and a pre-warm starts early enough to cover the function's measured restore time;
+- periodicity (timers): when the recent gaps between firings agree, the next one is due at the last
+  firing + period, give or take their spread (for a per-minute trace: somewhere in the minute it
+  lands in). The instance is released between firings and pre-warmed the measured cold start and a
+  margin before the window opens; when the gap is too short for that, it is held through;
+- while the history is young (under 10 gaps), an instance is held `budget` seconds after each call;
 - time-of-day seasonality and trend: the arrival rate expected in the next minutes is the larger of
   the last RECENT_MINUTES' rate and the rate at the same time on the previous days. While that rate
   makes an arrival expected within `budget` seconds, an instance is held (Poisson arrivals are
   memoryless: holding pays off exactly when the expected gap is below the budget);
 - bursts and irregular gaps: the keep-alive after an arrival is the one that maximises, over the
   idle-time histogram, (share of gaps caught warm) - (idle seconds it costs) / budget;
-- concurrency: more than one instance is held ahead of demand when the recent or the seasonal
-  per-minute concurrency peaks need them, rising with the trend, so a busy function scales out before
-  its requests queue for starts instead of after.
+- concurrency: while this minute's concurrency peak is at the instances' capacity and above the last
+  minute's, or the same minutes of the previous day peaked higher, the next instance is held a
+  request ahead, so a busy function scales out before its requests queue for a start, not after.
 
 Pure: everything comes from the arguments. Derived values (the period, the best keep-alive) are cached
 per function and recomputed when enough new arrivals came in, which keeps a plan call in the
