@@ -145,11 +145,11 @@ def test_a_real_instance_answers_with_ids_breakdown_and_clean_metrics(start_runt
         timeout=60,
     )
     assert r.status_code == 200 and r.headers["x-request-id"] == "from-the-gateway"
+    deadline = time.monotonic() + 5  # the log lines reach the test through the process's stdout, a little later
+    while not (rt.events("first_token") and rt.events("request")) and time.monotonic() < deadline:
+        time.sleep(0.02)
     first = rt.events("first_token")
     assert len(first) == 1 and first[0]["request_id"] == "from-the-gateway"
-    deadline = time.monotonic() + 5  # the line follows the end of the stream
-    while not rt.events("request") and time.monotonic() < deadline:
-        time.sleep(0.02)
     (line,) = rt.events("request")
     assert line["request_id"] == "from-the-gateway" and line["status"] == "200"
     assert line["completion_tokens"] == 3
