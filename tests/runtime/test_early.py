@@ -154,7 +154,9 @@ def test_the_gate_waits_for_each_stage_in_order(tmp_path: Path) -> None:
     assert calls == [0, 1, 2, 3, 4]
 
 
-def test_a_runtime_restoring_into_the_host_pool_serves_behind_it_from_the_segment(tiny_snapshot: str) -> None:
+def test_a_runtime_restoring_into_the_host_pool_serves_behind_it_from_the_segment(
+    tiny_snapshot: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import uuid
 
     from kold.snapshot import HostPool
@@ -169,9 +171,14 @@ def test_a_runtime_restoring_into_the_host_pool_serves_behind_it_from_the_segmen
     try:
         pool.fill(1, data_size)
         handed: list[backend.Backend] = []
-        loaded = snapshot_loader(tiny_snapshot, max_batch=2, max_seq_len=64, pool=pool)(
-            threading.Event(), early=handed.append
-        )
+        go = threading.Event()  # no byte lands before the engine is handed over: a tiny restore would
+        slow_reads(monkeypatch, go)  # otherwise end first on a busy machine, and nothing serves behind it
+
+        def early(b: backend.Backend) -> None:
+            handed.append(b)
+            go.set()
+
+        loaded = snapshot_loader(tiny_snapshot, max_batch=2, max_seq_len=64, pool=pool)(threading.Event(), early=early)
         try:
             assert handed and loaded.backend is handed[0]
             assert pool.segments()[0].in_use  # the weights the engine computes with live in the segment
