@@ -7,20 +7,17 @@ import logging
 import os
 import random
 import signal
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from kold.controller.demand import COLDSTARTS_MAXLEN, INVOCATIONS_MAXLEN, PAGE, DemandStore, HeldHistories
 from kold.controller.history import IDLE_BINS, RING_MINUTES, DemandHistory
 from kold.controller.records import CANCELLED, FAILED, OK, TIMED_OUT, ColdStart, Invocation
-from kold.localredis import LocalRedis, RestartBackoff
+
+from .redis_restart import is_down, supervised_redis, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -405,45 +402,13 @@ def test_bad_settings_are_value_errors(redis_client: redis.Redis) -> None:
 # -- a Redis restart --------------------------------------------------------------------------------
 
 
-class _Gate(RestartBackoff):
-    """Holds a dead server down until the test opens the gate, then restarts it at once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.open = threading.Event()
-
-    def delay(self, uptime: float) -> float:
-        self.open.wait(30)
-        return 0.0
-
-
-def _wait(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 15
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
-        time.sleep(0.02)
-
-
-def _is_down(client: redis.Redis) -> bool:
-    try:
-        client.ping()
-    except redis.RedisError:
-        return True
-    return False
-
-
 @pytest.mark.parametrize("persist", [False, True], ids=["in-memory", "append-only-file"])
 def test_a_redis_restart_loses_only_the_window_in_flight_and_folding_recovers(tmp_path: Path, persist: bool) -> None:
     """The server is killed and its supervisor (as under `kold up`) restarts it on the same port; the
     same client and store carry on. In memory, what Redis held is gone and folding starts fresh; with
     the append-only file (`kold up`'s default) every acknowledged record comes back, none counted twice.
     While it is down every call fails with a RedisError and nothing else."""
-    gate = _Gate()
-    server = LocalRedis(tmp_path / "redis", persist=persist).start()
-    client = redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=2, retry=Retry(NoBackoff(), 0))
-    try:
-        server.supervise(lambda line: None, gate)
+    with supervised_redis(tmp_path / "redis", persist=persist) as (server, gate, client):
         store = DemandStore(client)
         store.record_invocations(_inv(float(t)) for t in range(5))
         store.record_cold_starts([ColdStart("fn", "fn-00001", 1.0, 3.0)])
@@ -453,14 +418,14 @@ def test_a_redis_restart_loses_only_the_window_in_flight_and_folding_recovers(tm
         pid = server.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: _is_down(client), "the server is down")
+        wait_until(lambda: is_down(client), "the server is down")
         with pytest.raises(redis.RedisError):
             store.record_invocations([_inv(9.0)])
         with pytest.raises(redis.RedisError):
             store.fold("fn")
 
         gate.open.set()
-        _wait(lambda: server.restarts == 1 and not _is_down(client), "the server is back")
+        wait_until(lambda: server.restarts == 1 and not is_down(client), "the server is back")
         history = store.fold("fn")
         if persist:
             assert (history.arrivals, history.cold_starts, history.last_arrival) == (8, 1, 7.0)
@@ -468,7 +433,3 @@ def test_a_redis_restart_loses_only_the_window_in_flight_and_folding_recovers(tm
             assert (history.arrivals, history.cold_starts) == (0, 0)
         store.record_invocations([_inv(100.0), _inv(101.0)])
         assert store.fold("fn").arrivals == (10 if persist else 2)
-    finally:
-        gate.open.set()
-        client.close()
-        server.stop()

@@ -9,7 +9,6 @@ import copy
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +29,9 @@ from kold.controller.policies.base import Plan
 from kold.controller.records import Invocation
 from kold.controller.scaling import Floor
 from kold.gateway.registry import Registry, ScalingSpec
-from kold.localredis import LocalRedis, RestartBackoff
+from kold.localredis import LocalRedis
+
+from .redis_restart import Gate, is_down, supervised_redis, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -401,50 +402,15 @@ def test_a_new_lease_holder_clears_the_floors_the_last_one_left(redis_client: re
 # -- Redis going away ---------------------------------------------------------------------------------
 
 
-class _Gate(RestartBackoff):
-    """Keeps a killed server down until the test opens the gate, then restarts it at once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.open = threading.Event()
-
-    def delay(self, uptime: float) -> float:
-        self.open.wait(30)
-        return 0.0
-
-
-def _wait(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 15
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
-
-
-def _down(client: redis.Redis) -> bool:
-    try:
-        client.ping()
-    except redis.RedisError:
-        return True
-    return False
-
-
 @pytest.fixture
-def restartable(tmp_path: Path) -> Iterator[tuple[LocalRedis, _Gate, redis.Redis]]:
+def restartable(tmp_path: Path) -> Iterator[tuple[LocalRedis, Gate, redis.Redis]]:
     """A private redis-server with its append-only file, supervised as `kold up` runs it."""
-    gate = _Gate()
-    server = LocalRedis(tmp_path / "redis", persist=True).start()
-    client = redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=2, retry=Retry(NoBackoff(), 0))
-    server.supervise(lambda line: None, gate)
-    try:
-        yield server, gate, client
-    finally:
-        gate.open.set()
-        client.close()
-        server.stop()
+    with supervised_redis(tmp_path / "redis", persist=True) as started:
+        yield started
 
 
 def test_a_redis_restart_loses_only_the_window_in_flight_and_the_controller_recovers(
-    restartable: tuple[LocalRedis, _Gate, redis.Redis], caplog: pytest.LogCaptureFixture
+    restartable: tuple[LocalRedis, Gate, redis.Redis], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis is killed mid-run and its supervisor brings it back with its append-only file: the calls
     made while it was down are lost (the gateway could not record them), the ticks meanwhile do nothing
@@ -463,7 +429,7 @@ def test_a_redis_restart_loses_only_the_window_in_flight_and_the_controller_reco
             if cut_at <= now < back_at:
                 if server.pid is not None:
                     os.kill(server.pid, signal.SIGKILL)
-                    await asyncio.to_thread(_wait, lambda: _down(client), "the server is down")
+                    await asyncio.to_thread(wait_until, lambda: is_down(client), "the server is down")
                     sent = len(actuator.calls)
                 while pending and pending[0][1] <= now:
                     pending.pop(0)
@@ -472,7 +438,7 @@ def test_a_redis_restart_loses_only_the_window_in_flight_and_the_controller_reco
             else:
                 if now >= back_at and not gate.open.is_set():
                     gate.open.set()
-                    await asyncio.to_thread(_wait, lambda: not _down(client), "the server is back")
+                    await asyncio.to_thread(wait_until, lambda: not is_down(client), "the server is back")
                 while pending and pending[0][1] <= now:
                     k, t = pending.pop(0)
                     warm[k] = actuator.warm_at("timer", t)
