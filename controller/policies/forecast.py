@@ -70,8 +70,8 @@ class _Derived:
     grid: tuple[int, int] = (0, 0)
     keepalive_s: float = 0.0
     season_peak_rate: float = 0.0  # the highest same-time-of-day rate seen on previous days (per s)
-    rate_minute: int = -1  # the minute `rate` and `rate_counts` were computed for
-    rate: float = 0.0  # the seasonal rate then
+    rate_minute: int = -1  # the minute `season_rate` and `rate_counts` were computed for
+    season_rate: float = 0.0  # the rate at that time of day on the previous days (per s)
     rate_counts: int = 0  # arrivals in the RECENT_MINUTES whole minutes before it
 
 
@@ -140,7 +140,9 @@ class Forecast:
             end = last + d.keepalive_s
             why = f"kept {d.keepalive_s:.0f} s after each call (idle-time histogram, budget {self.budget:g} s)"
             return 1, end, end, why
-        recheck = self._next_rate_rise(d, h, now, lead)
+        # only functions whose previous days had a rate worth holding for are re-checked on a timer for
+        # a seasonal rise; the others wait for their next arrival
+        recheck = now + RATE_RECHECK_S if d.season_peak_rate * self.budget >= 1.0 else None
         return 0, now + RATE_RECHECK_S, recheck, "no call expected soon"
 
     @staticmethod
@@ -171,13 +173,6 @@ class Forecast:
             return 1, closes, closes, f"every {period:.0f} s: pre-warmed for the call due by +{closes - last:.0f} s"
         return 0, opens, opens, f"every {period:.0f} s: next pre-warm in {opens - now:.0f} s"
 
-    def _next_rate_rise(self, d: _Derived, h: DemandHistory, now: float, lead: float) -> float | None:
-        """When to look again for a seasonal rise: only functions whose previous days ever had a rate
-        worth holding for are re-checked on a timer (the others wait for their next arrival)."""
-        if d.season_peak_rate * self.budget >= 1.0:
-            return now + RATE_RECHECK_S
-        return None
-
     # -- rates and concurrency ---------------------------------------------------------------------------
 
     def _rate(self, d: _Derived, h: DemandHistory, at: float) -> float:
@@ -188,16 +183,16 @@ class Forecast:
         if d.rate_minute != minute:
             d.rate_minute = minute
             d.rate_counts = sum(h.counts.get(m, 0) for m in range(minute - RECENT_MINUTES, minute))
-            d.rate = self._season_rate(h, minute)
+            d.season_rate = self._season_rate(h, minute)
         arrivals = d.rate_counts + h.counts.get(minute, 0)
         if arrivals < RATE_MIN_ARRIVALS or h.first_arrival is None or h.last_arrival is None:
-            return d.rate  # a rate from one or two calls is noise: the learning keep-alive covers them
+            return d.season_rate  # a rate from a few calls is noise: the learning keep-alive covers them
         # the window runs back RECENT_MINUTES whole minutes, or to the first arrival when the history is
         # younger, and ends at the last arrival: the answer then changes with arrivals, not with the
         # moment it is asked (the simulator and the controller plan at different moments)
         start = max(60.0 * (minute - RECENT_MINUTES), h.first_arrival)
         span = max(60.0, h.last_arrival - start)
-        return max(arrivals / span, d.rate)
+        return max(arrivals / span, d.season_rate)
 
     @staticmethod
     def _season_rate(h: DemandHistory, minute: int) -> float:
