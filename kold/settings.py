@@ -147,6 +147,33 @@ class Settings(BaseSettings):
     gateway_url: str | None = Field(default=None, description="where the CLI finds the gateway")
     api_key: str | None = Field(default=None, description="Bearer key the CLI sends to the gateway")
 
+    # -- the Knative target (`kold deploy/ls/describe/rm --target knative`, `kold controller --target knative`) --
+    # the kubeconfig context (unset: the kubeconfig's current one; in a pod: the in-cluster service account)
+    knative_context: str | None = Field(default=None, description="kubeconfig context of the Knative cluster")
+    # unset: the context's namespace, else the pod's own (in-cluster), else "default"
+    knative_namespace: str | None = Field(default=None, description="namespace of the kold functions")
+    knative_image: str = Field(default="ghcr.io/kold/kold-runtime:0.1.0", description="the runtime image functions run")
+    # the node agent's paths (`kold node serve`, a DaemonSet): functions mount them as hostPath volumes so a
+    # restore finds the node's shm tier and host pool; off: functions use a pod-private emptyDir tier only
+    knative_node_cache: bool = Field(default=True, description="functions mount the node agent's cache and pool")
+    # seconds a deploy waits for the Service to be Ready (unset: the revision's progress deadline plus a minute)
+    knative_wait_s: float | None = Field(default=None, gt=0, description="how long deploy waits for Ready")
+
+    # -- what Knative tells a pod about itself (no KOLD_ prefix: the runtime contract's own variables) --
+    k_service: str | None = Field(default=None, validation_alias="K_SERVICE")
+    k_revision: str | None = Field(default=None, validation_alias="K_REVISION")
+    # the runtime's demand records (invocations, its cold start) to Redis for the controller: auto reports
+    # when it runs under Knative (K_SERVICE set) with KOLD_REDIS_URL set; a local platform's instances
+    # never need it (the gateway records their demand)
+    runtime_demand: Annotated[Literal["auto", "on", "off"], BeforeValidator(lambda v: str(v).strip().lower())] = (
+        Field(default="auto", description="the runtime reports its demand to Redis: auto, on or off")
+    )
+
+    # -- the node agent (`kold node serve`) --
+    # the node this agent runs on (the DaemonSet sets it from the downward API's spec.nodeName)
+    node_name: str | None = Field(default=None, description="the node the agent reports as")
+    node_sync_s: float = Field(default=5.0, gt=0, le=3600, description="how often the agent syncs its node")
+
     @property
     def store_uri(self) -> str:
         return self.store or (self.home / "store").as_uri()

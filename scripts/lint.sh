@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff format --check . >/dev/null || { .venv/bin/ruff format --check .; exit 1; }
 rm -rf .typecheck && mkdir -p .typecheck/kold
 for f in kold/*; do ln -s "../../$f" ".typecheck/kold/$(basename "$f")"; done
-for d in snapshot runtime gateway controller loadgen; do ln -s "../../$d" ".typecheck/kold/$d"; done
+for d in snapshot runtime gateway controller loadgen knative; do ln -s "../../$d" ".typecheck/kold/$d"; done
 .venv/bin/mypy --no-error-summary .typecheck/kold && echo "lint: ruff and mypy clean"

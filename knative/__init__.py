@@ -1,0 +1,1 @@
+"""The Knative target: kold functions as Knative Services, driven through the Kubernetes API."""
