@@ -4,9 +4,11 @@ kold never downloads weights: tests, benchmarks and the demo use models generate
 every run (and every machine) gets the same bytes. The shapes are real ones (TinyLlama-1.1B for `1b`)
 so restore benchmarks move realistic tensor sizes; the values are random.
 
-Three architectures share the shapes: `llama` (TinyLlama-style, Zephyr chat format), `mistral`
-(`[INST]` chat format, no sliding window) and `qwen2` (q/k/v biases, tied embeddings as the small
-Qwen2 models have, ChatML). `write_random_model` also writes a real tokenizer: a byte-level BPE
+Four architectures share the shapes: `llama` (TinyLlama-style, Zephyr chat format), `mistral`
+(`[INST]` chat format, no sliding window), `qwen2` (q/k/v biases, tied embeddings as the small
+Qwen2 models have, ChatML) and `qwen3` (per-head q/k RMSNorm, heads twice hidden/heads wide as in
+Qwen3-0.6B's 1024 hidden / 16 heads / head_dim 128, tied embeddings, ChatML without a default
+system message). `write_random_model` also writes a real tokenizer: a byte-level BPE
 trained here with `tokenizers` on the English corpus shipped in `kold/data/corpus.txt`, padded to
 the config's `vocab_size` with extra merges when the corpus runs out of pairs (see `train_tokenizer`).
 """
@@ -50,10 +52,12 @@ SIZES: dict[str, LlamaShape] = {
 }
 
 
-ARCHS = ("llama", "mistral", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+# the Qwen tokenizers: Qwen2's pre-tokenizer split, no BOS, ChatML, <|im_end|> as eos
+QWEN_ARCHS = ("qwen2", "qwen3")
 
 # Special tokens, at ids 0.. in this order in every generated tokenizer: Llama's <unk>/<s>/</s> at
-# 0/1/2 (the ids config.json names), a pad token, and the role markers of the three chat formats.
+# 0/1/2 (the ids config.json names), a pad token, and the role markers of the chat formats.
 SPECIAL_TOKENS = (
     "<unk>",
     "<s>",
@@ -128,6 +132,29 @@ QWEN2_CHAT_TEMPLATE = (
 )
 
 
+# Qwen3's template without tools: ChatML, no default system message, past turns' reasoning dropped,
+# and the empty think block that `enable_thinking=false` asks for.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- set content = message['content'].split('</think>')[-1].lstrip('\n') %}"
+    "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\n\n</think>\n\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
 def _check_arch(arch: str) -> None:
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
@@ -139,37 +166,47 @@ def _check_size(size: str) -> None:
 
 
 def model_shape(arch: str, size: str) -> LlamaShape:
-    """The shape of `size` for `arch` (qwen2 ties its embeddings, as Qwen2-0.5B/1.5B do)."""
+    """The shape of `size` for `arch` (the Qwens tie their embeddings, as Qwen2-0.5B and Qwen3-0.6B do)."""
     _check_arch(arch)
     _check_size(size)
     shape = SIZES[size]
-    return replace(shape, tie_word_embeddings=True) if arch == "qwen2" else shape
+    return replace(shape, tie_word_embeddings=True) if arch in QWEN_ARCHS else shape
+
+
+def head_dim(arch: str, shape: LlamaShape) -> int:
+    """Width of one attention head: hidden/heads, except Qwen3's twice that (Qwen3-0.6B: 1024/16, 128)."""
+    _check_arch(arch)
+    width = shape.hidden_size // shape.num_attention_heads
+    return 2 * width if arch == "qwen3" else width
 
 
 def tensor_specs(arch: str, shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Names and shapes of `arch`'s *ForCausalLM state dict, in Hugging Face's order.
 
-    Llama and Mistral share names; Qwen2 adds `q_proj.bias`, `k_proj.bias` and `v_proj.bias`.
-    `lm_head.weight` is absent when the embeddings are tied.
+    Llama and Mistral share names; Qwen2 adds `q_proj.bias`, `k_proj.bias` and `v_proj.bias`;
+    Qwen3 adds `q_norm.weight` and `k_norm.weight` (head_dim each). `lm_head.weight` is absent when
+    the embeddings are tied.
     """
-    _check_arch(arch)
     h, i = shape.hidden_size, shape.intermediate_size
-    head_dim = h // shape.num_attention_heads
-    kv = shape.num_key_value_heads * head_dim
+    width = head_dim(arch, shape)
+    q, kv = shape.num_attention_heads * width, shape.num_key_value_heads * width
     bias = arch == "qwen2"
     yield "model.embed_tokens.weight", (shape.vocab_size, h)
     for layer in range(shape.num_hidden_layers):
         p = f"model.layers.{layer}"
-        yield f"{p}.self_attn.q_proj.weight", (h, h)
+        yield f"{p}.self_attn.q_proj.weight", (q, h)
         if bias:
-            yield f"{p}.self_attn.q_proj.bias", (h,)
+            yield f"{p}.self_attn.q_proj.bias", (q,)
         yield f"{p}.self_attn.k_proj.weight", (kv, h)
         if bias:
             yield f"{p}.self_attn.k_proj.bias", (kv,)
         yield f"{p}.self_attn.v_proj.weight", (kv, h)
         if bias:
             yield f"{p}.self_attn.v_proj.bias", (kv,)
-        yield f"{p}.self_attn.o_proj.weight", (h, h)
+        yield f"{p}.self_attn.o_proj.weight", (h, q)
+        if arch == "qwen3":
+            yield f"{p}.self_attn.q_norm.weight", (width,)
+            yield f"{p}.self_attn.k_norm.weight", (width,)
         yield f"{p}.mlp.gate_proj.weight", (i, h)
         yield f"{p}.mlp.up_proj.weight", (i, h)
         yield f"{p}.mlp.down_proj.weight", (h, i)
@@ -224,6 +261,24 @@ def model_config(arch: str, shape: LlamaShape, dtype: torch.dtype) -> dict[str, 
             "torch_dtype": str(dtype).removeprefix("torch."),
             **asdict(shape),
         }
+    if arch == "qwen3":  # as Qwen3-0.6B's config.json has it
+        return {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "attention_bias": False,
+            "head_dim": head_dim(arch, shape),
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "rope_scaling": None,
+            "rope_theta": 1000000.0,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": shape.num_hidden_layers,
+            "bos_token_id": BOS_ID,
+            "eos_token_id": IM_END_ID,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            **asdict(shape),
+        }
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -241,9 +296,9 @@ def model_config(arch: str, shape: LlamaShape, dtype: torch.dtype) -> dict[str, 
 
 
 def generation_config(arch: str) -> dict[str, object]:
-    """generation_config.json: Qwen2 stops on <|im_end|> or </s> (a list), the others on </s> (an int)."""
+    """generation_config.json: the Qwens stop on <|im_end|> or </s> (a list), the others on </s> (an int)."""
     _check_arch(arch)
-    if arch == "qwen2":
+    if arch in QWEN_ARCHS:
         return {
             "bos_token_id": BOS_ID,
             "eos_token_id": [IM_END_ID, EOS_ID],
@@ -335,8 +390,8 @@ def tokenizer_json(arch: str, vocab_size: int) -> str:
     from tokenizers import Tokenizer, processors
 
     _check_arch(arch)
-    tok = Tokenizer.from_str(_trained_bpe(vocab_size, arch == "qwen2"))
-    if arch == "qwen2":  # Qwen2 adds no BOS
+    tok = Tokenizer.from_str(_trained_bpe(vocab_size, arch in QWEN_ARCHS))
+    if arch in QWEN_ARCHS:  # the Qwens add no BOS
         tok.post_processor = processors.ByteLevel(trim_offsets=False, use_regex=False)
     else:  # Llama and Mistral prepend <s>, as Llama 3's byte-level tokenizer.json does
         bos = SPECIAL_TOKENS[BOS_ID]
@@ -353,9 +408,9 @@ def tokenizer_config(arch: str, shape: LlamaShape) -> dict[str, object]:
     """tokenizer_config.json: named special tokens and the chat template of `arch`'s family."""
     _check_arch(arch)
     special: dict[str, object]
-    if arch == "qwen2":
+    if arch in QWEN_ARCHS:
         special = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<pad>", "unk_token": None}
-        template = QWEN2_CHAT_TEMPLATE
+        template = QWEN2_CHAT_TEMPLATE if arch == "qwen2" else QWEN3_CHAT_TEMPLATE
     else:
         special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
         template = LLAMA_CHAT_TEMPLATE if arch == "llama" else MISTRAL_CHAT_TEMPLATE

@@ -5,9 +5,10 @@ type); the runtime needs a closed, validated description, so a wrong or unsuppor
 at restore time with a message naming the field, not as a shape error deep inside a forward.
 
 Accepted: the Llama family as `LlamaForCausalLM` implements it — Llama 2/3 (`rope_scaling` type
-`llama3` or `linear`), TinyLlama, Mistral (sliding-window attention, applied by the mask) and Qwen2
-(biased q/k/v projections; its optional sliding window is rejected). Both spellings of RoPE settings
-are read: `rope_theta` + `rope_scaling` (checkpoints on the Hub) and `rope_parameters`
+`llama3` or `linear`), TinyLlama, Mistral (sliding-window attention, applied by the mask), Qwen2
+(biased q/k/v projections) and Qwen3 (per-head RMSNorm of q and k, `head_dim` apart from
+hidden/heads). The Qwens' optional sliding-window layers are rejected. Both spellings of RoPE
+settings are read: `rope_theta` + `rope_scaling` (checkpoints on the Hub) and `rope_parameters`
 (transformers >= 5).
 """
 
@@ -21,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DTYPES = ("float32", "float16", "bfloat16")
 
 # Hugging Face's per-model-type defaults for fields a config.json may omit: omitting them means
@@ -31,6 +32,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048},
     "mistral": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 131072},
     "qwen2": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768},
+    # Qwen3's head_dim defaults to 128 whatever hidden/heads is (its published configs all state it)
+    "qwen3": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "head_dim": 128},
 }
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -66,6 +69,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2: always; Llama: `attention_bias`
     o_bias: bool = False  # Llama's `attention_bias` covers o_proj too; Qwen2's o_proj has none
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k (weights of head_dim), before RoPE
     sliding_window: int | None = None  # Mistral: keys further back than this are masked out
     dtype: str = "float32"  # the checkpoint's `torch_dtype`; the weights themselves are authoritative
     eos_token_ids: tuple[int, ...] = ()
@@ -133,6 +137,8 @@ class ModelConfig:
             )
         if c.get("head_dim") is not None:
             head_dim = integer("head_dim")
+        elif "head_dim" in defaults:
+            head_dim = defaults["head_dim"]
         elif hidden % heads:
             raise ValueError(f"config.json: field 'hidden_size' ({hidden}) is not a multiple of num_attention_heads")
         else:
@@ -152,12 +158,17 @@ class ModelConfig:
         )
 
         qkv_bias = o_bias = flag("attention_bias")
+        mlp_bias = flag("mlp_bias") and model_type == "llama"  # the others' MLPs have no bias
         sliding_window: int | None = None
-        if model_type == "qwen2":
-            qkv_bias, o_bias = True, False
+        if model_type in ("qwen2", "qwen3"):
+            if model_type == "qwen2":
+                qkv_bias, o_bias = True, False
+            # sliding attention on the layers from max_window_layers on: a per-layer window this model lacks
             layer_types = c.get("layer_types") or []
             if flag("use_sliding_window") or "sliding_attention" in layer_types:
-                raise ValueError("config.json: field 'use_sliding_window' true (Qwen2 sliding layers) is not supported")
+                raise ValueError(
+                    f"config.json: field 'use_sliding_window' true ({model_type} sliding layers) is not supported"
+                )
         elif model_type == "mistral" and c.get("sliding_window") is not None:
             sliding_window = integer("sliding_window")
 
@@ -186,7 +197,8 @@ class ModelConfig:
             tie_word_embeddings=flag("tie_word_embeddings"),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            mlp_bias=flag("mlp_bias"),
+            mlp_bias=mlp_bias,
+            qk_norm=model_type == "qwen3",
             sliding_window=sliding_window,
             dtype=dtype,
             eos_token_ids=eos_ids,

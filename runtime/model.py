@@ -1,4 +1,4 @@
-"""`LlamaForCausalLM`: the Llama-family decoder (Llama 2/3, TinyLlama, Mistral, Qwen2) over a KV cache.
+"""`LlamaForCausalLM`: the Llama-family decoder (Llama 2/3, TinyLlama, Mistral, Qwen2, Qwen3) over a KV cache.
 
 Parameter names are exactly Hugging Face's, so a snapshot of a HF checkpoint binds to a model built
 on the meta device with `kold.snapshot.load_into` (no allocation, no copy); `build_model` does the
@@ -6,7 +6,8 @@ three steps (meta build, load_into, materialize_buffers) for a restored snapshot
 
 Numerics follow transformers' implementation so greedy generations match it token for token:
 RMSNorm in fp32, RoPE angles in fp32 (cast to the model dtype), rotate-half RoPE layout, SwiGLU,
-SDPA with the 1/sqrt(head_dim) scale.
+SDPA with the 1/sqrt(head_dim) scale. Qwen3 normalises each head of q and k (`q_norm`/`k_norm`,
+weights of head_dim) between the projection and RoPE, so the cache holds normalised, rotated keys.
 
 RoPE: the only non-persistent state is `rotary_emb.inv_freq` (head_dim/2 floats); cos/sin are
 computed on the fly from each row's positions (B*T*head_dim/2 angles a forward — noise next to one
@@ -156,11 +157,19 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, kv_out, bias=config.qkv_bias, dtype=dtype)
         self.v_proj = Linear(h, kv_out, bias=config.qkv_bias, dtype=dtype)
         self.o_proj = Linear(q_out, h, bias=config.o_bias, dtype=dtype)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: _Step) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -16,7 +16,7 @@ def register(top: Any) -> None:
         "make-tiny", help="write a random model directory with a trained tokenizer (seeded, deterministic)"
     )
     make.add_argument("out", type=Path, metavar="OUT")
-    make.add_argument("--arch", default="llama", help="llama (default), mistral or qwen2")
+    make.add_argument("--arch", default="llama", help="llama (default), mistral, qwen2 or qwen3")
     make.add_argument("--size", default="tiny", help="tiny (a few MB), small (~60 MB) or 1b (TinyLlama shapes, 2.2 GB)")
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(handler=cmd_make_tiny)
