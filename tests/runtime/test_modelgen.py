@@ -148,7 +148,7 @@ def test_progress_shards_and_no_tokenizer(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--arch", "gpt2"], "unknown architecture 'gpt2' (choose from llama, mistral, qwen2)"),
+        (["--arch", "gpt2"], "unknown architecture 'gpt2' (choose from llama, mistral, qwen2, qwen3)"),
         (["--size", "huge"], "unknown size 'huge' (choose from tiny, small, 1b)"),
     ],
 )
