@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,12 @@ from typing import Any
 Obj = dict[str, Any]
 Selector = Callable[[Obj], bool]
 LeafPath = tuple[str, ...]
+Owners = dict[LeafPath, set[str]]  # the field managers that own each leaf
+MERGE = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+APPLY = "application/apply-patch+yaml"
+MISSING = object()
+_SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields")
 
 _PATH = re.compile(
     r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
@@ -127,14 +134,16 @@ def apply_conflict(res: Resource, owners_by_path: dict[LeafPath, str]) -> ApiErr
         }
         for path, owner in sorted(owners_by_path.items())
     ]
-    lines = "\n".join(f"- {c['message']}: {c['field']}" for c in causes)
+    if len(causes) == 1:
+        text = f"{causes[0]['message']}: {causes[0]['field']}"
+    else:  # grouped by manager, as Kubernetes words it
+        groups: dict[str, list[str]] = {}
+        for cause in causes:
+            groups.setdefault(cause["message"].replace("conflict with", "conflicts with", 1), []).append(cause["field"])
+        text = "\n".join(f"{head}:\n" + "\n".join(f"- {f}" for f in fields) for head, fields in sorted(groups.items()))
     plural = "s" if len(causes) > 1 else ""
-    return ApiError(
-        409,
-        "Conflict",
-        f"Apply failed with {len(causes)} conflict{plural}: {lines}",
-        {**details(res), "causes": causes},
-    )
+    message = f"Apply failed with {len(causes)} conflict{plural}: {text}"
+    return ApiError(409, "Conflict", message, {**details(res), "causes": causes})
 
 
 # -- selectors --------------------------------------------------------------------------------------------
@@ -272,6 +281,107 @@ def json_patch(doc: Any, ops: Any) -> Any:
                 422, "Invalid", f"the server rejected our request due to an error in our request: {exc}"
             ) from exc
     return doc
+
+
+# -- writes: the object each kind of write leaves ---------------------------------------------------------
+
+
+def create_body(res: Resource, body: Obj) -> Obj:
+    """The object a create stores: server-set metadata dropped, the name (or generateName) and namespace
+    checked, status dropped (the status subresource is on)."""
+    new = copy.deepcopy(body)
+    meta = new.setdefault("metadata", {})
+    for name in _SERVER_FIELDS:
+        meta.pop(name, None)
+    if not meta.get("name"):
+        if not meta.get("generateName"):
+            raise invalid(res, "metadata.name", "Required value: name or generateName is required")
+        meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
+    if meta.get("namespace", res.namespace) != res.namespace:
+        raise bad_request("the namespace of the provided object does not match the namespace sent on the request")
+    if res.namespace:
+        meta["namespace"] = res.namespace
+    new.pop("status", None)
+    return new
+
+
+def check_name(res: Resource, body: Obj) -> None:
+    name = (body.get("metadata") or {}).get("name", res.name)
+    if name != res.name:
+        raise bad_request(f"the name of the object ({name}) does not match the name on the URL ({res.name})")
+
+
+def update_body(res: Resource, current: Obj, body: Obj) -> Obj:
+    """The object a replace stores: 422 without a resourceVersion, 409 Conflict with a stale one."""
+    check_name(res, body)
+    rv = (body.get("metadata") or {}).get("resourceVersion")
+    if not rv:
+        raise invalid(res, "metadata.resourceVersion", "Invalid value: 0x0: must be specified for an update")
+    if rv != current["metadata"]["resourceVersion"]:
+        raise conflict(res)
+    new = copy.deepcopy(body)
+    new.setdefault("metadata", {}).update(name=res.name, namespace=res.namespace)
+    return new
+
+
+def patch_body(res: Resource, current: Obj | None, body: Any, ctype: str, field_manager: str | None) -> Obj:
+    """The object a merge or JSON patch (or an apply to /status) leaves; 415 for other patch types."""
+    if ctype not in (MERGE, JSON_PATCH, APPLY):
+        accepted = f"{JSON_PATCH}, {MERGE}, {APPLY}"
+        message = f"the body of the request was in an unknown format - accepted media types include: {accepted}"
+        raise ApiError(415, "UnsupportedMediaType", message)
+    if ctype == APPLY and not field_manager:
+        raise bad_request("PATCH /apply requires a fieldManager: fieldManager is required for apply patch")
+    if current is None:
+        raise not_found(res)
+    old = current
+    if ctype == APPLY:  # on /status: the applied status laid over the current one
+        return overlay(old, {"status": body.get("status") or {}})
+    new = merge_patch(old, body) if ctype == MERGE else json_patch(old, body)
+    if not isinstance(new, dict):
+        raise invalid(res, "", "the patch must leave an object")
+    rv = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
+    if rv and rv != old["metadata"]["resourceVersion"]:
+        raise conflict(res)
+    new.setdefault("metadata", {}).update(name=res.name, namespace=res.namespace)
+    return new
+
+
+def apply_body(
+    res: Resource, current: Obj | None, owners: Owners, config: Obj, manager: str | None, *, force: bool
+) -> tuple[Obj, Owners]:
+    """Server-side apply, simplified: a set of managers owns each leaf path (a list is one leaf); changing
+    a leaf another manager owns conflicts unless forced; leaves this manager applied before and leaves
+    out now are removed when nobody else owns them. Returns the object and its new ownership."""
+    if not manager:
+        raise bad_request("PATCH /apply requires a fieldManager: fieldManager is required for apply patch")
+    check_name(res, config)
+    applied = leaves(config)
+    if current is None:
+        return create_body(res, config), {p: {manager} for p in applied}
+    before = leaves(current)
+    owners = {p: set(o) for p, o in owners.items()}
+    taken = {
+        p: sorted(owners[p] - {manager})[0]
+        for p, v in applied.items()
+        if before.get(p, MISSING) != v and owners.get(p, set()) - {manager}
+    }
+    if taken and not force:
+        raise apply_conflict(res, taken)
+    new = copy.deepcopy(current)
+    for path, managers in owners.items():
+        if manager in managers and path not in applied:
+            managers.discard(manager)
+            if not managers:
+                remove_path(new, path)
+    config = {k: v for k, v in config.items() if k != "status"}
+    new = overlay(new, config)
+    for path, value in applied.items():
+        if before.get(path, MISSING) != value:
+            owners[path] = {manager}
+        else:
+            owners.setdefault(path, set()).add(manager)
+    return new, owners
 
 
 # -- leaf paths (field ownership) -------------------------------------------------------------------------

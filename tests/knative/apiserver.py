@@ -52,36 +52,33 @@ from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
+__all__ = ["APPLY", "JSON_PATCH", "MERGE", "ApiError", "FakeApiServer", "RecordedRequest", "Resource", "WriteEvent"]
+
 from .apimachinery import (
+    APPLY,
+    JSON_PATCH,
+    MERGE,
+    MISSING,
     ApiError,
-    LeafPath,
     Obj,
+    Owners,
     Resource,
     Selector,
     already_exists,
-    apply_conflict,
+    apply_body,
     bad_request,
-    conflict,
+    create_body,
     details,
     field_selector,
-    invalid,
-    json_patch,
     label_selector,
     leaves,
     merge_patch,
     not_found,
-    overlay,
     parse_path,
-    remove_path,
+    patch_body,
     status_body,
+    update_body,
 )
-
-MERGE = "application/merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
-APPLY = "application/apply-patch+yaml"
-STRATEGIC = "application/strategic-merge-patch+json"
-_SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields")
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -118,7 +115,7 @@ class _Event:
 class _Stored:
     resource: Resource
     object: Obj
-    owners: dict[LeafPath, set[str]] = field(default_factory=dict)
+    owners: Owners = field(default_factory=dict)
 
 
 Hook = Callable[[WriteEvent], None]
@@ -151,6 +148,7 @@ class FakeApiServer:
         self._compacted = 0  # events with rv <= this are gone from the history
         self._rv = 0
         self._denied: set[tuple[str, str]] = set()
+        self._kinds: dict[tuple[str, str], str] = {}  # (group, plural) -> kind, for an empty list's kind
         self._hooks: list[tuple[str, Hook]] = []
         self._requests: list[RecordedRequest] = []
         self._stopped = False
@@ -285,19 +283,20 @@ class FakeApiServer:
         with self._cond:
             old = self._store.get(_key(res))
             new = copy.deepcopy(obj)
-            if old is not None:
-                new.setdefault("status", old.object.get("status"))
+            if old is not None and "status" in old.object:
+                new.setdefault("status", old.object["status"])
             event = self._commit(res, old.object if old else None, new, manager="put_object", keep_status=False)
-        self._notify(event)
+        self._notify(event, old.object if old else None)
         return copy.deepcopy(event.object)
 
     def delete_object(self, plural: str, namespace: str, name: str) -> bool:
         with self._cond:
             stored = self._find(plural, namespace, name)
-            event = self._remove(stored) if stored else None
-        if event:
-            self._notify(event)
-        return event is not None
+            if stored is None:
+                return False
+            event = self._remove(stored)
+        self._notify(event, stored.object)
+        return True
 
     def set_status(self, plural: str, namespace: str, name: str, status: Obj) -> Obj:
         """Merge-patch an object's status (None deletes a key), bump its resourceVersion, emit MODIFIED."""
@@ -329,7 +328,7 @@ class FakeApiServer:
         new: Obj,
         *,
         manager: str | None,
-        owners: dict[LeafPath, set[str]] | None = None,
+        owners: Owners | None = None,
         keep_status: bool,
     ) -> _Event:
         """Store `new` with the server's metadata, record field ownership (`owners` from an apply, else the
@@ -356,11 +355,13 @@ class FakeApiServer:
         elif manager is not None:
             before = leaves(old) if old else {}
             for path, value in leaves(new).items():
-                if before.get(path, _MISSING) != value:
+                if before.get(path, MISSING) != value:
                     stored.owners[path] = {manager}
         current = leaves(new)
         stored.owners = {p: o for p, o in stored.owners.items() if p in current}
         self._store[key] = stored
+        if new.get("kind"):
+            self._kinds[(res.group, res.plural)] = new["kind"]
         return self._record_event("ADDED" if old is None else "MODIFIED", stored.resource, new)
 
     def _remove(self, stored: _Stored) -> _Event:
@@ -413,20 +414,27 @@ class FakeApiServer:
         if not isinstance(body, dict) and not (verb == "patch" and ctype == JSON_PATCH):
             raise bad_request("the request body must be an object")
         manager = query.get("fieldManager") or str(headers.get("User-Agent") or "unknown").split("/")[0]
-        owners: dict[LeafPath, set[str]] | None = None
+        owners: Owners | None = None
         with self._cond:
             stored = self._store.get(_key(res)) if res.name else None
             if verb == "create":
-                new = self._create_body(res, body)
+                new = create_body(res, body)
                 res = res.named(new["metadata"]["name"])
                 if _key(res) in self._store:
                     raise already_exists(res)
             elif verb == "update":
-                new = self._update_body(res, self._get(res), body)
+                new = update_body(res, self._get(res).object, body)
             elif ctype == APPLY and res.subresource is None:
-                new, owners = self._apply(res, stored, body, query)
+                new, owners = apply_body(
+                    res,
+                    stored.object if stored else None,
+                    stored.owners if stored else {},
+                    body,
+                    query.get("fieldManager"),
+                    force=query.get("force") == "true",
+                )
             else:
-                new = self._patch_body(res, stored, body, ctype, query)
+                new = patch_body(res, stored.object if stored else None, body, ctype, query.get("fieldManager"))
             old = stored.object if stored else None
             if res.subresource == "status":
                 assert old is not None  # _get / _patch_body answered 404 otherwise
@@ -474,96 +482,6 @@ class FakeApiServer:
             raise not_found(res)
         return stored
 
-    def _create_body(self, res: Resource, body: Obj) -> Obj:
-        new = copy.deepcopy(body)
-        meta = new.setdefault("metadata", {})
-        for name in _SERVER_FIELDS:
-            meta.pop(name, None)
-        if not meta.get("name"):
-            if not meta.get("generateName"):
-                raise invalid(res, "metadata.name", "Required value: name or generateName is required")
-            meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
-        if meta.get("namespace", res.namespace) != res.namespace:
-            raise bad_request("the namespace of the provided object does not match the namespace sent on the request")
-        if res.namespace:
-            meta["namespace"] = res.namespace
-        new.pop("status", None)
-        return new
-
-    def _check_name(self, res: Resource, body: Obj) -> None:
-        name = (body.get("metadata") or {}).get("name", res.name)
-        if name != res.name:
-            raise bad_request(f"the name of the object ({name}) does not match the name on the URL ({res.name})")
-
-    def _update_body(self, res: Resource, stored: _Stored, body: Obj) -> Obj:
-        self._check_name(res, body)
-        rv = (body.get("metadata") or {}).get("resourceVersion")
-        if not rv:
-            raise invalid(res, "metadata.resourceVersion", "Invalid value: 0x0: must be specified for an update")
-        if rv != stored.object["metadata"]["resourceVersion"]:
-            raise conflict(res)
-        new = copy.deepcopy(body)
-        new.setdefault("metadata", {}).update(name=res.name, namespace=res.namespace)
-        return new
-
-    def _patch_body(self, res: Resource, stored: _Stored | None, body: Any, ctype: str, query: dict[str, str]) -> Obj:
-        if ctype not in (MERGE, JSON_PATCH, APPLY):
-            accepted = f"{JSON_PATCH}, {MERGE}, {APPLY}"
-            message = f"the body of the request was in an unknown format - accepted media types include: {accepted}"
-            raise ApiError(415, "UnsupportedMediaType", message)
-        if ctype == APPLY and not query.get("fieldManager"):
-            raise bad_request("PATCH /apply requires a fieldManager: fieldManager is required for apply patch")
-        if stored is None:
-            raise not_found(res)
-        old = stored.object
-        if ctype == APPLY:  # on /status: the applied status laid over the current one
-            return overlay(old, {"status": body.get("status") or {}})
-        new = merge_patch(old, body) if ctype == MERGE else json_patch(old, body)
-        if not isinstance(new, dict):
-            raise invalid(res, "", "the patch must leave an object")
-        rv = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
-        if rv and rv != old["metadata"]["resourceVersion"]:
-            raise conflict(res)
-        new.setdefault("metadata", {}).update(name=res.name, namespace=res.namespace)
-        return new
-
-    def _apply(
-        self, res: Resource, stored: _Stored | None, config: Obj, query: dict[str, str]
-    ) -> tuple[Obj, dict[LeafPath, set[str]]]:
-        """Server-side apply, simplified: a set of managers owns each leaf path (a list is one leaf); changing
-        a leaf another manager owns conflicts unless forced; leaves this manager applied before and leaves
-        out now are removed when nobody else owns them. Returns the object and its new ownership."""
-        manager = query.get("fieldManager")
-        if not manager:
-            raise bad_request("PATCH /apply requires a fieldManager: fieldManager is required for apply patch")
-        self._check_name(res, config)
-        applied = leaves(config)
-        if stored is None:
-            return self._create_body(res, config), {p: {manager} for p in applied}
-        current = leaves(stored.object)
-        owners = {p: set(o) for p, o in stored.owners.items()}
-        taken = {
-            p: sorted(owners[p] - {manager})[0]
-            for p, v in applied.items()
-            if current.get(p, _MISSING) != v and owners.get(p, set()) - {manager}
-        }
-        if taken and query.get("force") != "true":
-            raise apply_conflict(res, taken)
-        new = copy.deepcopy(stored.object)
-        for path, managers in owners.items():
-            if manager in managers and path not in applied:
-                managers.discard(manager)
-                if not managers:
-                    remove_path(new, path)
-        config = {k: v for k, v in config.items() if k != "status"}
-        new = overlay(new, config)
-        for path, value in applied.items():
-            if current.get(path, _MISSING) != value:
-                owners[path] = {manager}
-            else:
-                owners.setdefault(path, set()).add(manager)
-        return new, owners
-
     def _list_or_watch(self, res: Resource, query: dict[str, str], *, watch: bool) -> Any:
         by_label = label_selector(query.get("labelSelector", ""))
         fields = query.get("fieldSelector", "")
@@ -581,7 +499,7 @@ class FakeApiServer:
             found = [s for s in self._store.values() if _in_scope(res, s.resource) and match(s.object)]
             items = [copy.deepcopy(s.object) for s in sorted(found, key=lambda s: _key(s.resource))]
             rv = str(self._rv)
-        kind = (items[0]["kind"] if items else res.plural.removesuffix("s").capitalize()) + "List"
+        kind = self._kinds.get((res.group, res.plural), res.plural.removesuffix("s").capitalize()) + "List"
         return 200, {"apiVersion": res.api_version, "kind": kind, "metadata": {"resourceVersion": rv}, "items": items}
 
     def _watch(self, res: Resource, match: Selector, since: str | None, timeout_s: float | None) -> Iterator[Obj]:
@@ -594,6 +512,7 @@ class FakeApiServer:
             if since in (None, "", "0"):
                 cursor = self._rv
                 found = [s for s in self._store.values() if _in_scope(res, s.resource) and match(s.object)]
+                found.sort(key=lambda s: _key(s.resource))
                 initial = [{"type": "ADDED", "object": copy.deepcopy(s.object)} for s in found]
             else:
                 cursor, initial = int(str(since)), []

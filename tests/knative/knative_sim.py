@@ -157,7 +157,8 @@ class KnativeSim:
                 return
             template = (event.object.get("spec") or {}).get("template") or {}
             if key in self._templates and self._templates[key] == template:
-                self.server.set_status(SERVICES, *key, {"observedGeneration": meta["generation"]})
+                if (event.object.get("status") or {}).get("observedGeneration") != meta["generation"]:
+                    self.server.set_status(SERVICES, *key, {"observedGeneration": meta["generation"]})
                 return
             self._templates[key] = copy.deepcopy(template)
             self._new_revision(event.object, template)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
+from .apimachinery import ApiError, field_selector, json_patch, label_selector, leaves, merge_patch, remove_path
 from .apiserver import FakeApiServer
 
 GROUP, VERSION, PLURAL, NS = "serving.knative.dev", "v1", "services", "kold-test"
@@ -275,6 +277,7 @@ def test_load_kube_config_and_the_core_api(kubeconfig: Path) -> None:
         assert active["context"]["namespace"] == NS
     finally:
         core.api_client.close()
+        client.Configuration.set_default(None)  # load_kube_config set a process-wide default: drop it
 
 
 def test_watch_replays_after_a_resource_version_then_delivers_new_events(
@@ -381,3 +384,140 @@ def test_a_watch_ends_when_the_server_stops(kubeconfig: Path, apiserver: FakeApi
     consumer.join(5)
     api_client.close()
     assert threading.active_count() <= before
+
+
+def test_python_side_writes_emit_events_and_only_client_writes_run_hooks(
+    api: client.CustomObjectsApi, apiserver: FakeApiServer
+) -> None:
+    seen: list[tuple[str, str, str | None]] = []
+    apiserver.on_write(
+        "services.serving.knative.dev",
+        lambda e: seen.append((e.type, e.object["metadata"]["resourceVersion"], e.old and e.old["metadata"]["name"])),
+    )
+    created = create(api, service("a"))
+    rv = created["metadata"]["resourceVersion"]
+    status = apiserver.set_status(PLURAL, NS, "a", {"phase": "x", "n": 1})
+    assert status["status"] == {"phase": "x", "n": 1} and int(status["metadata"]["resourceVersion"]) > int(rv)
+    assert apiserver.set_status(PLURAL, NS, "a", {"n": None})["status"] == {"phase": "x"}
+    put = apiserver.put_object({**service("b"), "metadata": {"name": "b", "namespace": NS}})
+    assert put["metadata"]["uid"] and put["metadata"]["generation"] == 1
+    assert apiserver.delete_object(PLURAL, NS, "b") and not apiserver.delete_object(PLURAL, NS, "b")
+    assert [(t, old) for t, _, old in seen] == [("ADDED", None), ("ADDED", None), ("DELETED", "b")]
+    events = [
+        (e["type"], e["object"]["metadata"]["name"], (e["object"].get("status") or {}).get("phase"))
+        for e in watch.Watch().stream(
+            api.list_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, resource_version=rv, timeout_seconds=1
+        )
+    ]
+    assert events == [("MODIFIED", "a", "x"), ("MODIFIED", "a", "x"), ("ADDED", "b", None), ("DELETED", "b", None)]
+    assert [o["metadata"]["name"] for o in apiserver.objects(PLURAL, NS)] == ["a"]
+    assert apiserver.get_object("services.serving.knative.dev", NS, "a") == get(api, "a")
+    with pytest.raises(KeyError):
+        apiserver.set_status(PLURAL, NS, "nope", {})
+
+
+def test_deny_any_verb_list_and_watch(api: client.CustomObjectsApi, apiserver: FakeApiServer) -> None:
+    apiserver.deny("*", "services.serving.knative.dev")
+    with pytest.raises(ApiException) as listing:
+        api.list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)
+    assert listing.value.status == 403
+    assert status_of(listing.value)["message"] == (
+        f'services.serving.knative.dev is forbidden: User "{apiserver.user}" cannot list resource "services" '
+        f'in API group "serving.knative.dev" in the namespace "{NS}"'
+    )
+    apiserver.allow("*", "services.serving.knative.dev")
+    apiserver.deny("watch", "services")
+    assert api.list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)["items"] == []
+    with pytest.raises(ApiException) as watching:
+        for _ in watch.Watch().stream(api.list_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, timeout_seconds=1):
+            pass
+    assert watching.value.status == 403
+
+
+def test_dry_run_generate_name_and_cluster_wide_list(api: client.CustomObjectsApi, apiserver: FakeApiServer) -> None:
+    dry = api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, service("a"), dry_run="All")
+    assert dry["metadata"]["name"] == "a" and apiserver.objects(PLURAL) == []
+    generated = create(api, {**service(""), "metadata": {"generateName": "fn-"}})
+    assert generated["metadata"]["name"].startswith("fn-") and len(generated["metadata"]["name"]) > 3
+    api.create_namespaced_custom_object(GROUP, VERSION, "other", PLURAL, service("b"))
+    everywhere = api.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+    assert sorted((o["metadata"]["namespace"], o["metadata"]["name"]) for o in everywhere) == [
+        ("kold-test", generated["metadata"]["name"]),
+        ("other", "b"),
+    ]
+    with pytest.raises(ApiException) as nameless:
+        create(api, {**service(""), "metadata": {}})
+    assert nameless.value.status == 422
+
+
+def test_requests_are_recorded_even_when_refused(apiserver: FakeApiServer) -> None:
+    request = urllib.request.Request(f"{apiserver.url}/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}?limit=5")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 401
+    assert json.loads(refused.value.read())["reason"] == "Unauthorized"
+    refused.value.close()
+    (recorded,) = apiserver.requests
+    assert (recorded.method, recorded.query, recorded.resource and recorded.resource.plural) == (
+        "GET",
+        {"limit": "5"},
+        PLURAL,
+    )
+    apiserver.clear_requests()
+    assert apiserver.requests == []
+
+
+# -- the pure parts (apimachinery.py) ---------------------------------------------------------------------
+
+
+def test_merge_patch_is_rfc7386() -> None:
+    target = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+    assert merge_patch(target, {"a": {"b": None, "c": [3]}, "e": {"f": None}}) == {"a": {"c": [3]}, "d": 1, "e": {}}
+    assert target == {"a": {"b": 1, "c": [1, 2]}, "d": 1}  # not modified in place
+    assert merge_patch({"a": 1}, "x") == "x"
+
+
+def test_json_patch_is_rfc6902() -> None:
+    doc = {"a": [1, 2], "b": {"c": "d"}, "x/y": 1}
+    ops = [
+        {"op": "add", "path": "/a/-", "value": 3},
+        {"op": "add", "path": "/a/0", "value": 0},
+        {"op": "move", "from": "/b/c", "path": "/e"},
+        {"op": "copy", "from": "/a", "path": "/f"},
+        {"op": "remove", "path": "/x~1y"},
+        {"op": "test", "path": "/e", "value": "d"},
+    ]
+    assert json_patch(doc, ops) == {"a": [0, 1, 2, 3], "b": {}, "e": "d", "f": [0, 1, 2, 3]}
+    for bad in (
+        [{"op": "replace", "path": "/missing", "value": 1}],
+        [{"op": "remove", "path": "/a/9"}],
+        [{"op": "frobnicate", "path": "/a"}],
+        [{"op": "test", "path": "/e", "value": "z"}],
+    ):
+        with pytest.raises(ApiError) as failed:
+            json_patch(doc, bad)
+        assert failed.value.code == 422
+
+
+def test_selectors_parse_and_refuse() -> None:
+    obj = {"metadata": {"name": "n", "namespace": "s", "labels": {"a.io/b": "x", "c": ""}}}
+    assert label_selector("a.io/b=x,c")(obj) and label_selector("")(obj)
+    assert label_selector("a.io/b in (x,y),c notin (z)")(obj)
+    assert not label_selector("a.io/b!=x")(obj) and not label_selector("!c")(obj)
+    assert field_selector("metadata.name=n,metadata.namespace==s")(obj)
+    assert not field_selector("metadata.name!=n")(obj)
+    for bad in ("a in x", "=x", "a=(b)"):
+        with pytest.raises(ApiError) as refused:
+            label_selector(bad)
+        assert refused.value.code == 400
+    with pytest.raises(ApiError):
+        field_selector("status.phase=Running")
+
+
+def test_leaves_and_remove_path() -> None:
+    obj = {"apiVersion": "v1", "metadata": {"name": "n", "labels": {"a": "1"}}, "spec": {"x": {"y": [1]}, "z": {}}}
+    assert leaves(obj) == {("metadata", "labels", "a"): "1", ("spec", "x", "y"): [1], ("spec", "z"): {}}
+    remove_path(obj, ("spec", "x", "y"))
+    assert obj["spec"] == {"z": {}}  # the emptied map went with its leaf; the other stays
+    remove_path(obj, ("spec", "nope", "deeper"))
+    assert obj["spec"] == {"z": {}}
