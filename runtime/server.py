@@ -75,6 +75,7 @@ from kold.runtime.protocol import (
 from kold.runtime.service import Service
 
 if TYPE_CHECKING:
+    from kold.runtime.demand import Call, DemandReporter, DemandReporting
     from kold.snapshot.verify import TierVerdict, TierVerifier
 
 log = logging.getLogger("kold.runtime")
@@ -137,7 +138,15 @@ def load_failure_code(exc: BaseException) -> str:
 class Runtime:
     """The app and its lifecycle: readiness, the background load, the drain."""
 
-    def __init__(self, options: ServeOptions, loader: Loader, *, process_start: float | None = None) -> None:
+    def __init__(
+        self,
+        options: ServeOptions,
+        loader: Loader,
+        *,
+        process_start: float | None = None,
+        demand: DemandReporting | None = None,
+    ) -> None:
+        """`demand`: report this instance's requests and start to Redis (runtime/demand.py); None: not."""
         self.options = options
         self.loader = loader
         self.lifecycle = Lifecycle(
@@ -149,8 +158,17 @@ class Runtime:
             in_flight=lambda: self.lifecycle.in_flight,
             engine=lambda: self.service.engine_stats(),  # noqa: PLW0108
         )
+        self.demand: DemandReporter | None = None
+        if demand is not None:
+            from kold.runtime.demand import DemandReporter
+
+            self.demand = DemandReporter(demand, self.lifecycle, self.metrics.registry)
         self.service = Service(
-            self.lifecycle, self.metrics, model_names=options.model_names, on_first_token=self._log_first_token
+            self.lifecycle,
+            self.metrics,
+            model_names=options.model_names,
+            on_first_token=self._log_first_token,
+            demand=self.demand,
         )
         self.startup: dict[str, Any] | None = None  # the `startup` event, once ready (also in /readyz)
         # whether the weights served were checked against their checksums (in /readyz): state is
@@ -229,7 +247,7 @@ class Runtime:
             Route("/v1/chat/completions", chat, methods=["POST"]),
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-        gated: ASGIApp = _DrainGate(app, lifecycle)
+        gated: ASGIApp = _DrainGate(app, lifecycle, self.demand)
         if self.options.instance_token:
             gated = _InstanceToken(gated, self.options.instance_token)
         return _RequestId(gated)
@@ -238,21 +256,22 @@ class Runtime:
         self,
         request: Request,
         model: type[R],
-        handler: Callable[[R, Disconnected, str], Awaitable[Response]],
+        handler: Callable[[R, Disconnected, str, Call | None], Awaitable[Response]],
         endpoint: str,
     ) -> Response:
         """Parse, validate, hand to the service; every exception becomes an OpenAI error response."""
         request_id = str(request.scope.get(REQUEST_ID_SCOPE_KEY, ""))
+        call: Call | None = request.scope.get(DEMAND_SCOPE_KEY)
         try:
             raw = await read_body(request, max_bytes=self.options.max_body_bytes, timeout_s=self.options.body_timeout_s)
             parsed = model.model_validate(parse_json_object(raw))
-            return await handler(parsed, disconnect_watcher(request), request_id)
+            return await handler(parsed, disconnect_watcher(request), request_id, call)
         except Exception as raised:
             exc = self._as_failure(raised)
             status, _ = error_body(exc)
             if status >= 500 and not isinstance(exc, APIError):
                 log.exception("%s request %s failed", endpoint, request_id, extra={"request_id": request_id})
-            self.service.finished(endpoint, str(status), request_id)
+            self.service.finished(endpoint, str(status), request_id, call=call, error=exc)
             # a body that never came: the connection's state is unknown, so it ends with this answer
             return error_response(exc, close=isinstance(exc, RequestTimeoutError))
 
@@ -269,6 +288,8 @@ class Runtime:
         self._loop = loop
         self.lifecycle.cold_start.listening = time.time()
         log.info("kold runtime listening on %s", address)
+        if self.demand is not None:
+            self.demand.start()
         self.lifecycle.transition(State.RESTORING)
         threading.Thread(target=self._load, name="kold-load", daemon=True).start()
 
@@ -315,6 +336,8 @@ class Runtime:
         }
         self.metrics.record_cold_start(cold)
         events.info(json.dumps(self.startup, sort_keys=False))
+        if self.demand is not None:
+            self.demand.ready(self.startup)
         if loaded.verifier is not None:
             threading.Thread(
                 target=self._verify_tier, args=(loaded.verifier,), name="kold-tier-verify", daemon=True
@@ -431,6 +454,8 @@ class Runtime:
                 }
             )
         )
+        if self.demand is not None:  # the records of the requests just answered, bounded
+            await self.demand.close()
         if self.server is not None:
             self.server.should_exit = True
 
@@ -451,11 +476,13 @@ class Runtime:
 
 
 class _DrainGate:
-    """Counts inference requests in flight, and refuses new ones once the instance drains."""
+    """Counts inference requests in flight, and refuses new ones once the instance drains; with demand
+    reporting, notes each one's arrival (in the scope, for the route's record)."""
 
-    def __init__(self, app: ASGIApp, lifecycle: Lifecycle) -> None:
+    def __init__(self, app: ASGIApp, lifecycle: Lifecycle, demand: DemandReporter | None = None) -> None:
         self.app = app
         self.lifecycle = lifecycle
+        self.demand = demand
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in INFERENCE_PATHS:
@@ -470,7 +497,12 @@ class _DrainGate:
             await error_response(reason, close=True)(scope, receive, send)
             return
         with self.lifecycle.track():
+            if self.demand is not None:
+                scope[DEMAND_SCOPE_KEY] = self.demand.arrived(scope)
             await self.app(scope, receive, send)
+
+
+DEMAND_SCOPE_KEY = "kold.demand"
 
 
 INSTANCE_TOKEN_HEADER = b"x-kold-instance-token"
@@ -572,9 +604,15 @@ class _Server(uvicorn.Server):
         loop.call_soon_threadsafe(self.runtime.on_signal, sig)
 
 
-def serve(options: ServeOptions, loader: Loader, *, process_start: float | None = None) -> int:
+def serve(
+    options: ServeOptions,
+    loader: Loader,
+    *,
+    process_start: float | None = None,
+    demand: DemandReporting | None = None,
+) -> int:
     """Run the instance until it is drained; the exit status (0, or 1 if the model never loaded)."""
-    runtime = Runtime(options, loader, process_start=process_start)
+    runtime = Runtime(options, loader, process_start=process_start, demand=demand)
     config = uvicorn.Config(
         runtime.app,
         host=options.host,

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.responses import JSONResponse, Response
 
@@ -54,6 +54,9 @@ from kold.runtime.protocol import (
 )
 from kold.runtime.streams import EventStream, aclose, merge
 
+if TYPE_CHECKING:
+    from kold.runtime.demand import Call, DemandReporter
+
 events = logging.getLogger("kold.runtime.events")  # one JSON object a line (server.py logs there too)
 
 # -- the service ------------------------------------------------------------------------------------
@@ -89,6 +92,7 @@ class _Job:
     choices: list[_Choice]
     headers: dict[str, str]
     request_id: str = ""  # the HTTP request's x-request-id
+    call: Call | None = None  # its demand record's start, when the instance reports demand
     first_token: float | None = None
     closed: bool = False
 
@@ -115,9 +119,12 @@ class Service:
         *,
         model_names: Sequence[str],
         on_first_token: Callable[[str], None] | None = None,
+        demand: DemandReporter | None = None,
     ) -> None:
-        """`on_first_token(request_id)`: called once, on the instance's first generated token."""
+        """`on_first_token(request_id)`: called once, on the instance's first generated token. `demand`
+        gets each finished request that arrived with a `Call` (runtime/demand.py)."""
         self.lifecycle = lifecycle
+        self.demand = demand
         self.metrics = metrics
         self.model_names = list(model_names)  # the first is the one /v1/models lists
         self.backend: Backend | None = None
@@ -157,7 +164,9 @@ class Service:
         queue_s = await self._wait_ready(disconnected)
         return received, stop, queue_s, self._backend()
 
-    async def completions(self, req: CompletionRequest, disconnected: Disconnected, request_id: str = "") -> Response:
+    async def completions(
+        self, req: CompletionRequest, disconnected: Disconnected, request_id: str = "", call: Call | None = None
+    ) -> Response:
         received, stop, queue_s, backend = await self._admit(req, disconnected)
         prompts = req.prompts()
 
@@ -171,7 +180,7 @@ class Service:
 
         size = sum(len(p) for p in prompts if isinstance(p, str))
         jobs = await self._tokenizing(tokenize, size)
-        job = self._submit(backend, jobs, req.n, req.model, received, queue_s, "cmpl", request_id)
+        job = self._submit(backend, jobs, req.n, req.model, received, queue_s, "cmpl", request_id, call)
         await self._await_weights(job, disconnected)
         echo = [self._echo(backend, p) if req.echo else "" for p in prompts]
         offsets = [CompletionOffsets(len(echo[c.index // req.n]), backend.token_bytes) for c in job.choices]
@@ -201,7 +210,9 @@ class Service:
         )
         return self._json(job, body.model_dump(), "completions")
 
-    async def chat(self, req: ChatCompletionRequest, disconnected: Disconnected, request_id: str = "") -> Response:
+    async def chat(
+        self, req: ChatCompletionRequest, disconnected: Disconnected, request_id: str = "", call: Call | None = None
+    ) -> Response:
         received, stop, queue_s, backend = await self._admit(req, disconnected)
         messages = req.chat_messages()
 
@@ -210,7 +221,9 @@ class Service:
             return ids, self._sampling(req, req.token_limit(), len(ids), backend, stop, req.top_logprobs_asked())
 
         ids, sampling = await self._tokenizing(tokenize, sum(len(m["content"]) for m in messages))
-        job = self._submit(backend, [(ids, sampling)], req.n, req.model, received, queue_s, "chatcmpl", request_id)
+        job = self._submit(
+            backend, [(ids, sampling)], req.n, req.model, received, queue_s, "chatcmpl", request_id, call
+        )
         await self._await_weights(job, disconnected)
         if req.stream:
             return self._stream(
@@ -347,6 +360,7 @@ class Service:
         queue_s: float,
         prefix: str,
         request_id: str,
+        call: Call | None = None,
     ) -> _Job:
         choices: list[_Choice] = []
         try:
@@ -364,7 +378,7 @@ class Service:
             raise
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
         headers = {"X-Kold-Queue-Ms": f"{queue_s * 1000:.1f}", **self.lifecycle.take_cold_start_headers()}
-        return _Job(new_id(prefix), model, received, queue_s, choices, headers, request_id=request_id, n=n)
+        return _Job(new_id(prefix), model, received, queue_s, choices, headers, request_id=request_id, call=call, n=n)
 
     def _echo(self, backend: Backend, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else backend.decode(prompt)
@@ -515,9 +529,23 @@ class Service:
         self.finished(endpoint, "200", job.request_id, job)
         return JSONResponse(body, headers=job.headers)
 
-    def finished(self, endpoint: str, status: str, request_id: str, job: _Job | None = None) -> None:
-        """A request is answered (or its client left): count it, and log its one `request` line."""
+    def finished(
+        self,
+        endpoint: str,
+        status: str,
+        request_id: str,
+        job: _Job | None = None,
+        *,
+        call: Call | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """A request is answered (or its client left): count it, log its one `request` line, and queue
+        its demand record (`call`, or the job's; `error`: what failed it before it had a job)."""
         self.metrics.requests.labels(endpoint, status).inc()
+        call = job.call if job is not None else call
+        if call is not None and self.demand is not None:
+            tokens = (job.prompt_tokens, job.completion_tokens) if job is not None else (None, None)
+            self.demand.finished(call, status, error, *tokens)
         line: dict[str, Any] = {"event": "request", "request_id": request_id, "endpoint": endpoint, "status": status}
         if job is not None:
             done = time.perf_counter()

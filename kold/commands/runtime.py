@@ -16,11 +16,15 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kold import __version__
 from kold.errors import CLIError, run_command
 from kold.settings import Settings
+
+if TYPE_CHECKING:
+    from kold.controller.demand import DemandStore
+    from kold.runtime.demand import DemandReporting
 
 
 def register(top: Any) -> None:
@@ -67,6 +71,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     process_start = process_start_time()
     ref = parse_snapshot_uri(args.snapshot)  # a bad URI fails here, before anything listens
+    demand = demand_reporting(settings, args.served_model_name, ref.snapshot_id)
     # torch's import (~1.8 s here) is the longest step of a cold start: begin it now, beside the
     # server's own imports, rather than after listening. Measured on the 1b model from the shm tier:
     # ready at 2.5-2.7 s instead of 2.9-3.9 s; the port opens ~0.4 s later, which no client sees (a
@@ -114,7 +119,52 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         pool=settings.host_pool,
         verify_tiers=settings.verify_tiers,
     )
-    return serve(options, loader, process_start=process_start)
+    return serve(options, loader, process_start=process_start, demand=demand)
+
+
+def demand_reporting(settings: Settings, served_name: str | None, snapshot_id: str) -> DemandReporting | None:
+    """Whether and as what the instance reports its demand to Redis (KOLD_RUNTIME_DEMAND): `auto`
+    under Knative (K_SERVICE) with KOLD_REDIS_URL set, `on` always (a CLIError when it cannot), `off`
+    never. The function is K_SERVICE, else the served model name; the revision K_REVISION, else the
+    snapshot id."""
+    mode = settings.runtime_demand
+    if mode == "off" or (mode == "auto" and not (settings.k_service and settings.redis_url)):
+        return None
+    function = settings.k_service or served_name
+    if not function:
+        raise CLIError("KOLD_RUNTIME_DEMAND=on needs a function name: set K_SERVICE or --served-model-name")
+    if not settings.redis_url:
+        raise CLIError("KOLD_RUNTIME_DEMAND=on needs KOLD_REDIS_URL: the Redis the pre-warm controller reads")
+    from urllib.parse import urlsplit
+
+    from kold.gateway.names import InvalidNameError, validate_function_name
+    from kold.runtime.demand import DemandReporting
+
+    source = "K_SERVICE" if settings.k_service else "--served-model-name"
+    try:
+        validate_function_name(function)
+    except InvalidNameError as exc:
+        raise CLIError(f"demand reporting: {source} {function!r} is not a function name: {exc}") from None
+    url = settings.redis_url
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):  # the URL itself is not echoed: it may hold a password
+        raise CLIError(f"KOLD_REDIS_URL is not a Redis URL (scheme {scheme!r}; redis://, rediss:// or unix://)")
+    return DemandReporting(function, settings.k_revision or snapshot_id, lambda: _demand_store(url))
+
+
+def _demand_store(redis_url: str) -> DemandStore:
+    """The demand store over a Redis client with short timeouts, as the local platform's (a Redis that
+    is away costs a write half a second, never a request anything). Made by the runtime's writer
+    thread on its first write, so redis is not imported on the start path."""
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    from kold.controller.demand import DemandStore
+
+    retry = Retry(ExponentialBackoff(cap=0.05, base=0.01), 1)
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=0.25, socket_timeout=0.25, retry=retry)
+    return DemandStore(client, prefix="kold:")
 
 
 def _log_events(*, verbose: bool) -> None:
