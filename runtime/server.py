@@ -19,6 +19,10 @@ instance stops serving at once: the engine is stopped (requests in flight and qu
 `tier_corrupted`, as do new ones; a started stream ends with an error event), the tier entry is
 quarantined, the cause goes to the termination log, and the process exits 1 so the platform starts
 a fresh instance, which reads the store.
+
+With demand reporting (runtime/demand.py, on Knative), the drain gate notes each inference request's
+arrival and the service hands its end to the reporter, which queues its record off the request path;
+the drain's last step flushes the queue, bounded.
 """
 
 from __future__ import annotations
