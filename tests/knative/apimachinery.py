@@ -1,6 +1,7 @@
 """The pure parts of the fake API server (tests/knative/apiserver.py): request paths, `Status` errors shaped
-as Kubernetes returns them, label and field selectors, merge and JSON patches, and the leaf paths that its
-simplified server-side-apply field ownership is kept on. No I/O, no locks: each piece is testable alone."""
+as Kubernetes returns them, label and field selectors, merge and JSON patches, the object each kind of write
+(create, replace, patch, server-side apply) leaves, and the leaf paths its simplified field ownership is kept
+on. No I/O, no locks, no store: each piece is testable alone, and the server only orchestrates them."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ MERGE = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 APPLY = "application/apply-patch+yaml"
 MISSING = object()
-_SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields")
+SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields")
 
 _PATH = re.compile(
     r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
@@ -291,7 +292,7 @@ def create_body(res: Resource, body: Obj) -> Obj:
     checked, status dropped (the status subresource is on)."""
     new = copy.deepcopy(body)
     meta = new.setdefault("metadata", {})
-    for name in _SERVER_FIELDS:
+    for name in SERVER_FIELDS:
         meta.pop(name, None)
     if not meta.get("name"):
         if not meta.get("generateName"):
@@ -358,7 +359,11 @@ def apply_body(
     check_name(res, config)
     applied = leaves(config)
     if current is None:
-        return create_body(res, config), {p: {manager} for p in applied}
+        named = overlay({"metadata": {"name": res.name}}, config)
+        return create_body(res, named), {p: {manager} for p in applied}
+    rv = (config.get("metadata") or {}).get("resourceVersion")
+    if rv and rv != current["metadata"]["resourceVersion"]:
+        raise conflict(res)  # a resourceVersion in an apply is a precondition, as on Kubernetes
     before = leaves(current)
     owners = {p: set(o) for p, o in owners.items()}
     taken = {

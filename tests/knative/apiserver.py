@@ -11,7 +11,8 @@ What it serves, for any resource (`/apis/{group}/{version}/namespaces/{ns}/{plur
   `k notin (a,b)`; fieldSelector: `metadata.name`, `metadata.namespace`), replace (422 without a
   resourceVersion, 409 Conflict on a stale one), patch (merge, json, server-side apply in JSON or YAML
   with `fieldManager` required and a per-leaf field ownership model; strategic merge -> 415 as for custom
-  resources), delete (a `Status` Success, as for custom resources), watch (newline-delimited events in a
+  resources; an apply that creates answers 201, which the official CustomObjectsApi returns as None, as
+  against a real cluster), delete (a `Status` Success for custom resources, the object for core ones), watch (newline-delimited events in a
   chunked response from a resourceVersion; a too-old one -> an ERROR event with a 410 `Status`).
 - metadata the server owns: uid, resourceVersion (one global counter, a string), generation (bumped only
   when something outside metadata and status changes), creationTimestamp. Writes to the main resource
@@ -52,13 +53,12 @@ from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
-__all__ = ["APPLY", "JSON_PATCH", "MERGE", "ApiError", "FakeApiServer", "RecordedRequest", "Resource", "WriteEvent"]
-
 from .apimachinery import (
     APPLY,
     JSON_PATCH,
     MERGE,
     MISSING,
+    SERVER_FIELDS,
     ApiError,
     Obj,
     Owners,
@@ -79,6 +79,8 @@ from .apimachinery import (
     status_body,
     update_body,
 )
+
+__all__ = ["APPLY", "JSON_PATCH", "MERGE", "ApiError", "FakeApiServer", "RecordedRequest", "Resource", "WriteEvent"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,18 @@ def _now() -> str:
 
 def _spec_part(obj: Obj) -> Obj:
     return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
+
+
+def _same(old: Obj, new: Obj, status_write: bool) -> bool:
+    """Whether a write changes nothing a client controls (then Kubernetes skips it: no new resourceVersion)."""
+    if status_write:
+        return old.get("status") == new.get("status")
+
+    def client_part(obj: Obj) -> Obj:
+        meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in SERVER_FIELDS}
+        return {**_spec_part(obj), "metadata": meta}
+
+    return client_part(old) == client_part(new)
 
 
 class FakeApiServer:
@@ -201,7 +215,10 @@ class FakeApiServer:
         self.stop()
 
     def kubeconfig(self, path: Path, namespace: str = "kold-test", context: str = "fake") -> Path:
-        """Write a kubeconfig whose context `context` points at this server with its token."""
+        """Write a kubeconfig whose context `context` points at this server with its token (into `path`, or
+        `path`/kubeconfig when `path` is a directory); returns the file's path."""
+        if path.is_dir():
+            path = path / "kubeconfig"
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -443,6 +460,10 @@ class FakeApiServer:
             if query.get("dryRun") == "All":
                 return code, new
             status_write = res.subresource == "status"
+            if old is not None and stored is not None and _same(old, new, status_write):
+                if owners is not None:  # a no-op write stores nothing, bumps nothing, tells no watcher
+                    stored.owners = owners
+                return code, copy.deepcopy(old)
             event = self._commit(
                 res, old, new, manager=None if status_write else manager, owners=owners, keep_status=not status_write
             )

@@ -149,6 +149,8 @@ class KnativeSim:
         meta = event.object["metadata"]
         key = (meta["namespace"], meta["name"])
         with self._lock:
+            if self._closed:
+                return
             if event.type == "DELETED":
                 self._templates.pop(key, None)
                 self._counters.pop(key, None)

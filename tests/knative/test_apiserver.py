@@ -160,10 +160,17 @@ def test_apply_creates_then_updates_and_needs_a_field_manager(
     assert updated["metadata"]["uid"] == created["metadata"]["uid"]
     assert updated["spec"]["template"]["spec"]["containers"][0]["image"] == "img:2"
     assert updated["metadata"]["generation"] == 2
+    again = patch(api, "a", service("a", image="img:2"), APPLY, field_manager="kold", force=True)
+    assert again == updated  # a no-op write is skipped, as on Kubernetes: same resourceVersion, no event
+    stale = service("a", image="img:3")
+    stale["metadata"]["resourceVersion"] = created["metadata"]["resourceVersion"]
+    with pytest.raises(ApiException) as precondition:
+        patch(api, "a", stale, APPLY, field_manager="kold", force=True)
+    assert precondition.value.status == 409
     with pytest.raises(ApiException) as no_manager:
         patch(api, "a", service("a"), APPLY)
     assert no_manager.value.status == 400
-    assert [r.query.get("fieldManager") for r in apiserver.calls("PATCH", PLURAL)] == ["kold", "kold", None]
+    assert [r.query.get("fieldManager") for r in apiserver.calls("PATCH", PLURAL)] == ["kold"] * 4 + [None]
 
 
 def test_apply_accepts_yaml(api: client.CustomObjectsApi, apiserver: FakeApiServer) -> None:
