@@ -1,4 +1,4 @@
-"""Build a snapshot from a model directory or a state dict and publish it to a store.
+"""Build a snapshot from a model directory, a resolved model or a state dict and publish it to a store.
 
 Two streaming passes over the weights, each holding one chunk in memory:
 1. lay out and hash: every chunk's checksum, hence the manifest, hence the content-addressed id;
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ from kold.snapshot.checksum import chunk_checksum
 from kold.snapshot.errors import ModelSourceError
 from kold.snapshot.layout import execution_key
 from kold.snapshot.manifest import MIN_ALIGNMENT, FileEntry, Manifest, TensorEntry, layout_tensors
+from kold.snapshot.resolve import ResolvedModel
 from kold.snapshot.sources import ModelSource, TensorSource, from_model_dir, from_state_dict
 from kold.snapshot.store import S3Options, SnapshotRef, Store, data_key, file_key, manifest_key, open_store
 
@@ -50,7 +51,7 @@ class BuildResult:
 
 
 def build_snapshot(
-    model: Path | str | Mapping[str, torch.Tensor],
+    model: Path | str | ResolvedModel | Mapping[str, torch.Tensor],
     store: Store | str,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -58,15 +59,21 @@ def build_snapshot(
     s3: S3Options | None = None,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Publish a model (a Hugging Face directory or a state dict) as a snapshot in `store`."""
+    """Publish a model (a Hugging Face directory, what `resolve_model` resolved, or a state dict) as a
+    snapshot in `store`; `files` are added to (or replace) the model's carried files."""
     if chunk_size <= 0 or chunk_size % MIN_ALIGNMENT:
         raise ValueError(f"chunk_size must be a positive multiple of {MIN_ALIGNMENT}, got {chunk_size}")
     started = time.perf_counter()
     target = open_store(store, s3) if isinstance(store, str) else store
-    source = from_model_dir(Path(model)) if isinstance(model, str | Path) else from_state_dict(model, files=files)
+    if isinstance(model, ResolvedModel):
+        source = model.source()
+    elif isinstance(model, str | Path):
+        source = from_model_dir(Path(model))
+    else:
+        source = from_state_dict(model, files=files)
     try:
-        if files and isinstance(model, str | Path):
-            source = ModelSource(source.tensors, {**source.files, **files}, source.metadata, source.description)
+        if files and not isinstance(model, Mapping):
+            source = replace(source, files={**source.files, **files})
         return _publish(source, target, chunk_size, progress, started)
     finally:
         source.close()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kold.errors import CLIError, existing_dir
+from kold.errors import CLIError
 from kold.output import add_output_option, human_bytes, note, print_data
 from kold.progress import ByteProgress, chunk_counter
 from kold.settings import Settings
@@ -26,10 +26,18 @@ def register(top: Any) -> None:
     parser = top.add_parser("snapshot", help="build, inspect, restore and prefetch weight snapshots")
     sub = parser.add_subparsers(dest="snapshot_command", required=True, metavar="SUBCOMMAND")
 
-    build = sub.add_parser("build", help="publish a Hugging Face model directory as a snapshot (stdout: its URI)")
-    build.add_argument("model_dir", type=existing_dir, metavar="MODEL_DIR")
+    build = sub.add_parser(
+        "build", help="publish a model (Hugging Face directory, .gguf file or Hub id) as a snapshot (stdout: its URI)"
+    )
+    build.add_argument(
+        "model", type=model_spec, metavar="MODEL", help="a Hugging Face directory, a .gguf file or owner/name"
+    )
     build.add_argument("--to", dest="store", help="store URI (default: KOLD_STORE or the local store)")
     build.add_argument("--chunk-size", default="32MiB", help="chunk size (default 32MiB)")
+    build.add_argument("--revision", help="a Hub id's branch, tag or commit (default: main)")
+    build.add_argument(
+        "--dtype", choices=("bfloat16", "float16", "float32"), help="what a GGUF is dequantized to (default bfloat16)"
+    )
     build.set_defaults(handler=cmd_build)
 
     inspect = sub.add_parser("inspect", help="show a snapshot's id, tensors, chunks and files")
@@ -63,15 +71,29 @@ def register(top: Any) -> None:
     pool_sub.add_parser("clear", help="remove every segment no instance holds").set_defaults(handler=cmd_pool_clear)
 
 
+def model_spec(text: str) -> str:
+    """An argparse type for a model argument (`kold snapshot build`, `kold deploy`): a directory, a
+    .gguf file or something shaped like a Hub id, checked without reading it (else a usage error)."""
+    from kold.snapshot.errors import ModelSourceError
+    from kold.snapshot.resolve import spec_kind
+
+    try:
+        spec_kind(text)
+    except ModelSourceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
     from kold.settings import parse_size
     from kold.snapshot import build_snapshot
+    from kold.snapshot.resolve import resolve_model
 
     store = args.store or settings.store_uri
-    with ByteProgress(f"build {Path(args.model_dir).name}") as progress:
-        result = build_snapshot(
-            args.model_dir, store, chunk_size=parse_size(args.chunk_size), s3=settings.s3_options(), progress=progress
-        )
+    chunk_size = parse_size(args.chunk_size)
+    with ByteProgress(f"build {Path(args.model).name}") as progress:
+        model = resolve_model(args.model, revision=args.revision, dtype=args.dtype, progress=progress)
+        result = build_snapshot(model, store, chunk_size=chunk_size, s3=settings.s3_options(), progress=progress)
     m = result.manifest
     state = "published" if result.uploaded else "already in the store: nothing uploaded"
     note(f"snapshot {m.id} {state}")
