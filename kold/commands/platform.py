@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kold.commands import knative_target
 from kold.errors import CLIError, existing_dir
 from kold.output import add_output_option, human_bytes, human_time, note, print_data
 from kold.platform_state import (
@@ -101,21 +102,29 @@ def register(top: Any) -> None:
         help="the pre-warm policy: NAME or NAME:KNOB=VALUE[,...] (forecast, hybrid-histogram, fixed-keepalive, "
         "knative-default; default: forecast)",
     )
-    deploy.add_argument("--target", choices=("local", "knative"), default="local")
+    _target_option(deploy)
     add_output_option(deploy)
+    knative_target.add_cluster_options(deploy)
+    knative_target.add_deploy_options(deploy)
     deploy.set_defaults(handler=cmd_deploy)
 
     ls = _client_parser(top, "ls", help="list functions")
+    _target_option(ls)
     add_output_option(ls)
+    knative_target.add_cluster_options(ls)
     ls.set_defaults(handler=cmd_ls)
 
     describe = _client_parser(top, "describe", help="a function's revisions and instances, with cold-start breakdowns")
     describe.add_argument("name")
+    _target_option(describe)
     add_output_option(describe)
+    knative_target.add_cluster_options(describe)
     describe.set_defaults(handler=cmd_describe)
 
     rm = _client_parser(top, "rm", help="remove a function (its instances drain first)")
     rm.add_argument("name")
+    _target_option(rm)
+    knative_target.add_cluster_options(rm)
     rm.set_defaults(handler=cmd_rm)
 
     rollback = _client_parser(top, "rollback", help="move a function's traffic back to an earlier revision")
@@ -175,6 +184,15 @@ def register(top: Any) -> None:
         help="allow revoking the last key, which turns authentication off (it never turns off by itself)",
     )
     revoke.set_defaults(handler=cmd_keys_revoke)
+
+
+def _target_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        choices=("local", "knative"),
+        default="local",
+        help="local: the platform `kold up` runs (default); knative: Knative Services on a Kubernetes cluster",
+    )
 
 
 def _client_parser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
@@ -493,14 +511,15 @@ def _client(args: argparse.Namespace, settings: Settings) -> PlatformClient:
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     """stdout: the function's URLs (or the -o document); progress and status: stderr."""
+    name = _function_name(args.name)
+    prewarm = _prewarm_policy(args.prewarm)
     if args.target == "knative":
-        raise CLIError("--target knative is not available yet (it comes with the Knative target); use --target local")
+        return knative_target.deploy(args, settings, name, prewarm)
+    knative_target.refuse_cluster_options(args)
     from kold.progress import ByteProgress
     from kold.resources import instance_memory
     from kold.snapshot import build_snapshot
 
-    name = _function_name(args.name)
-    prewarm = _prewarm_policy(args.prewarm)
     client = _client(args, settings)
     # fail fast, before building, if no platform runs or its registry (Redis) is known to be away
     client.request("GET", "/readyz")
@@ -547,6 +566,9 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
+    if args.target == "knative":
+        return knative_target.ls(args, settings)
+    knative_target.refuse_cluster_options(args)
     functions = _client(args, settings).request("GET", "/admin/functions")
     if args.output:
         print_data(functions, args.output)
@@ -587,6 +609,9 @@ def _function_name(name: str) -> str:
 
 
 def cmd_describe(args: argparse.Namespace, settings: Settings) -> int:
+    if args.target == "knative":
+        return knative_target.describe(args, settings)
+    knative_target.refuse_cluster_options(args)
     client = _client(args, settings)
     doc = client.request("GET", f"/admin/functions/{_function_name(args.name)}")
     if args.output:
@@ -599,6 +624,9 @@ def cmd_describe(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
+    if args.target == "knative":
+        return knative_target.rm(args, settings)
+    knative_target.refuse_cluster_options(args)
     _client(args, settings).request("DELETE", f"/admin/functions/{_function_name(args.name)}")
     print(f"function {args.name} removed")
     return 0
