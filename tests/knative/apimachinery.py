@@ -70,6 +70,42 @@ def parse_path(path: str) -> Resource | None:
     return Resource(m["group"] or "", m["version"] or "v1", m["plural"], m["ns"], m["name"], m["sub"])
 
 
+def verb_of(method: str, res: Resource, query: dict[str, str]) -> str:
+    """The RBAC verb a request is checked as (get/list/watch/create/update/patch/delete)."""
+    if method == "GET":
+        if query.get("watch") in ("true", "1"):
+            return "watch"
+        return "get" if res.name else "list"
+    verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+    if method not in verbs or (method == "POST") == bool(res.name):
+        raise ApiError(
+            405, "MethodNotAllowed", f"the server does not allow this method on the requested resource ({method})"
+        )
+    return verbs[method]
+
+
+def in_scope(scope: Resource, res: Resource) -> bool:
+    """Whether an object at `res` is in a list/watch of `scope` (same resource; same namespace unless all)."""
+    return (scope.group, scope.plural) == (res.group, res.plural) and scope.namespace in (None, res.namespace)
+
+
+def spec_part(obj: Obj) -> Obj:
+    """What `metadata.generation` tracks for a custom resource: everything but metadata and status."""
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
+
+
+def unchanged(old: Obj, new: Obj, status_write: bool) -> bool:
+    """Whether a write changes nothing a client controls (then Kubernetes skips it: no new resourceVersion)."""
+    if status_write:
+        return old.get("status") == new.get("status")
+
+    def client_part(obj: Obj) -> Obj:
+        meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in SERVER_FIELDS}
+        return {**spec_part(obj), "metadata": meta}
+
+    return client_part(old) == client_part(new)
+
+
 # -- errors -----------------------------------------------------------------------------------------------
 
 

@@ -58,7 +58,6 @@ from .apimachinery import (
     JSON_PATCH,
     MERGE,
     MISSING,
-    SERVER_FIELDS,
     ApiError,
     Obj,
     Owners,
@@ -70,14 +69,18 @@ from .apimachinery import (
     create_body,
     details,
     field_selector,
+    in_scope,
     label_selector,
     leaves,
     merge_patch,
     not_found,
     parse_path,
     patch_body,
+    spec_part,
     status_body,
+    unchanged,
     update_body,
+    verb_of,
 )
 
 __all__ = ["APPLY", "JSON_PATCH", "MERGE", "ApiError", "FakeApiServer", "RecordedRequest", "Resource", "WriteEvent"]
@@ -130,22 +133,6 @@ def _key(res: Resource) -> _Key:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _spec_part(obj: Obj) -> Obj:
-    return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
-
-
-def _same(old: Obj, new: Obj, status_write: bool) -> bool:
-    """Whether a write changes nothing a client controls (then Kubernetes skips it: no new resourceVersion)."""
-    if status_write:
-        return old.get("status") == new.get("status")
-
-    def client_part(obj: Obj) -> Obj:
-        meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in SERVER_FIELDS}
-        return {**_spec_part(obj), "metadata": meta}
-
-    return client_part(old) == client_part(new)
 
 
 class FakeApiServer:
@@ -361,7 +348,7 @@ class FakeApiServer:
         meta["uid"] = old_meta.get("uid") or str(uuid.uuid4())
         meta["creationTimestamp"] = old_meta.get("creationTimestamp") or _now()
         generation = int(old_meta.get("generation", 0))
-        meta["generation"] = generation + 1 if old is None or _spec_part(old) != _spec_part(new) else generation
+        meta["generation"] = generation + 1 if old is None or spec_part(old) != spec_part(new) else generation
         key = _key(res)
         stored = self._store.get(key) or _Stored(
             Resource(res.group, res.version, res.plural, res.namespace, res.name), new
@@ -419,7 +406,7 @@ class FakeApiServer:
         res = parse_path(path)
         if res is None or res.subresource not in (None, "status"):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        verb = _verb(method, res, query)
+        verb = verb_of(method, res, query)
         self._authorize(verb, res)
         if verb in ("list", "watch"):
             return self._list_or_watch(res, query, watch=verb == "watch")
@@ -460,7 +447,7 @@ class FakeApiServer:
             if query.get("dryRun") == "All":
                 return code, new
             status_write = res.subresource == "status"
-            if old is not None and stored is not None and _same(old, new, status_write):
+            if old is not None and stored is not None and unchanged(old, new, status_write):
                 if owners is not None:  # a no-op write stores nothing, bumps nothing, tells no watcher
                     stored.owners = owners
                 return code, copy.deepcopy(old)
@@ -517,7 +504,7 @@ class FakeApiServer:
             timeout = query.get("timeoutSeconds")
             return self._watch(res, match, query.get("resourceVersion"), float(timeout) if timeout else None)
         with self._cond:
-            found = [s for s in self._store.values() if _in_scope(res, s.resource) and match(s.object)]
+            found = [s for s in self._store.values() if in_scope(res, s.resource) and match(s.object)]
             items = [copy.deepcopy(s.object) for s in sorted(found, key=lambda s: _key(s.resource))]
             rv = str(self._rv)
         kind = self._kinds.get((res.group, res.plural), res.plural.removesuffix("s").capitalize()) + "List"
@@ -532,7 +519,7 @@ class FakeApiServer:
         with self._cond:
             if since in (None, "", "0"):
                 cursor = self._rv
-                found = [s for s in self._store.values() if _in_scope(res, s.resource) and match(s.object)]
+                found = [s for s in self._store.values() if in_scope(res, s.resource) and match(s.object)]
                 found.sort(key=lambda s: _key(s.resource))
                 initial = [{"type": "ADDED", "object": copy.deepcopy(s.object)} for s in found]
             else:
@@ -565,28 +552,10 @@ class FakeApiServer:
                 return
             for event in batch:
                 cursor = event.rv
-                if _in_scope(res, event.resource) and match(event.object):
+                if in_scope(res, event.resource) and match(event.object):
                     yield {"type": event.type, "object": copy.deepcopy(event.object)}
             if deadline is not None and time.monotonic() >= deadline:
                 return
-
-
-def _verb(method: str, res: Resource, query: dict[str, str]) -> str:
-    if method == "GET":
-        if query.get("watch") in ("true", "1"):
-            return "watch"
-        return "get" if res.name else "list"
-    verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
-    if method not in verbs or (method == "POST") == bool(res.name):
-        raise ApiError(
-            405, "MethodNotAllowed", f"the server does not allow this method on the requested resource ({method})"
-        )
-    return verbs[method]
-
-
-def _in_scope(scope: Resource, res: Resource) -> bool:
-    """Whether an object at `res` is in a list/watch of `scope` (same resource; same namespace unless all)."""
-    return (scope.group, scope.plural) == (res.group, res.plural) and scope.namespace in (None, res.namespace)
 
 
 class _HTTPServer(ThreadingHTTPServer):
