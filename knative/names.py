@@ -38,10 +38,14 @@ PROGRESS_DEADLINE = "serving.knative.dev/progress-deadline"
 KPA_CLASS = "kpa.autoscaling.knative.dev"
 METRIC_CONCURRENCY = "concurrency"
 
-# Floors the controller merge-patches onto a Revision's metadata.annotations.
-FLOOR = "kold.dev/floor"  # JSON {"instances", "until", "reason"}
-BASE_MIN_SCALE = "kold.dev/base-min-scale"  # the Revision's own min-scale before kold raised it
-BASE_SCALE_DOWN_DELAY = "kold.dev/base-scale-down-delay"  # likewise, when a floor changed it
+# Floors the controller merge-patches onto a Revision's metadata.annotations. Under the KPA's own
+# prefix on purpose: Knative copies every other Revision annotation into the pod template of the
+# Revision's Deployment (pkg/reconciler/revision/resources/meta.go, podAnnotations), so a kold.dev/
+# key patched there would roll every pod; autoscaling.knative.dev/ keys are left out of it, and the
+# webhook checks only the keys it knows under that prefix.
+FLOOR = _AS + "kold-floor"  # JSON {"instances", "until", "reason"}
+BASE_MIN_SCALE = _AS + "kold-base-min-scale"  # the Revision's own min-scale before kold raised it
+BASE_SCALE_DOWN_DELAY = _AS + "kold-base-scale-down-delay"  # likewise, when a floor changed it
 
 # The Knative Serving API kold drives.
 GROUP = "serving.knative.dev"

@@ -386,7 +386,7 @@ function_spec = scaling_of
 
 
 def floor_of(revision: Doc) -> Doc | None:
-    """The floor the pre-warm controller holds on a Revision (`kold.dev/floor`), or None."""
+    """The floor the pre-warm controller holds on a Revision (`names.FLOOR`), or None."""
     text = _strings(_dict(revision.get("metadata")).get("annotations")).get(names.FLOOR)
     if not text:
         return None
