@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from kold.commands import controller, demo, loadgen, model, platform, runtime, sim, snapshot
+    from kold.commands import controller, demo, loadgen, model, node, platform, runtime, sim, snapshot
 
     model.register(top)
     snapshot.register(top)
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     loadgen.register(top)
     sim.register(top)
     controller.register(top)
+    node.register(top)
     return parser
 
 
