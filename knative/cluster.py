@@ -108,14 +108,16 @@ class Cluster:
         )
         return [item for item in listed.get("items") or [] if isinstance(item, dict)]
 
-    def apply_service(self, body: Doc) -> Doc:
+    def apply_service(self, body: Doc, *, server_side: bool = True) -> Doc:
         """Create or update the Service to `body`: server-side apply (fieldManager "kold", force),
-        or, where the server refuses apply (415), get → create | replace with the resourceVersion
-        read, retried when a concurrent write makes that version stale (409)."""
+        or, where the server refuses apply (415) or `server_side` is False, get → create | replace
+        with the resourceVersion read, retried when a concurrent write makes that version stale (409)."""
         name = str(body["metadata"]["name"])
         body = {**body, "metadata": {**body["metadata"], "namespace": self.namespace}}
+        if not server_side:
+            return self._create_or_replace(name, body)
         try:
-            return self._call(
+            applied = self._call(
                 "patch",
                 SERVICES,
                 name,
@@ -127,6 +129,8 @@ class Cluster:
                 force=True,
                 _content_type=APPLY_CONTENT_TYPE,
             )
+            # an apply that creates answers 201, which the client hands back as no object: read it
+            return applied or self.get_service(name)
         except _UnsupportedError:
             log.info("the API server refuses server-side apply: create or replace %s instead", name)
         return self._create_or_replace(name, body)
