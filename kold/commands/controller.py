@@ -1,11 +1,16 @@
-"""`kold controller`: the pre-warm controller on its own, beside a running platform.
+"""`kold controller`: the pre-warm controller on its own, beside a running platform or on Knative.
 
 `kold up` runs one inside its gateway's process by default (it sets floors on that gateway directly,
 and a request that finds a function cold pokes it at once). This one runs elsewhere (another
 terminal, another machine), sets floors through the gateway's admin API, and decides on its ticks
 only: pokes reach only a controller inside `kold up`. Both take the same Redis lease, so only one of
 them acts at a time; the other waits and takes over if the acting one goes away. Its Prometheus
-metrics are served with `--metrics-port` (`kold up`'s are on the gateway's /metrics).
+metrics are served with `--metrics-port` on `--metrics-host` (`kold up`'s are on the gateway's /metrics).
+
+`--target knative` runs the same loop against a Knative cluster (the controller Deployment in
+manifests/ runs it in a pod): the functions are the namespace's kold Services
+(kold.knative.functions), their demand is what the runtimes report to KOLD_REDIS_URL, and a floor
+raises the serving Revision's min-scale (kold.knative.actuator).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import asyncio
 import logging
 import signal
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
+from kold.commands.knative_target import add_cluster_options
 from kold.controller.lease import DEFAULT_KEY
 from kold.errors import CLIError
 from kold.output import note
@@ -43,14 +50,24 @@ def register(top: Any) -> None:
             "Run the pre-warm controller beside a running platform: it sets floors through the gateway's admin "
             "API and decides every --tick. Requests that find a function cold poke only a controller running "
             "inside `kold up`; this one sees them at its next tick. Only one controller acts at a time (a Redis "
-            "lease): this one takes over when the acting one goes away."
+            "lease): this one takes over when the acting one goes away. With --target knative it decides for the "
+            "namespace's kold Services from the demand their pods report to KOLD_REDIS_URL, and holds a floor as "
+            "the serving Revision's min-scale (docs/knative-prewarm.md)."
         ),
+    )
+    parser.add_argument(
+        "--target",
+        choices=("local", "knative"),
+        default="local",
+        help="local: the platform `kold up` runs (floors through its gateway); knative: the cluster's kold Services "
+        "(floors on their Revisions' min-scale; needs KOLD_REDIS_URL)",
     )
     parser.add_argument(
         "--url",
         default=argparse.SUPPRESS,
         help="the gateway whose floors it sets (default: KOLD_GATEWAY_URL, else the platform `kold up` started)",
     )
+    add_cluster_options(parser)  # --namespace/-n, --context, --kubeconfig: the flags deploy/ls/describe/rm take
     parser.add_argument(
         "--tick", type=float, help="seconds between decision passes (default: KOLD_CONTROLLER_TICK_S, 1)"
     )
@@ -58,24 +75,36 @@ def register(top: Any) -> None:
         "--metrics-port",
         type=int,
         metavar="PORT",
-        help="serve the controller's Prometheus metrics at http://127.0.0.1:PORT/metrics (default: not served)",
+        help="serve the controller's Prometheus metrics at http://HOST:PORT/metrics (default: not served)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="the address the metrics are served on (default 127.0.0.1; 0.0.0.0 in a pod, for Prometheus to scrape)",
     )
     parser.set_defaults(handler=cmd_controller)
 
 
 def cmd_controller(args: argparse.Namespace, settings: Settings) -> int:
-    import prometheus_client
-    import redis
-
-    from kold.commands.platform import api_key
-    from kold.controller.metrics import ControllerMetrics
-    from kold.platform_client import PlatformClient
-
     tick_s = settings.controller_tick_s if args.tick is None else args.tick
     if not 0 < tick_s <= 300:
         raise CLIError(f"--tick {args.tick}: must be a number of seconds above 0 and at most 300")
     if args.metrics_port is not None and not 1 <= args.metrics_port <= 65535:
         raise CLIError(f"--metrics-port {args.metrics_port}: must be a port number from 1 to 65535")
+    if args.target == "knative":
+        if getattr(args, "url", None) is not None:
+            raise CLIError("--url names a gateway: --target knative sets floors on the cluster's Revisions")
+        return _cmd_knative(args, settings, tick_s)
+    if args.namespace is not None or args.context is not None or args.kubeconfig is not None:
+        raise CLIError("--namespace, --context and --kubeconfig are for --target knative")
+    return _cmd_local(args, settings, tick_s)
+
+
+def _cmd_local(args: argparse.Namespace, settings: Settings, tick_s: float) -> int:
+    from kold.commands.platform import api_key
+    from kold.platform_client import PlatformClient
+
     where = locate_gateway(getattr(args, "url", None), settings.gateway_url, settings.home)
     key = api_key(settings)
     # fail fast, in one line, when no gateway answers: there would be nobody to hold the floors
@@ -88,19 +117,9 @@ def cmd_controller(args: argparse.Namespace, settings: Settings) -> int:
         raise CLIError(
             "no Redis to read demand from: set KOLD_REDIS_URL to the platform's, or run this where `kold up` runs"
         )
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise CLIError(f"cannot reach Redis at {redis_url}: {exc or type(exc).__name__}") from None
-    metrics = ControllerMetrics()
-    if args.metrics_port is not None:
-        try:
-            prometheus_client.start_http_server(args.metrics_port, addr="127.0.0.1", registry=metrics.registry)
-        except OSError as exc:
-            raise CLIError(f"--metrics-port {args.metrics_port}: cannot serve metrics there: {exc.strerror}") from None
+    client = _redis(redis_url)
+    metrics, served = _serve_metrics(args)
     logging.getLogger("kold").setLevel(logging.INFO)
-    served = "" if args.metrics_port is None else f", metrics at http://127.0.0.1:{args.metrics_port}/metrics"
     note(f"pre-warm controller: Redis {redis_url}, gateway {where.url}, a decision pass every {tick_s:g} s{served}")
     try:
         asyncio.run(_run(client, where.url, key, tick_s, settings, metrics))
@@ -109,6 +128,99 @@ def cmd_controller(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         client.close()
     return 0
+
+
+def _cmd_knative(args: argparse.Namespace, settings: Settings, tick_s: float) -> int:
+    from kold.knative.cluster import Cluster, ClusterConfig, KnativeError
+    from kold.knative.names import KOLD_SELECTOR
+
+    if not settings.redis_url:
+        raise CLIError(
+            "--target knative: no Redis to read demand from: set KOLD_REDIS_URL to the one the functions' runtimes "
+            "report to (manifests/ deploy one beside the controller)"
+        )
+    client = _redis(settings.redis_url)
+    # the kubernetes client retries a refused connection and urllib3 logs each retry as a warning:
+    # the one error line below (at start) or the loop's one warning (later) says it once
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    try:
+        config = ClusterConfig(
+            context=args.context or settings.knative_context,
+            namespace=args.namespace or settings.knative_namespace,
+            kubeconfig=args.kubeconfig,
+        )
+        try:
+            cluster = Cluster(config)
+        except KnativeError as exc:
+            raise CLIError(f"Knative cluster: {exc}") from None
+        try:
+            # fail fast, in one line, when the cluster cannot be reached or RBAC refuses what the loop reads
+            cluster.list_services(KOLD_SELECTOR)
+            metrics, served = _serve_metrics(args)
+            logging.getLogger("kold").setLevel(logging.INFO)
+            note(
+                f"pre-warm controller on Knative: namespace {cluster.namespace}, Redis {_shown(settings.redis_url)}, "
+                f"a decision pass every {tick_s:g} s{served}"
+            )
+            asyncio.run(_run_knative(client, cluster, tick_s, settings, metrics))
+        except KnativeError as exc:
+            raise CLIError(f"Knative cluster: {exc}") from None
+        except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C or SIGTERM: the lease was given up
+            note("pre-warm controller stopped")
+        finally:
+            cluster.close()
+    finally:
+        client.close()
+    return 0
+
+
+def _redis(url: str) -> Any:
+    """A client of the Redis at `url`, or a one-line error when it does not answer."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        raise CLIError(f"cannot reach Redis at {url}: {exc or type(exc).__name__}") from None
+    return client
+
+
+def _shown(url: str) -> str:
+    """A Redis URL fit for a log line: its password left out (a pod's logs are widely read)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _serve_metrics(args: argparse.Namespace) -> tuple[ControllerMetrics, str]:
+    """The controller's metrics, served on --metrics-host:--metrics-port when a port is given; and the
+    words that say where, for the start line."""
+    import prometheus_client
+
+    from kold.controller.metrics import ControllerMetrics
+
+    metrics = ControllerMetrics()
+    if args.metrics_port is None:
+        return metrics, ""
+    where = f"{args.metrics_host}:{args.metrics_port}"
+    try:
+        prometheus_client.start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
+    except OSError as exc:
+        raise CLIError(
+            f"--metrics-host/--metrics-port {where}: cannot serve metrics there: {exc.strerror or exc}"
+        ) from None
+    return metrics, f", metrics at http://{where}/metrics"
+
+
+def _stop_on_sigterm() -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # as Ctrl-C: the lease is given up
 
 
 async def _run(
@@ -120,13 +232,38 @@ async def _run(
     from kold.controller.loop import Controller, RegistrySource
     from kold.gateway.registry import Registry
 
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # as Ctrl-C: the lease is given up
+    _stop_on_sigterm()
     actuator = HttpActuator(gateway_url, key)
     controller = Controller(
         DemandStore(client, PREFIX),
         RegistrySource(Registry(client, prefix=PREFIX)),
+        actuator,
+        Lease(client, LEASE_KEY, default_holder_id(), lease_seconds(settings, tick_s)),
+        tick_s=tick_s,
+        metrics=metrics,
+    )
+    try:
+        await controller.run()
+    finally:
+        await actuator.aclose()
+
+
+async def _run_knative(
+    client: Any, cluster: Any, tick_s: float, settings: Settings, metrics: ControllerMetrics
+) -> None:
+    from kold.controller.demand import DemandStore
+    from kold.controller.lease import Lease, default_holder_id
+    from kold.controller.loop import Controller
+    from kold.controller.nodes import NodeWants
+    from kold.knative.actuator import KnativeActuator
+    from kold.knative.functions import KnativeFunctionSource
+
+    _stop_on_sigterm()
+    # the node agents prefetch what the floors will start: they read the wants from this Redis
+    actuator = KnativeActuator(cluster, wants=NodeWants(client, PREFIX))
+    controller = Controller(
+        DemandStore(client, PREFIX),
+        KnativeFunctionSource(cluster),
         actuator,
         Lease(client, LEASE_KEY, default_holder_id(), lease_seconds(settings, tick_s)),
         tick_s=tick_s,
