@@ -334,8 +334,8 @@ class _Converted:
         return read
 
 
-def _convert(t: _Tensor, dtype: str) -> memoryview:
-    """Dequantize `t` to `dtype`, rows put back in order, a slice of rows at a time."""
+def _convert(t: _Tensor, dtype: str, slice_elements: int = SLICE_ELEMENTS) -> memoryview:
+    """Dequantize `t` to `dtype`, rows put back in order, `slice_elements` at a time (whole rows)."""
     import torch
     from gguf.quants import dequantize
 
@@ -345,7 +345,7 @@ def _convert(t: _Tensor, dtype: str) -> memoryview:
     if t.rope_heads:
         raw = raw[rope_row_order(rows, t.rope_heads)]
     out = torch.empty((rows, cols), dtype=_torch_dtype(dtype))
-    step = max(1, SLICE_ELEMENTS // cols)
+    step = max(1, slice_elements // cols)
     for r0 in range(0, rows, step):
         block = dequantize(raw[r0 : r0 + step], t.qtype)
         out[r0 : r0 + step] = torch.from_numpy(np.array(block, dtype=np.float32, copy=True))
