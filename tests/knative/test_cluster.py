@@ -139,7 +139,9 @@ def test_a_stale_resource_version_in_the_replace_is_read_again_and_retried(
         puts = apiserver.calls("PUT", "services", "tiny")
         stored = apiserver.get_object("services", NAMESPACE, "tiny")
         assert stored is not None
-        assert stored["spec"]["template"]["spec"]["containers"][0]["image"] == f"registry.example/kold-runtime:{attempt}"
+        assert (
+            stored["spec"]["template"]["spec"]["containers"][0]["image"] == f"registry.example/kold-runtime:{attempt}"
+        )
         if len(puts) >= 2:  # a 409 happened and the retry won
             assert len(apiserver.calls("GET", "services", "tiny")) >= 2
             assert puts[-1].body["metadata"]["resourceVersion"] != puts[0].body["metadata"]["resourceVersion"]
@@ -156,16 +158,16 @@ def test_403_names_the_user_the_verb_the_resource_and_the_namespace(apiserver: F
         "— RBAC must allow it"
     )
     apiserver.deny("list", "services")
-    with pytest.raises(Forbidden, match="cannot list services.serving.knative.dev in namespace kold-test"):
+    with pytest.raises(Forbidden, match=r"cannot list services\.serving\.knative\.dev in namespace kold-test"):
         cluster.list_services()
 
 
 def test_absent_objects_are_not_found_in_one_line(apiserver: FakeApiServer, cluster: Cluster) -> None:
     with pytest.raises(NotFound, match=f"^no service nope in namespace {NAMESPACE}$"):
         cluster.get_service("nope")
-    with pytest.raises(NotFound, match="^no service nope"):
+    with pytest.raises(NotFound, match=r"^no service nope"):
         cluster.delete_service("nope")
-    with pytest.raises(NotFound, match="^no revision nope-00001"):
+    with pytest.raises(NotFound, match=r"^no revision nope-00001"):
         cluster.get_revision("nope-00001")
 
 
@@ -197,11 +199,11 @@ def test_a_refused_connection_names_the_server_and_the_kubeconfig_context(tmp_pa
 
 def test_bad_credentials_and_bad_kubeconfigs_are_one_line(apiserver: FakeApiServer, tmp_path: Path) -> None:
     config = _kubeconfig(tmp_path, apiserver.url, "wrong-token")
-    with Cluster(ClusterConfig(kubeconfig=str(config))) as c, pytest.raises(KnativeError, match="^unauthorized: "):
+    with Cluster(ClusterConfig(kubeconfig=str(config))) as c, pytest.raises(KnativeError, match=r"^unauthorized: "):
         c.list_services()
     with pytest.raises(KnativeError, match=r"kubeconfig .*: no context 'prod' \(contexts: elsewhere\)"):
         Cluster(ClusterConfig(kubeconfig=str(config), context="prod"))
-    with pytest.raises(KnativeError, match="^kubeconfig /nonexistent/kubeconfig: no such file$"):
+    with pytest.raises(KnativeError, match=r"^kubeconfig /nonexistent/kubeconfig: no such file$"):
         Cluster(ClusterConfig(kubeconfig="/nonexistent/kubeconfig"))
 
 
@@ -234,7 +236,9 @@ def test_watch_yields_changes_and_an_expired_version_is_gone(
         list(cluster.watch_service("tiny", created["metadata"]["resourceVersion"], timeout_s=5))
 
 
-def test_wait_ready_follows_the_conditions_to_ready(apiserver: FakeApiServer, knative: KnativeSim, cluster: Cluster) -> None:
+def test_wait_ready_follows_the_conditions_to_ready(
+    apiserver: FakeApiServer, knative: KnativeSim, cluster: Cluster
+) -> None:
     seen: list[Progress] = []
     cluster.apply_service(body())
     progress = wait_ready(cluster, "tiny", 30, seen.append)
@@ -284,7 +288,9 @@ def test_wait_ready_gives_up_at_its_deadline(apiserver: FakeApiServer, knative: 
     assert info.value.last.state == "pending"
 
 
-def test_wait_ready_on_a_deleted_service_says_so(apiserver: FakeApiServer, knative: KnativeSim, cluster: Cluster) -> None:
+def test_wait_ready_on_a_deleted_service_says_so(
+    apiserver: FakeApiServer, knative: KnativeSim, cluster: Cluster
+) -> None:
     knative.fail = "never"
     cluster.apply_service(body())
     threading.Timer(0.3, lambda: apiserver.delete_object("services", NAMESPACE, "tiny")).start()
