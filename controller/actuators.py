@@ -2,15 +2,17 @@
 
 The controller decides a floor per function (`scaling.Floor`: keep N instances until a time); an
 actuator hands it to whatever scales: the local gateway in the same process (`LocalActuator`), a
-gateway in another process over its admin API (`HttpActuator`), and later Knative (`KnativeActuator`,
-an interface only until issue 14). Actuators never raise into the controller's loop: a floor that
-did not arrive is logged and `set_floor` says False, and the controller sends it again next tick.
+gateway in another process over its admin API (`HttpActuator`). On Knative it is
+`kold.knative.actuator.KnativeActuator` (the serving Revision's min-scale, through the Kubernetes API),
+which lives with the rest of the Knative target so that controller/ never imports kubernetes.
+Actuators never raise into the controller's loop: a floor that did not arrive is logged and
+`set_floor` says False, and the controller sends it again next tick.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import quote
 
 import httpx
@@ -102,21 +104,3 @@ class HttpActuator:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-class KnativeActuator:
-    """Not written yet: the Knative target comes with issue 14, and this actuator with it.
-
-    What it will do: hold a floor on a cluster by raising the function's serving Revision's minimum
-    scale (its PodAutoscaler's `autoscaling.knative.dev/min-scale`) through the Kubernetes API until
-    the floor's `until`, and lowering it back to the revision's own min-scale after; a floor's
-    `idle_timeout_s` maps to the revision's scale-down delay. Nothing can select it today (`kold up`
-    and `kold controller` use the local and HTTP actuators), and making one fails at once rather
-    than pretending to act.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError("the Knative actuator comes with the Knative target (issue 14)")
-
-    async def set_floor(self, function: str, floor: Floor | None) -> bool:
-        raise NotImplementedError("the Knative actuator comes with the Knative target (issue 14)")
