@@ -3,16 +3,15 @@
 No cluster runs here, so the checks are offline: every overlay is rendered with `kubectl kustomize`,
 every Knative Service is validated against Knative's own CRD schema (shared/knative/service.yaml), and
 the annotation rules that Knative's admission webhook enforces in Go (which no schema expresses) are
-checked by `webhook_errors` below. Built-in kinds (Deployment, Service, Role, ...) only get shape
-checks: kubernetes-validate (Kubernetes' OpenAPI schemas) is not installed here.
+checked by `webhook_errors` below. Built-in kinds (Deployment, DaemonSet, Role, ...) are validated
+against Kubernetes' OpenAPI schemas in test_builtin_kinds.py; the node agent, the function's node
+mount and the controller's RBAC in test_node_agent_manifests.py.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -22,37 +21,12 @@ import jsonschema
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-MANIFESTS = REPO / "manifests"
+from .render import OVERLAYS, REPO, Doc, knative_services, needs_kubectl, render
+
 # the project's shared copy of Knative's CRD when the checkout has one, else the copy kept beside these tests
 # (tests/manifests/knative/SOURCE.md): a clean clone validates against the same bytes
 _SHARED_CRD = REPO.parent / "shared" / "knative" / "service.yaml"
 KNATIVE_CRD = _SHARED_CRD if _SHARED_CRD.is_file() else Path(__file__).resolve().parent / "knative" / "service.yaml"
-OVERLAYS = ("cpu", "gpu", "minio")
-
-KUBECTL = shutil.which("kubectl")
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (it renders the kustomizations)")
-
-Doc = dict[str, Any]
-
-
-@cache
-def render(overlay: str) -> tuple[Doc, ...]:
-    """The overlay's objects as `kubectl kustomize` renders them (cached: each render is a subprocess)."""
-    assert KUBECTL is not None
-    result = subprocess.run(
-        [KUBECTL, "kustomize", str(MANIFESTS / "overlays" / overlay)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, f"kubectl kustomize {overlay} failed: {result.stderr}"
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-
-
-def knative_services(docs: tuple[Doc, ...]) -> list[Doc]:
-    return [d for d in docs if d.get("apiVersion") == "serving.knative.dev/v1" and d.get("kind") == "Service"]
 
 
 def _strict(node: Any) -> Any:
@@ -176,20 +150,6 @@ def test_rendered_functions_pass_the_crd_schema_and_the_webhook_rules(overlay: s
 
 
 @needs_kubectl
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_built_in_kinds_have_their_identity(overlay: str) -> None:
-    # shape only: kubernetes-validate (Kubernetes' OpenAPI schemas) is not installed here
-    for doc in render(overlay):
-        assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], doc
-        assert isinstance(doc.get("kind"), str) and doc["kind"], doc
-        assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", doc["metadata"]["name"]), doc["metadata"]
-        if doc["kind"] == "Deployment":
-            selector = doc["spec"]["selector"]["matchLabels"]
-            labels = doc["spec"]["template"]["metadata"]["labels"]
-            assert selector.items() <= labels.items(), doc["metadata"]["name"]
-
-
-@needs_kubectl
 def test_the_runtime_container_follows_the_knative_contract() -> None:
     (ksvc,) = knative_services(render("cpu"))
     spec = ksvc["spec"]["template"]["spec"]
@@ -204,7 +164,8 @@ def test_the_runtime_container_follows_the_knative_contract() -> None:
     assert {"secretRef": {"name": "kold-s3"}} in container["envFrom"]
     (mount,) = container["volumeMounts"]
     (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
-    assert mount["mountPath"] == "/dev/shm/kold" and volume["emptyDir"]["medium"] == "Memory"
+    # the node agent's tier (test_node_agent_manifests.py has the rest)
+    assert mount["mountPath"] == "/kold-node" and volume["hostPath"]["path"] == "/dev/shm/kold-node"
     annotations = ksvc["spec"]["template"]["metadata"]["annotations"]
     # longer than Knative's default 600 s, which a long first load can pass
     assert go_duration_s(annotations["serving.knative.dev/progress-deadline"]) > 600
@@ -221,26 +182,6 @@ def test_the_gpu_overlay_asks_for_one_gpu_and_tolerates_its_taint() -> None:
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
     cpu_spec = knative_services(render("cpu"))[0]["spec"]["template"]["spec"]
     assert "tolerations" not in cpu_spec and "nvidia.com/gpu" not in cpu_spec["containers"][0]["resources"]["limits"]
-
-
-@needs_kubectl
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_controller_role_grants_only_what_the_actuator_uses(overlay: str) -> None:
-    docs = render(overlay)
-    (role,) = [d for d in docs if d["kind"] == "Role"]
-    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
-    assert role["rules"] == [
-        {
-            "apiGroups": ["serving.knative.dev"],
-            "resources": ["revisions", "services"],
-            "verbs": ["get", "list", "watch", "patch"],
-        }
-    ]
-    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
-    (deployment,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "kold-controller"]
-    (subject,) = binding["subjects"]
-    assert subject["name"] == deployment["spec"]["template"]["spec"]["serviceAccountName"]
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
 @needs_kubectl
