@@ -338,10 +338,11 @@ class NodeAgent:
         with self._lock:
             was_ok, self._redis_ok = self._redis_ok, False
         if was_ok is not False:
+            known = "keeping the last known wants" if self._wants_known else "no wants known yet"
             log.warning(
-                "node agent: cannot reach Redis (%s); keeping the %s wants, trying again every %g s",
+                "node agent: cannot reach Redis (%s); %s, trying again every %g s",
                 exc or type(exc).__name__,
-                "last known" if self._wants_known else "(no)",
+                known,
                 self.sync_s,
             )
 
