@@ -32,8 +32,9 @@ compared only the PA's spec, so a Revision's new min-scale never reached the aut
 Revision annotation (min-scale included) was copied into the Deployment's pod template
 (`makeAnnotations` in pkg/reconciler/revision/resources/meta.go), so a patch rolled the Revision's pods
 and scaled nothing. In every version, any *other* annotation on a Revision reaches the pod template
-and rolls the pods; kold's own bookkeeping keys must therefore sit under the `autoscaling.knative.dev`
-prefix (the one Knative keeps off the pods since v1.21 and ignores unless it knows the key).
+and rolls the pods; kold's own bookkeeping keys (names.FLOOR, BASE_MIN_SCALE, BASE_SCALE_DOWN_DELAY)
+therefore sit under the `autoscaling.knative.dev` prefix (the one Knative keeps off the pods since
+v1.21, and whose keys it does not know it ignores).
 On Knative older than v1.21, do not run this actuator: docs/knative-prewarm.md has the table.
 
 Why the warm-up request (knative/serving#10327, "changing the podautoscaler directly does not trigger
@@ -258,6 +259,7 @@ class KnativeActuator:
         self._locks: dict[str, asyncio.Lock] = {}  # one change at a time per function (a set, an end)
         self._failing: dict[str, set[str]] = {}  # function -> kinds of failure logged since it last worked
         self._warmups: dict[str, asyncio.Task[None]] = {}
+        self._warmups_failing: set[str] = set()  # functions whose warm-up failure was warned of
         self._expirer: asyncio.Task[None] | None = None
         self._wants_failing = False
 
@@ -367,7 +369,7 @@ class KnativeActuator:
         if function in self._warmups:
             return  # one in flight already: it wakes the revision as well as a second would
         if url is None:
-            log.warning("%s: no warm-up request sent: its Knative Service has no URL in its status", function)
+            self._warmup_failed(function, "no warm-up request sent: its Knative Service has no URL in its status")
             return
         if len(self._warmups) >= self.max_warmups:
             log.warning("%s: no warm-up request sent: %d are in flight already", function, len(self._warmups))
@@ -390,11 +392,21 @@ class KnativeActuator:
                 self.warmup_timeout_s,
             )
         except Exception as exc:  # its own task: nothing may escape unobserved
-            log.warning("%s: warm-up request to %s failed: %s", function, url, f"{type(exc).__name__}: {exc}")
+            self._warmup_failed(function, f"warm-up request to {url} failed: {type(exc).__name__}: {exc}")
         else:
+            self._warmups_failing.discard(function)
             log.info(
                 "%s: warm-up request answered %d after %.1f s", function, resp.status_code, time.monotonic() - started
             )
+
+    def _warmup_failed(self, function: str, why: str) -> None:
+        """Warned once per function until one of its warm-ups is answered (a controller outside the
+        cluster cannot reach the cluster-local address: every pre-warm from zero would say so)."""
+        if function in self._warmups_failing:
+            log.debug("%s: %s", function, why)
+        else:
+            self._warmups_failing.add(function)
+            log.warning("%s: %s (the floor holds; the revision may wait for a request to wake)", function, why)
 
     # -- the node agents -----------------------------------------------------------------------------
 

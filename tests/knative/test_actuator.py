@@ -248,7 +248,7 @@ def test_a_floor_that_runs_out_gives_the_revision_its_own_back_and_a_renewed_one
         await asyncio.sleep(0.1)
         assert annotations(cluster, rev)[names.MIN_SCALE] == "2", "the first floor's end is not the floor's"
         now = 1_121.0
-        await wait_until(lambda: names.FLOOR not in annotations(cluster, rev))
+        await wait_until(lambda: any(r.getMessage().startswith("tiny: floor ended (extended)") for r in caplog.records))
         await actuator.aclose()
 
     with caplog.at_level(logging.INFO, logger="kold.knative.actuator"):
@@ -256,7 +256,6 @@ def test_a_floor_that_runs_out_gives_the_revision_its_own_back_and_a_renewed_one
     ann = annotations(cluster, rev)
     assert ann[names.MIN_SCALE] == "0" and ann[names.SCALE_DOWN_DELAY] == "60s"
     assert not set(KOLD_KEYS) & ann.keys()
-    assert any(r.getMessage().startswith("tiny: floor ended (extended)") for r in caplog.records)
 
 
 def test_a_floor_whose_end_cannot_be_written_is_ended_once_the_cluster_allows_it(
@@ -380,6 +379,28 @@ def test_a_warm_up_that_is_not_answered_in_time_is_let_go_and_logged(
         run(scenario())
     assert len(activator.seen) == 1
     assert any("not answered within 0.2 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_warm_up_that_cannot_reach_the_service_is_warned_of_once_per_function(
+    knative: KnativeSim, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    deploy(cluster, knative)  # its address: a loopback port nothing listens on
+
+    def failures(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == level and "warm-up request to" in r.getMessage()]
+
+    async def scenario() -> None:
+        actuator = KnativeActuator(cluster)
+        assert await actuator.set_floor("tiny", FLOOR)
+        await wait_until(lambda: len(failures(logging.WARNING)) == 1)
+        assert await actuator.set_floor("tiny", Floor(3, UNTIL, "more"))
+        await wait_until(lambda: len(failures(logging.DEBUG)) == 1)
+        await actuator.aclose()
+
+    with caplog.at_level(logging.DEBUG, logger="kold.knative.actuator"):
+        run(scenario())
+    (warning,) = failures(logging.WARNING)
+    assert warning.startswith("tiny: warm-up request to http://127.0.0.1:9/") and "the floor holds" in warning
 
 
 # -- a newer revision ----------------------------------------------------------------------------------
