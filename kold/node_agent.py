@@ -276,8 +276,8 @@ class NodeAgent:
         """Read the wants, plan the tier, queue what is missing, report; the report is returned."""
         now = self.clock()
         self._read_wants(now)
-        with self._lock:
-            wants = list(self._wants)
+        with self._lock:  # while Redis is away the last wants hold, each only until its own end
+            wants = [w for w in self._wants if w.until > now]
         held = {e.snapshot_id: e.size for e in self.cache.entries(self.tier)}
         refs: dict[str, str] = {}  # uri -> snapshot id, for the wants whose URI parses
         for want in wants:
@@ -302,7 +302,7 @@ class NodeAgent:
                 self._queue(_Job("measure", uri, sid), now)
             elif sid in fits:
                 self._queue(_Job("prefetch", uri, sid), now)
-        self._forget_unwanted(set(refs))
+        self._forget_unwanted({w.uri for w in wants})
         report = self._report_doc(wants, refs, held, plan, now)
         wanted_ids = set(refs.values())
         with self._lock:

@@ -447,3 +447,40 @@ def test_a_tier_too_small_for_every_want_holds_the_smallest_and_never_thrashes(
     assert agent.metrics.registry.get_sample_value("kold_node_prefetches_total") == 1
     assert [h["snapshot_id"] for h in report["held"]] == [small.rsplit("/", 1)[1]]
     assert json.loads(json.dumps(report)) == report  # the report is plain JSON
+
+
+def test_a_want_that_names_no_snapshot_is_said_once_and_reported(
+    node_root: Path, node_redis: tuple[str, NodeWants], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, wants = node_redis
+    wants.want("typo", "s3://models/kold/not-a-snapshot", until=time.time() + 600)
+    clock = [time.time()]
+    tier = CacheTier("shm", node_root / "cache", 1 * MiB)
+    agent = NodeAgent(wants, "node-a", tier, sync_s=0.2, clock=lambda: clock[0])
+    with caplog.at_level("DEBUG", logger="kold.node"):
+        for _ in range(5):
+            report = agent.sync_once()
+            clock[0] += 10  # past every backoff: it is tried (and fails) on each pass
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "not-a-snapshot" in r.getMessage()]
+    assert len(warnings) == 1
+    (row,) = report["wanted"]
+    assert row["state"] == "failed" and "InvalidURIError" in row["error"] and row["failures"] == 5
+    assert agent.run_pending() == 0  # nothing was queued for it
+
+
+def test_sigterm_during_a_prefetch_stops_at_once_and_keeps_nothing_half_written(
+    s3_server: LocalS3Server, bucket: str, node_root: Path, node_redis: tuple[str, NodeWants], start_agent: Any
+) -> None:
+    uri, _ = publish(s3_server, bucket, seed=8, mib=8)
+    # the same store served at 2 MiB/s: the 8 MiB prefetch takes seconds, so the agent is stopped within it
+    with LocalS3Server(s3_server.root, extra_args=("--bwlimit", "2M")) as slow:
+        _, wants = node_redis
+        wants.want("tiny", uri, until=time.time() + 600)
+        agent = start_agent(KOLD_S3_ENDPOINT=slow.endpoint_url)
+        wait_for(lambda: (r := report_row(wants, "tiny")) and r["state"] == "prefetching", "the prefetch to start")
+        stopped_at = time.monotonic()
+        assert agent.stop() == 0
+        assert time.monotonic() - stopped_at < 5
+    assert "nothing of it was kept" in agent.log()
+    assert not (node_root / "cache" / "snapshots").exists() or not list((node_root / "cache" / "snapshots").iterdir())
+    assert list((node_root / "cache" / ".tmp").iterdir()) == []
