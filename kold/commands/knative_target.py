@@ -53,22 +53,21 @@ def add_deploy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image", help="the runtime image the function's pods run (default: KOLD_KNATIVE_IMAGE)")
     group.add_argument(
         "--redis-url",
-        default=DEFAULT_REDIS_URL,
         help=f"where the pods report demand to the pre-warm controller (default: {DEFAULT_REDIS_URL}, the Redis of "
         "manifests/; '' for none)",
     )
     group.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the Knative Service YAML and stop: the snapshot is hashed for its id but not uploaded, and no "
-        "cluster is contacted",
+        help="print the Knative Service (YAML, or JSON with -o json) and stop: the snapshot is hashed for its id but "
+        "not uploaded, and no cluster is contacted",
     )
     group.add_argument("--no-wait", action="store_true", help="apply the Service and return without waiting for Ready")
 
 
 def refuse_cluster_options(args: argparse.Namespace) -> None:
     """A knative-only flag given to the local target is a mistake worth saying, not ignoring."""
-    for flag in ("namespace", "context", "kubeconfig", "image", "dry_run", "no_wait"):
+    for flag in ("namespace", "context", "kubeconfig", "image", "redis_url", "dry_run", "no_wait"):
         if getattr(args, flag, None) not in (None, False):
             raise CLIError(
                 f"--{flag.replace('_', '-')} is for --target knative (the local platform has no {flag.replace('_', ' ')})"
@@ -124,6 +123,9 @@ def deploy(args: argparse.Namespace, settings: Settings, name: str, prewarm: str
             note(f"kold: the store {store} is on this machine: pods could not read it (set KOLD_STORE=s3://...)")
         built = _hash_only(args.model_dir, store, name)
         fn = _function(args, settings, name, prewarm, built, namespace=args.namespace or settings.knative_namespace)
+        if args.output == "json":
+            print_data(render_service(fn), "json")
+            return 0
         import yaml
 
         print(yaml.safe_dump(render_service(fn), sort_keys=False, default_flow_style=False), end="")
@@ -246,7 +248,7 @@ def _function(
             memory_bytes=memory,
             prewarm=prewarm,
             node_cache=settings.knative_node_cache,
-            redis_url=args.redis_url or None,
+            redis_url=DEFAULT_REDIS_URL if args.redis_url is None else (args.redis_url or None),
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None

@@ -203,6 +203,21 @@ def test_dry_run_prints_valid_yaml_with_the_real_snapshot_uri_and_touches_nothin
     )
 
 
+def test_the_pods_report_demand_to_the_manifests_redis_unless_told_otherwise(
+    kold: Any, model: Path, store: str, apiserver: FakeApiServer
+) -> None:
+    def env(*flags: str) -> dict[str, str]:
+        run = deploy(kold, model, "--dry-run", "-o", "json", *flags)
+        assert run.rc == 0, run.err
+        (container,) = json.loads(run.out)["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e["value"] for e in container["env"]}
+
+    assert env()["KOLD_REDIS_URL"] == "redis://kold-redis:6379/0"
+    assert env("--redis-url", "redis://redis.ops:6379/2")["KOLD_REDIS_URL"] == "redis://redis.ops:6379/2"
+    assert "KOLD_REDIS_URL" not in env("--redis-url", "")
+    assert apiserver.requests == []
+
+
 def test_a_file_store_is_refused_for_a_cluster_but_not_for_a_dry_run(
     kold: Any, model: Path, store: str, apiserver: FakeApiServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
