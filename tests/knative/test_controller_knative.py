@@ -228,8 +228,9 @@ def test_kold_controller_target_knative_starts_serves_metrics_floors_a_revision_
 
         wait_for(held, 30, "metrics with the lease held")
         wait_for(lambda: revision_annotations(apiserver, rev).get(names.MIN_SCALE) == "1", 10, "floor on the Revision")
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-        assert 'kold_controller_decisions_total{function="tiny",policy="fixed-keepalive"} 1.0' in metrics
+        decided = 'kold_controller_decisions_total{function="tiny",policy="fixed-keepalive"} 1.0'
+        # counted once the actuator has answered (after its patch, which the line above saw land)
+        wait_for(lambda: decided in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text, 10, "the decision")
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
