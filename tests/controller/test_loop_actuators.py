@@ -9,7 +9,7 @@ import logging
 import httpx
 import pytest
 
-from kold.controller.actuators import HttpActuator, KnativeActuator, LocalActuator
+from kold.controller.actuators import HttpActuator, LocalActuator
 from kold.controller.scaling import Floor
 
 FLOOR = Floor(2, 1_700_000_100.0, "every 600 s: pre-warmed", idle_timeout_s=30.0)
@@ -92,8 +92,3 @@ def test_local_actuator_hands_the_floor_to_the_gateway_and_keeps_its_errors() ->
     assert asyncio.run(actuator.set_floor("fn", FLOOR)) is True
     assert asyncio.run(actuator.set_floor("bad", FLOOR)) is False  # logged, not raised
     assert gateway.floors == {"fn": FLOOR}
-
-
-def test_the_knative_actuator_is_not_selectable_yet() -> None:
-    with pytest.raises(NotImplementedError, match="issue 14"):
-        KnativeActuator()
