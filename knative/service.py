@@ -18,12 +18,13 @@ filled in from the deploy's flags:
 - `--device cuda` asks for `nvidia.com/gpu: 1` and tolerates the `nvidia.com/gpu` taint (Knative's
   `kubernetes.podspec-tolerations` feature flag must be on).
 - The shm cache tier: with `node_cache` the pod mounts the node agent's `/dev/shm/kold-node` (a
-  hostPath, Knative's `kubernetes.podspec-volumes-hostpath` flag) at `/kold-node`, so a restore
-  finds what the agent prefetched (`/kold-node/cache`) and its pre-faulted host pool
+  hostPath, Knative's `kubernetes.podspec-volumes-hostpath` flag) read-only at `/kold-node` (as
+  Knative's defaulting makes every hostPath mount; said here so the YAML shows what the pod gets),
+  so a restore maps what the agent prefetched (`/kold-node/cache`) and finds its host pool
   (`/kold-node/pool`); without it, a pod-private memory `emptyDir` sized for one snapshot.
-- Memory: the pod asks for `memory_bytes` (plus the private tier, which is counted against the
-  pod), and its limit leaves room for one copy of the snapshot in shared memory: tmpfs pages are
-  charged to the pod that writes them, and a restore from S3 fills the tier as it goes.
+- Memory: the pod asks for, and is limited to, `memory_bytes`, plus the private tier when there is
+  one (tmpfs pages are charged to the pod that writes them, and a restore from S3 fills that tier
+  as it goes). The node tier's pages were written, and are charged, by the agent.
 - `serving.knative.dev/progress-deadline`: see `progress_deadline_s`.
 """
 
@@ -234,7 +235,7 @@ def _container(fn: FunctionDeploy) -> Doc:
     if fn.memory_bytes is not None:
         private = 0 if fn.node_cache else _private_tier_bytes(fn)
         requests["memory"] = memory_quantity(fn.memory_bytes + private)
-        limits["memory"] = memory_quantity(fn.memory_bytes + max(private, fn.snapshot_bytes))
+        limits["memory"] = requests["memory"]
     if fn.device == "cuda":
         limits["nvidia.com/gpu"] = "1"
     resources = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
@@ -248,7 +249,9 @@ def _container(fn: FunctionDeploy) -> Doc:
         # /healthz answers as soon as the server listens; /readyz once the weights are in place
         "readinessProbe": {"httpGet": {"path": "/readyz"}, "periodSeconds": 2, "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": "/healthz"}, "periodSeconds": 10, "failureThreshold": 6},
-        "volumeMounts": [{"name": "kold-node", "mountPath": NODE_MOUNT} if fn.node_cache else _private_mount()],
+        "volumeMounts": [
+            {"name": "kold-node", "mountPath": NODE_MOUNT, "readOnly": True} if fn.node_cache else _private_mount()
+        ],
         **({"resources": resources} if resources else {}),
         # the image runs as uid 10001 (Dockerfile); nothing it does needs privileges
         "securityContext": {

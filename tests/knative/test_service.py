@@ -164,7 +164,8 @@ def test_the_node_cache_is_the_agents_hostpath_and_its_dirs() -> None:
     svc = render_service(deploy(node_cache=True))
     (volume,) = template(svc)["spec"]["volumes"]
     assert volume["hostPath"] == {"path": "/dev/shm/kold-node", "type": "DirectoryOrCreate"}
-    assert container(svc)["volumeMounts"] == [{"name": volume["name"], "mountPath": "/kold-node"}]
+    # read-only, as Knative's defaulting makes a hostPath mount anyway: the agent writes, the pod maps
+    assert container(svc)["volumeMounts"] == [{"name": volume["name"], "mountPath": "/kold-node", "readOnly": True}]
     assert env(svc)["KOLD_CACHE_SHM_DIR"] == "/kold-node/cache"
     assert env(svc)["KOLD_HOST_POOL_DIR"] == "/kold-node/pool"
 
@@ -195,11 +196,11 @@ def test_cuda_asks_for_one_gpu_and_tolerates_its_taint_and_cpu_does_not() -> Non
     assert "nvidia.com/gpu" not in container(cpu)["resources"].get("limits", {})
 
 
-def test_cpus_and_memory_become_resources_with_room_for_the_shm_copy() -> None:
+def test_cpus_and_memory_become_resources() -> None:
     svc = render_service(deploy(cpus=2, memory_bytes=6 * GIB, snapshot_bytes=3 * GIB))
     resources = container(svc)["resources"]
     assert resources["requests"] == {"cpu": "2", "memory": "6144Mi"}
-    assert resources["limits"] == {"memory": "9216Mi"}  # + one copy of the snapshot in shm
+    assert resources["limits"] == {"memory": "6144Mi"}  # the node tier is the agent's memory, not the pod's
     bare = render_service(deploy(cpus=None, memory_bytes=None))
     assert "resources" not in container(bare)
 
