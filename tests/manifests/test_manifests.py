@@ -130,9 +130,29 @@ def webhook_errors(annotations: dict[str, str]) -> list[str]:
     return errors
 
 
+# config-defaults' max-revision-timeout-seconds as Knative ships it (shared/knative/defaults.yaml): the
+# webhook refuses a revision timeout above it unless the cluster's operator raised it
+MAX_REVISION_TIMEOUT_S = 600
+
+
+def timeout_errors(pod: Doc, max_timeout_s: int = MAX_REVISION_TIMEOUT_S) -> list[str]:
+    """The webhook's revision timeout rules: timeoutSeconds in [0, max], responseStartTimeoutSeconds and
+    idleTimeoutSeconds in [0, timeoutSeconds] (pkg/apis/serving/v1/revision_validation.go)."""
+    errors = []
+    timeout = pod.get("timeoutSeconds", 300)
+    if isinstance(timeout, int) and not 0 <= timeout <= max_timeout_s:
+        errors.append(f"timeoutSeconds: expected 0 <= {timeout} <= {max_timeout_s} (max-revision-timeout-seconds)")
+    for key in ("responseStartTimeoutSeconds", "idleTimeoutSeconds"):
+        value = pod.get(key)
+        if isinstance(value, int) and isinstance(timeout, int) and not 0 <= value <= timeout:
+            errors.append(f"{key}: expected 0 <= {value} <= {timeout} (timeoutSeconds)")
+    return errors
+
+
 def all_errors(ksvc: Doc) -> list[str]:
-    annotations = ksvc.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
-    return schema_errors(ksvc) + webhook_errors(annotations)
+    template = ksvc.get("spec", {}).get("template", {})
+    annotations = template.get("metadata", {}).get("annotations", {})
+    return schema_errors(ksvc) + webhook_errors(annotations) + timeout_errors(template.get("spec", {}))
 
 
 @needs_kubectl
@@ -231,6 +251,16 @@ BROKEN = [
         {"serving.knative.dev/progress-deadline": "30 minutes"},
         expect="progress-deadline",
     ),
+    Broken(
+        "a revision timeout over Knative's default maximum is rejected",
+        spec={"timeoutSeconds": 900},
+        expect="max-revision-timeout-seconds",
+    ),
+    Broken(
+        "a response start timeout over the revision timeout is rejected",
+        spec={"timeoutSeconds": 300, "responseStartTimeoutSeconds": 400},
+        expect="responseStartTimeoutSeconds",
+    ),
     Broken("an unknown field under spec.template.spec is rejected", spec={"replicas": 3}, expect="replicas"),
     Broken("a container concurrency that is no integer is rejected", spec={"containerConcurrency": "16"}, expect="16"),
 ]
@@ -254,6 +284,14 @@ def test_max_scale_zero_means_no_limit_and_accepts_any_min_scale() -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("1800s", 1800.0), ("1h30m", 5400.0), ("0", 0.0), ("1.5m", 90.0)])
 def test_go_durations_parse_as_knative_reads_them(text: str, seconds: float) -> None:
     assert go_duration_s(text) == seconds
+
+
+def test_the_default_revision_timeout_maximum_is_knatives() -> None:
+    defaults = REPO.parent / "shared" / "knative" / "defaults.yaml"
+    if not defaults.is_file():  # a clean clone keeps only the Service CRD
+        return
+    text = yaml.safe_load(defaults.read_text())["data"]["_example"]
+    assert f'max-revision-timeout-seconds: "{MAX_REVISION_TIMEOUT_S}"' in text
 
 
 def test_the_kept_copy_of_knatives_crd_is_the_recorded_one() -> None:

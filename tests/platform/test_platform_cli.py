@@ -72,7 +72,7 @@ def test_commands_without_a_platform_say_so(env: dict[str, str]) -> None:
     ("args", "message", "status"),
     [
         (("deploy", ".", "--name", "Bad_Name"), "lowercase letters", 1),
-        (("deploy", ".", "--name", "ok", "--target", "knative"), "not available yet", 1),
+        (("deploy", ".", "--name", "ok", "--target", "knative"), "pods cannot read it", 1),
         (("deploy", "/definitely/not/here", "--name", "ok"), "not a directory", 2),  # a usage error
         (("up", "--port", "0"), "not a port number", 1),
         (("describe", "Bad_Name"), "lowercase letters", 1),
