@@ -8,10 +8,11 @@ weights plus its KV cache when every slot is full, the most it commits.
 
 from __future__ import annotations
 
-import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kold.gateway.capacity import NodeCapacity
 from kold.settings import Settings
@@ -62,14 +63,19 @@ def node_capacity(settings: Settings) -> NodeCapacity:
     )
 
 
-def instance_memory(model_dir: Path, weights_bytes: int, max_batch: int, max_seq_len: int | None) -> int:
+def instance_memory(
+    config_json: Mapping[str, Any] | None, weights_bytes: int, max_batch: int, max_seq_len: int | None
+) -> int:
     """Weights plus a full KV cache (2 x layers x KV heads x head dim x context x slots, in the weights'
-    element size), from the model's config.json; the weights alone when the config cannot tell."""
+    element size), from the model's config (a resolved model's `config`: a GGUF has no directory to
+    read config.json from); the weights alone when there is none or it cannot tell."""
     from kold.runtime.config import ModelConfig, context_length
 
+    if config_json is None:
+        return weights_bytes
     try:
-        config = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
-    except (OSError, ValueError):
+        config = ModelConfig.from_hf(config_json)
+    except ValueError:
         return weights_bytes
     context = context_length(config, max_seq_len)
     element = 4 if config.dtype == "float32" else 2

@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kold.errors import CLIError
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
     from kold.knative.service import FunctionDeploy
     from kold.settings import Settings
     from kold.snapshot.builder import BuildResult
+    from kold.snapshot.resolve import ResolvedModel
     from kold.snapshot.store import ObjectReader, ObjectWriter
 
 # what a runtime pod needs beside its weights and KV cache: the interpreter, torch, the HTTP server
@@ -114,15 +114,17 @@ def deploy(args: argparse.Namespace, settings: Settings, name: str, prewarm: str
     """stdout: the function's URL and OpenAI base_url (or the -o document, or the --dry-run YAML)."""
     from kold.knative.cluster import NotFound
     from kold.knative.service import progress_deadline_s, render_service
+    from kold.snapshot.resolve import resolve_model
     from kold.snapshot.store import normalize_store_uri
 
     store = normalize_store_uri(settings.store_uri)
     _function(args, settings, name, prewarm, None, None)  # bad flags fail here, before a long hash or upload
+    model = resolve_model(args.model, revision=args.revision)
     if args.dry_run:
         if store.startswith("file://"):
             note(f"kold: the store {store} is on this machine: pods could not read it (set KOLD_STORE=s3://...)")
-        built = _hash_only(args.model_dir, store, name)
-        fn = _function(args, settings, name, prewarm, built, namespace=args.namespace or settings.knative_namespace)
+        built = _hash_only(model, store, name)
+        fn = _function(args, settings, name, prewarm, built, args.namespace or settings.knative_namespace, model.config)
         if args.output == "json":
             print_data(render_service(fn), "json")
             return 0
@@ -139,8 +141,8 @@ def deploy(args: argparse.Namespace, settings: Settings, name: str, prewarm: str
     with _cluster(args, settings) as cluster:
         with suppress(NotFound):  # before a long upload: the cluster answers, Knative is there, RBAC lets us read
             cluster.get_service(name)
-        built = _publish(args.model_dir, store, settings, name)
-        fn = _function(args, settings, name, prewarm, built, namespace=cluster.namespace)
+        built = _publish(model, store, settings, name)
+        fn = _function(args, settings, name, prewarm, built, cluster.namespace, model.config)
         applied = cluster.apply_service(render_service(fn))
         generation = (applied.get("metadata") or {}).get("generation")
         note(
@@ -217,6 +219,7 @@ def _function(
     prewarm: str | None,
     built: BuildResult | None,
     namespace: str | None,
+    config: Mapping[str, Any] | None = None,
 ) -> FunctionDeploy:
     """The deploy's FunctionDeploy; with `built` None, a stand-in snapshot: the flags are checked by
     the same rules before anything is hashed or uploaded."""
@@ -226,9 +229,7 @@ def _function(
     if memory is None and built is not None:
         from kold.resources import instance_memory
 
-        memory = (
-            instance_memory(args.model_dir, built.manifest.data_size, args.max_batch, None) + RUNTIME_OVERHEAD_BYTES
-        )
+        memory = instance_memory(config, built.manifest.data_size, args.max_batch, None) + RUNTIME_OVERHEAD_BYTES
     try:
         return FunctionDeploy(
             name=name,
@@ -254,24 +255,24 @@ def _function(
         raise CLIError(str(exc)) from None
 
 
-def _publish(model_dir: Path, store: str, settings: Settings, name: str) -> BuildResult:
+def _publish(model: ResolvedModel, store: str, settings: Settings, name: str) -> BuildResult:
     """The snapshot, published exactly as the local target publishes it."""
     from kold.progress import ByteProgress
     from kold.snapshot import build_snapshot
 
     with ByteProgress(f"publish {name}") as progress:
-        built = build_snapshot(model_dir, store, s3=settings.s3_options(), progress=progress)
+        built = build_snapshot(model, store, s3=settings.s3_options(), progress=progress)
     note(f"snapshot {built.manifest.id} {'published' if built.uploaded else 'already in the store'}: {built.uri}")
     return built
 
 
-def _hash_only(model_dir: Path, store: str, name: str) -> BuildResult:
+def _hash_only(model: ResolvedModel, store: str, name: str) -> BuildResult:
     """The snapshot's id, size and URI as a publish to `store` would give them, with nothing uploaded."""
     from kold.progress import ByteProgress
     from kold.snapshot import build_snapshot
 
     with ByteProgress(f"hash {name}") as progress:
-        built = build_snapshot(model_dir, _HashOnlyStore(store), progress=progress)
+        built = build_snapshot(model, _HashOnlyStore(store), progress=progress)
     note(f"snapshot {built.manifest.id} (not uploaded: --dry-run): {built.uri}")
     return built
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kold.commands import knative_target
-from kold.errors import CLIError, existing_dir
+from kold.commands.snapshot import model_spec
+from kold.errors import CLIError
 from kold.output import add_output_option, human_bytes, human_time, note, print_data
 from kold.platform_state import (
     DEFAULT_URL,
@@ -74,7 +75,13 @@ def register(top: Any) -> None:
     down.set_defaults(handler=cmd_down)
 
     deploy = _client_parser(top, "deploy", help="publish a Hugging Face model directory as a function")
-    deploy.add_argument("model_dir", type=existing_dir, metavar="MODEL_DIR")
+    deploy.add_argument(
+        "model",
+        type=model_spec,
+        metavar="MODEL",
+        help="a Hugging Face directory, a .gguf file or a Hub id (owner/name)",
+    )
+    deploy.add_argument("--revision", help="a Hub id's branch, tag or commit (default: main)")
     deploy.add_argument("--name", required=True, help="function name (DNS label: a-z, 0-9, '-')")
     deploy.add_argument("--min-instances", type=int, default=0, help="0 allows scale to zero (default)")
     deploy.add_argument("--max-instances", type=int, default=4)
@@ -519,12 +526,14 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     from kold.progress import ByteProgress
     from kold.resources import instance_memory
     from kold.snapshot import build_snapshot
+    from kold.snapshot.resolve import resolve_model
 
     client = _client(args, settings)
     # fail fast, before building, if no platform runs or its registry (Redis) is known to be away
     client.request("GET", "/readyz")
     with ByteProgress(f"publish {name}") as progress:
-        built = build_snapshot(args.model_dir, settings.store_uri, s3=settings.s3_options(), progress=progress)
+        model = resolve_model(args.model, revision=args.revision, progress=progress)
+        built = build_snapshot(model, settings.store_uri, s3=settings.s3_options(), progress=progress)
     note(f"snapshot {built.manifest.id} {'published' if built.uploaded else 'already in the store'}: {built.uri}")
     body = {
         "snapshot_uri": built.uri,
@@ -542,7 +551,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
             "cpus": args.cpus,
             "memory_bytes": args.memory
             if args.memory is not None
-            else instance_memory(args.model_dir, built.manifest.data_size, args.max_batch, None),
+            else instance_memory(model.config, built.manifest.data_size, args.max_batch, None),
         },
         "wait": True,
     }
