@@ -7,7 +7,7 @@
 |---|---|---|
 | an existing directory (Hugging Face layout) | `dir` | nothing: a directory's snapshot id stays what it always was |
 | a `*.gguf` file (llama.cpp, Ollama) | `gguf` | `source=gguf`, `source_file` (its name), `source_sha256` |
-| `owner/name` that is no local path | `hub` | `source=hub`, the id and the resolved commit (the Hub resolver) |
+| `owner/name[@revision]` that is no local path | `hub` | `source=hub`, `hub_repo`, `hub_revision` (as asked), `hub_commit` (what it resolved to) |
 
 Problems are `ModelSourceError`s that name the spec, raised before anything is built: a GGUF is
 parsed and checked here (architecture, quantization types, tensors), so `kold deploy` fails before
@@ -17,6 +17,11 @@ The GGUF's sha256 is of the whole file, not of its header: it is the identity th
 file and the name Ollama stores a blob under, so a snapshot can be matched to the exact download.
 It costs one sequential read, which a build pays several times over anyway (it reads and
 dequantizes every tensor twice).
+
+A Hub id is fetched by `hub_source.py`: safetensors and tokenizer files only, through huggingface_hub's
+cache (the library reads HF_TOKEN, HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE itself). The revision
+is `owner/name@revision` or the `revision` argument (default main), and the commit it resolved to is
+pinned in the manifest: the snapshot names the exact weights it holds, not a branch that moves.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from kold.snapshot.sources import ModelSource, from_model_dir
 
 Progress = Callable[[str, int, int], None]  # (phase, bytes done, bytes in total), as the builder's
 
-# `owner/name` as the Hub spells repository ids
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+# `owner/name` as the Hub spells repository ids, and an optional `@revision` (a branch such as refs/pr/3 has slashes)
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<revision>[^\s@]+))?")
 _HASH_BLOCK = 8 << 20  # read size when hashing a file
 
 
@@ -68,9 +73,10 @@ def resolve_model(
     dtype: str | None = None,
     progress: Progress | None = None,
 ) -> ResolvedModel:
-    """What `spec` names (see the module docstring). `revision` is for Hub ids, `cache_dir` where Hub
-    downloads go, `dtype` what a GGUF is dequantized to (bfloat16 by default; a directory's weights keep
-    their own), `progress` is told of long reads (the GGUF's hash, a download)."""
+    """What `spec` names (see the module docstring). `revision` is for Hub ids (as `owner/name@revision`
+    is), `cache_dir` where Hub downloads go (unset: huggingface_hub's cache), `dtype` what a GGUF is
+    dequantized to (bfloat16 by default; a directory's weights keep their own), `progress` is told of
+    long reads (the GGUF's hash; a Hub download draws huggingface_hub's own bars)."""
     text = str(spec)
     kind = spec_kind(text)
     path = Path(text).expanduser()
@@ -95,7 +101,7 @@ def spec_kind(spec: str) -> str:
         return "gguf"
     if _HUB_ID.fullmatch(spec):
         return "hub"
-    raise ModelSourceError(f"{spec}: not a directory, a .gguf file or a Hugging Face Hub id (owner/name)")
+    raise ModelSourceError(f"{spec}: not a directory, a .gguf file or a Hugging Face Hub id (owner/name[@revision])")
 
 
 def _only_for(spec: str, kind: str, *, revision: str | None = None, dtype: str | None = None) -> None:
@@ -106,14 +112,18 @@ def _only_for(spec: str, kind: str, *, revision: str | None = None, dtype: str |
 
 
 def _resolve_dir(path: Path) -> ResolvedModel:
+    return ResolvedModel("dir", path, _read_config(path), {}, lambda: from_model_dir(path))
+
+
+def _read_config(path: Path) -> Mapping[str, Any] | None:
     config_path = path / "config.json"
-    config = None
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_bytes())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelSourceError(f"{config_path}: not valid JSON ({exc})") from None
-    return ResolvedModel("dir", path, config, {}, lambda: from_model_dir(path))
+    if not config_path.is_file():
+        return None
+    try:
+        config: Mapping[str, Any] = json.loads(config_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelSourceError(f"{config_path}: not valid JSON ({exc})") from None
+    return config
 
 
 def _resolve_gguf(path: Path, dtype: str | None, progress: Progress | None) -> ResolvedModel:
@@ -125,12 +135,21 @@ def _resolve_gguf(path: Path, dtype: str | None, progress: Progress | None) -> R
 
 
 def _resolve_hub(
-    repo_id: str, *, revision: str | None, cache_dir: Path | None, dtype: str | None, progress: Progress | None
+    spec: str, *, revision: str | None, cache_dir: Path | None, dtype: str | None, progress: Progress | None
 ) -> ResolvedModel:
-    raise ModelSourceError(
-        f"{repo_id}: no such local directory or file; Hugging Face Hub ids are not supported yet "
-        "(download the model and pass its directory, or a .gguf file)"
-    )
+    from kold.snapshot.hub_source import fetch_hub_model
+
+    match = _HUB_ID.fullmatch(spec)
+    assert match is not None  # spec_kind said "hub"
+    repo_id, pinned = match["repo"], match["revision"]
+    if pinned is not None and revision is not None and pinned != revision:
+        raise ModelSourceError(f"{spec}: two revisions given ({pinned} in the id, {revision} as an option): name one")
+    if dtype is not None:
+        raise ModelSourceError(
+            f"{spec}: a Hub model's safetensors keep their dtype; a dtype applies to GGUF files only"
+        )
+    model = fetch_hub_model(repo_id, revision=pinned or revision, cache_dir=cache_dir)
+    return ResolvedModel("hub", model.path, _read_config(model.path), model.provenance, model.source)
 
 
 def file_sha256(path: Path, progress: Progress | None = None) -> str:
