@@ -165,8 +165,8 @@ class Settings(BaseSettings):
     # the runtime's demand records (invocations, its cold start) to Redis for the controller: auto reports
     # when it runs under Knative (K_SERVICE set) with KOLD_REDIS_URL set; a local platform's instances
     # never need it (the gateway records their demand)
-    runtime_demand: Annotated[Literal["auto", "on", "off"], BeforeValidator(lambda v: str(v).strip().lower())] = (
-        Field(default="auto", description="the runtime reports its demand to Redis: auto, on or off")
+    runtime_demand: Annotated[Literal["auto", "on", "off"], BeforeValidator(lambda v: str(v).strip().lower())] = Field(
+        default="auto", description="the runtime reports its demand to Redis: auto, on or off"
     )
 
     # -- the node agent (`kold node serve`) --

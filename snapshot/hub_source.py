@@ -69,7 +69,9 @@ class HubModel:
 
     @property
     def provenance(self) -> dict[str, str]:
-        return {"source": "hub", "hub_repo": self.repo_id, "hub_revision": self.revision, "hub_commit": self.commit}
+        """The commit, not the revision asked for: the same commit built as `main` and as its sha is the
+        same snapshot (one id, uploaded once)."""
+        return {"source": "hub", "hub_repo": self.repo_id, "hub_commit": self.commit}
 
     def source(self) -> ModelSource:
         """The weights and the small files of `SMALL_FILES`, nothing else the folder holds."""

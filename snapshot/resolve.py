@@ -7,7 +7,7 @@
 |---|---|---|
 | an existing directory (Hugging Face layout) | `dir` | nothing: a directory's snapshot id stays what it always was |
 | a `*.gguf` file (llama.cpp, Ollama) | `gguf` | `source=gguf`, `source_file` (its name), `source_sha256` |
-| `owner/name[@revision]` that is no local path | `hub` | `source=hub`, `hub_repo`, `hub_revision` (as asked), `hub_commit` (what it resolved to) |
+| `owner/name[@revision]` that is no local path | `hub` | `source=hub`, `hub_repo`, `hub_commit` (what the revision resolved to: the same commit is one snapshot however it was asked for) |
 
 Problems are `ModelSourceError`s that name the spec, raised before anything is built: a GGUF is
 parsed and checked here (architecture, quantization types, tensors), so `kold deploy` fails before

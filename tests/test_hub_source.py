@@ -151,7 +151,6 @@ def test_a_hub_id_builds_its_commit_with_provenance(cache: Cache, models: dict[s
     assert dict(resolved.provenance) == {
         "source": "hub",
         "hub_repo": REPO,
-        "hub_revision": "main",
         "hub_commit": main,
     }
     assert resolved.config == json.loads((models["main"] / "config.json").read_bytes())
@@ -182,9 +181,12 @@ def test_a_revision_by_branch_by_commit_and_in_the_id(cache: Cache, models: dict
     by_branch = resolve_model(REPO, revision="dev", cache_dir=cache.root)
     in_the_id = resolve_model(f"{REPO}@dev", cache_dir=cache.root)
     by_commit = resolve_model(REPO, revision=dev, cache_dir=cache.root)
-    assert by_branch.provenance == in_the_id.provenance == {**by_commit.provenance, "hub_revision": "dev"}
-    assert by_commit.provenance["hub_commit"] == by_commit.provenance["hub_revision"] == dev
-    assert_same_weights(build_snapshot(by_branch, store, chunk_size=CHUNK).uri, models["dev"])
+    # one commit, however it was asked for, is one snapshot
+    assert by_branch.provenance == in_the_id.provenance == by_commit.provenance
+    assert by_commit.provenance["hub_commit"] == dev
+    branch_built = build_snapshot(by_branch, store, chunk_size=CHUNK)
+    assert branch_built.manifest.id == build_snapshot(by_commit, store, chunk_size=CHUNK).manifest.id
+    assert_same_weights(branch_built.uri, models["dev"])
     main = resolve_model(REPO, revision=cache.commits["main"], cache_dir=cache.root)
     assert main.provenance["hub_commit"] == cache.commits["main"]
     with pytest.raises(ModelSourceError, match=r"two revisions given \(dev in the id, main as an option\)"):
@@ -423,7 +425,6 @@ def test_kold_snapshot_build_offline_from_the_cache(cache: Cache, store: str, tm
         "architectures": "Qwen2ForCausalLM",
         "source": "hub",
         "hub_repo": REPO,
-        "hub_revision": "dev",
         "hub_commit": cache.commits["dev"],
     }
     missing = kold("snapshot", "build", "kold-test/nothing", "--to", store, home=tmp_path / "home", **env)
@@ -445,7 +446,7 @@ def test_kold_snapshot_build_downloads_through_hf_endpoint(
     assert built.returncode == 0, built.stderr
     commit = hub.repos[REPO].refs["main"]
     meta = inspect_json(built.stdout.strip(), home)["metadata"]
-    assert isinstance(meta, dict) and (meta["hub_revision"], meta["hub_commit"]) == ("main", commit)
+    assert isinstance(meta, dict) and meta["hub_commit"] == commit and "hub_revision" not in meta
     assert_same_weights(built.stdout.strip(), models["main"])
     assert hub.downloaded(REPO) == {p.name for p in models["main"].iterdir()}  # no .bin, README, notes or onnx/
     # every call about the repository carries the token (huggingface_hub 2.x also fetches a registry of its own)

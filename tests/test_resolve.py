@@ -66,7 +66,6 @@ def test_a_gguf_in_another_compute_dtype(gguf_file: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("HuggingFaceTB/SmolLM2-135M-Instruct", "Hub ids are not supported yet"),
         ("/definitely/not/here", "not a directory, a .gguf file or a Hugging Face Hub id"),
         ("/definitely/not/here.gguf", "no such file"),
         ("a/b/c", "not a directory, a .gguf file"),
