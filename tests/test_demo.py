@@ -164,16 +164,19 @@ def test_kold_demo_serves_smollm2_and_restores_the_cold_start_into_the_pool(tmp_
     assert deploy.startswith(f"[9] $ kold deploy {gguf} --name smollm2")
     published = re.search(r"file://\S+/snapshots/[0-9a-f]+", step[2])
     assert published is not None and f"already in the store: {published.group()}" in deploy, deploy
-    assert "has 4 free segment(s) for it" in deploy  # the wait before the cold start: --max-instances 4
+    # the wait before the cold start ends when the pool (growing towards --max-instances 4 segments) has one free
+    assert re.search(r"has [1-4] free segment\(s\) for it\n", deploy), deploy
     greedy = "--chat --temperature 0 --max-tokens 24"
     assert cold.startswith(f"[10] $ kold invoke smollm2 'What is the capital of France?' {greedy}\n")
-    # the answer in words (a greedy one: the same every run), then its cold-start breakdown
-    assert "\nThe capital of France is Paris.\n" in cold and "\ncold (chat): first token" in cold, cold
+    # the answer in words (greedy: "The capital of France is Paris." here), then its cold-start breakdown
+    answer = cold.splitlines()[1]
+    assert "Paris" in answer and "\ncold (chat): first token" in cold, cold
     assert "x-kold-restore-ms" in cold
-    assert status.startswith("[11] $ kold snapshot pool status") and "4 segments" in status
+    assert status.startswith("[11] $ kold snapshot pool status") and re.search(r": [1-4] segments, ", status)
     assert "1 in use" in status, status
     assert warm.startswith(f"[12] $ kold invoke smollm2 'Name three primary colors.' {greedy}\n")
-    assert "\nThe primary colors are: Red, Blue, and Yellow.\n" in warm and "\nwarm (chat): first token" in warm
+    answer = warm.splitlines()[1]  # "The primary colors are: Red, Blue, and Yellow." here
+    assert "Red" in answer and "Blue" in answer and "\nwarm (chat): first token" in warm, warm
     instances = described[described.index("Instances") :]
     assert re.search(r"smollm2-00001-2 +ready .* store→pool ", instances), instances
     assert "→pool: restored into a segment of the node's pre-faulted host pool" in instances
