@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -333,6 +333,51 @@ class LlamaForCausalLM(nn.Module):
             gate(len(self.model.layers) + 1)
         logits: torch.Tensor = self.lm_head(self.model.norm(x))
         return logits
+
+    def final_hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final norm's output `[B, T, hidden]` (what the LM head reads), in the model dtype, for rows
+        that each begin at position 0; for embeddings (runtime/embeddings.py).
+
+        Uses no KV cache: each layer's K/V live only for that layer's attention, so this reads the
+        weights and nothing else the engine's scheduler thread writes, and may run in another thread
+        beside its steps. Attention is causal within each row, so a row right-padded to T gives its
+        first tokens exactly the states they have alone (the padding only follows them).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} must be [B, T]")
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        slots = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+        own = cast(KVCache, _LayerKV())  # the one KVCache method pair attention calls
+        step = _Step(own, slots, positions, t, self.config.sliding_window)
+        gate = self.gate
+        if gate is not None:
+            gate(0)
+        x = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary_emb(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if gate is not None:
+                gate(i + 1)
+            x = layer(x, rope, step)
+        if gate is not None:
+            gate(len(self.model.layers) + 1)
+        hidden: torch.Tensor = self.model.norm(x)
+        return hidden
+
+
+class _LayerKV:
+    """Stands in for the KV cache in `final_hidden_states`: holds the K/V of the layer being computed,
+    which its attention reads back at once (when a mask is needed: one token, or past a sliding window)."""
+
+    def __init__(self) -> None:
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.kv = (k, v)
+
+    def read(self, layer: int, rows: int | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.kv is not None
+        return self.kv
 
 
 def build_skeleton(config: ModelConfig, dtype: torch.dtype) -> LlamaForCausalLM:

@@ -52,6 +52,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kold.runtime.backend import Backend, Loaded, Loader
+from kold.runtime.embeddings import EmbeddingRequest, Embeddings
 from kold.runtime.httpserver import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_HEADER_TIMEOUT_S,
@@ -85,7 +86,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kold.runtime")
 events = logging.getLogger("kold.runtime.events")  # one JSON object a line: startup, first_token, request, drain
 
-INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
+INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 TIER_CORRUPTED = "tier_corrupted"  # the code of a cache tier found corrupt after serving began
 
 R = TypeVar("R", bound=BaseModel)
@@ -174,6 +175,7 @@ class Runtime:
             on_first_token=self._log_first_token,
             demand=self.demand,
         )
+        self.embeddings = Embeddings(self.service)  # /v1/embeddings (runtime/embeddings.py)
         self.startup: dict[str, Any] | None = None  # the `startup` event, once ready (also in /readyz)
         # whether the weights served were checked against their checksums (in /readyz): state is
         # verified (on the way in, or after), pending (being checked), corrupt, or unverified (a tier
@@ -234,6 +236,9 @@ class Runtime:
         async def chat(request: Request) -> Response:
             return await self._call(request, ChatCompletionRequest, service.chat, "chat")
 
+        async def embeddings(request: Request) -> Response:
+            return await self._call(request, EmbeddingRequest, self.embeddings.create, "embeddings")
+
         async def http_error(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, HTTPException)
             if exc.status_code == 405:
@@ -249,6 +254,7 @@ class Runtime:
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
         gated: ASGIApp = _DrainGate(app, lifecycle, self.demand)
