@@ -15,6 +15,17 @@ Text: each generated token is detokenized incrementally (a window of recent ids,
 character or a SentencePiece leading space split over tokens is streamed only once whole), stop
 strings are searched in the accumulated text, and text that could be the start of a stop string is
 held back until it is known not to be one: the returned text always ends before the stop string.
+
+Structured outputs (runtime/structured.py): a request whose `SamplingParams.constraint` is set gets
+its own matcher when admitted. Before each of its samples (prefill and decode alike) the matcher's
+bitmask masks the row's logits, so greedy, temperature, top-k/top-p and the reported log-probabilities
+all see the allowed tokens only; the sampled token then advances the matcher. End-of-sequence is
+allowed only where the grammar may end (and always ends a constrained sequence, `ignore_eos` or not),
+and the sequence finishes with "stop" as soon as its matcher has terminated. Other rows of the batch
+are not touched: a free request decodes exactly the tokens it would without constrained neighbours.
+A constrained output cut by `max_tokens` or the context ends with "length", its text an unfinished
+prefix of the grammar (as OpenAI reports a truncated structured output). The matcher is dropped with
+the sequence (finished, cancelled or failed).
 """
 
 from __future__ import annotations
@@ -38,12 +49,14 @@ from kold.runtime.model import LlamaForCausalLM, build_model, resolve_device
 from kold.runtime.sampling import (
     SamplingParams,
     TokenLogprobs,
+    apply_token_bitmask,
     find_stop,
     holdback,
     make_generator,
     sample_batch,
     token_logprobs,
 )
+from kold.runtime.structured import Matcher, fill_bitmask, mask_words
 from kold.runtime.tokenizer import IncrementalDecoder
 
 if TYPE_CHECKING:
@@ -203,8 +216,17 @@ class _Sequence:
         self.detok = IncrementalDecoder(engine.tokenizer, prompt_ids=request.prompt_ids)
         self.text = ""  # detokenized so far, cut at a stop string
         self.emitted = 0  # characters of self.text already delivered
+        constraint = self.params.constraint
+        self.matcher: Matcher | None = None
+        if constraint is not None:
+            if constraint.vocab_size != engine.config.vocab_size:
+                raise ValueError(
+                    f"the constraint was compiled for {constraint.vocab_size} token ids, the model has "
+                    f"{engine.config.vocab_size}"
+                )
+            self.matcher = constraint.matcher()
         self.stop_ids: frozenset[int] = frozenset(self.params.stop_token_ids) | (
-            frozenset() if self.params.ignore_eos else engine.eos_token_ids
+            frozenset() if self.params.ignore_eos and self.matcher is None else engine.eos_token_ids
         )
 
     @property
@@ -220,8 +242,13 @@ class _Sequence:
         if token in self.stop_ids:  # the end-of-sequence token itself is never text
             finish, new = "stop", self.detok.flush()
         else:
+            if self.matcher is not None and not self.matcher.advance(token):
+                error = self.matcher.error or f"token {token} is not allowed here"
+                return self.finish(token, "error", f"the grammar refused a sampled token: {error}")
             new = self.detok.step(token)
-            if len(self.generated) >= self.params.max_tokens or self.prompt_len + len(self.generated) >= max_seq_len:
+            if self.matcher is not None and self.matcher.done:
+                finish, new = "stop", new + self.detok.flush()
+            elif len(self.generated) >= self.params.max_tokens or self.prompt_len + len(self.generated) >= max_seq_len:
                 finish, new = "length", new + self.detok.flush()
         if new:
             # a stop string may straddle the old text and the new: search from where it could start
@@ -293,6 +320,7 @@ class Engine:
         self._abort = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
+        self._bitmask: torch.Tensor | None = None  # constrained rows' masks, [max_batch, words] int32 on the CPU
         self.tokens_generated = 0  # totals for metrics; written by the scheduler thread only
         self.prompt_tokens_processed = 0
 
@@ -425,7 +453,7 @@ class Engine:
         slots = torch.tensor([seq.slot], dtype=torch.long, device=self.device)
         logits = self.model(ids, positions, self.cache, slots, kv_len=n, last_only=True)
         self.prompt_tokens_processed += n
-        last = logits[:, -1].float()
+        last = self._constrain(logits[:, -1].float(), [seq])
         token = sample_batch(last, [seq.params], [seq.generator], [seq.generated])[0]
         return token, token_logprobs(last, [token], [seq.params.logprobs])[0]
 
@@ -437,7 +465,7 @@ class Engine:
         slots = torch.tensor([s.slot for s in rows], dtype=torch.long, device=self.device)
         try:
             logits = self.model(ids, positions, self.cache, slots, kv_len=max(pos) + 1, last_only=True)
-            last = logits[:, -1].float()
+            last = self._constrain(logits[:, -1].float(), rows)
             params = [s.params for s in rows]
             tokens = sample_batch(last, params, [s.generator for s in rows], [s.generated for s in rows])
             logprobs = token_logprobs(last, tokens, [p.logprobs for p in params])
@@ -448,6 +476,21 @@ class Engine:
             return
         for seq, token, lp in zip(list(rows), tokens, logprobs, strict=True):
             self._emit(seq, seq.accept(token, self.max_seq_len), lp)
+
+    def _constrain(self, logits: torch.Tensor, rows: Sequence[_Sequence]) -> torch.Tensor:
+        """`logits [B, V]` with each constrained row masked to what its grammar allows (the others
+        untouched). The masks are computed on the CPU while a GPU still runs the forward."""
+        constrained = [i for i, s in enumerate(rows) if s.matcher is not None]
+        if not constrained:
+            return logits
+        if self._bitmask is None:
+            self._bitmask = torch.zeros((self.max_batch, mask_words(self.config.vocab_size)), dtype=torch.int32)
+        matchers = [m for m in (rows[i].matcher for i in constrained) if m is not None]
+        fill_bitmask(matchers, self._bitmask)
+        for j, m in enumerate(matchers):
+            if m.error is not None:  # e.g. a grammar past the library's limits: its row fails alone, at accept
+                self._bitmask[j] = -1
+        return apply_token_bitmask(logits, self._bitmask, constrained)
 
     def _emit(self, seq: _Sequence, event: TokenEvent, logprobs: TokenLogprobs | None = None) -> None:
         if logprobs is not None:
@@ -461,6 +504,7 @@ class Engine:
     def _release(self, seq: _Sequence, event: TokenEvent) -> None:
         if seq in self._running:
             self._running.remove(seq)
+        seq.matcher = None  # its grammar state goes with the sequence
         self.cache.free(seq.slot)
         self._last_event(seq.handle, event)
 

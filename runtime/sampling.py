@@ -7,7 +7,11 @@ and model) however the scheduler interleaves it with others.
 
 Log-probabilities are the model's own ("raw", as vLLM reports them by default): `log_softmax` of
 the logits before penalties, temperature, top-k and top-p change them, so that an evaluation scores
-the model and not the sampling settings of the request that asked.
+the model and not the sampling settings of the request that asked. A constrained request
+(`SamplingParams.constraint`, runtime/structured.py) is the exception that follows from what it asks:
+its logits are masked to what its grammar allows before anything else, so its log-probabilities are
+the model's distribution over the allowed tokens (renormalised over them, as vLLM reports them), and
+its top alternatives are allowed tokens only.
 """
 
 from __future__ import annotations
@@ -16,8 +20,12 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kold.runtime.structured import Compiled
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 # OpenAI reports a log-probability too small to matter as -9999.0 (JSON has no -inf)
@@ -42,6 +50,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # None: no log-probabilities; k >= 0: each generated token's, and the k most likely alternatives'
     logprobs: int | None = None
+    # a compiled structured-output constraint (runtime/structured.py): the tokens its grammar does not
+    # allow are masked out before sampling, and the sequence ends where the grammar does
+    constraint: Compiled | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -89,6 +100,23 @@ def apply_penalties(logits: torch.Tensor, generated: Sequence[int], params: Samp
     ids = torch.tensor(generated, dtype=torch.long, device=logits.device)
     counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
     return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """`logits [B, V]` (fp32, modified in place and returned) with row `rows[j]` set to -inf wherever bit
+    t of `bitmask[j]` (int32 [len(rows), words], words * 32 >= V; bit i of word k is token 32k + i) is
+    clear. The other rows are untouched."""
+    n, vocab = len(rows), logits.shape[-1]
+    if n == 0:
+        return logits
+    words = bitmask[:n].to(logits.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words[:, :, None] >> shifts) & 1).view(n, -1)[:, :vocab].bool()
+    if n == logits.shape[0] and list(rows) == list(range(n)):
+        return logits.masked_fill_(~allowed, -math.inf)
+    index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, -math.inf)
+    return logits
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -1,0 +1,376 @@
+"""Structured outputs: what a request asks the sampler to follow (`Constraint`), compiled once per
+model into a grammar (`GrammarCompiler`, an LRU keyed by the constraint), and the per-sequence
+matchers the engine's batched sampler follows.
+
+The library is llguidance (pyproject says why). A JSON schema, a regex, a list of choices or a
+Lark / GBNF grammar becomes an llguidance grammar; compiling it builds a matcher that is kept, never
+advanced, as the cache entry, and each sequence gets a copy of it (microseconds). At every step the
+engine asks each constrained row's matcher for its bitmask of allowed tokens (one bit per token id of
+the model's logits), masks the logits, samples, and advances the matcher with the token. The
+end-of-sequence ids are allowed only where the grammar may end, and a sequence ends as soon as its
+matcher has terminated (nothing but end-of-sequence could follow).
+
+JSON is generated compact (`,` and `:` without whitespace): the fewest tokens, and a weak model cannot
+pad an answer with whitespace until it runs out of tokens.
+
+Compiling runs in a worker thread (llguidance drops the GIL while it builds), so the event loop never
+waits for it; concurrent requests for the same constraint share one compile. The vocabulary (every
+token's bytes) is read from the tokenizer on the first compile, not at a cold start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    import llguidance
+    from llguidance._lib import JsonCompileOptions
+
+ConstraintKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+
+# A compile error's message as the client gets it: the library's, cut to this many characters
+MAX_ERROR_CHARS = 600
+DEFAULT_CACHE_SIZE = 256  # compiled grammars kept per model (each a few KB to a few MB)
+
+
+class ConstraintError(ValueError):
+    """A constraint the library cannot compile, or a malformed one: the message names the feature
+    (the HTTP layer answers 400)."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request asks the sampler to follow. Hashable: the compile cache's key.
+
+    `value`: the schema as compact JSON for json_schema (keys in the schema's order, which is the order
+    the properties are generated in: two schemas that differ only in it are two constraints), the
+    regex, the JSON list of choices, the grammar's text; "" for json_object (any JSON object). `strict`
+    (json_schema only): True refuses a schema that uses a keyword the library does not implement;
+    False ignores such keywords (the output then follows the rest of the schema only)."""
+
+    kind: ConstraintKind
+    value: str = ""
+    strict: bool = True
+
+    @classmethod
+    def json_object(cls) -> Constraint:
+        return cls("json_object")
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any], *, strict: bool = True) -> Constraint:
+        if not isinstance(schema, Mapping):
+            raise ConstraintError("a JSON schema must be a JSON object")
+        try:
+            value = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ConstraintError(f"the JSON schema is not JSON: {exc}") from None
+        return cls("json_schema", value, strict)
+
+    @classmethod
+    def regex(cls, pattern: str) -> Constraint:
+        if not isinstance(pattern, str):
+            raise ConstraintError("a regex must be a string")
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, choices: Sequence[str]) -> Constraint:
+        if isinstance(choices, str) or not isinstance(choices, Sequence):
+            raise ConstraintError("choices must be a list of strings")
+        if not choices or not all(isinstance(c, str) and c for c in choices):
+            raise ConstraintError("choices must be a non-empty list of non-empty strings")
+        return cls("choice", json.dumps(list(choices), ensure_ascii=False))
+
+    @classmethod
+    def grammar(cls, text: str) -> Constraint:
+        """A Lark grammar (llguidance's syntax) or a GBNF one (llama.cpp's), told apart by its text."""
+        if not isinstance(text, str) or not text.strip():
+            raise ConstraintError("a grammar must be a non-empty string")
+        return cls("grammar", text)
+
+
+# -- what the engine uses ---------------------------------------------------------------------------
+
+
+class Matcher(Protocol):
+    """One sequence's position in its grammar (scheduler thread only)."""
+
+    def fill_mask(self, out: torch.Tensor) -> None:
+        """Write the allowed next tokens into `out`: int32 [words] on the CPU, bit i of word j = token 32j+i."""
+
+    def advance(self, token: int) -> bool:
+        """Consume a sampled token (never an end-of-sequence id); False if the grammar refused it."""
+
+    @property
+    def done(self) -> bool:
+        """The grammar has ended: nothing but end-of-sequence could follow."""
+
+    @property
+    def error(self) -> str | None: ...
+
+
+class Compiled(Protocol):
+    """A compiled constraint, shared by every request that asks for it."""
+
+    @property
+    def vocab_size(self) -> int:
+        """The logits width its masks cover (the model's vocabulary)."""
+
+    def matcher(self) -> Matcher:
+        """A fresh matcher at the grammar's start."""
+
+
+def mask_words(vocab_size: int) -> int:
+    """int32 words of a bitmask over `vocab_size` tokens."""
+    return (vocab_size + 31) // 32
+
+
+def fill_bitmask(matchers: Sequence[Matcher], out: torch.Tensor) -> None:
+    """Row i of `out` (int32 [>= len(matchers), words], CPU, contiguous) := matcher i's mask. llguidance's
+    matchers fill theirs in parallel threads (the GIL released); others one by one."""
+    if len(matchers) > 1 and all(isinstance(m, _LLGuidanceMatcher) for m in matchers):
+        pairs = [(m.inner, i) for i, m in enumerate(matchers) if isinstance(m, _LLGuidanceMatcher)]
+        _executor().unsafe_compute_mask_ptr(pairs, out.data_ptr(), out.shape[1] * 4, out.shape[0])
+        return
+    for i, m in enumerate(matchers):
+        m.fill_mask(out[i])
+
+
+# -- the vocabulary -----------------------------------------------------------------------------------
+
+
+class TokenizerLike(Protocol):
+    """What the compiler reads from a tokenizer (runtime/tokenizer.py's `Tokenizer` has it)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def special_token_ids(self) -> Collection[int]: ...
+    def token_bytes(self, token_id: int) -> bytes: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Every token id of the model's logits as the bytes it stands for in a text (b"" for ids the
+    tokenizer does not have: the model's vocabulary may be padded past it), and the ids that end a
+    sequence. Special tokens are never text to a grammar."""
+
+    tokens: Sequence[bytes]
+    eos_token_ids: Sequence[int]
+    special_token_ids: Collection[int] = ()
+    encode: Callable[[str], list[int]] | None = None
+
+    @classmethod
+    def of(cls, tokenizer: TokenizerLike, vocab_size: int, eos_token_ids: Collection[int]) -> Vocabulary:
+        if not eos_token_ids:
+            raise ValueError("a grammar needs at least one end-of-sequence token id")
+        known = min(tokenizer.vocab_size, vocab_size)
+        tokens = [tokenizer.token_bytes(i) for i in range(known)] + [b""] * (vocab_size - known)
+        return cls(
+            tokens,
+            sorted(eos_token_ids),
+            frozenset(tokenizer.special_token_ids),
+            lambda text: tokenizer.encode(text, add_special_tokens=False),
+        )
+
+
+class _TokenizerForLLGuidance:
+    """The tokenizer shape llguidance's `TokenizerWrapper` reads."""
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.eos_token_id = vocab.eos_token_ids[0]
+        self.bos_token_id = None
+        self.tokens = list(vocab.tokens)
+        self.special_token_ids = sorted(vocab.special_token_ids)
+        self._encode = vocab.encode
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        if self._encode is None:
+            raise NotImplementedError("this vocabulary has no tokenizer")
+        return self._encode(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+
+
+# -- llguidance ---------------------------------------------------------------------------------------
+
+_EXECUTOR: llguidance.LLExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _executor() -> llguidance.LLExecutor:
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            import llguidance
+
+            _EXECUTOR = llguidance.LLExecutor()
+        return _EXECUTOR
+
+
+class _LLGuidanceMatcher:
+    def __init__(self, inner: llguidance.LLMatcher) -> None:
+        self.inner = inner
+
+    def fill_mask(self, out: torch.Tensor) -> None:
+        self.inner.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * 4)
+
+    def advance(self, token: int) -> bool:
+        return bool(self.inner.consume_token(token))
+
+    @property
+    def done(self) -> bool:
+        return bool(self.inner.is_stopped())
+
+    @property
+    def error(self) -> str | None:
+        return self.inner.get_error() or None if self.inner.is_error() else None
+
+
+@dataclass(frozen=True)
+class _LLGuidanceGrammar:
+    """A compiled grammar: a matcher at its start, copied for each sequence and never advanced."""
+
+    start: llguidance.LLMatcher
+    vocab_size: int
+
+    def matcher(self) -> Matcher:
+        return _LLGuidanceMatcher(self.start.deep_copy())
+
+
+def _describe(kind: ConstraintKind) -> str:
+    return {
+        "json_object": "the JSON object grammar",
+        "json_schema": "the JSON schema",
+        "regex": "the regex",
+        "choice": "the choices",
+        "grammar": "the grammar",
+    }[kind]
+
+
+def _json_options(*, lenient: bool) -> JsonCompileOptions:
+    """JSON as the grammar writes it: no whitespace between tokens (see the module docstring); options
+    given as overrides, so that a schema's own `x-guidance` cannot turn them off."""
+    return {"whitespace_flexible": False, "lenient": lenient}
+
+
+def _llguidance_grammar(c: Constraint) -> str:
+    import llguidance
+
+    if c.kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=_json_options(lenient=False))
+    if c.kind == "json_schema":
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(c.value, overrides=_json_options(lenient=not c.strict))
+        except ValueError as exc:
+            raise ConstraintError(f"the JSON schema is not valid: {exc}") from None
+    if c.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(c.value)
+    if c.kind == "choice":
+        return llguidance.grammar_from("choice", c.value)
+    try:
+        return llguidance.grammar_from("grammar", c.value)  # Lark, or GBNF translated to Lark
+    except ValueError as exc:
+        raise ConstraintError(f"the grammar is not valid: {exc}") from None
+
+
+def _short(message: str) -> str:
+    message = message.strip()
+    return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 3] + "..."
+
+
+# -- the compiler -------------------------------------------------------------------------------------
+
+
+class GrammarCompiler:
+    """Compiles constraints for one model's vocabulary and keeps the last `cache_size` results (errors
+    too: a schema that failed fails again at no cost). `vocabulary` is called once, on the first
+    compile, in the compile thread."""
+
+    def __init__(
+        self,
+        vocabulary: Callable[[], Vocabulary],
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        threads: int = 1,
+    ) -> None:
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        self._vocabulary = vocabulary
+        self.cache_size = cache_size
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kold-grammar")
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[Constraint, Future[Compiled]] = OrderedDict()
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._vocab_size = 0
+
+    @classmethod
+    def for_tokenizer(
+        cls, tokenizer: TokenizerLike, vocab_size: int, eos_token_ids: Collection[int], **kwargs: Any
+    ) -> GrammarCompiler:
+        """A compiler for a model whose logits are `vocab_size` wide, ending on `eos_token_ids`."""
+        ids = frozenset(eos_token_ids)
+        return cls(lambda: Vocabulary.of(tokenizer, vocab_size, ids), **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    async def compile(self, c: Constraint) -> tuple[Compiled, float]:
+        """The compiled constraint and the seconds this call waited for it (0.0 on a cache hit): the
+        compile in the worker thread, or another request's compile of the same constraint in flight.
+        Raises ConstraintError."""
+        future, hit = self._lookup(c)
+        if hit and future.done():
+            return future.result(), 0.0
+        t0 = time.perf_counter()
+        compiled = await asyncio.wrap_future(future)
+        return compiled, time.perf_counter() - t0
+
+    def compile_sync(self, c: Constraint) -> Compiled:
+        """`compile` for callers without an event loop (scripts, tests)."""
+        return self._lookup(c)[0].result()
+
+    def _lookup(self, c: Constraint) -> tuple[Future[Compiled], bool]:
+        with self._lock:
+            future = self._cache.get(c)
+            if future is not None:
+                self._cache.move_to_end(c)
+                return future, True
+            future = self._pool.submit(self._build, c)
+            self._cache[c] = future
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            return future, False
+
+    def _llg_tokenizer(self) -> llguidance.LLTokenizer:
+        """Built once, in the compile thread (a large vocabulary takes a few hundred ms)."""
+        if self._tokenizer is None:
+            import llguidance
+
+            vocab = self._vocabulary()
+            self._tokenizer = llguidance.LLTokenizer(
+                llguidance.TokenizerWrapper(_TokenizerForLLGuidance(vocab)), eos_token=list(vocab.eos_token_ids)
+            )
+            self._vocab_size = len(vocab.tokens)
+        return self._tokenizer
+
+    def _build(self, c: Constraint) -> Compiled:
+        import llguidance
+
+        tokenizer = self._llg_tokenizer()
+        grammar = _llguidance_grammar(c)
+        start = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if start.is_error():
+            raise ConstraintError(f"{_describe(c.kind)} cannot be compiled: {_short(start.get_error())}")
+        return _LLGuidanceGrammar(start, self._vocab_size)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
