@@ -54,7 +54,7 @@ from kold.runtime.protocol import (
 
 log = logging.getLogger("kold.gateway.app")
 
-_ROUTED_PATHS = {"chat/completions", "completions"}
+_ROUTED_PATHS = {"chat/completions", "completions", "embeddings"}
 # A client's X-Request-Id is kept when it is a plain token (it goes into log lines); anything else is
 # replaced by one of ours.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -250,6 +250,7 @@ def build_app(
     routes = [
         Route("/v1/chat/completions", endpoint(by_model), methods=["POST"]),
         Route("/v1/completions", endpoint(by_model), methods=["POST"]),
+        Route("/v1/embeddings", endpoint(by_model), methods=["POST"]),
         Route("/v1/models", endpoint(models), methods=["GET"]),
         Route("/v1/models/{model}", endpoint(model), methods=["GET"]),
         # a function's own base URL (what `kold deploy` prints): .../v1/functions/NAME/v1

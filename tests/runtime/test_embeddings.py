@@ -331,3 +331,31 @@ def test_batches_pack_longest_first_within_the_budget() -> None:
     packed = batches(lengths, max_tokens=16, max_rows=3)
     assert sorted(i for b in packed for i in b) == list(range(len(lengths)))
     assert all(len(b) * max(lengths[i] for i in b) <= 16 or len(b) == 1 for b in packed)
+
+
+# -- the model's hidden state ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["llama2", "llama3-scaled-tied", "mistral", "qwen2"])
+def test_final_hidden_states_equal_transformers_for_every_variant(variant: str) -> None:
+    """Every architecture (Mistral's sliding window of 12 takes the masked path at 20 tokens, a single
+    token too), right-padded rows included; and the LM head over it gives `forward`'s logits."""
+    from test_model import VARIANTS, checkpoint, hf_model, ours
+
+    from kold.runtime.config import ModelConfig
+    from kold.runtime.kvcache import KVCache
+
+    config = ModelConfig.from_hf(VARIANTS[variant])
+    reference = hf_model(VARIANTS[variant])
+    model = ours(config, checkpoint(reference, config))
+    ids = torch.randint(3, config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        want = reference(ids, output_hidden_states=True).hidden_states[-1]
+        got = model.final_hidden_states(ids)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        padded = torch.cat([torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], 1), torch.cat([ids[:, :1]] * 26, 1)])
+        torch.testing.assert_close(model.final_hidden_states(padded)[:1, :20], want, atol=1e-5, rtol=1e-5)
+        one = model.final_hidden_states(ids[:, :1])
+        torch.testing.assert_close(one, reference(ids[:, :1], output_hidden_states=True).hidden_states[-1])
+        logits = model(ids, torch.arange(20)[None], KVCache(config, 1, 32, torch.float32), torch.tensor([0]))
+        torch.testing.assert_close(model.lm_head(got), logits)
