@@ -359,3 +359,63 @@ def test_final_hidden_states_equal_transformers_for_every_variant(variant: str) 
         torch.testing.assert_close(one, reference(ids[:, :1], output_hidden_states=True).hidden_states[-1])
         logits = model(ids, torch.arange(20)[None], KVCache(config, 1, 32, torch.float32), torch.tensor([0]))
         torch.testing.assert_close(model.lm_head(got), logits)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+        ),
+    ],
+)
+def test_final_hidden_states_from_another_thread_leave_decoding_alone(device: str) -> None:
+    """What the runtime does: one thread decodes through the KV cache while another computes hidden
+    states on the same model; each gets exactly what it gets alone."""
+    from test_model import VARIANTS, checkpoint, hf_model, ours
+
+    from kold.runtime.config import ModelConfig
+    from kold.runtime.kvcache import KVCache
+
+    config = ModelConfig.from_hf(VARIANTS["llama2"])
+    model = ours(config, checkpoint(hf_model(VARIANTS["llama2"]), config)).to(device)
+    ids = torch.randint(3, config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(5)).to(device)
+
+    def decode() -> list[int]:
+        with torch.inference_mode():
+            cache = KVCache(config, 1, 96, torch.float32, torch.device(device))
+            slot = torch.tensor([0], device=device)
+            logits = model(ids[:1], torch.arange(17, device=device)[None], cache, slot)
+            out = [int(logits[0, -1].argmax())]
+            for i in range(40):
+                pos = torch.tensor([[17 + i]], device=device)
+                out.append(int(model(torch.tensor([[out[-1]]], device=device), pos, cache, slot)[0, -1].argmax()))
+            return out
+
+    def hidden() -> torch.Tensor:
+        with torch.inference_mode():
+            return model.final_hidden_states(ids).cpu()
+
+    tokens_alone, hidden_alone = decode(), hidden()
+    results: dict[str, Any] = {}
+    stop = threading.Event()
+
+    def embed_meanwhile() -> None:
+        got = []
+        while not stop.is_set() or not got:
+            got.append(hidden())
+        results["hidden"] = got
+
+    thread = threading.Thread(target=embed_meanwhile)
+    thread.start()
+    try:
+        results["tokens"] = [decode() for _ in range(2)]
+    finally:
+        stop.set()
+        thread.join(60)
+    assert results["tokens"] == [tokens_alone] * 2
+    assert len(results["hidden"]) >= 2
+    for h in results["hidden"]:
+        torch.testing.assert_close(h, hidden_alone, atol=0, rtol=0)
