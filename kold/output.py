@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 FORMATS = ("json", "yaml")
 
@@ -67,3 +69,27 @@ def human_time(stamp: float, now: float | None = None) -> str:
     """A Unix time as local time and how long ago: `2026-11-23 14:02:11 (3m12s ago)`."""
     now = time.time() if now is None else now
     return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stamp))} ({human_age(now - stamp)} ago)"
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for a log line or an error: a password in it (`redis://user:secret@host`,
+    `redis://:secret@[::1]:6379`, `unix://:secret@/run/redis.sock`, `?password=secret`) shown as ***,
+    because pod logs and terminals are widely read. The rest is left as given, IPv6 brackets included;
+    a URL too malformed to split keeps its scheme only."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return f"{url.partition(':')[0]}://***" if "://" in url else "***"
+    userinfo, at, host = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    query = re.sub(r"(^|[&;])(password=)[^&;]*", r"\1\2***", parts.query, flags=re.IGNORECASE)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    # by hand, not urlunsplit: that drops the empty authority of unix:///path
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )

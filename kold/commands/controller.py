@@ -20,12 +20,11 @@ import asyncio
 import logging
 import signal
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from kold.commands.knative_target import add_cluster_options
 from kold.controller.lease import DEFAULT_KEY
 from kold.errors import CLIError
-from kold.output import note
+from kold.output import note, redact_url
 from kold.platform_state import locate_gateway, read_state
 from kold.settings import Settings
 
@@ -120,7 +119,9 @@ def _cmd_local(args: argparse.Namespace, settings: Settings, tick_s: float) -> i
     client = _redis(redis_url)
     metrics, served = _serve_metrics(args)
     logging.getLogger("kold").setLevel(logging.INFO)
-    note(f"pre-warm controller: Redis {redis_url}, gateway {where.url}, a decision pass every {tick_s:g} s{served}")
+    note(
+        f"pre-warm controller: Redis {redact_url(redis_url)}, gateway {where.url}, a decision pass every {tick_s:g} s{served}"
+    )
     try:
         asyncio.run(_run(client, where.url, key, tick_s, settings, metrics))
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C or SIGTERM: the lease was given up
@@ -159,7 +160,7 @@ def _cmd_knative(args: argparse.Namespace, settings: Settings, tick_s: float) ->
             metrics, served = _serve_metrics(args)
             logging.getLogger("kold").setLevel(logging.INFO)
             note(
-                f"pre-warm controller on Knative: namespace {cluster.namespace}, Redis {_shown(settings.redis_url)}, "
+                f"pre-warm controller on Knative: namespace {cluster.namespace}, Redis {redact_url(settings.redis_url)}, "
                 f"a decision pass every {tick_s:g} s{served}"
             )
             asyncio.run(_run_knative(client, cluster, tick_s, settings, metrics))
@@ -183,18 +184,8 @@ def _redis(url: str) -> Any:
         client.ping()
     except redis.RedisError as exc:
         client.close()
-        raise CLIError(f"cannot reach Redis at {url}: {exc or type(exc).__name__}") from None
+        raise CLIError(f"cannot reach Redis at {redact_url(url)}: {exc or type(exc).__name__}") from None
     return client
-
-
-def _shown(url: str) -> str:
-    """A Redis URL fit for a log line: its password left out (a pod's logs are widely read)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _serve_metrics(args: argparse.Namespace) -> tuple[ControllerMetrics, str]:

@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Any
 
 from kold.errors import CLIError
-from kold.output import human_bytes, note
+from kold.output import human_bytes, note, redact_url
 from kold.settings import Settings
 
 DEFAULT_PORT = 9095  # not 8080: the gateway and the runtime listen there by default
@@ -98,7 +98,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     host, port = http.server_address[:2]
     note(
         f"node agent on {node}: shm tier {tier.root} (up to {human_bytes(tier.max_bytes)}), Redis "
-        f"{_without_password(settings.redis_url)}, a sync every {settings.node_sync_s:g} s; "
+        f"{redact_url(settings.redis_url)}, a sync every {settings.node_sync_s:g} s; "
         f"http://{host!s}:{port}/healthz"
     )
     if no_pool:
@@ -113,14 +113,3 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         client.close()
     note("node agent stopped")
     return 0
-
-
-def _without_password(url: str) -> str:
-    """A Redis URL fit for a log line: the password (redis://:secret@host) replaced by ***."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from kold.commands import knative_target
 from kold.commands.snapshot import model_spec
 from kold.errors import CLIError
-from kold.output import add_output_option, human_bytes, human_time, note, print_data
+from kold.output import add_output_option, human_bytes, human_time, note, print_data, redact_url
 from kold.platform_state import (
     DEFAULT_URL,
     PlatformState,
@@ -373,7 +373,7 @@ def _serve_platform(args: argparse.Namespace, settings: Settings) -> int:
                 # would be left behind by every `kold down`
                 self._captured_signals.clear()
 
-        print(f"kold platform listening on http://{args.host}:{args.port} (redis {redis_url})", flush=True)
+        print(f"kold platform listening on http://{args.host}:{args.port} (redis {redact_url(redis_url)})", flush=True)
         config = server_config(
             app,
             args.host,

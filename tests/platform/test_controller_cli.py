@@ -163,3 +163,12 @@ def test_kold_controller_without_a_platform_says_so_in_one_line(tmp_path: Path) 
     bad_port = kold("controller", "--metrics-port", "70000", env=env)
     assert bad_port.returncode == 1 and "--metrics-port 70000" in bad_port.stderr, bad_port.stderr
     assert len(bad_port.stderr.strip().splitlines()) == 1
+
+
+def test_kold_controller_never_prints_the_redis_password(tmp_path: Path) -> None:
+    # nothing listens there: the one-line error names the Redis, its password left out
+    url = f"redis://:s3cretpw@127.0.0.1:{free_port()}/0"
+    result = kold("controller", "--target", "knative", env={**platform_env(tmp_path), "KOLD_REDIS_URL": url})
+    assert result.returncode == 1 and "cannot reach Redis at redis://:***@127.0.0.1:" in result.stderr, result.stderr
+    assert "s3cretpw" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
