@@ -155,6 +155,307 @@ QWEN3_CHAT_TEMPLATE = (
 )
 
 
+# -- tool use: each family's own tool template ------------------------------------------------------
+#
+# With tools (or a conversation that holds tool calls or results) the tiny models render their
+# family's real tool-calling template, so prompts carry tools as those models are trained to read
+# them; without, the templates above, byte for byte. The tool templates are written as the families
+# define them (Hugging Face's tokenizer_config.json of each): Llama 3.1-Instruct's JSON tool calling,
+# Qwen2.5-Instruct's Hermes-style <tool_call> blocks (for both Qwens: Qwen3 writes its calls alike),
+# and Mistral-7B-Instruct-v0.3's [AVAILABLE_TOOLS]/[TOOL_CALLS]/[TOOL_RESULTS].
+
+LLAMA31_TOOL_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- if custom_tools is defined %}\n"
+    "    {%- set tools = custom_tools %}\n"
+    "{%- endif %}\n"
+    "{%- if not tools_in_user_message is defined %}\n"
+    "    {%- set tools_in_user_message = true %}\n"
+    "{%- endif %}\n"
+    "{%- if not date_string is defined %}\n"
+    '    {%- set date_string = "26 Jul 2024" %}\n'
+    "{%- endif %}\n"
+    "{%- if not tools is defined %}\n"
+    "    {%- set tools = none %}\n"
+    "{%- endif %}\n"
+    "\n"
+    "{#- This block extracts the system message, so we can slot it into the right place. #}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content']|trim %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    '    {%- set system_message = "" %}\n'
+    "{%- endif %}\n"
+    "\n"
+    "{#- System message + builtin tools #}\n"
+    '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}\n'
+    "{%- if builtin_tools is defined or tools is not none %}\n"
+    '    {{- "Environment: ipython\\n" }}\n'
+    "{%- endif %}\n"
+    "{%- if builtin_tools is defined %}\n"
+    '    {{- "Tools: " + builtin_tools | reject(\'equalto\', \'code_interpreter\') | join(", ") + "\\n\\n"}}\n'
+    "{%- endif %}\n"
+    '{{- "Cutting Knowledge Date: December 2023\\n" }}\n'
+    '{{- "Today Date: " + date_string + "\\n\\n" }}\n'
+    "{%- if tools is not none and not tools_in_user_message %}\n"
+    '    {{- "You have access to the following functions. To call a function, please respond with JSON for a '
+    'function call." }}\n'
+    '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+    "value}.' }}\n"
+    '    {{- "Do not use variables.\\n\\n" }}\n'
+    "    {%- for t in tools %}\n"
+    "        {{- t | tojson(indent=4) }}\n"
+    '        {{- "\\n\\n" }}\n'
+    "    {%- endfor %}\n"
+    "{%- endif %}\n"
+    "{{- system_message }}\n"
+    '{{- "<|eot_id|>" }}\n'
+    "\n"
+    "{#- Custom tools are passed in a user message with some extra guidance #}\n"
+    "{%- if tools_in_user_message and not tools is none %}\n"
+    "    {#- Extract the first user message so we can plug it in here #}\n"
+    "    {%- if messages | length != 0 %}\n"
+    "        {%- set first_user_message = messages[0]['content']|trim %}\n"
+    "        {%- set messages = messages[1:] %}\n"
+    "    {%- else %}\n"
+    '        {{- raise_exception("Cannot put tools in the first user message when there\'s no first user message!") }}\n'
+    "{%- endif %}\n"
+    "    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}\n"
+    '    {{- "Given the following functions, please respond with a JSON for a function call " }}\n'
+    '    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}\n'
+    '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+    "value}.' }}\n"
+    '    {{- "Do not use variables.\\n\\n" }}\n'
+    "    {%- for t in tools %}\n"
+    "        {{- t | tojson(indent=4) }}\n"
+    '        {{- "\\n\\n" }}\n'
+    "    {%- endfor %}\n"
+    '    {{- first_user_message + "<|eot_id|>"}}\n'
+    "{%- endif %}\n"
+    "\n"
+    "{%- for message in messages %}\n"
+    "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}\n"
+    "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+    "'<|eot_id|>' }}\n"
+    "    {%- elif 'tool_calls' in message %}\n"
+    "        {%- if not message.tool_calls|length == 1 %}\n"
+    '            {{- raise_exception("This model only supports single tool-calls at once!") }}\n'
+    "        {%- endif %}\n"
+    "        {%- set tool_call = message.tool_calls[0].function %}\n"
+    "        {%- if builtin_tools is defined and tool_call.name in builtin_tools %}\n"
+    "            {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    '            {{- "<|python_tag|>" + tool_call.name + ".call(" }}\n'
+    "            {%- for arg_name, arg_val in tool_call.arguments | items %}\n"
+    "                {{- arg_name + '=\"' + arg_val + '\"' }}\n"
+    "                {%- if not loop.last %}\n"
+    '                    {{- ", " }}\n'
+    "                {%- endif %}\n"
+    "                {%- endfor %}\n"
+    '            {{- ")" }}\n'
+    "        {%- else  %}\n"
+    "            {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    "            {{- '{\"name\": \"' + tool_call.name + '\", ' }}\n"
+    "            {{- '\"parameters\": ' }}\n"
+    "            {{- tool_call.arguments | tojson }}\n"
+    '            {{- "}" }}\n'
+    "        {%- endif %}\n"
+    "        {%- if builtin_tools is defined %}\n"
+    "            {#- This means we're in ipython mode #}\n"
+    '            {{- "<|eom_id|>" }}\n'
+    "        {%- else %}\n"
+    '            {{- "<|eot_id|>" }}\n'
+    "        {%- endif %}\n"
+    '    {%- elif message.role == "tool" or message.role == "ipython" %}\n'
+    '        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}\n'
+    "        {%- if message.content is mapping or message.content is iterable %}\n"
+    "            {{- message.content | tojson }}\n"
+    "        {%- else %}\n"
+    "            {{- message.content }}\n"
+    "        {%- endif %}\n"
+    '        {{- "<|eot_id|>" }}\n'
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+QWEN25_TOOL_TEMPLATE = (
+    "{%- if tools %}\n"
+    "    {{- '<|im_start|>system\\n' }}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n"
+    "    {%- else %}\n"
+    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n"
+    "    {%- endif %}\n"
+    '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are '
+    'provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
+    "    {%- for tool in tools %}\n"
+    '        {{- "\\n" }}\n'
+    "        {{- tool | tojson }}\n"
+    "    {%- endfor %}\n"
+    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '
+    '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": '
+    '<args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n'
+    "{%- else %}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == '
+    '"assistant" and not message.tool_calls) %}\n'
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    '    {%- elif message.role == "assistant" %}\n'
+    "        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n"
+    "            {{- '\\n' + message.content }}\n"
+    "        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n"
+    "            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n"
+    "            {%- endif %}\n"
+    '            {{- \'\\n<tool_call>\\n{"name": "\' }}\n'
+    "            {{- tool_call.name }}\n"
+    '            {{- \'", "arguments": \' }}\n'
+    "            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n"
+    "        {%- endfor %}\n"
+    "        {{- '<|im_end|>\\n' }}\n"
+    '    {%- elif message.role == "tool" %}\n'
+    '        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}\n'
+    "            {{- '<|im_start|>user' }}\n"
+    "        {%- endif %}\n"
+    "        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n"
+    "        {{- '\\n</tool_response>' }}\n"
+    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
+    "            {{- '<|im_end|>\\n' }}\n"
+    "        {%- endif %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+MISTRAL_V3_TOOL_TEMPLATE = (
+    '{%- if messages[0]["role"] == "system" %}\n'
+    '    {%- set system_message = messages[0]["content"] %}\n'
+    "    {%- set loop_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set loop_messages = messages %}\n"
+    "{%- endif %}\n"
+    "{%- if not tools is defined %}\n"
+    "    {%- set tools = none %}\n"
+    "{%- endif %}\n"
+    '{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}\n'
+    "\n"
+    "{#- This block checks for alternating user/assistant messages, skipping tool calling messages #}\n"
+    "{%- set ns = namespace() %}\n"
+    "{%- set ns.index = 0 %}\n"
+    "{%- for message in loop_messages %}\n"
+    '    {%- if not (message.role == "tool" or message.role == "tool_results" or (message.tool_calls is defined and '
+    "message.tool_calls is not none)) %}\n"
+    '        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}\n'
+    '            {{- raise_exception("After the optional system message, conversation roles must alternate '
+    'user/assistant/user/assistant/...") }}\n'
+    "        {%- endif %}\n"
+    "        {%- set ns.index = ns.index + 1 %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "\n"
+    "{{- bos_token }}\n"
+    "{%- for message in loop_messages %}\n"
+    '    {%- if message["role"] == "user" %}\n'
+    "        {%- if tools is not none and (message == user_messages[-1]) %}\n"
+    '            {{- "[AVAILABLE_TOOLS] [" }}\n'
+    "            {%- for tool in tools %}\n"
+    "                {%- set tool = tool.function %}\n"
+    '                {{- \'{"type": "function", "function": {\' }}\n'
+    '                {%- for key, val in tool.items() if key != "return" %}\n'
+    "                    {%- if val is string %}\n"
+    "                        {{- '\"' + key + '\": \"' + val + '\"' }}\n"
+    "                    {%- else %}\n"
+    "                        {{- '\"' + key + '\": ' + val|tojson }}\n"
+    "                    {%- endif %}\n"
+    "                    {%- if not loop.last %}\n"
+    '                        {{- ", " }}\n'
+    "                    {%- endif %}\n"
+    "                {%- endfor %}\n"
+    '                {{- "}}" }}\n'
+    "                {%- if not loop.last %}\n"
+    '                    {{- ", " }}\n'
+    "                {%- else %}\n"
+    '                    {{- "]" }}\n'
+    "                {%- endif %}\n"
+    "            {%- endfor %}\n"
+    '            {{- "[/AVAILABLE_TOOLS]" }}\n'
+    "            {%- endif %}\n"
+    "        {%- if loop.last and system_message is defined %}\n"
+    '            {{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}\n'
+    "        {%- else %}\n"
+    '            {{- "[INST] " + message["content"] + "[/INST]" }}\n'
+    "        {%- endif %}\n"
+    "    {%- elif message.tool_calls is defined and message.tool_calls is not none %}\n"
+    '        {{- "[TOOL_CALLS] [" }}\n'
+    "        {%- for tool_call in message.tool_calls %}\n"
+    "            {%- set out = tool_call.function|tojson %}\n"
+    "            {{- out[:-1] }}\n"
+    "            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}\n"
+    '                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}\n'
+    "            {%- endif %}\n"
+    "            {{- ', \"id\": \"' + tool_call.id + '\"}' }}\n"
+    "            {%- if not loop.last %}\n"
+    '                {{- ", " }}\n'
+    "            {%- else %}\n"
+    '                {{- "]" + eos_token }}\n'
+    "            {%- endif %}\n"
+    "        {%- endfor %}\n"
+    '    {%- elif message["role"] == "assistant" %}\n'
+    '        {{- " " + message["content"]|trim + eos_token}}\n'
+    '    {%- elif message["role"] == "tool_results" or message["role"] == "tool" %}\n'
+    "        {%- if message.content is defined and message.content.content is defined %}\n"
+    "            {%- set content = message.content.content %}\n"
+    "        {%- else %}\n"
+    "            {%- set content = message.content %}\n"
+    "        {%- endif %}\n"
+    '        {{- \'[TOOL_RESULTS] {"content": \' + content|string + ", " }}\n'
+    "        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}\n"
+    '            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}\n'
+    "        {%- endif %}\n"
+    "        {{- '\"call_id\": \"' + message.tool_call_id + '\"}[/TOOL_RESULTS]' }}\n"
+    "    {%- else %}\n"
+    '        {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial '
+    'optional system message!") }}\n'
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+)
+
+# The test that picks the tool template: tools given, or a conversation that already holds calls or
+# their results (a client that stopped sending tools mid-conversation still renders them).
+_USES_TOOLS = (
+    "{%- if tools is not none or messages | selectattr('role', 'equalto', 'tool') | list "
+    "or messages | selectattr('tool_calls', 'defined') | list %}\n"
+)
+
+
+def with_tool_template(tool_template: str, plain_template: str) -> str:
+    """One template: `tool_template` when the conversation uses tools, `plain_template` otherwise."""
+    return _USES_TOOLS + tool_template + "{%- else %}" + plain_template + "{%- endif %}"
+
+
+TOOL_TEMPLATES = {
+    "llama": with_tool_template(LLAMA31_TOOL_TEMPLATE, LLAMA_CHAT_TEMPLATE),
+    "mistral": with_tool_template(MISTRAL_V3_TOOL_TEMPLATE, MISTRAL_CHAT_TEMPLATE),
+    "qwen2": with_tool_template(QWEN25_TOOL_TEMPLATE, QWEN2_CHAT_TEMPLATE),
+    "qwen3": with_tool_template(QWEN25_TOOL_TEMPLATE, QWEN3_CHAT_TEMPLATE),
+}
+
+
 def _check_arch(arch: str) -> None:
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
@@ -405,15 +706,14 @@ def tokenizer_json(arch: str, vocab_size: int) -> str:
 
 
 def tokenizer_config(arch: str, shape: LlamaShape) -> dict[str, object]:
-    """tokenizer_config.json: named special tokens and the chat template of `arch`'s family."""
+    """tokenizer_config.json: named special tokens and the chat template of `arch`'s family (tool-aware)."""
     _check_arch(arch)
     special: dict[str, object]
     if arch in QWEN_ARCHS:
         special = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<pad>", "unk_token": None}
-        template = QWEN2_CHAT_TEMPLATE if arch == "qwen2" else QWEN3_CHAT_TEMPLATE
     else:
         special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-        template = LLAMA_CHAT_TEMPLATE if arch == "llama" else MISTRAL_CHAT_TEMPLATE
+    template = TOOL_TEMPLATES[arch]
     return {
         # loads tokenizer.json as it is (a model-specific class could rebuild the pipeline)
         "tokenizer_class": "PreTrainedTokenizerFast",

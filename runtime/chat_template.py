@@ -7,13 +7,18 @@ HTML-escape, and the globals `raise_exception` and `strftime_now`; it renders it
 `tools`, `documents`, `add_generation_prompt` and the tokenizer's named special tokens (`bos_token`,
 `eos_token`, ... , only those that are set). This module does the same, so a prompt rendered here is
 byte-identical to `AutoTokenizer.apply_chat_template(messages, tokenize=False)`.
+
+Tools go to the template as transformers passes them (`tools=[{"type": "function", "function": {...}}]`),
+and `template_messages` turns OpenAI's tool-call turns into the shape templates read: an assistant's
+`tool_calls` with their `arguments` as objects, not JSON text (what Llama's and Qwen's templates
+`tojson`), and `tool` messages with their `tool_call_id`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -169,3 +174,50 @@ def render_chat_template(
         )
     except (jinja2.exceptions.TemplateError, TypeError) as exc:  # raise_exception(...), or content it cannot join
         raise ChatTemplateError(f"chat template rejected the conversation: {exc}") from None
+
+
+def template_messages(
+    messages: Sequence[Mapping[str, Any]], *, call_id: Callable[[str], str] | None = None
+) -> list[dict[str, Any]]:
+    """OpenAI chat messages as chat templates take them.
+
+    An assistant's `tool_calls[].function.arguments` (JSON text in OpenAI's API) become the object they
+    encode (left as text when they are not a JSON object); `call_id` rewrites call ids, in the calls and
+    in the `tool_call_id` of the results alike, for templates that insist on a form (Mistral's 9
+    characters). The deprecated forms map onto the current ones: an assistant's `function_call` is a
+    one-call `tool_calls`, a `function` message the `tool` result of the last such call.
+    """
+    rename = call_id or (lambda i: i)
+    out: list[dict[str, Any]] = []
+    legacy_id = ""  # the id given to the last deprecated function_call
+    for message in messages:
+        msg = dict(message)
+        if msg.get("role") == "assistant" and msg.get("function_call") and not msg.get("tool_calls"):
+            legacy_id = f"call_fn{len(out)}"
+            msg["tool_calls"] = [{"id": legacy_id, "type": "function", "function": msg.pop("function_call")}]
+        msg.pop("function_call", None)
+        if msg.get("role") == "function":
+            msg = {"role": "tool", "content": msg.get("content"), "name": msg.get("name"), "tool_call_id": legacy_id}
+        if msg.get("tool_calls"):
+            msg["tool_calls"] = [_template_call(c, rename) for c in msg["tool_calls"]]
+        if msg.get("role") == "tool" and isinstance(msg.get("tool_call_id"), str):
+            msg["tool_call_id"] = rename(msg["tool_call_id"])
+        out.append(msg)
+    return out
+
+
+def _template_call(call: Mapping[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
+    out = dict(call)
+    function = dict(out.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            function["arguments"] = parsed
+    out["function"] = function
+    if isinstance(out.get("id"), str):
+        out["id"] = rename(out["id"])
+    return out
