@@ -9,15 +9,18 @@
    which the webhook enforces) with a JSON merge patch of the Revision's metadata.annotations, never
    of the Service's `spec.template` (that would create a new Revision). The Revision's own value is
    kept beside it the first time (`names.BASE_MIN_SCALE`; "" when it had none) with the floor
-   (`names.FLOOR`, JSON). A floor's `idle_timeout_s` becomes `scale-down-delay` (whole seconds,
-   rounded up and clamped to the webhook's 0s..1h), its own value kept likewise.
+   (`names.FLOOR`, JSON). `scale-down-delay` is not touched: the KPA sizes a revision's delay
+   window once, when its decider is made (`New` in pkg/autoscaler/scaling/autoscaler.go; `Update`
+   swaps only the DeciderSpec), so a patched value would do nothing until the autoscaler restarts.
+   A floor's `idle_timeout_s` keeps its raised min-scale that much longer instead (step 4).
 3. With no pods (`status.actualReplicas` missing or 0) and `instances > 0`, one warm-up request
    (`GET <status.address.url>/readyz`, header `x-kold-warmup: 1`) goes through the activator,
    fire-and-forget: one in flight per function, bounded in time and in number, its result logged.
 4. `floor=None` restores the bases on every Revision of the Service that carries kold's annotations
    and drops them (null in the merge patch); so does a floor that moves to a newer Revision, and so
-   does the actuator itself when a floor's `until` passes (a Revision's min-scale, unlike the
-   gateway's floor, never runs out by itself, and the loop sends nothing for a floor that ran out).
+   does the actuator itself `idle_timeout_s` (0 when None) after a floor's `until` (a Revision's
+   min-scale, unlike the gateway's floor, never runs out by itself, and the loop sends nothing for a
+   floor that ran out). A `BASE_SCALE_DOWN_DELAY` an earlier kold left is given back the same way.
 5. The node agents are told (`controller/nodes.py` NodeWants, optional): want the Revision's
    snapshot until the floor ends; unwant on clear. A missing or failing Redis never fails a floor.
 
@@ -55,7 +58,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Protocol
@@ -79,7 +81,6 @@ MAX_WARMUPS: Final = 64  # warm-ups in flight at once, all functions together
 # how often the end of the floors held is looked at, at most: the sleep to the next end is exact, this
 # only catches a wall clock that jumped, and retries an end that failed (an API error) this often
 EXPIRY_POLL_S: Final = 5.0
-MAX_SCALE_DOWN_DELAY_S: Final = 3600  # the webhook's bound (autoscaling.WindowMax)
 KOLD_KEYS: Final = (names.FLOOR, names.BASE_MIN_SCALE, names.BASE_SCALE_DOWN_DELAY)
 
 
@@ -116,12 +117,6 @@ def annotations_of(obj: Doc) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items() if v is not None} if isinstance(raw, dict) else {}
 
 
-def scale_down_delay(idle_timeout_s: float) -> str:
-    """A floor's keep-alive as Knative's `scale-down-delay`: whole seconds (rounded up, so an instance
-    is never let go sooner than asked), within the webhook's 0s..1h."""
-    return f"{min(max(math.ceil(idle_timeout_s), 0), MAX_SCALE_DOWN_DELAY_S)}s"
-
-
 def floor_patch(revision: Doc, floor: Floor) -> dict[str, str | None]:
     """The merge patch of the Revision's annotations that holds `floor` (the bases kept from before)."""
     ann = annotations_of(revision)
@@ -137,22 +132,20 @@ def floor_patch(revision: Doc, floor: Floor) -> dict[str, str | None]:
         names.BASE_MIN_SCALE: base_min,
         names.FLOOR: json.dumps(body, sort_keys=True),
     }
-    if floor.idle_timeout_s is not None:
-        base_delay = (
-            ann[names.BASE_SCALE_DOWN_DELAY]
-            if names.BASE_SCALE_DOWN_DELAY in ann
-            else ann.get(names.SCALE_DOWN_DELAY, "")
-        )
-        patch[names.BASE_SCALE_DOWN_DELAY] = base_delay
-        patch[names.SCALE_DOWN_DELAY] = scale_down_delay(floor.idle_timeout_s)
-    elif names.BASE_SCALE_DOWN_DELAY in ann:  # an earlier floor changed it and this one does not
+    if names.BASE_SCALE_DOWN_DELAY in ann:  # an earlier kold changed it: the Revision gets its own back
         patch.update(_restore(ann, names.SCALE_DOWN_DELAY, names.BASE_SCALE_DOWN_DELAY))
     return patch
 
 
+def held_until(floor: Floor) -> float:
+    """When the actuator ends a floor's raised min-scale: its keep-alive after its `until` (the KPA's
+    own scale-down-delay cannot be changed on a live Revision, module docstring)."""
+    return floor.until + max(floor.idle_timeout_s or 0.0, 0.0)
+
+
 def clear_patch(revision: Doc) -> dict[str, str | None]:
-    """The merge patch that gives the Revision its own min-scale and scale-down-delay back and drops
-    kold's annotations; empty when it carries none."""
+    """The merge patch that gives the Revision its own min-scale (and a scale-down-delay an earlier kold
+    changed) back and drops kold's annotations; empty when it carries none."""
     ann = annotations_of(revision)
     patch: dict[str, str | None] = {}
     if names.BASE_MIN_SCALE in ann:
@@ -230,10 +223,10 @@ class KnativeActuator:
     """Floors as the serving Revision's min-scale (module docstring). Blocking cluster calls run in
     threads; the warm-up requests and the floors' ends run on the event loop `set_floor` is awaited on.
 
-    A floor on a Revision does not end by itself, as the gateway's does: the actuator ends it at its
-    `until` (by `clock`, Unix time) and gives the Revision its own values back, so a floor the
-    controller lets run out (it sends nothing more) is not held for ever. The end is checked at least
-    every `expiry_poll_s`, so a clock that jumps is caught up with."""
+    A floor on a Revision does not end by itself, as the gateway's does: the actuator ends it at
+    `held_until(floor)` (its `until` plus its keep-alive, by `clock`, Unix time) and gives the Revision
+    its own values back, so a floor the controller lets run out (it sends nothing more) is not held for
+    ever. The end is checked at least every `expiry_poll_s`, so a clock that jumps is caught up with."""
 
     def __init__(
         self,
@@ -344,14 +337,14 @@ class KnativeActuator:
             self._expirer = asyncio.get_running_loop().create_task(self._end_floors())
 
     async def _end_floors(self) -> None:
-        """Until no floor is held: end each one whose `until` has passed (one that could not be ended
-        is tried again within `expiry_poll_s`), then sleep to the next end."""
+        """Until no floor is held: end each one whose hold (`held_until`) has passed (one that could not
+        be ended is tried again within `expiry_poll_s`), then sleep to the next end."""
         while self._floors:
             now = self.clock()
             for function, floor in list(self._floors.items()):
-                if floor.until <= now:
+                if held_until(floor) <= now:
                     await self._end(function, floor)
-            ahead = [f.until for f in self._floors.values() if f.until > now]
+            ahead = [end for end in map(held_until, self._floors.values()) if end > now]
             wait = min([self.expiry_poll_s, *(until - now for until in ahead)])
             await asyncio.sleep(max(wait, 0.0))
 

@@ -45,7 +45,7 @@ METRIC_CONCURRENCY = "concurrency"
 # webhook checks only the keys it knows under that prefix.
 FLOOR = _AS + "kold-floor"  # JSON {"instances", "until", "reason"}
 BASE_MIN_SCALE = _AS + "kold-base-min-scale"  # the Revision's own min-scale before kold raised it
-BASE_SCALE_DOWN_DELAY = _AS + "kold-base-scale-down-delay"  # likewise, when a floor changed it
+BASE_SCALE_DOWN_DELAY = _AS + "kold-base-scale-down-delay"  # left by an earlier kold: only given back now
 
 # The Knative Serving API kold drives.
 GROUP = "serving.knative.dev"

@@ -21,7 +21,7 @@ import redis
 from kold.controller.nodes import NodeWants
 from kold.controller.scaling import Floor
 from kold.knative import names
-from kold.knative.actuator import KnativeActuator, clear_patch, floor_patch, scale_down_delay, serving_revision
+from kold.knative.actuator import KnativeActuator, clear_patch, floor_patch, held_until, serving_revision
 from kold.knative.cluster import Cluster, ClusterConfig
 from kold.knative.service import FunctionDeploy, render_service
 from tests.knative.apiserver import MERGE, FakeApiServer
@@ -159,7 +159,7 @@ def test_a_revision_without_a_min_scale_gets_none_back(knative: KnativeSim, clus
         assert await actuator.set_floor("tiny", Floor(1, UNTIL, "a", idle_timeout_s=30.0))
         ann = annotations(cluster, rev)
         assert (ann[names.MIN_SCALE], ann[names.BASE_MIN_SCALE]) == ("1", "")
-        assert (ann[names.SCALE_DOWN_DELAY], ann[names.BASE_SCALE_DOWN_DELAY]) == ("30s", "")
+        assert names.SCALE_DOWN_DELAY not in ann and names.BASE_SCALE_DOWN_DELAY not in ann
         assert await actuator.set_floor("tiny", None)
         await actuator.aclose()
 
@@ -169,42 +169,35 @@ def test_a_revision_without_a_min_scale_gets_none_back(knative: KnativeSim, clus
     assert not set(KOLD_KEYS) & ann.keys()
 
 
-@pytest.mark.parametrize(
-    ("idle_timeout_s", "expected"),
-    [
-        (90.0, "90s"),
-        (30.2, "31s"),  # rounded up: an instance is never let go sooner than the floor asked
-        (0.001, "1s"),
-        (3600.0, "3600s"),
-        (7200.0, "3600s"),  # the webhook refuses a scale-down-delay over 1h
-    ],
-    ids=str,
-)
-def test_a_floors_idle_timeout_becomes_whole_seconds_of_scale_down_delay_within_an_hour(
-    idle_timeout_s: float, expected: str
-) -> None:
-    assert scale_down_delay(idle_timeout_s) == expected
+def test_a_floors_idle_timeout_never_touches_scale_down_delay() -> None:
+    """The KPA sizes a revision's scale-down delay window once, when its decider is made (`New` in
+    pkg/autoscaler/scaling/autoscaler.go; `Update` swaps only the DeciderSpec): a patched value would
+    do nothing on a live Revision. The keep-alive holds the min-scale longer instead."""
+    revision = {"metadata": {"annotations": {names.MIN_SCALE: "0", names.SCALE_DOWN_DELAY: "60s"}}}
+    patch = floor_patch(revision, Floor(1, UNTIL, "r", idle_timeout_s=7200.0))
+    assert names.SCALE_DOWN_DELAY not in patch and names.BASE_SCALE_DOWN_DELAY not in patch
+    assert held_until(Floor(1, UNTIL, "r", idle_timeout_s=7200.0)) == UNTIL + 7200.0, "not capped: no webhook rule"
+    assert held_until(Floor(1, UNTIL, "r")) == UNTIL
 
 
-def test_a_floors_scale_down_delay_is_given_back_when_a_later_floor_has_none(
-    knative: KnativeSim, cluster: Cluster
-) -> None:
-    rev = deploy(cluster, knative, idle_timeout_s=45.0)
+def test_a_scale_down_delay_an_earlier_kold_changed_is_given_back(knative: KnativeSim, cluster: Cluster) -> None:
+    first = deploy(cluster, knative, idle_timeout_s=45.0)
+    serving = deploy(cluster, knative, idle_timeout_s=50.0)  # a second revision, serving now
+    left = {names.SCALE_DOWN_DELAY: "3600s", names.BASE_SCALE_DOWN_DELAY: "45s", names.BASE_MIN_SCALE: "0"}
+    cluster.patch_revision_annotations(first, left)
+    cluster.patch_revision_annotations(serving, left | {names.BASE_SCALE_DOWN_DELAY: "50s"})
 
     async def scenario() -> None:
         actuator = KnativeActuator(cluster)
-        assert await actuator.set_floor("tiny", Floor(1, UNTIL, "a", idle_timeout_s=7200.0))
-        ann = annotations(cluster, rev)
-        assert (ann[names.SCALE_DOWN_DELAY], ann[names.BASE_SCALE_DOWN_DELAY]) == ("3600s", "45s")
-        assert await actuator.set_floor("tiny", Floor(1, UNTIL, "b", idle_timeout_s=10.0))
-        assert annotations(cluster, rev)[names.BASE_SCALE_DOWN_DELAY] == "45s", "kold's own value is no base"
-        assert await actuator.set_floor("tiny", Floor(1, UNTIL, "c"))
+        assert await actuator.set_floor("tiny", Floor(1, UNTIL, "a", idle_timeout_s=10.0))
         await actuator.aclose()
 
     run(scenario())
-    ann = annotations(cluster, rev)
-    assert ann[names.SCALE_DOWN_DELAY] == "45s" and names.BASE_SCALE_DOWN_DELAY not in ann
+    ann = annotations(cluster, serving)  # the floor's revision: its own delay back, the floor held
+    assert ann[names.SCALE_DOWN_DELAY] == "50s" and names.BASE_SCALE_DOWN_DELAY not in ann
     assert ann[names.MIN_SCALE] == "1" and names.FLOOR in ann
+    ann = annotations(cluster, first)  # the older one: cleared
+    assert ann[names.SCALE_DOWN_DELAY] == "45s" and not set(KOLD_KEYS) & ann.keys()
 
 
 def test_a_floor_above_max_scale_stops_at_max_scale(knative: KnativeSim, cluster: Cluster) -> None:
@@ -256,6 +249,31 @@ def test_a_floor_that_runs_out_gives_the_revision_its_own_back_and_a_renewed_one
     ann = annotations(cluster, rev)
     assert ann[names.MIN_SCALE] == "0" and ann[names.SCALE_DOWN_DELAY] == "60s"
     assert not set(KOLD_KEYS) & ann.keys()
+
+
+def test_a_floors_keep_alive_holds_its_min_scale_past_its_until(knative: KnativeSim, cluster: Cluster) -> None:
+    """The keep-alive a floor asks for cannot be Knative's scale-down-delay on a live Revision, so the
+    raised min-scale is held `idle_timeout_s` after `until`, then given back."""
+    rev = deploy(cluster, knative)
+    now = 1_000.0
+
+    async def scenario() -> None:
+        nonlocal now
+        actuator = KnativeActuator(cluster, clock=lambda: now, expiry_poll_s=0.01)
+        assert await actuator.set_floor("tiny", Floor(2, 1_060.0, "a", idle_timeout_s=30.0))
+        now = 1_061.0
+        await asyncio.sleep(0.1)
+        assert annotations(cluster, rev)[names.MIN_SCALE] == "2", "held through its keep-alive"
+        now = 1_089.0
+        await asyncio.sleep(0.1)
+        assert names.FLOOR in annotations(cluster, rev)
+        now = 1_091.0
+        await wait_until(lambda: names.FLOOR not in annotations(cluster, rev))
+        await actuator.aclose()
+
+    run(scenario())
+    ann = annotations(cluster, rev)
+    assert ann[names.MIN_SCALE] == "0" and ann[names.SCALE_DOWN_DELAY] == "60s", "the delay was never changed"
 
 
 def test_a_floor_whose_end_cannot_be_written_is_ended_once_the_cluster_allows_it(

@@ -121,22 +121,24 @@ def test_the_controller_floors_the_revision_while_its_policy_holds_and_clears_it
             await tick(T0 + 20)
             ann = revision_annotations(apiserver, rev)
             assert ann[names.MIN_SCALE] == "1", "the floor reached the Revision"
-            assert ann[names.SCALE_DOWN_DELAY] == "300s" and ann[names.BASE_SCALE_DOWN_DELAY] == "60s"
+            assert ann[names.SCALE_DOWN_DELAY] == "60s", "a live Revision's scale-down-delay is never changed"
             floor = json.loads(ann[names.FLOOR])
             assert floor["instances"] == 1 and floor["until"] == T0 + 10 + 300
             assert floor["reason"].startswith("fixed-keepalive")
             await tick(T0 + 200)
             assert floored()
             await tick(T0 + 311)
+            assert floored(), "past its until, the floor's min-scale is held for its idle timeout (300 s)"
+            await tick(T0 + 611)
             assert not floored(), "the keep-alive ran out: the Revision has its own min-scale back"
-            store.record_invocations([Invocation("timer", T0 + 400, cold=True, wait_s=4.0)])
-            await tick(T0 + 410)
+            store.record_invocations([Invocation("timer", T0 + 700, cold=True, wait_s=4.0)])
+            await tick(T0 + 710)
             assert floored()
             svc = apiserver.get_object("services", NAMESPACE, "timer")
             assert svc is not None
             svc["metadata"]["annotations"][names.PREWARM] = "fixed-keepalive:minutes=0"
             apiserver.put_object(svc)  # metadata only: no new Revision
-            await tick(T0 + 420)
+            await tick(T0 + 720)
         finally:
             await actuator.aclose()
         return passes
@@ -150,7 +152,8 @@ def test_the_controller_floors_the_revision_while_its_policy_holds_and_clears_it
     assert passes == [
         [("quiet", CLEAR), ("timer", SET)],  # quiet: cleared once on taking the lease (nothing was there)
         [],
-        [],  # the floor ran out: nothing to send; the actuator ended it on the Revision
+        [],  # the floor ran out: nothing to send; the actuator holds it for its idle timeout
+        [],  # ... then ends it on the Revision
         [("timer", SET)],
         [("timer", CLEAR)],  # the policy now holds nothing
     ]
