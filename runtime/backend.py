@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from kold.runtime.engine import Engine
     from kold.runtime.kvcache import KVCache
     from kold.runtime.model import LlamaForCausalLM
+    from kold.runtime.structured import Compiled, GrammarCompiler
     from kold.runtime.tokenizer import Tokenizer
     from kold.snapshot.cache import NodeCache
     from kold.snapshot.hostpool import HostPool
@@ -72,6 +73,7 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k: each token's, with the k most likely alternatives
+    constraint: Compiled | None = None  # structured output: compiled by the backend's `grammar`
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Backend(Protocol):
     """A loaded model: tokenizer + engine behind one narrow interface."""
 
     max_seq_len: int
+    grammar: GrammarCompiler  # compiles structured-output constraints for this model's vocabulary
 
     # may raise ContextLengthError before tokenizing, when the text's length alone says it cannot fit
     def encode(self, text: str, *, special: bool) -> list[int]: ...
@@ -134,6 +137,9 @@ class EngineBackend:
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_seq_len = engine.max_seq_len
+        from kold.runtime.structured import GrammarCompiler
+
+        self.grammar = GrammarCompiler.for_tokenizer(tokenizer, engine.config.vocab_size, engine.eos_token_ids)
 
     def encode(self, text: str, *, special: bool) -> list[int]:
         limit = self.max_seq_len
@@ -178,6 +184,7 @@ class EngineBackend:
                 presence_penalty=sampling.presence_penalty,
                 frequency_penalty=sampling.frequency_penalty,
                 logprobs=sampling.logprobs,
+                constraint=sampling.constraint,
             )
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
@@ -201,6 +208,7 @@ class EngineBackend:
 
     def stop(self, drain_timeout: float) -> None:
         self.engine.stop(drain_timeout)
+        self.grammar.close()
 
 
 @dataclass

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
+from kold.runtime.structured import Constraint, ConstraintError
+
 # -- errors -----------------------------------------------------------------------------------------
 
 
@@ -215,6 +217,47 @@ class _Sampling(_Request):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False  # an extension (vLLM's): generate max_tokens whatever the model says
+    # structured outputs: OpenAI's response_format, and vLLM's guided_* extensions (at most one of them)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None  # a JSON schema, or its text
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # Lark (llguidance's syntax) or GBNF (llama.cpp's)
+
+    def constraint(self) -> Constraint | None:
+        """What the output must follow, or None; a malformed one raises InvalidRequestError naming its
+        param. Whether the library can compile it is the service's question (a 400 too)."""
+        given = self._constraint_params()
+        if len(given) > 1:
+            raise InvalidRequestError(
+                f"only one of {', '.join(given)} may be given (each asks for a different output format)",
+                param=given[1],
+            )
+        if not given:
+            return None
+        param = given[0]
+        try:
+            if param == "response_format":
+                return _response_format(self.response_format or {})
+            if param == "guided_json":
+                return Constraint.json_schema(_json_schema_value(self.guided_json))
+            if param == "guided_regex":
+                return Constraint.regex(self.guided_regex or "")
+            if param == "guided_choice":
+                return Constraint.choice(self.guided_choice or [])
+            return Constraint.grammar(self.guided_grammar or "")
+        except ConstraintError as exc:
+            raise InvalidRequestError(f"{param}: {exc}", param=param, code="invalid_value") from None
+
+    def constraint_param(self) -> str:
+        """The param a constraint came from (what a compile error names)."""
+        return next(iter(self._constraint_params()), "response_format")
+
+    def _constraint_params(self) -> list[str]:
+        given = [name for name in CONSTRAINT_PARAMS if getattr(self, name) is not None]
+        if "response_format" in given and _response_format_type(self.response_format) == "text":
+            given.remove("response_format")  # plain text: OpenAI's default, no constraint
+        return given
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -231,6 +274,7 @@ class _Sampling(_Request):
             raise InvalidRequestError("logit_bias is not supported by this server", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+        self.constraint()  # a malformed one is refused before the request waits for the model
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -305,7 +349,6 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None  # the deprecated form of tools
     function_call: str | dict[str, Any] | None = None  # ... and of tool_choice
-    response_format: dict[str, Any] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -333,8 +376,83 @@ class ChatCompletionRequest(_Sampling):
                 raise InvalidRequestError(
                     f"{name} {choice!r} asks for a tool call, which this server does not support yet", param=name
                 )
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequestError("only response_format type 'text' is supported", param="response_format")
+
+
+# -- structured outputs -----------------------------------------------------------------------------
+
+CONSTRAINT_PARAMS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+# OpenAI's rule for a json_schema's name
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class ConstraintCompileError(InvalidRequestError):
+    """A well-formed constraint the grammar library cannot compile (e.g. an unsupported JSON-schema
+    keyword): the message names the feature."""
+
+    code = "unsupported_constraint"
+
+
+def _response_format_type(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(kind, str):
+        raise InvalidRequestError(
+            "response_format must be an object with a type: 'text', 'json_object' or 'json_schema'",
+            param="response_format",
+        )
+    return kind
+
+
+def _response_format(value: dict[str, Any]) -> Constraint:
+    """OpenAI's `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {"name", "schema",
+    "strict", "description"}}`. A json_schema without a schema asks for any JSON object; `strict`
+    (default false, as OpenAI's): true refuses a schema keyword the library does not implement, false
+    ignores it (the rest of the schema is followed)."""
+    kind = _response_format_type(value)
+    if kind == "json_object":
+        return Constraint.json_object()
+    if kind != "json_schema":
+        raise InvalidRequestError(
+            f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'",
+            param="response_format.type",
+        )
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InvalidRequestError(
+            "response_format.json_schema must be an object (with a name and a schema)",
+            param="response_format.json_schema",
+        )
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise InvalidRequestError(
+            "response_format.json_schema.name must be 1 to 64 letters, digits, '_' or '-'",
+            param="response_format.json_schema.name",
+        )
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise InvalidRequestError(
+            "response_format.json_schema.strict must be a boolean", param="response_format.json_schema.strict"
+        )
+    schema = spec.get("schema")
+    if schema is None:
+        return Constraint.json_object()
+    if not isinstance(schema, dict):
+        raise InvalidRequestError(
+            "response_format.json_schema.schema must be a JSON schema object",
+            param="response_format.json_schema.schema",
+        )
+    return Constraint.json_schema(schema, strict=bool(strict))
+
+
+def _json_schema_value(value: Any) -> dict[str, Any]:
+    """guided_json as vLLM takes it: a schema object, or a string holding one."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConstraintError(f"not a JSON schema: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConstraintError("a JSON schema must be a JSON object")
+    return value
 
 
 # -- responses --------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The service layer: OpenAI requests in, engine generations out, OpenAI responses (or SSE) back.
 
 Routes (server.py) only parse and hand over; the engine only knows token ids. In between, this
-module waits for readiness (bounded, see lifecycle.py), renders chat templates, tokenizes, checks the
-context, submits one generation per (prompt, n), merges their token streams, turns token
+module waits for readiness (bounded, see lifecycle.py), compiles a structured-output constraint
+(response_format / guided_*: runtime/structured.py, off the event loop, cached), renders chat
+templates, tokenizes, checks the context, submits one generation per (prompt, n), merges their token streams, turns token
 log-probabilities into OpenAI's shapes (logprobs.py), and times them (TTFT, inter-token latency). A
 client that goes away cancels its generations, which frees their batch slots. Every request ends in
 one `request` event line (JSON, on the `kold.runtime.events` logger) naming its `x-request-id`.
@@ -39,6 +40,7 @@ from kold.runtime.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    ConstraintCompileError,
     ContextLengthError,
     DrainingError,
     InternalError,
@@ -53,9 +55,11 @@ from kold.runtime.protocol import (
     sse,
 )
 from kold.runtime.streams import EventStream, aclose, merge
+from kold.runtime.structured import ConstraintError
 
 if TYPE_CHECKING:
     from kold.runtime.demand import Call, DemandReporter
+    from kold.runtime.structured import Compiled
 
 events = logging.getLogger("kold.runtime.events")  # one JSON object a line (server.py logs there too)
 
@@ -168,6 +172,7 @@ class Service:
         self, req: CompletionRequest, disconnected: Disconnected, request_id: str = "", call: Call | None = None
     ) -> Response:
         received, stop, queue_s, backend = await self._admit(req, disconnected)
+        constraint, compile_s = await self._compile(req, backend)
         prompts = req.prompts()
 
         def tokenize() -> list[tuple[list[int], Sampling]]:
@@ -175,12 +180,14 @@ class Service:
             out = []
             for p in prompts:
                 ids = _encode(backend, p, special=True, param="prompt") if isinstance(p, str) else p
-                out.append((ids, self._sampling(req, req.max_tokens, len(ids), backend, stop, req.logprobs)))
+                out.append(
+                    (ids, self._sampling(req, req.max_tokens, len(ids), backend, stop, req.logprobs, constraint))
+                )
             return out
 
         size = sum(len(p) for p in prompts if isinstance(p, str))
         jobs = await self._tokenizing(tokenize, size)
-        job = self._submit(backend, jobs, req.n, req.model, received, queue_s, "cmpl", request_id, call)
+        job = self._submit(backend, jobs, req.n, req.model, received, queue_s, "cmpl", request_id, call, compile_s)
         await self._await_weights(job, disconnected)
         echo = [self._echo(backend, p) if req.echo else "" for p in prompts]
         offsets = [CompletionOffsets(len(echo[c.index // req.n]), backend.token_bytes) for c in job.choices]
@@ -214,15 +221,17 @@ class Service:
         self, req: ChatCompletionRequest, disconnected: Disconnected, request_id: str = "", call: Call | None = None
     ) -> Response:
         received, stop, queue_s, backend = await self._admit(req, disconnected)
+        constraint, compile_s = await self._compile(req, backend)
         messages = req.chat_messages()
 
         def tokenize() -> tuple[list[int], Sampling]:
             ids = _encode(backend, backend.chat_prompt(messages), special=False, param="messages")
-            return ids, self._sampling(req, req.token_limit(), len(ids), backend, stop, req.top_logprobs_asked())
+            limit = req.token_limit()
+            return ids, self._sampling(req, limit, len(ids), backend, stop, req.top_logprobs_asked(), constraint)
 
         ids, sampling = await self._tokenizing(tokenize, sum(len(m["content"]) for m in messages))
         job = self._submit(
-            backend, [(ids, sampling)], req.n, req.model, received, queue_s, "chatcmpl", request_id, call
+            backend, [(ids, sampling)], req.n, req.model, received, queue_s, "chatcmpl", request_id, call, compile_s
         )
         await self._await_weights(job, disconnected)
         if req.stream:
@@ -250,6 +259,22 @@ class Service:
         return self._json(job, body.model_dump(), "chat")
 
     # -- steps ------------------------------------------------------------------------------------
+
+    async def _compile(
+        self, req: CompletionRequest | ChatCompletionRequest, backend: Backend
+    ) -> tuple[Compiled | None, float | None]:
+        """The request's structured-output constraint compiled for the model (in the backend's compile
+        thread; cached per constraint), and the seconds it took (0 on a cache hit); (None, None)
+        without one. A constraint the library cannot compile is a 400 naming its param and the
+        feature."""
+        constraint = req.constraint()
+        if constraint is None:
+            return None, None
+        try:
+            return await backend.grammar.compile(constraint)
+        except ConstraintError as exc:
+            param = req.constraint_param()
+            raise ConstraintCompileError(f"{param}: {exc}", param=param) from None
 
     async def _tokenizing(self, work: Callable[[], T], chars: int) -> T:
         """`work` (template, tokenizer, context checks) for a prompt of `chars` characters: on the event loop
@@ -318,9 +343,10 @@ class Service:
         backend: Backend,
         stop: tuple[str, ...],
         logprobs: int | None,
+        constraint: Compiled | None = None,
     ) -> Sampling:
         """The engine's settings for one prompt; `logprobs`: how many alternatives each token's
-        log-probabilities carry (None: none)."""
+        log-probabilities carry (None: none); `constraint`: the compiled structured output."""
         limit = backend.max_seq_len
         if prompt_len >= limit:
             raise ContextLengthError(
@@ -348,6 +374,7 @@ class Service:
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             logprobs=logprobs,
+            constraint=constraint,
         )
 
     def _submit(
@@ -361,7 +388,9 @@ class Service:
         prefix: str,
         request_id: str,
         call: Call | None = None,
+        compile_s: float | None = None,
     ) -> _Job:
+        """`compile_s`: the seconds the request waited for its grammar (x-kold-grammar-compile-ms)."""
         choices: list[_Choice] = []
         try:
             for ids, sampling in prompts:
@@ -378,6 +407,8 @@ class Service:
             raise
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
         headers = {"X-Kold-Queue-Ms": f"{queue_s * 1000:.1f}", **self.lifecycle.take_cold_start_headers()}
+        if compile_s is not None:
+            headers["X-Kold-Grammar-Compile-Ms"] = f"{compile_s * 1000:.1f}"
         return _Job(new_id(prefix), model, received, queue_s, choices, headers, request_id=request_id, call=call, n=n)
 
     def _echo(self, backend: Backend, prompt: str | list[int]) -> str:

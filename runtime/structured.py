@@ -30,10 +30,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import torch
-
 if TYPE_CHECKING:
     import llguidance
+    import torch
     from llguidance._lib import JsonCompileOptions
 
 ConstraintKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
