@@ -65,6 +65,13 @@ class FunctionView:
     policy: str
 
 
+class OneLineError(Exception):
+    """An error whose message is all a person needs, in one line they can act on (an API server that
+    cannot be reached, a verb RBAC refuses). A FunctionSource or an Actuator that raises one into a
+    pass has it logged as that line, once until a pass succeeds, its traceback only at debug level;
+    any other exception is logged with its traceback (a bug). kold.knative's KnativeError is one."""
+
+
 class FunctionSource(Protocol):
     def list(self) -> list[FunctionView]:
         """Every function (a blocking call: the controller runs it off the event loop)."""
@@ -247,11 +254,20 @@ class Controller:
             await self._give_up_lease()
 
     async def _guarded(self, work: Coroutine[Any, Any, list[Action]]) -> None:
-        """A pass that fails for any other reason than Redis (a bug, a garbled revision) is logged,
-        once until a pass succeeds again, and the loop goes on: the controller must not die silently
-        inside `kold up`."""
+        """A pass that fails for any other reason than Redis (a bug, a garbled revision, a cluster
+        away) is logged, once until a pass succeeds again, and the loop goes on: the controller must
+        not die silently inside `kold up`. A `OneLineError` is logged as its line, without a traceback."""
         try:
             await work
+        except OneLineError as exc:
+            if not self._failing:
+                self._failing = True
+                log.warning(
+                    "a pre-warm controller pass failed: %s; trying again next tick",
+                    exc,
+                    exc_info=log.isEnabledFor(logging.DEBUG),  # its traceback only for debugging
+                )
+            return
         except Exception:
             if not self._failing:
                 self._failing = True

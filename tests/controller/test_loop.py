@@ -23,7 +23,17 @@ from redis.retry import Retry
 from kold.controller.demand import DemandStore
 from kold.controller.history import DemandHistory
 from kold.controller.lease import Lease
-from kold.controller.loop import CLEAR, FORGET, REFRESH, SET, Action, Controller, FunctionView, RegistrySource
+from kold.controller.loop import (
+    CLEAR,
+    FORGET,
+    REFRESH,
+    SET,
+    Action,
+    Controller,
+    FunctionView,
+    OneLineError,
+    RegistrySource,
+)
 from kold.controller.metrics import ControllerMetrics
 from kold.controller.policies.base import Plan
 from kold.controller.records import Invocation
@@ -702,3 +712,38 @@ def test_a_pass_that_fails_is_logged_once_and_the_loop_goes_on(
     messages = [r.getMessage() for r in caplog.records]
     assert sum("pass failed" in m for m in messages) == 1
     assert sum("succeed again" in m for m in messages) == 1
+
+
+def test_a_one_line_error_from_the_function_source_is_logged_once_as_its_line(
+    redis_client: redis.Redis, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class ClusterAwayError(OneLineError):
+        pass
+
+    class Away(Functions):
+        fails = 3
+
+        def list(self) -> list[FunctionView]:
+            if self.fails:
+                self.fails -= 1
+                raise ClusterAwayError("cannot reach the API server https://10.0.0.1:6443 (kubeconfig ~/.kube/config)")
+            return super().list()
+
+    store = DemandStore(redis_client, redis_prefix)
+    actuator = Recorder()
+    lease = Lease(redis_client, f"{redis_prefix}controller:lease", "a", 10.0)
+    controller = Controller(store, Away({"fn": "fixed-keepalive"}), actuator, lease, tick_s=0.02)
+    arrive(store, "fn", time.time())
+
+    async def scenario() -> None:
+        task = asyncio.create_task(controller.run())
+        await _until(lambda: actuator.calls, "a floor once the cluster answers")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.INFO, logger="kold.controller"):
+        run(scenario())
+    failed = [r for r in caplog.records if "pass failed" in r.getMessage()]
+    assert len(failed) == 1 and "cannot reach the API server https://10.0.0.1:6443" in failed[0].getMessage()
+    assert failed[0].levelno == logging.WARNING and not failed[0].exc_info, "no traceback below debug"
+    assert sum("succeed again" in r.getMessage() for r in caplog.records) == 1
