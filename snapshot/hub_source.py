@@ -17,7 +17,8 @@ hides them).
 
 What is built is exactly those files, whatever else the cache's folder holds (another tool may have
 downloaded the whole repository into it): the same commit gives the same snapshot. The provenance
-recorded in the manifest is the repository, the revision asked for and the commit it resolved to.
+recorded in the manifest is the repository and the commit the revision resolved to, not the revision
+asked for: one commit asked for as `main` or as its sha is one snapshot.
 """
 
 from __future__ import annotations
