@@ -42,7 +42,9 @@ Doc = dict[str, Any]
 
 CONTAINER = "runtime"
 PORT = 8080  # the image's; Knative passes it to the runtime as $PORT
-S3_SECRET = "kold-s3"  # KOLD_S3_ENDPOINT, KOLD_S3_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+# KOLD_S3_ENDPOINT, KOLD_S3_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; KOLD_REDIS_URL when its
+# Redis needs a password (never a plain env value: that is written in the Service and every Revision)
+S3_SECRET = "kold-s3"
 NODE_DIR = "/dev/shm/kold-node"  # the node agent's tmpfs on the host (manifests/base/node-agent.yaml)
 NODE_MOUNT = "/kold-node"
 PRIVATE_SHM_DIR = "/dev/shm/kold"
@@ -70,7 +72,9 @@ class FunctionDeploy:
     """Everything a function's Knative Service is rendered from (validated on construction).
 
     `memory_bytes`: what the runtime container needs (weights, KV cache, interpreter); None leaves
-    memory unrequested. `redis_url`: where the runtime reports its demand (None: it reports none).
+    memory unrequested. `redis_url`: where the runtime reports its demand, without a password (None:
+    no KOLD_REDIS_URL entry, so the pods take the one in the `S3_SECRET` Secret, if any, through
+    envFrom; an env entry would override it).
     """
 
     name: str
@@ -137,6 +141,12 @@ def _validate(fn: FunctionDeploy) -> None:
         raise InvalidFunctionError(f"snapshot size {fn.snapshot_bytes}: must be >= 0")
     if not fn.snapshot_uri or not fn.snapshot_id:
         raise InvalidFunctionError("a function needs its snapshot's URI and id")
+    if fn.redis_url and _has_password(fn.redis_url):  # the message never repeats the URL: it holds the password
+        raise InvalidFunctionError(
+            "--redis-url carries a password, which would be written in the Service, every Revision and "
+            f"--dry-run's output: put KOLD_REDIS_URL in the namespace's {S3_SECRET} Secret (the function's pods "
+            "read it through envFrom) and deploy with --redis-url ''"
+        )
     if fn.prewarm is not None:
         from kold.controller.policies.registry import parse_policy
 
@@ -144,6 +154,14 @@ def _validate(fn: FunctionDeploy) -> None:
             parse_policy(fn.prewarm)
         except ValueError as exc:
             raise InvalidFunctionError(f"--prewarm: {exc}") from None
+
+
+def _has_password(url: str) -> bool:
+    """A password in the URL's user info, or as redis-py's `?password=` query argument."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    return bool(parts.password) or "password" in parse_qs(parts.query)
 
 
 def progress_deadline_s(snapshot_bytes: int) -> int:

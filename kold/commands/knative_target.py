@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 # what a runtime pod needs beside its weights and KV cache: the interpreter, torch, the HTTP server
 RUNTIME_OVERHEAD_BYTES = 1 << 30
-# the in-cluster Redis of manifests/ (the controller reads demand there); `--redis-url ''` reports none
+# the in-cluster Redis of manifests/ (the controller reads demand there); `--redis-url ''` renders no
+# KOLD_REDIS_URL, so the pods take the kold-s3 Secret's (a Redis with a password), or report no demand
 DEFAULT_REDIS_URL = "redis://kold-redis:6379/0"
 WAIT_AFTER_DEADLINE_S = 60.0
 
@@ -54,7 +55,8 @@ def add_deploy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--redis-url",
         help=f"where the pods report demand to the pre-warm controller (default: {DEFAULT_REDIS_URL}, the Redis of "
-        "manifests/; '' for none)",
+        "manifests/); no password: a Redis that needs one goes as KOLD_REDIS_URL in the namespace's kold-s3 "
+        "Secret, with --redis-url '' (no KOLD_REDIS_URL on the pods but the Secret's; none there: no demand reported)",
     )
     group.add_argument(
         "--dry-run",

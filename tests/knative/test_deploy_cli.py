@@ -218,6 +218,19 @@ def test_the_pods_report_demand_to_the_manifests_redis_unless_told_otherwise(
     assert apiserver.requests == []
 
 
+def test_a_redis_password_is_refused_before_anything_and_never_printed(
+    kold: Any, model: Path, store: str, apiserver: FakeApiServer, s3_server: LocalS3Server
+) -> None:
+    for flags in ([], ["--dry-run"]):
+        run = deploy(kold, model, "--redis-url", "redis://:hunter2-pw@redis.ops:6379/0", *flags)
+        assert run.rc == 1
+        assert run.error.startswith("kold: error: --redis-url carries a password")
+        assert "KOLD_REDIS_URL in the namespace's kold-s3 Secret" in run.error and "--redis-url ''" in run.error
+        assert "hunter2-pw" not in run.err + run.out
+    assert apiserver.requests == []
+    assert open_store(store, s3_server.options()).list_keys("snapshots") == []
+
+
 def test_a_file_store_is_refused_for_a_cluster_but_not_for_a_dry_run(
     kold: Any, model: Path, store: str, apiserver: FakeApiServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

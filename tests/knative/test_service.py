@@ -157,7 +157,33 @@ def test_the_runtime_container_serves_the_snapshot_by_the_knative_contract() -> 
 
 
 def test_no_redis_url_means_no_redis_variable() -> None:
+    """None renders no entry at all: an env entry would override the Secret's KOLD_REDIS_URL (envFrom)."""
+    c = container(render_service(deploy(redis_url=None)))
     assert "KOLD_REDIS_URL" not in env(render_service(deploy(redis_url=None)))
+    assert c["envFrom"] == [{"secretRef": {"name": "kold-s3"}}]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret-pw@redis.ops:6379/0",
+        "redis://app:s3cret-pw@redis.ops/1",
+        "rediss://redis.ops/0?password=s3cret-pw",
+    ],
+)
+def test_a_redis_url_with_a_password_is_refused_without_repeating_it(url: str) -> None:
+    """It would be written in the Service, every Revision and --dry-run's output: it goes in the Secret."""
+    with pytest.raises(InvalidFunctionError) as info:
+        deploy(redis_url=url)
+    message = str(info.value)
+    assert "s3cret-pw" not in message and "\n" not in message
+    assert "KOLD_REDIS_URL" in message and "kold-s3" in message and "--redis-url ''" in message
+
+
+def test_a_redis_url_with_a_user_but_no_password_is_rendered() -> None:
+    assert (
+        env(render_service(deploy(redis_url="redis://app@redis.ops/0")))["KOLD_REDIS_URL"] == "redis://app@redis.ops/0"
+    )
 
 
 def test_the_node_cache_is_the_agents_hostpath_and_its_dirs() -> None:
