@@ -148,7 +148,12 @@ def _resolve_hub(
         raise ModelSourceError(
             f"{spec}: a Hub model's safetensors keep their dtype; a dtype applies to GGUF files only"
         )
-    model = fetch_hub_model(repo_id, revision=pinned or revision, cache_dir=cache_dir)
+    try:
+        model = fetch_hub_model(repo_id, revision=pinned or revision, cache_dir=cache_dir)
+    except ModelSourceError as exc:
+        if pinned is None and revision is None:  # `models/llama` may be a mistyped directory, not a Hub id
+            raise ModelSourceError(f"{exc} (no local directory {spec} either)") from None
+        raise
     return ResolvedModel("hub", model.path, _read_config(model.path), model.provenance, model.source)
 
 

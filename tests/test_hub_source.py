@@ -207,7 +207,7 @@ def test_what_the_cache_does_not_hold_is_one_clear_line(cache: Cache) -> None:
     assert str(missing.value) == (
         f"kold-test/nothing: revision 'main' is not in the Hugging Face cache {cache.root} and HF_HUB_OFFLINE is "
         "set: pre-download it with `hf download kold-test/nothing --revision main` where the Hub is reachable, or "
-        "point HF_HUB_CACHE at a cache that holds it"
+        "point HF_HUB_CACHE at a cache that holds it (no local directory kold-test/nothing either)"
     )
     other_branch = (
         r"kold-test/tiny: revision 'v2' is not in the Hugging Face cache .* \(cached revisions: dev, main\) and "

@@ -101,3 +101,18 @@ def test_extra_files_keep_the_source_closable(model_dir: Path, tmp_path: Path) -
     built = build_snapshot(resolve_model(model_dir), (tmp_path / "store").as_uri(), files={"extra.txt": b"x"})
     assert "extra.txt" in {f.name for f in built.manifest.files}
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_hub_id_that_fails_also_says_no_such_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`models/llama` (a mistyped directory, no ./) reads as a Hub id: the error says both."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import: no network
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "hub-cache"
+    with pytest.raises(ModelSourceError, match=r"\(no local directory models/llama either\)$"):
+        resolve_model("models/llama", cache_dir=cache)
+    for spec, revision in (("models/llama@main", None), ("models/llama", "main")):  # surely meant for the Hub
+        with pytest.raises(ModelSourceError) as raised:
+            resolve_model(spec, revision=revision, cache_dir=cache)
+        assert "local directory" not in str(raised.value)
