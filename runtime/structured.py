@@ -134,11 +134,13 @@ def mask_words(vocab_size: int) -> int:
 
 
 def fill_bitmask(matchers: Sequence[Matcher], out: torch.Tensor) -> None:
-    """Row i of `out` (int32 [>= len(matchers), words], CPU, contiguous) := matcher i's mask. llguidance's
-    matchers fill theirs in parallel threads (the GIL released); others one by one."""
-    if len(matchers) > 1 and all(isinstance(m, _LLGuidanceMatcher) for m in matchers):
-        pairs = [(m.inner, i) for i, m in enumerate(matchers) if isinstance(m, _LLGuidanceMatcher)]
-        _executor().unsafe_compute_mask_ptr(pairs, out.data_ptr(), out.shape[1] * 4, out.shape[0])
+    """Row i of `out` (int32 [>= len(matchers), words], CPU, contiguous) := matcher i's mask. Matchers of
+    one class that has a `fill_batch(matchers, out)` (llguidance's: in parallel threads, the GIL
+    released) fill theirs in one call; others one by one."""
+    kind = type(matchers[0]) if matchers else None
+    fill_batch = getattr(kind, "fill_batch", None)
+    if len(matchers) > 1 and fill_batch is not None and all(type(m) is kind for m in matchers):
+        fill_batch(matchers, out)
         return
     for i, m in enumerate(matchers):
         m.fill_mask(out[i])
@@ -221,6 +223,11 @@ class _LLGuidanceMatcher:
 
     def fill_mask(self, out: torch.Tensor) -> None:
         self.inner.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * 4)
+
+    @staticmethod
+    def fill_batch(matchers: Sequence[_LLGuidanceMatcher], out: torch.Tensor) -> None:
+        pairs = [(m.inner, i) for i, m in enumerate(matchers)]
+        _executor().unsafe_compute_mask_ptr(pairs, out.data_ptr(), out.shape[1] * 4, out.shape[0])
 
     def advance(self, token: int) -> bool:
         return bool(self.inner.consume_token(token))
