@@ -201,6 +201,7 @@ class NodeAgent:
         self._wants: list[Want] = []
         self._wants_known = False  # read from Redis at least once
         self._redis_ok: bool | None = None
+        # of the snapshots wanted at the last sync pass
         self._sizes: dict[str, int] = {}  # snapshot id -> entry bytes on the tier, from its manifest
         self._data_sizes: dict[str, int] = {}  # snapshot id -> data bytes (what a pool segment must hold)
         self._failures: dict[str, _Failure] = {}  # by URI
@@ -286,7 +287,12 @@ class NodeAgent:
             except ValueError as exc:
                 if self._may_try(want.uri, now):
                     self._failed(want.uri, exc, now)
-        for sid in set(refs.values()) & set(held):
+        wanted_ids = set(refs.values())
+        with self._lock:  # sizes of the wanted snapshots only: ids come and go for as long as the agent runs
+            for known in (self._sizes, self._data_sizes):
+                for sid in known.keys() - wanted_ids:
+                    del known[sid]
+        for sid in wanted_ids & set(held):
             self._learn_held_size(sid)
         with self._lock:
             sizes: dict[str, int | None] = {sid: held.get(sid, self._sizes.get(sid)) for sid in refs.values()}
@@ -304,7 +310,6 @@ class NodeAgent:
                 self._queue(_Job("prefetch", uri, sid), now)
         self._forget_unwanted({w.uri for w in wants})
         report = self._report_doc(wants, refs, held, plan, now)
-        wanted_ids = set(refs.values())
         with self._lock:
             self._counts = {"wanted": len(wanted_ids), "wanted_held": len(wanted_ids & set(held)), "held": len(held)}
         self.metrics.held.set(len(held))
@@ -510,10 +515,11 @@ class NodeAgent:
         `problems` (so the keeper never shrinks the pool on partial knowledge): sizes still unknown, or
         wants not read because Redis cannot be reached."""
         demands, problems = [], []
+        now = self.clock()
         with self._lock:
             if not self._redis_ok:
                 problems.append("the wanted snapshots are not known now (Redis cannot be reached)")
-            for want in self._wants:
+            for want in (w for w in self._wants if w.until > now):  # as sync_once: the last wants, to their end
                 sid = parse_snapshot_uri(want.uri).snapshot_id if _parses(want.uri) else None
                 size = self._data_sizes.get(sid) if sid is not None else None
                 if size is None:

@@ -484,3 +484,39 @@ def test_sigterm_during_a_prefetch_stops_at_once_and_keeps_nothing_half_written(
     assert "nothing of it was kept" in agent.log()
     assert not (node_root / "cache" / "snapshots").exists() or not list((node_root / "cache" / "snapshots").iterdir())
     assert list((node_root / "cache" / ".tmp").iterdir()) == []
+
+
+def test_while_redis_is_away_an_ended_want_no_longer_asks_for_pool_memory_or_keeps_its_size(
+    s3_server: LocalS3Server, bucket: str, node_root: Path, tmp_path: Path
+) -> None:
+    short, _ = publish(s3_server, bucket, seed=9, mib=1)
+    long, _ = publish(s3_server, bucket, seed=10, mib=2)
+    port = _free_port()
+    server = _redis_server(port, tmp_path)
+    client = redis.Redis(port=port, socket_connect_timeout=0.2, socket_timeout=0.5)
+    try:
+        clock = [time.time()]
+        wants = NodeWants(client)
+        wants.want("short", short, until=clock[0] + 60)
+        wants.want("long", long, until=clock[0] + 600)
+        tier = CacheTier("shm", node_root / "cache", 8 * MiB)
+        agent = NodeAgent(wants, "node-a", tier, sync_s=0.2, s3=s3_server.options(), clock=lambda: clock[0])
+        for _ in range(3):
+            agent.sync_once()
+            agent.run_pending()
+        demands, problems = agent.pool_demands()
+        assert sorted((d.function, d.snapshot_bytes) for d in demands) == [("long", 2 * MiB), ("short", 1 * MiB)]
+        assert problems == []
+
+        server.kill()
+        server.wait()
+        clock[0] += 120  # the short want has ended; Redis cannot say so, the agent's own copy does
+        agent.sync_once()
+        demands, problems = agent.pool_demands()
+        assert [d.function for d in demands] == ["long"]
+        assert problems == ["the wanted snapshots are not known now (Redis cannot be reached)"]
+        assert set(agent._data_sizes) == set(agent._sizes) == {long.rsplit("/", 1)[1]}  # no size of an ended want
+    finally:
+        client.close()
+        server.kill()
+        server.wait()
