@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from kold.controller.loop import OneLineError
 from kold.knative import names
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ SERVICES = f"{names.SERVICES}.{names.GROUP}"  # services.serving.knative.dev
 REVISIONS = f"{names.REVISIONS}.{names.GROUP}"
 
 
-class KnativeError(Exception):
+class KnativeError(OneLineError):
     """Anything the cluster refused or could not do; the message is one line a user can act on."""
 
 
