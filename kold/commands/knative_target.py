@@ -13,7 +13,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from kold.errors import CLIError
@@ -100,6 +100,30 @@ def _cluster(args: argparse.Namespace, settings: Settings) -> Iterator[Cluster]:
         cluster.close()
 
 
+def is_kolds(service: Mapping[str, Any]) -> bool:
+    """Whether kold deployed this Knative Service (its `app.kubernetes.io/part-of: kold` label)."""
+    from kold.knative import names
+
+    labels = (service.get("metadata") or {}).get("labels") or {}
+    return isinstance(labels, dict) and labels.get(names.PART_OF) == names.PART_OF_VALUE
+
+
+def _refuse_foreign(cluster: Cluster, name: str) -> None:
+    """Refuse to deploy over a Knative Service of that name that kold did not deploy: a forced
+    server-side apply would silently take it over."""
+    from kold.knative.cluster import NotFound
+
+    try:
+        existing = cluster.get_service(name)
+    except NotFound:
+        return
+    if not is_kolds(existing):
+        raise CLIError(
+            f"{name} in namespace {cluster.namespace} is a Knative Service kold did not deploy: not replacing it "
+            f"(choose another --name, or kubectl delete ksvc {name} -n {cluster.namespace} if you mean it)"
+        )
+
+
 def _function_name(name: str) -> str:
     from kold.gateway.names import InvalidNameError, validate_function_name
 
@@ -114,7 +138,6 @@ def _function_name(name: str) -> str:
 
 def deploy(args: argparse.Namespace, settings: Settings, name: str, prewarm: str | None) -> int:
     """stdout: the function's URL and OpenAI base_url (or the -o document, or the --dry-run YAML)."""
-    from kold.knative.cluster import NotFound
     from kold.knative.service import progress_deadline_s, render_service
     from kold.snapshot.resolve import resolve_model
     from kold.snapshot.store import normalize_store_uri
@@ -141,10 +164,11 @@ def deploy(args: argparse.Namespace, settings: Settings, name: str, prewarm: str
             "with the same credentials in the namespace's kold-s3 Secret"
         )
     with _cluster(args, settings) as cluster:
-        with suppress(NotFound):  # before a long upload: the cluster answers, Knative is there, RBAC lets us read
-            cluster.get_service(name)
+        # before a long upload: the cluster answers, Knative is there, RBAC lets us read, the name is free
+        _refuse_foreign(cluster, name)
         built = _publish(model, store, settings, name)
         fn = _function(args, settings, name, prewarm, built, cluster.namespace, model.config)
+        _refuse_foreign(cluster, name)  # again: one may have been made during the upload
         applied = cluster.apply_service(render_service(fn))
         generation = (applied.get("metadata") or {}).get("generation")
         note(
@@ -384,6 +408,11 @@ def rm(args: argparse.Namespace, settings: Settings) -> int:
     name = _function_name(args.name)
     with _cluster(args, settings) as cluster:
         try:
+            if not is_kolds(cluster.get_service(name)):
+                raise CLIError(
+                    f"{name} in namespace {cluster.namespace} is a Knative Service kold did not deploy: not removing "
+                    f"it (kubectl delete ksvc {name} -n {cluster.namespace} if you mean it)"
+                )
             cluster.delete_service(name)
         except NotFound:
             raise CLIError(f"no function {name} in namespace {cluster.namespace}") from None
@@ -429,6 +458,7 @@ def _describe_doc(svc: dict[str, Any], revisions: list[dict[str, Any]], namespac
     return {
         "name": (svc.get("metadata") or {}).get("name"),
         "namespace": namespace,
+        "deployed_by_kold": is_kolds(svc),
         "state": assess(svc).state,
         "message": assess(svc).message,
         "url": url,
@@ -466,6 +496,10 @@ def format_describe(doc: dict[str, Any], now: float | None = None) -> str:
         f"Namespace:  {doc['namespace']}",
         f"State:      {doc['state']}: {doc['message']}",
     ]
+    if not doc.get("deployed_by_kold", True):
+        lines.append(
+            "Owner:      not kold's: a Knative Service kold did not deploy (no app.kubernetes.io/part-of=kold)"
+        )
     if doc.get("url"):
         lines.append(f"URL:        {doc['url']}")
         lines.append(f"OpenAI:     base_url={doc['openai_base_url']}, model={doc['name']}")

@@ -313,7 +313,9 @@ def test_ls_describe_and_rm(kold: Any, model: Path, store: str, apiserver: FakeA
     assert "Ready" in conditions and "True" in conditions
     rev_row = next(line for line in text.splitlines() if line.strip().startswith("tiny-00001"))
     assert rev_row.split()[:5] == ["tiny-00001", "True", "100%", "2", "2"]
+    assert "Owner:" not in text
     doc = json.loads(kold("describe", "tiny", "--target", "knative", "-o", "json").out)
+    assert doc["deployed_by_kold"] is True
     assert doc["floor"] == floor and doc["scaling"]["idle_timeout_s"] == 300
     assert doc["revisions"][0]["actual_replicas"] == 2
 
@@ -324,6 +326,52 @@ def test_ls_describe_and_rm(kold: Any, model: Path, store: str, apiserver: FakeA
     assert again.rc == 1 and again.error == f"kold: error: no function tiny in namespace {NAMESPACE}"
     absent = kold("describe", "tiny", "--target", "knative")
     assert absent.rc == 1 and absent.error == f"kold: error: no function tiny in namespace {NAMESPACE}"
+
+
+def foreign_service(apiserver: FakeApiServer) -> dict[str, Any]:
+    """A Knative Service named like the function that someone else deployed (no kold label)."""
+    return apiserver.put_object(
+        {
+            "apiVersion": "serving.knative.dev/v1",
+            "kind": "Service",
+            "metadata": {"name": "tiny", "namespace": NAMESPACE, "labels": {"app.kubernetes.io/part-of": "web"}},
+            "spec": {"template": {"spec": {"containers": [{"image": "registry.example/web:1"}]}}},
+        }
+    )
+
+
+def test_rm_refuses_a_knative_service_kold_did_not_deploy(kold: Any, apiserver: FakeApiServer) -> None:
+    before = foreign_service(apiserver)
+    run = kold("rm", "tiny", "--target", "knative")
+    assert run.rc == 1
+    assert run.error == (
+        f"kold: error: tiny in namespace {NAMESPACE} is a Knative Service kold did not deploy: not removing it "
+        f"(kubectl delete ksvc tiny -n {NAMESPACE} if you mean it)"
+    )
+    assert apiserver.calls("DELETE", "services") == []
+    assert apiserver.get_object("services", NAMESPACE, "tiny") == before
+
+
+def test_deploy_refuses_to_take_over_a_knative_service_kold_did_not_deploy(
+    kold: Any, model: Path, store: str, apiserver: FakeApiServer, s3_server: LocalS3Server
+) -> None:
+    before = foreign_service(apiserver)
+    run = deploy(kold, model)
+    assert run.rc == 1
+    assert run.error.startswith(
+        f"kold: error: tiny in namespace {NAMESPACE} is a Knative Service kold did not deploy: not replacing it"
+    )
+    assert [r.method for r in apiserver.requests if r.method != "GET"] == [], "nothing applied over it"
+    assert apiserver.get_object("services", NAMESPACE, "tiny") == before
+    assert open_store(store, s3_server.options()).list_keys("snapshots") == [], "refused before the upload"
+
+
+def test_describe_shows_a_foreign_service_as_not_kolds(kold: Any, apiserver: FakeApiServer) -> None:
+    foreign_service(apiserver)
+    described = kold("describe", "tiny", "--target", "knative")
+    assert described.rc == 0, described.err
+    assert "Owner:      not kold's: a Knative Service kold did not deploy" in described.out
+    assert json.loads(kold("describe", "tiny", "--target", "knative", "-o", "json").out)["deployed_by_kold"] is False
 
 
 def test_the_local_target_refuses_cluster_flags(kold: Any, model: Path, store: str) -> None:
