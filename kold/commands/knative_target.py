@@ -139,16 +139,16 @@ def _function_name(name: str) -> str:
 def deploy(args: argparse.Namespace, settings: Settings, name: str, prewarm: str | None) -> int:
     """stdout: the function's URL and OpenAI base_url (or the -o document, or the --dry-run YAML)."""
     from kold.knative.service import progress_deadline_s, render_service
-    from kold.snapshot.resolve import resolve_model
     from kold.snapshot.store import normalize_store_uri
 
     store = normalize_store_uri(settings.store_uri)
-    _function(args, settings, name, prewarm, None, None)  # bad flags fail here, before a long hash or upload
-    model = resolve_model(args.model, revision=args.revision)
+    # the cheap refusals first (flags, store, cluster): the model is resolved (a Hub download, a GGUF's
+    # hash) only once nothing else stands in the way
+    _function(args, settings, name, prewarm, None, None)
     if args.dry_run:
         if store.startswith("file://"):
             note(f"kold: the store {store} is on this machine: pods could not read it (set KOLD_STORE=s3://...)")
-        built = _hash_only(model, store, name)
+        model, built = _hash_only(args, store, name)
         fn = _function(args, settings, name, prewarm, built, args.namespace or settings.knative_namespace, model.config)
         if args.output == "json":
             print_data(render_service(fn), "json")
@@ -164,9 +164,10 @@ def deploy(args: argparse.Namespace, settings: Settings, name: str, prewarm: str
             "with the same credentials in the namespace's kold-s3 Secret"
         )
     with _cluster(args, settings) as cluster:
-        # before a long upload: the cluster answers, Knative is there, RBAC lets us read, the name is free
+        # before a long download, hash or upload: the cluster answers, Knative is there, RBAC lets us read,
+        # the name is free
         _refuse_foreign(cluster, name)
-        built = _publish(model, store, settings, name)
+        model, built = _publish(args, store, settings, name)
         fn = _function(args, settings, name, prewarm, built, cluster.namespace, model.config)
         _refuse_foreign(cluster, name)  # again: one may have been made during the upload
         applied = cluster.apply_service(render_service(fn))
@@ -281,26 +282,31 @@ def _function(
         raise CLIError(str(exc)) from None
 
 
-def _publish(model: ResolvedModel, store: str, settings: Settings, name: str) -> BuildResult:
-    """The snapshot, published exactly as the local target publishes it."""
+def _publish(args: argparse.Namespace, store: str, settings: Settings, name: str) -> tuple[ResolvedModel, BuildResult]:
+    """The model resolved and its snapshot published exactly as the local target does both."""
     from kold.progress import ByteProgress
     from kold.snapshot import build_snapshot
+    from kold.snapshot.resolve import resolve_model
 
     with ByteProgress(f"publish {name}") as progress:
+        model = resolve_model(args.model, revision=args.revision, progress=progress)
         built = build_snapshot(model, store, s3=settings.s3_options(), progress=progress)
     note(f"snapshot {built.manifest.id} {'published' if built.uploaded else 'already in the store'}: {built.uri}")
-    return built
+    return model, built
 
 
-def _hash_only(model: ResolvedModel, store: str, name: str) -> BuildResult:
-    """The snapshot's id, size and URI as a publish to `store` would give them, with nothing uploaded."""
+def _hash_only(args: argparse.Namespace, store: str, name: str) -> tuple[ResolvedModel, BuildResult]:
+    """The model resolved, and its snapshot's id, size and URI as a publish to `store` would give them,
+    with nothing uploaded."""
     from kold.progress import ByteProgress
     from kold.snapshot import build_snapshot
+    from kold.snapshot.resolve import resolve_model
 
     with ByteProgress(f"hash {name}") as progress:
+        model = resolve_model(args.model, revision=args.revision, progress=progress)
         built = build_snapshot(model, _HashOnlyStore(store), progress=progress)
     note(f"snapshot {built.manifest.id} (not uploaded: --dry-run): {built.uri}")
-    return built
+    return model, built
 
 
 class _HashOnlyStore:

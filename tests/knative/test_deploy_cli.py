@@ -244,6 +244,28 @@ def test_a_file_store_is_refused_for_a_cluster_but_not_for_a_dry_run(
     assert "pods could not read it" in dry.err
 
 
+def test_the_store_and_the_cluster_are_checked_before_the_model_is_resolved(
+    kold: Any, store: str, apiserver: FakeApiServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A Hub download or a GGUF's hash can take minutes: a refusal that needs neither comes first. A
+    model that cannot be resolved shows which check ran first."""
+    garbled = tmp_path / "garbled.gguf"
+    garbled.write_bytes(b"not a gguf file at all")
+
+    def run(*flags: str) -> Run:
+        return kold("deploy", str(garbled), "--name", "tiny", "--target", "knative", *flags)
+
+    apiserver.deny("get", "services")
+    assert "cannot get services.serving.knative.dev" in run().error, "the cluster before the model"
+    apiserver.allow("get", "services")
+    monkeypatch.delenv("KOLD_STORE")
+    assert "pods cannot read it" in run().error, "the store before the model"
+    apiserver.clear_requests()
+    dry = run("--dry-run")
+    assert dry.rc == 1 and "garbled.gguf" in dry.error, "a dry run resolves the model ..."
+    assert apiserver.requests == [], "... and contacts no cluster"
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
