@@ -200,7 +200,9 @@ def token_logprobs(
         top_values, top_ids = values.tolist(), ids.tolist()
     for j, i in enumerate(rows):
         n = top_n[i] or 0
-        top = tuple((t, max(v, MIN_LOGPROB)) for t, v in zip(top_ids[j][:n], top_values[j][:n], strict=True))
+        # a token a grammar masked out (-inf) is no alternative: a constrained row may list fewer than n
+        pairs = zip(top_ids[j][:n], top_values[j][:n], strict=True)
+        top = tuple((t, max(v, MIN_LOGPROB)) for t, v in pairs if v != -math.inf)
         out[i] = TokenLogprobs(max(chosen[j], MIN_LOGPROB), top)
     return out
 

@@ -1,0 +1,416 @@
+"""Structured outputs below HTTP: constraints, the grammar compiler (errors, cache, off the event loop),
+the bitmask, and the engine decoding a batch that mixes constrained and free rows, with a property
+test over random JSON schemas.
+
+The model is modelgen's random tiny Llama (fp32, its real byte-level BPE tokenizer of 512 tokens): its
+choices are arbitrary, so whatever parses and validates does so because of the grammar. A generation
+that runs into max_tokens ends with finish_reason "length" and an unfinished text (the API returns it
+as such, as OpenAI does): the property test checks such a text is a prefix the grammar accepts, and
+that nearly all of them finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kold.modelgen import write_random_model
+from kold.runtime.config import ModelConfig
+from kold.runtime.engine import Engine, GenerationRequest, GenerationResult
+from kold.runtime.model import build_model
+from kold.runtime.sampling import SamplingParams, apply_token_bitmask, token_logprobs
+from kold.runtime.structured import (
+    Compiled,
+    Constraint,
+    ConstraintError,
+    GrammarCompiler,
+    Vocabulary,
+    mask_words,
+)
+from kold.runtime.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.timeout(300)
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+class RecordingEngine(Engine):
+    """The engine, keeping which rows of each sampled batch were constrained."""
+
+    batches: list[list[bool]]
+
+    def _constrain(self, logits: torch.Tensor, rows: Any) -> torch.Tensor:
+        self.batches.append([r.matcher is not None for r in rows])
+        return super()._constrain(logits, rows)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, ModelConfig, Tokenizer]:
+    from safetensors.torch import load_file
+
+    path = write_random_model(
+        tmp_path_factory.mktemp("structured") / "tiny", "llama", "tiny", dtype=torch.float32, seed=7
+    )
+    config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    model = build_model(load_file(str(path / "model.safetensors")), config)
+    return model, config, Tokenizer.from_dir(path)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny: tuple[Any, ModelConfig, Tokenizer]) -> Iterator[RecordingEngine]:
+    model, config, tokenizer = tiny
+    eng = RecordingEngine(model, tokenizer, config, max_batch=4, max_seq_len=512)
+    eng.batches = []
+    eng.start()
+    yield eng
+    eng.stop(drain_timeout=5)
+
+
+@pytest.fixture(scope="module")
+def compiler(engine: Engine, tiny: tuple[Any, ModelConfig, Tokenizer]) -> Iterator[GrammarCompiler]:
+    c = GrammarCompiler.for_tokenizer(tiny[2], engine.config.vocab_size, engine.eos_token_ids, cache_size=64)
+    yield c
+    c.close()
+
+
+def prompt(tokenizer: Tokenizer, text: str = "Give me the record as JSON:") -> list[int]:
+    return tokenizer.encode(text)
+
+
+def generate(engine: Engine, ids: list[int], params: Sequence[SamplingParams]) -> list[GenerationResult]:
+    """Submit every request at once (they share the batch) and wait for all."""
+
+    async def run() -> list[GenerationResult]:
+        handles = [engine.submit(GenerationRequest(ids, p)) for p in params]
+        return list(await asyncio.gather(*(h.result() for h in handles)))
+
+    return asyncio.run(run())
+
+
+def accepted_prefix(compiled: Compiled, tokens: Sequence[int]) -> bool:
+    """The grammar accepts every token of `tokens` in order (an unfinished output is a valid prefix)."""
+    m = compiled.matcher()
+    return all(m.advance(t) for t in tokens)
+
+
+# -- constraints and the compiler ---------------------------------------------------------------------
+
+
+def test_constraints_are_hashable_keys_that_keep_the_schema_order() -> None:
+    a = Constraint.json_schema({"type": "object", "properties": {"b": {}, "a": {}}})
+    assert a == Constraint.json_schema({"type": "object", "properties": {"b": {}, "a": {}}})
+    assert a.value == '{"type":"object","properties":{"b":{},"a":{}}}'  # the order properties are generated in
+    assert a != Constraint.json_schema({"type": "object", "properties": {"a": {}, "b": {}}})
+    assert a != Constraint.json_schema({"type": "object", "properties": {"b": {}, "a": {}}}, strict=False)
+    assert len({a, Constraint.json_object(), Constraint.regex("x"), Constraint.choice(["x"])}) == 4
+    assert json.loads(Constraint.choice(["yes", "no"]).value) == ["yes", "no"]
+    for bad in (lambda: Constraint.choice([]), lambda: Constraint.choice(["a", ""]), lambda: Constraint.grammar(" ")):
+        with pytest.raises(ConstraintError):
+            bad()
+    with pytest.raises(ConstraintError, match="not JSON"):
+        Constraint.json_schema({"type": "number", "maximum": float("nan")})
+
+
+@pytest.mark.parametrize(
+    ("constraint", "feature"),
+    [
+        (Constraint.json_schema({"not": {"type": "string"}}), '"not"'),
+        (Constraint.json_schema({"type": "string", "format": "bogus"}), "format: bogus"),
+        (Constraint.json_schema({"$ref": "#/$defs/missing"}), "/$defs/missing"),
+        (Constraint.json_schema({"type": "frob"}), "frob"),
+        (Constraint.json_schema({"type": "string", "pattern": "(?=a)b"}), "look-around"),
+        (Constraint.regex("a(b"), "unclosed group"),
+        (Constraint.grammar("start: undefined_rule"), "undefined_rule"),
+    ],
+)
+def test_what_the_library_cannot_compile_is_an_error_naming_it(
+    compiler: GrammarCompiler, constraint: Constraint, feature: str
+) -> None:
+    with pytest.raises(ConstraintError, match=re.escape(feature)):
+        compiler.compile_sync(constraint)
+    with pytest.raises(ConstraintError, match=re.escape(feature)):  # cached, and raised again
+        compiler.compile_sync(constraint)
+
+
+def test_a_lenient_schema_ignores_what_a_strict_one_refuses(compiler: GrammarCompiler, engine: Engine) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False, "not": {"required": ["x"]}}  # fmt: skip
+    with pytest.raises(ConstraintError, match="not"):
+        compiler.compile_sync(Constraint.json_schema(schema))
+    compiled = compiler.compile_sync(Constraint.json_schema(schema, strict=False))
+    [r] = generate(engine, [5, 6, 7], [SamplingParams(max_tokens=50, temperature=1.0, seed=1, constraint=compiled)])
+    assert r.finish_reason == "stop"
+    assert 1 <= json.loads(r.text)["n"] <= 9
+
+
+def test_the_compile_cache_is_an_lru_and_compiles_off_the_event_loop(
+    tiny: tuple[Any, ModelConfig, Tokenizer], engine: Engine
+) -> None:
+    threads: list[str] = []
+    tokenizer = tiny[2]
+
+    def vocabulary() -> Vocabulary:
+        threads.append(threading.current_thread().name)
+        return Vocabulary.of(tokenizer, engine.config.vocab_size, engine.eos_token_ids)
+
+    compiler = GrammarCompiler(vocabulary, cache_size=2)
+    a, b, c = (Constraint.regex(p) for p in ("a+", "b+", "c+"))
+
+    async def run() -> None:
+        loop_thread = threading.current_thread().name
+        first, seconds = await compiler.compile(a)
+        assert seconds > 0
+        assert threads == ["kold-grammar_0"] and threads[0] != loop_thread  # built in the compile thread
+        again, seconds = await compiler.compile(a)
+        assert again is first and seconds == 0.0
+        both = await asyncio.gather(compiler.compile(b), compiler.compile(b))  # one compile, shared
+        assert both[0][0] is both[1][0]
+        await compiler.compile(c)  # a is the least recently used of a, b: evicted
+        assert len(compiler) == 2
+        assert (await compiler.compile(b))[1] == 0.0
+        renewed, seconds = await compiler.compile(a)
+        assert renewed is not first and seconds > 0
+
+    try:
+        asyncio.run(run())
+    finally:
+        compiler.close()
+    assert len(threads) == 1  # the vocabulary is read once, on the first compile
+
+
+def test_apply_token_bitmask_masks_only_the_given_rows() -> None:
+    vocab = 70
+    logits = torch.randn(3, vocab)
+    original = logits.clone()
+    allowed = [[0, 31, 32, 69], [5]]
+    mask = torch.zeros((2, mask_words(vocab)), dtype=torch.int32)
+    for j, ids in enumerate(allowed):
+        for t in ids:
+            word = int(mask[j, t // 32]) | (1 << (t % 32))
+            mask[j, t // 32] = word - (1 << 32) if word >= 1 << 31 else word  # int32 two's complement
+    out = apply_token_bitmask(logits, mask, [2, 0])
+    assert torch.equal(out[1], original[1])
+    for row, ids in ((2, allowed[0]), (0, allowed[1])):
+        finite = torch.isfinite(out[row]).nonzero().flatten().tolist()
+        assert finite == ids
+        assert torch.equal(out[row, ids], original[row, ids])
+    # the log-probabilities of a masked row are the model's over the allowed tokens only
+    [lp] = token_logprobs(out[2:3], [31], [2])
+    assert lp is not None and {t for t, _ in lp.top} <= set(allowed[0])
+    expected = torch.log_softmax(original[2, allowed[0]], dim=-1)[1]
+    assert lp.logprob == pytest.approx(float(expected), abs=1e-5)
+
+
+# -- the engine ---------------------------------------------------------------------------------------
+
+
+def test_a_mixed_batch_constrains_its_rows_and_leaves_the_free_ones_exactly_as_alone(
+    engine: RecordingEngine, compiler: GrammarCompiler, tiny: tuple[Any, ModelConfig, Tokenizer]
+) -> None:
+    ids = prompt(tiny[2])
+    person = compiler.compile_sync(Constraint.json_schema(PERSON))
+    free = [
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True),
+    ]
+    alone = [r.token_ids for r in generate(engine, ids, free)]
+    engine.batches.clear()
+    constrained = [
+        SamplingParams(max_tokens=200, temperature=0, constraint=person),
+        SamplingParams(max_tokens=200, temperature=1.0, top_k=50, seed=11, constraint=person, logprobs=3),
+    ]
+    results = generate(engine, ids, [constrained[0], free[0], constrained[1], free[1]])
+    assert [results[1].token_ids, results[3].token_ids] == alone
+    assert any(True in b and False in b for b in engine.batches)  # they shared decode steps
+    for r in (results[0], results[2]):
+        assert r.finish_reason == "stop", r.text
+        jsonschema.validate(json.loads(r.text), PERSON)
+        assert engine.eos_token_ids.isdisjoint(r.token_ids[:-1])
+    assert engine.cache.num_free == engine.max_batch
+
+
+def test_logprobs_of_a_constrained_row_are_its_allowed_tokens(
+    engine: Engine, compiler: GrammarCompiler, tiny: tuple[Any, ModelConfig, Tokenizer]
+) -> None:
+    tokenizer = tiny[2]
+    yes_no = compiler.compile_sync(Constraint.choice(["yes", "no"]))
+    handle = engine.submit(
+        GenerationRequest(
+            prompt(tokenizer), SamplingParams(max_tokens=10, temperature=0, logprobs=5, constraint=yes_no)
+        )
+    )
+    evs = list(handle)
+    text = "".join(e.text_delta for e in evs)
+    assert text in ("yes", "no") and evs[-1].finish_reason == "stop"
+    first = evs[0]
+    assert first.logprob is not None and first.logprob > -9999
+    alternatives = {tokenizer.decode([t]) for t, _ in first.top_logprobs}
+    assert alternatives <= {"y", "n", "ye", "yes", "no"} and len(first.top_logprobs) <= 5
+
+
+def test_regex_choice_and_grammar_constraints(
+    engine: Engine, compiler: GrammarCompiler, tiny: tuple[Any, ModelConfig, Tokenizer]
+) -> None:
+    ids = prompt(tiny[2])
+    cases = [
+        (Constraint.regex(r"[a-z]{3}-[0-9]{2}"), lambda t: re.fullmatch(r"[a-z]{3}-[0-9]{2}", t)),
+        (Constraint.choice(["alpha", "beta", "gamma delta"]), lambda t: t in ("alpha", "beta", "gamma delta")),
+        (Constraint.grammar('start: "(" start ")" | "x"'), lambda t: re.fullmatch(r"(\(*)x(\)*)", t) and t.count("(") == t.count(")")),
+        (Constraint.grammar('root ::= "<" [a-c]+ ">"'), lambda t: re.fullmatch(r"<[a-c]+>", t)),  # GBNF
+    ]  # fmt: skip
+    params = [SamplingParams(max_tokens=60, temperature=1.0, seed=i, constraint=compiler.compile_sync(c))
+              for i, (c, _) in enumerate(cases)]  # fmt: skip
+    for (_, check), r in zip(cases, generate(engine, ids, params), strict=True):
+        assert r.finish_reason == "stop" and check(r.text), r.text
+
+
+def test_max_tokens_cuts_a_constrained_output_as_length(
+    engine: Engine, compiler: GrammarCompiler, tiny: tuple[Any, ModelConfig, Tokenizer]
+) -> None:
+    person = compiler.compile_sync(Constraint.json_schema(PERSON))
+    [r] = generate(engine, prompt(tiny[2]), [SamplingParams(max_tokens=3, temperature=0, constraint=person)])
+    assert r.finish_reason == "length" and r.completion_tokens == 3
+    assert r.text.startswith("{") and accepted_prefix(person, r.token_ids)
+
+
+def test_a_cancelled_constrained_request_frees_its_slot_and_matcher(
+    engine: Engine, compiler: GrammarCompiler, tiny: tuple[Any, ModelConfig, Tokenizer]
+) -> None:
+    endless = compiler.compile_sync(Constraint.regex("(ab){200}"))
+    handle = engine.submit(
+        GenerationRequest(prompt(tiny[2]), SamplingParams(max_tokens=400, temperature=1.0, seed=2, constraint=endless))
+    )
+    events = iter(handle)
+    next(events)
+    handle.cancel()
+    assert [e.finish_reason for e in events][-1] == "cancelled"
+    assert engine.num_running == 0 and engine.cache.num_free == engine.max_batch
+
+
+# -- the property: random JSON schemas ----------------------------------------------------------------
+
+NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8)
+
+
+@st.composite
+def bounded_string(draw: st.DrawFn) -> dict[str, Any]:
+    low = draw(st.integers(0, 3))
+    return {"type": "string", "minLength": low, "maxLength": draw(st.integers(max(low, 1), 8))}
+
+
+@st.composite
+def number(draw: st.DrawFn) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": draw(st.sampled_from(["integer", "number"]))}
+    if draw(st.booleans()):
+        low = draw(st.integers(-1000, 1000))
+        schema.update(minimum=low, maximum=low + draw(st.integers(0, 5000)))
+    return schema
+
+
+LEAVES = st.one_of(
+    bounded_string(),
+    number(),
+    st.just({"type": "boolean"}),
+    st.just({"type": "null"}),
+    st.lists(st.one_of(NAMES, st.integers(-50, 50)), min_size=1, max_size=4, unique=True).map(lambda v: {"enum": v}),
+)
+
+
+@st.composite
+def obj(draw: st.DrawFn, children: st.SearchStrategy[dict[str, Any]]) -> dict[str, Any]:
+    props = draw(st.dictionaries(NAMES, children, min_size=1, max_size=4))
+    required = [k for k in props if draw(st.booleans())]
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+
+
+@st.composite
+def array(draw: st.DrawFn, children: st.SearchStrategy[dict[str, Any]]) -> dict[str, Any]:
+    low = draw(st.integers(0, 1))
+    return {"type": "array", "items": draw(children), "minItems": low, "maxItems": draw(st.integers(max(low, 1), 3))}
+
+
+SCHEMAS = st.recursive(LEAVES, lambda children: st.one_of(obj(children), array(children)), max_leaves=6)
+TOP = obj(SCHEMAS)  # OpenAI's structured outputs want an object at the top
+
+
+def test_random_schemas_give_outputs_that_parse_and_validate(
+    engine: Engine, compiler: GrammarCompiler, tiny: tuple[Any, ModelConfig, Tokenizer]
+) -> None:
+    """Four random schemas a batch, decoded together with sampling; every finished output parses and
+    validates with jsonschema, every cut one is a prefix the grammar accepts, and few are cut."""
+    ids = prompt(tiny[2])
+    outcomes: list[str] = []
+
+    @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.lists(TOP, min_size=4, max_size=4), st.integers(0, 2**31))
+    def property(schemas: list[dict[str, Any]], seed: int) -> None:
+        compiled = [compiler.compile_sync(Constraint.json_schema(s)) for s in schemas]
+        params = [SamplingParams(max_tokens=300, temperature=1.0, seed=seed + i, constraint=c)
+                  for i, c in enumerate(compiled)]  # fmt: skip
+        for schema, c, r in zip(schemas, compiled, generate(engine, ids, params), strict=True):
+            outcomes.append(r.finish_reason)
+            if r.finish_reason == "stop":
+                jsonschema.validate(json.loads(r.text), schema)
+            else:
+                assert r.finish_reason == "length" and r.completion_tokens == 300, (r.finish_reason, r.error)
+                assert accepted_prefix(c, r.token_ids), r.text
+
+    property()
+    assert outcomes.count("stop") >= 0.9 * len(outcomes), outcomes
+
+
+def test_schema_order_is_generation_order(
+    engine: Engine, compiler: GrammarCompiler, tiny: tuple[Any, ModelConfig, Tokenizer]
+) -> None:
+    schema = {"type": "object", "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}  # fmt: skip
+    compiled = compiler.compile_sync(Constraint.json_schema(schema))
+    [r] = generate(engine, prompt(tiny[2]), [SamplingParams(max_tokens=40, temperature=0, constraint=compiled)])
+    assert list(json.loads(r.text)) == ["zeta", "alpha"]
+
+
+def test_the_model_vocabulary_past_the_tokenizer_is_never_allowed(tiny: tuple[Any, ModelConfig, Tokenizer]) -> None:
+    tokenizer = tiny[2]
+    padded = tokenizer.vocab_size + 40  # models pad their embedding past the tokenizer's ids
+    compiler = GrammarCompiler.for_tokenizer(tokenizer, padded, [2])
+    try:
+        compiled = compiler.compile_sync(Constraint.regex("[a-z ]+"))
+        assert compiled.vocab_size == padded
+        mask = torch.zeros((1, mask_words(padded)), dtype=torch.int32)
+        compiled.matcher().fill_mask(mask[0])
+        allowed = apply_token_bitmask(torch.zeros(1, padded), mask, [0]).isfinite()[0]
+        assert allowed[: tokenizer.vocab_size].any() and not allowed[tokenizer.vocab_size :].any()
+        assert not allowed[sorted(tokenizer.special_token_ids)].any()
+    finally:
+        compiler.close()
+
+
+def test_an_engine_refuses_a_grammar_compiled_for_another_vocabulary(
+    engine: Engine, tiny: tuple[Any, ModelConfig, Tokenizer]
+) -> None:
+    compiler = GrammarCompiler.for_tokenizer(tiny[2], engine.config.vocab_size + 32, [2])
+    try:
+        other = compiler.compile_sync(Constraint.regex("a"))
+    finally:
+        compiler.close()
+    [r] = generate(engine, [5, 6], [SamplingParams(max_tokens=5, constraint=other)])
+    assert r.finish_reason == "error" and "compiled for" in (r.error or "")
