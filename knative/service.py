@@ -55,6 +55,12 @@ MAX_SCALE_DOWN_DELAY_S: Final = 3600  # autoscaling.knative.dev/scale-down-delay
 MAX_SCALE_UNLIMITED: Final = 2**31 - 1  # what `scaling_of` reports for max-scale 0 or absent (no limit)
 KNATIVE_DEFAULT_TARGET: Final = 100  # config-autoscaler's container-concurrency-target-default
 WINDOW: Final = "60s"  # the stable window the KPA averages concurrency over (Knative's default)
+# How long the last pod stays once the KPA has decided on zero (`lastPodRetention` in
+# pkg/reconciler/autoscaling/kpa/scaler.go: the annotation, else config-autoscaler's value). Zero, said
+# on every revision: `--idle-timeout` (scale-down-delay, which delays the decision to zero too) and
+# the pre-warm controller's floors already decide how long an idle pod is kept, and a cluster-wide
+# retention would add idle time to every scale to zero that neither asked for.
+SCALE_TO_ZERO_RETENTION: Final = "0s"
 
 # The progress deadline: see progress_deadline_s.
 KNATIVE_DEFAULT_PROGRESS_DEADLINE_S: Final = 600
@@ -207,6 +213,7 @@ def render_service(fn: FunctionDeploy) -> Doc:
         # a new revision starts one pod, so that it can become Ready (0 needs allow-zero-initial-scale)
         names.INITIAL_SCALE: "1",
         names.SCALE_DOWN_DELAY: go_duration(math.ceil(fn.idle_timeout_s)),
+        names.SCALE_TO_ZERO_RETENTION: SCALE_TO_ZERO_RETENTION,
         names.WINDOW: WINDOW,
         names.PROGRESS_DEADLINE: go_duration(progress_deadline_s(fn.snapshot_bytes)),
         names.SNAPSHOT_URI: fn.snapshot_uri,

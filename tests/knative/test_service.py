@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from manifests.test_manifests import all_errors, go_duration_s
 
 from kold.knative import names
@@ -154,6 +156,15 @@ def test_the_runtime_container_serves_the_snapshot_by_the_knative_contract() -> 
     assert env(svc)["KOLD_REDIS_URL"] == "redis://kold-redis:6379/0"
     assert c["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_the_last_pods_retention_is_rendered_as_the_manifests_template_sets_it() -> None:
+    """Zero: the idle timeout and the pre-warm floors decide how long an idle pod stays, and a
+    cluster-wide retention must not add to it; manifests/base/function.yaml says the same."""
+    rendered = template(render_service(deploy()))["metadata"]["annotations"]
+    manifest = yaml.safe_load((Path(__file__).parents[2] / "manifests" / "base" / "function.yaml").read_text())
+    by_hand = template(manifest)["metadata"]["annotations"]
+    assert rendered[names.SCALE_TO_ZERO_RETENTION] == by_hand[names.SCALE_TO_ZERO_RETENTION] == "0s"
 
 
 def test_no_redis_url_means_no_redis_variable() -> None:
