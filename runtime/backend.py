@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from kold.runtime.model import LlamaForCausalLM
     from kold.runtime.structured import Compiled, GrammarCompiler
     from kold.runtime.tokenizer import Tokenizer
+    from kold.runtime.tools import ToolFamily
     from kold.snapshot.cache import NodeCache
     from kold.snapshot.hostpool import HostPool
     from kold.snapshot.manifest import Manifest
@@ -89,12 +90,14 @@ class Backend(Protocol):
 
     max_seq_len: int
     grammar: GrammarCompiler  # compiles structured-output constraints for this model's vocabulary
+    tool_family: ToolFamily | None  # how the model writes tool calls (runtime/tools.py), None: unknown
 
     # may raise ContextLengthError before tokenizing, when the text's length alone says it cannot fit
     def encode(self, text: str, *, special: bool) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def token_bytes(self, token_id: int) -> bytes: ...  # what the token stands for in a text (logprobs)
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str: ...
+    # `tools`: the request's tools, as the model's template takes them (runtime/tools.py)
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str: ...
     def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str = "") -> Generation: ...
     def pending(self) -> int: ...
     def stats(self) -> EngineStats: ...
@@ -140,6 +143,9 @@ class EngineBackend:
         from kold.runtime.structured import GrammarCompiler
 
         self.grammar = GrammarCompiler.for_tokenizer(tokenizer, engine.config.vocab_size, engine.eos_token_ids)
+        from kold.runtime.tools import tool_family
+
+        self.tool_family = tool_family(tokenizer.chat_template, engine.config.model_type)
 
     def encode(self, text: str, *, special: bool) -> list[int]:
         limit = self.max_seq_len
@@ -159,11 +165,11 @@ class EngineBackend:
     def token_bytes(self, token_id: int) -> bytes:
         return self.tokenizer.token_bytes(token_id)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         from kold.runtime.chat_template import ChatTemplateError
 
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         except ChatTemplateError as exc:
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from None
 

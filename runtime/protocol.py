@@ -13,11 +13,14 @@ import json
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from kold.runtime.structured import Constraint, ConstraintError
+
+if TYPE_CHECKING:
+    from kold.runtime.tools import ToolRequest
 
 # -- errors -----------------------------------------------------------------------------------------
 
@@ -327,10 +330,26 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it back
+
+
+class ToolCallIn(_Request):
+    """A call an assistant turn made, as a client sends the conversation back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # the call a tool message answers
+    function_call: FunctionCallIn | None = None  # the deprecated form of an assistant's one call
 
     def text(self) -> str:
         if self.content is None:
@@ -338,6 +357,24 @@ class ChatMessage(_Request):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as OpenAI-shaped plain data (developer messages act as system ones); an
+        assistant turn that only called tools has no content."""
+        calls = self.tool_calls or self.function_call
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": None if self.content is None and calls else self.text(),
+        }
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.function_call is not None:
+            out["function_call"] = self.function_call.model_dump()
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatCompletionRequest(_Sampling):
@@ -347,15 +384,31 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # needs logprobs: true
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None  # the deprecated form of tools
     function_call: str | dict[str, Any] | None = None  # ... and of tool_choice
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        """The messages as a chat template takes them (developer messages act as system ones)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The messages as OpenAI-shaped plain data (`chat_template.template_messages` makes them what a
+        template reads)."""
+        return [m.template_message() for m in self.messages]
+
+    def uses_tools(self) -> bool:
+        """Whether tools or tool turns are in play (the prompt then goes through the tool path)."""
+        return bool(self.tools or self.functions) or any(
+            m.tool_calls or m.function_call or m.role in ("tool", "function") for m in self.messages
+        )
+
+    def tool_request(self) -> ToolRequest | None:
+        """The validated tool fields (runtime/tools.py); None without tools."""
+        from kold.runtime.tools import parse_tool_request
+
+        return parse_tool_request(
+            self.tools, self.tool_choice, self.parallel_tool_calls, self.functions, self.function_call
+        )
 
     def top_logprobs_asked(self) -> int | None:
         """How many alternatives each token's log-probabilities carry; None: no log-probabilities."""
@@ -365,17 +418,20 @@ class ChatCompletionRequest(_Sampling):
         super().check_supported()
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        # tool calling comes later: tools and their deprecated form are refused alike, and so is a
-        # choice that forces a call ("none" and "auto" mean no call here, as there are no tools)
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise InvalidRequestError(f"{name} are not supported by this server (no tool calling yet)", param=name)
-        for name in ("tool_choice", "function_call"):
-            choice = getattr(self, name)
-            if choice is not None and choice not in ("none", "auto"):
+        for i, m in enumerate(self.messages):
+            if m.role == "tool" and m.tool_call_id is None:
                 raise InvalidRequestError(
-                    f"{name} {choice!r} asks for a tool call, which this server does not support yet", param=name
+                    "a tool message needs the tool_call_id of the call it answers", param=f"messages[{i}].tool_call_id"
                 )
+            if (m.tool_calls or m.function_call) and m.role != "assistant":
+                raise InvalidRequestError("only assistant messages carry tool calls", param=f"messages[{i}].tool_calls")
+        tools = self.tool_request()  # bad tool fields are refused before the request waits for the model
+        if tools is not None and tools.forced and self.constraint() is not None:
+            raise InvalidRequestError(
+                f"{self.constraint_param()} cannot be combined with a tool_choice that forces a call "
+                "(the call's arguments already follow the function's schema)",
+                param=self.constraint_param(),
+            )
 
 
 # -- structured outputs -----------------------------------------------------------------------------
@@ -457,7 +513,7 @@ def _json_schema_value(value: Any) -> dict[str, Any]:
 
 # -- responses --------------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class Usage(BaseModel):
@@ -502,9 +558,33 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(BaseModel):
+    """`content` is None beside calls that came with no text; `tool_calls` (or, for the deprecated
+    `functions`, `function_call`) only when the model called."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+    function_call: FunctionCallOut | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_when_made(self, handler: Any) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in ("tool_calls", "function_call"):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
 
 
 class TopLogprob(BaseModel):
@@ -543,12 +623,23 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChatDelta(BaseModel):
+    """`tool_calls`: `[{index, id, type, function: {name, arguments}}]` pieces (runtime/tools.py);
+    `function_call`: `{name, arguments}` pieces, for the deprecated `functions`."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, str] | None = None
 
     @model_serializer
-    def _without_nulls(self) -> dict[str, str]:  # OpenAI's deltas carry only what changed
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+    def _without_nulls(self) -> dict[str, Any]:  # OpenAI's deltas carry only what changed
+        fields = (
+            ("role", self.role),
+            ("content", self.content),
+            ("tool_calls", self.tool_calls),
+            ("function_call", self.function_call),
+        )
+        return {k: v for k, v in fields if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -2,11 +2,13 @@
 
 Routes (server.py) only parse and hand over; the engine only knows token ids. In between, this
 module waits for readiness (bounded, see lifecycle.py), compiles a structured-output constraint
-(response_format / guided_*: runtime/structured.py, off the event loop, cached), renders chat
-templates, tokenizes, checks the context, submits one generation per (prompt, n), merges their token streams, turns token
-log-probabilities into OpenAI's shapes (logprobs.py), and times them (TTFT, inter-token latency). A
-client that goes away cancels its generations, which frees their batch slots. Every request ends in
-one `request` event line (JSON, on the `kold.runtime.events` logger) naming its `x-request-id`.
+(response_format / guided_*: runtime/structured.py, off the event loop, cached; or the call a
+tool_choice forces), renders chat templates (with the request's tools), tokenizes, checks the
+context, submits one generation per (prompt, n), merges their token streams, reads tool calls out
+of the text (tools.py), turns token log-probabilities into OpenAI's shapes (logprobs.py), and
+times them (TTFT, inter-token latency). A client that goes away cancels its generations, which
+frees their batch slots. Every request ends in one `request` event line (JSON, on the
+`kold.runtime.events` logger) naming its `x-request-id`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from starlette.responses import JSONResponse, Response
 
 from kold.runtime.backend import Backend, EngineStats, Generation, Sampling, TokenEvent
+from kold.runtime.chat_template import template_messages
 from kold.runtime.httpserver import Disconnected, unless_gone
 from kold.runtime.lifecycle import Lifecycle
 from kold.runtime.logprobs import ChoiceLogprobs, CompletionOffsets, chat_logprobs
@@ -43,11 +46,13 @@ from kold.runtime.protocol import (
     ConstraintCompileError,
     ContextLengthError,
     DrainingError,
+    FunctionCallOut,
     InternalError,
     ModelCard,
     ModelList,
     ModelNotFoundError,
     NotReadyError,
+    ToolCallOut,
     Usage,
     error_body,
     new_id,
@@ -55,7 +60,8 @@ from kold.runtime.protocol import (
     sse,
 )
 from kold.runtime.streams import EventStream, aclose, merge
-from kold.runtime.structured import ConstraintError
+from kold.runtime.structured import Constraint, ConstraintError
+from kold.runtime.tools import Delta, ToolFamily, ToolRequest, mistral_call_id, output_parser, parse
 
 if TYPE_CHECKING:
     from kold.runtime.demand import Call, DemandReporter
@@ -221,15 +227,25 @@ class Service:
         self, req: ChatCompletionRequest, disconnected: Disconnected, request_id: str = "", call: Call | None = None
     ) -> Response:
         received, stop, queue_s, backend = await self._admit(req, disconnected)
-        constraint, compile_s = await self._compile(req, backend)
+        tools = req.tool_request()
+        family = backend.tool_family if req.uses_tools() else None
+        forced = (
+            Constraint.json_schema(tools.forced_schema(family), strict=tools.strict) if tools and tools.forced else None
+        )
+        constraint, compile_s = await self._compile(req, backend, forced)
         messages = req.chat_messages()
+        if req.uses_tools():  # tool turns in the shape templates read (Mistral's: call ids of 9 characters)
+            messages = template_messages(messages, call_id=mistral_call_id if family == "mistral" else None)
 
         def tokenize() -> tuple[list[int], Sampling]:
-            ids = _encode(backend, backend.chat_prompt(messages), special=False, param="messages")
+            # tools are rendered by the model's own template (`none` too: the model sees them, never calls)
+            prompt = backend.chat_prompt(messages, tools.template_tools()) if tools else backend.chat_prompt(messages)
+            ids = _encode(backend, prompt, special=False, param="messages")
             limit = req.token_limit()
             return ids, self._sampling(req, limit, len(ids), backend, stop, req.top_logprobs_asked(), constraint)
 
-        ids, sampling = await self._tokenizing(tokenize, sum(len(m["content"]) for m in messages))
+        chars = sum(len(m.get("content") or "") for m in messages) + len(json.dumps(req.tools or req.functions or []))
+        ids, sampling = await self._tokenizing(tokenize, chars)
         job = self._submit(
             backend, [(ids, sampling)], req.n, req.model, received, queue_s, "chatcmpl", request_id, call, compile_s
         )
@@ -237,23 +253,30 @@ class Service:
         if req.stream:
             return self._stream(
                 job,
-                self._chat_events(job, backend, bool(req.stream_options and req.stream_options.include_usage)),
+                self._chat_events(
+                    job, backend, bool(req.stream_options and req.stream_options.include_usage), tools, family
+                ),
                 "chat",
             )
         await self._collect(job, disconnected)
+        choices = []
+        for c in job.choices:
+            message = _chat_message("".join(c.text), tools, family)
+            choices.append(
+                ChatChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=chat_logprobs(c.logprobs.take(), backend.token_bytes) if c.logprobs is not None else None,
+                    finish_reason=_chat_finish(
+                        c.finish, tools, called=bool(message.tool_calls or message.function_call)
+                    ),
+                )
+            )
         body = ChatCompletionResponse(
             id=job.id,
             created=now(),
             model=job.model,
-            choices=[
-                ChatChoice(
-                    index=c.index,
-                    message=ChatResponseMessage(content="".join(c.text)),
-                    logprobs=chat_logprobs(c.logprobs.take(), backend.token_bytes) if c.logprobs is not None else None,
-                    finish_reason=_finish(c.finish),
-                )
-                for c in job.choices
-            ],
+            choices=choices,
             usage=job.usage(),
         )
         return self._json(job, body.model_dump(), "chat")
@@ -261,19 +284,19 @@ class Service:
     # -- steps ------------------------------------------------------------------------------------
 
     async def _compile(
-        self, req: CompletionRequest | ChatCompletionRequest, backend: Backend
+        self, req: CompletionRequest | ChatCompletionRequest, backend: Backend, forced: Constraint | None = None
     ) -> tuple[Compiled | None, float | None]:
         """The request's structured-output constraint compiled for the model (in the backend's compile
         thread; cached per constraint), and the seconds it took (0 on a cache hit); (None, None)
         without one. A constraint the library cannot compile is a 400 naming its param and the
-        feature."""
-        constraint = req.constraint()
+        feature. `forced`: the schema of a tool call the request forces (the tools' param)."""
+        constraint = forced if forced is not None else req.constraint()
         if constraint is None:
             return None, None
         try:
             return await backend.grammar.compile(constraint)
         except ConstraintError as exc:
-            param = req.constraint_param()
+            param = "tools" if forced is not None else req.constraint_param()
             raise ConstraintCompileError(f"{param}: {exc}", param=param) from None
 
     async def _tokenizing(self, work: Callable[[], T], chars: int) -> T:
@@ -504,7 +527,17 @@ class Service:
             yield sse(CompletionResponse(id=job.id, created=created, model=job.model, choices=[], usage=job.usage()))
         yield SSE_DONE
 
-    async def _chat_events(self, job: _Job, backend: Backend, usage: bool) -> AsyncIterator[bytes]:
+    async def _chat_events(
+        self,
+        job: _Job,
+        backend: Backend,
+        usage: bool,
+        tools: ToolRequest | None = None,
+        family: ToolFamily | None = None,
+    ) -> AsyncIterator[bytes]:
+        """The chat stream. With tools read for calls, each choice's text goes through its parser:
+        content deltas until a call starts, then `delta.tool_calls` pieces (runtime/tools.py)."""
+
         def chunk(choice: ChatChunkChoice) -> bytes:
             return sse(ChatCompletionChunk(id=job.id, created=created, model=job.model, choices=[choice]))
 
@@ -515,19 +548,26 @@ class Service:
             return chat_logprobs(choice.logprobs.take(), backend.token_bytes)
 
         created = now()
+        parsers = {c.index: output_parser(tools, family, eager=True) if tools else None for c in job.choices}
         for c in job.choices:  # the role first, as OpenAI sends it
             yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content="")))
         async for choice, event in self._events(job):
+            parser = parsers[choice.index]
             if event.text_delta:
-                delta = ChatDelta(content=event.text_delta)
-                yield chunk(ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs(choice)))
+                if parser is None:
+                    delta = ChatDelta(content=event.text_delta)
+                    yield chunk(ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs(choice)))
+                else:
+                    for piece in parser.feed(event.text_delta):
+                        delta = _chat_delta(piece, legacy=bool(tools and tools.legacy))
+                        yield chunk(ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs(choice)))
             if event.finish_reason is not None:
+                for piece in parser.finish() if parser is not None else ():
+                    delta = _chat_delta(piece, legacy=bool(tools and tools.legacy))
+                    yield chunk(ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs(choice)))
                 left = logprobs(choice) if choice.logprobs is not None and choice.logprobs.pending else None
-                yield chunk(
-                    ChatChunkChoice(
-                        index=choice.index, delta=ChatDelta(), logprobs=left, finish_reason=_finish(event.finish_reason)
-                    )
-                )
+                reason = _chat_finish(event.finish_reason, tools, called=bool(parser and parser.calls))
+                yield chunk(ChatChunkChoice(index=choice.index, delta=ChatDelta(), logprobs=left, finish_reason=reason))
         if usage:
             yield sse(ChatCompletionChunk(id=job.id, created=created, model=job.model, choices=[], usage=job.usage()))
         yield SSE_DONE
@@ -602,6 +642,38 @@ def _finish(reason: str | None) -> Any:
     if reason is None:
         return None
     return "length" if reason == "length" else "stop"
+
+
+def _chat_message(text: str, tools: ToolRequest | None, family: ToolFamily | None) -> ChatResponseMessage:
+    """A whole answer: its text, or what of it is content and the calls it made."""
+    if tools is None or not tools.parses:
+        return ChatResponseMessage(content=text)
+    parsed = parse(text, tools, family)
+    if not parsed.calls:
+        return ChatResponseMessage(content=parsed.content or "")
+    calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in parsed.calls]
+    if tools.legacy:  # the deprecated functions: one call, as message.function_call
+        return ChatResponseMessage(content=parsed.content, function_call=calls[0].function)
+    return ChatResponseMessage(content=parsed.content, tool_calls=calls)
+
+
+def _chat_finish(reason: str | None, tools: ToolRequest | None, *, called: bool) -> Any:
+    """`tool_calls` (`function_call` for the deprecated functions) when a generation that stopped on its
+    own made calls (one cut short by max_tokens says `length`, as OpenAI's does)."""
+    finish = _finish(reason)
+    if finish != "stop" or tools is None or not called:
+        return finish
+    return "function_call" if tools.legacy else "tool_calls"
+
+
+def _chat_delta(piece: Delta, *, legacy: bool) -> ChatDelta:
+    if not piece.calls:
+        return ChatDelta(content=piece.content)
+    if legacy:  # the deprecated functions' delta.function_call: the one call's name, then its arguments
+        first = piece.calls[0]
+        fields = {"name": first.name} if first.name is not None else {}
+        return ChatDelta(function_call={**fields, "arguments": first.arguments})
+    return ChatDelta(tool_calls=[c.openai() for c in piece.calls])
 
 
 def _with_seed(s: Sampling, seed: int) -> Sampling:

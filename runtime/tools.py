@@ -110,10 +110,12 @@ class Tool:
         return {"type": "function", "function": function}
 
     def arguments_schema(self) -> dict[str, Any]:
-        """The schema a forced call's arguments follow (an object, no extra keys when none are declared)."""
+        """The schema a forced call's arguments follow: the parameters, their objects closed (below)."""
         if self.parameters is None:
             return {"type": "object", "properties": {}, "additionalProperties": False}
-        return {"type": "object", **self.parameters}
+        closed = _closed({"type": "object", **self.parameters})
+        assert isinstance(closed, dict)
+        return closed
 
 
 Choice = Literal["auto", "none", "required", "named"]
@@ -133,6 +135,12 @@ class ToolRequest:
     @property
     def names(self) -> frozenset[str]:
         return frozenset(t.name for t in self.tools)
+
+    @property
+    def strict(self) -> bool:
+        """Whether a forced call refuses schema keywords the grammar library does not implement (any
+        tool declared `strict`), rather than ignoring them."""
+        return any(t.strict for t in self.tools)
 
     @property
     def forced(self) -> bool:
@@ -176,6 +184,30 @@ class ToolRequest:
         return schema
 
 
+def _closed(schema: Any) -> Any:
+    """`schema` with every object that declares its properties closed to others (`additionalProperties:
+    false` unless it says otherwise), as OpenAI's strict function calling has them and xgrammar's strict
+    mode generates them: JSON Schema's default lets a grammar append keys the function never declared
+    (a weak model fills them until it runs out of tokens). Not inside `allOf`, whose branches each see
+    only part of the properties."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    if isinstance(out.get("properties"), Mapping):
+        out["properties"] = {k: _closed(v) for k, v in out["properties"].items()}
+    for key in ("$defs", "definitions"):
+        if isinstance(out.get(key), Mapping):
+            out[key] = {k: _closed(v) for k, v in out[key].items()}
+    for key in ("anyOf", "oneOf", "prefixItems"):
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(v) for v in out[key]]
+    if isinstance(out.get("items"), Mapping):
+        out["items"] = _closed(out["items"])
+    return out
+
+
 def arguments_key(family: ToolFamily | None) -> str:
     """The key a family's calls hold their arguments under."""
     return "parameters" if family == "llama3" else "arguments"
@@ -195,14 +227,13 @@ def parse_tool_request(
     if functions:
         if tools:
             raise InvalidRequestError("use tools or the deprecated functions, not both", param="functions")
-        if tool_choice is not None:
+        if tool_choice not in (None, "auto", "none"):
             raise InvalidRequestError("tool_choice goes with tools; functions take function_call", param="tool_choice")
         declared = tuple(_tool(f, f"functions[{i}]") for i, f in enumerate(_list(functions, "functions")))
         choice, named = _choice(function_call, "function_call", declared, legacy=True)
         _unique(declared, "functions")
         return ToolRequest(declared, choice, named, parallel=False, legacy=True)
-    if function_call is not None:
-        raise InvalidRequestError("function_call goes with functions; tools take tool_choice", param="function_call")
+    _choice(function_call, "function_call", (), legacy=True)  # "auto" or "none" ask for nothing
     if not tools:
         choice, _ = _choice(tool_choice, "tool_choice", (), legacy=False)
         return None

@@ -116,8 +116,8 @@ def test_a_valid_request_keeps_what_templates_and_the_grammar_need() -> None:
         ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
         ({"functions": [TIME["function"]]}, "functions", "not both"),
         ({"tools": None, "functions": [TIME["function"]], "function_call": "required"}, "function_call", "must be"),
-        ({"function_call": "auto"}, "function_call", "goes with functions"),
-        ({"tools": None, "functions": [{"name": "f"}], "tool_choice": "auto"}, "tool_choice", "function_call"),
+        ({"function_call": {"name": "get_time"}}, "function_call", "not declared"),
+        ({"tools": None, "functions": [{"name": "f"}], "tool_choice": "required"}, "tool_choice", "function_call"),
     ],
 )
 def test_bad_tool_fields_are_refused_naming_the_field(fields: dict[str, Any], param: str, words: str) -> None:
@@ -135,6 +135,8 @@ def test_bad_tool_fields_are_refused_naming_the_field(fields: dict[str, Any], pa
 def test_no_tools_asks_for_nothing_and_the_deprecated_functions_map_onto_tools() -> None:
     assert parse_tool_request(None, None) is None
     assert parse_tool_request([], "none") is None and parse_tool_request(None, "auto") is None
+    assert parse_tool_request(None, "none", None, None, "auto") is None
+    assert request(function_call="none").choice == "auto"  # function_call says nothing about tools
     legacy = parse_tool_request(None, None, None, [WEATHER["function"]], {"name": "get_weather"})
     assert legacy is not None
     assert (legacy.choice, legacy.named, legacy.legacy, legacy.parallel) == ("named", "get_weather", True, False)
@@ -162,8 +164,42 @@ def test_the_forced_schema_admits_exactly_calls_to_declared_tools() -> None:
         jsonschema.validate([{"name": "get_time", "parameters": {}}] * 2, llama)
     named = request(tool_choice={"type": "function", "function": {"name": "get_weather"}}).forced_schema("mistral")
     jsonschema.validate({"city": "Oslo", "unit": "c"}, named)
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"unit": "c"}, named)
+    for bad in ({"unit": "c"}, {"city": "Oslo", "country": "NO"}):  # required missing; a key never declared
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, named)
+
+
+def test_forced_arguments_have_no_keys_the_schema_does_not_declare() -> None:
+    """Objects that declare properties are closed (OpenAI's strict calling), nested ones too, unless the
+    schema opens them; `allOf` branches are left as they are."""
+    inner = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    params = {
+        "type": "object",
+        "properties": {
+            "point": inner,
+            "points": {"type": "array", "items": inner},
+            "either": {"anyOf": [inner, {"type": "null"}]},
+            "tags": {"type": "object", "properties": {}, "additionalProperties": {"type": "string"}},
+            "both": {"allOf": [inner, {"properties": {"y": {"type": "integer"}}}]},
+        },
+    }
+    tool = {"type": "function", "function": {"name": "draw", "parameters": params}}
+    schema = request(tools=[tool], tool_choice={"type": "function", "function": {"name": "draw"}}).forced_schema(None)
+    jsonschema.validate(
+        {"point": {"x": 1}, "points": [{"x": 2}], "either": None, "tags": {"a": "b"}, "both": {"x": 1, "y": 2}}, schema
+    )
+    for bad in (
+        {"other": 1},
+        {"point": {"x": 1, "z": 0}},
+        {"points": [{"z": 0}]},
+        {"either": {"z": 0}},
+        {"tags": {"a": 1}},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    assert (
+        params["properties"]["point"] == inner == {"type": "object", "properties": {"x": {"type": "integer"}}}
+    )  # not changed in place
 
 
 def test_the_family_comes_from_the_template_then_the_model_type() -> None:
