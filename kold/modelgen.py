@@ -8,7 +8,8 @@ Four architectures share the shapes: `llama` (TinyLlama-style, Zephyr chat forma
 (`[INST]` chat format, no sliding window), `qwen2` (q/k/v biases, tied embeddings as the small
 Qwen2 models have, ChatML) and `qwen3` (per-head q/k RMSNorm, heads twice hidden/heads wide as in
 Qwen3-0.6B's 1024 hidden / 16 heads / head_dim 128, tied embeddings, ChatML without a default
-system message). `write_random_model` also writes a real tokenizer: a byte-level BPE
+system message); with tools in play each renders its family's real tool template instead (Llama 3.1's,
+Mistral v0.3's, Qwen2.5's: `TOOL_TEMPLATES`). `write_random_model` also writes a real tokenizer: a byte-level BPE
 trained here with `tokenizers` on the English corpus shipped in `kold/data/corpus.txt`, padded to
 the config's `vocab_size` with extra merges when the corpus runs out of pairs (see `train_tokenizer`).
 """
