@@ -59,7 +59,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any, Final, Protocol
 
 import httpx
@@ -249,7 +250,8 @@ class KnativeActuator:
         self.expiry_poll_s = expiry_poll_s
         self._held: dict[str, str] = {}  # function -> the Revision this actuator put its floor on
         self._floors: dict[str, Floor] = {}  # function -> the floor held now, until it ends
-        self._locks: dict[str, asyncio.Lock] = {}  # one change at a time per function (a set, an end)
+        # one change at a time per function (a set, an end); a lock is kept only while it is in use
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # function -> (its lock, callers holding or waiting)
         self._failing: dict[str, set[str]] = {}  # function -> kinds of failure logged since it last worked
         self._warmups: dict[str, asyncio.Task[None]] = {}
         self._warmups_failing: set[str] = set()  # functions whose warm-up failure was warned of
@@ -293,8 +295,21 @@ class KnativeActuator:
             log.info("%s: its floor reaches the cluster again", function)
         return True
 
-    def _lock(self, function: str) -> asyncio.Lock:
-        return self._locks.setdefault(function, asyncio.Lock())
+    @asynccontextmanager
+    async def _lock(self, function: str) -> AsyncIterator[None]:
+        """The function's lock, dropped when its last caller is done (all run on one event loop), so
+        functions that come and go leave none behind."""
+        lock, users = self._locks.get(function, (asyncio.Lock(), 0))
+        self._locks[function] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[function]
+            if users > 1:
+                self._locks[function] = (lock, users - 1)
+            else:
+                del self._locks[function]
 
     async def _hold(self, function: str, floor: Floor) -> None:
         service = await asyncio.to_thread(self.cluster.get_service, function)
@@ -315,13 +330,18 @@ class KnativeActuator:
         await self._tell_agents(function, floor, revision, service)
 
     async def _clear(self, function: str) -> None:
-        await self._clear_revisions(function, keep=None)
+        if not await self._clear_revisions(function, keep=None):
+            # no Revision: the Service is gone (the loop clears a function it forgets); nothing more
+            # will be said of its warm-ups (its failures are dropped once this clear has gone through)
+            self._warmups_failing.discard(function)
         self._held.pop(function, None)
         await self._tell_agents(function, None, None, None)
 
-    async def _clear_revisions(self, function: str, keep: str | None) -> None:
-        """Restore every Revision of the function that carries kold's floor, but `keep`."""
-        for revision in await asyncio.to_thread(self.cluster.list_revisions, function):
+    async def _clear_revisions(self, function: str, keep: str | None) -> int:
+        """Restore every Revision of the function that carries kold's floor, but `keep`; how many
+        Revisions the function has."""
+        revisions = await asyncio.to_thread(self.cluster.list_revisions, function)
+        for revision in revisions:
             name = revision.get("metadata", {}).get("name")
             if not isinstance(name, str) or name == keep or not carries_floor(revision):
                 continue
@@ -329,6 +349,7 @@ class KnativeActuator:
             if patch:
                 await asyncio.to_thread(self.cluster.patch_revision_annotations, name, patch)
                 log.debug("%s: floor cleared on revision %s", function, name)
+        return len(revisions)
 
     # -- the floors' ends ----------------------------------------------------------------------------
 

@@ -555,6 +555,60 @@ def test_clearing_a_function_that_is_gone_is_done(cluster: Cluster) -> None:
     assert run(scenario()) is True
 
 
+def test_a_function_that_is_removed_and_forgotten_leaves_nothing_behind(
+    apiserver: FakeApiServer, knative: KnativeSim, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop clears a function it forgets (FORGET); the actuator keeps no lock, failure or warm-up
+    record for it after that, however many functions come and go."""
+    names_ = [f"fn{i}" for i in range(3)]
+    for name in names_:
+        deploy(cluster, knative, name)  # warm-ups go to a loopback port nothing listens on: they fail
+
+    async def scenario() -> KnativeActuator:
+        actuator = KnativeActuator(cluster)
+        for name in names_:
+            assert await actuator.set_floor(name, FLOOR)
+        await wait_until(lambda: not actuator._warmups)
+        assert actuator._warmups_failing == set(names_)
+        apiserver.deny("get", "services")
+        assert not await actuator.set_floor("fn0", Floor(3, UNTIL, "more"))
+        assert actuator._failing == {"fn0": {"forbidden"}}
+        apiserver.allow("get", "services")
+        for name in names_:
+            cluster.delete_service(name)
+            knative.settle()
+            assert await actuator.set_floor(name, None)  # what the loop's FORGET sends
+        await actuator.aclose()
+        return actuator
+
+    with caplog.at_level(logging.DEBUG, logger="kold.knative.actuator"):
+        actuator = run(scenario())
+    assert actuator._locks == {} and actuator._failing == {} and actuator._warmups_failing == set()
+    assert actuator._floors == {} and actuator._held == {}
+
+
+def test_a_clear_of_a_function_still_deployed_keeps_its_warm_up_warning_said(
+    knative: KnativeSim, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A warm-up that cannot reach the Service is warned of once per function, not once per floor."""
+    deploy(cluster, knative)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "warm-up" in r.getMessage()]
+
+    async def scenario() -> None:
+        actuator = KnativeActuator(cluster)
+        for until in (UNTIL, UNTIL + 1):
+            assert await actuator.set_floor("tiny", Floor(1, until, "a"))
+            await wait_until(lambda: not actuator._warmups)
+            assert await actuator.set_floor("tiny", None)
+        await actuator.aclose()
+
+    with caplog.at_level(logging.DEBUG, logger="kold.knative.actuator"):
+        run(scenario())
+    assert len(warnings()) == 1
+
+
 # -- the node agents -----------------------------------------------------------------------------------
 
 
