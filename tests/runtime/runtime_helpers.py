@@ -91,8 +91,10 @@ class FakeBackend:
     def token_bytes(self, token_id: int) -> bytes:
         return f" t{token_id - 100}".encode()  # generations count up from id 100: ' t0 t1 ...'
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
+    tool_family = None  # tool calls are read the default (Qwen/Hermes) way
+
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        return " ".join(f"<{m['role']}> {m.get('content') or ''}" for m in messages) + " <assistant>"
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str = "") -> FakeGeneration:
         gen = FakeGeneration(self, prompt_ids, sampling, request_id)

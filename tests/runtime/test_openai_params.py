@@ -1,5 +1,5 @@
 """OpenAI request parameters through HTTP: presence/frequency penalties, logprobs (chat and
-completions, streamed and not), and the refusal of tool calling (`tools` and `functions`).
+completions, streamed and not), and tool choices that name no tool (tools themselves: test_tools*.py).
 
 The numbers are checked against a direct computation: the same snapshot restored in this process,
 its full forward pass over prompt + generated tokens, `log_softmax` of the logits, and greedy
@@ -289,8 +289,6 @@ COMPLETION = {"model": "fake", "prompt": "a b", "max_tokens": 2}
         ("completions", {"logprobs": -1}, "logprobs"),
         ("completions", {"logprobs": True}, "logprobs"),
         ("completions", {"logprobs": 1, "echo": True}, "echo"),
-        ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ("chat", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ("chat", {"tool_choice": "required"}, "tool_choice"),
         ("chat", {"function_call": {"name": "f"}}, "function_call"),
     ],
