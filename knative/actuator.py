@@ -12,13 +12,16 @@
    (`names.FLOOR`, JSON). `scale-down-delay` is not touched: the KPA sizes a revision's delay
    window once, when its decider is made (`New` in pkg/autoscaler/scaling/autoscaler.go; `Update`
    swaps only the DeciderSpec), so a patched value would do nothing until the autoscaler restarts.
-   A floor's `idle_timeout_s` keeps its raised min-scale that much longer instead (step 4).
+   A floor's `idle_timeout_s` (the gateway's keep-alive for instances above it) has no live
+   equivalent, so it is not sent: instances above the floor, and the floor's own once it ends, scale
+   in on the Revision's own scale-down-delay (`--idle-timeout` at deploy), as the local platform's
+   scale in on the function's idle timeout once a floor ends.
 3. With no pods (`status.actualReplicas` missing or 0) and `instances > 0`, one warm-up request
    (`GET <status.address.url>/readyz`, header `x-kold-warmup: 1`) goes through the activator,
    fire-and-forget: one in flight per function, bounded in time and in number, its result logged.
 4. `floor=None` restores the bases on every Revision of the Service that carries kold's annotations
    and drops them (null in the merge patch); so does a floor that moves to a newer Revision, and so
-   does the actuator itself `idle_timeout_s` (0 when None) after a floor's `until` (a Revision's
+   does the actuator itself at a floor's `until` (a Revision's
    min-scale, unlike the gateway's floor, never runs out by itself, and the loop sends nothing for a
    floor that ran out). A `BASE_SCALE_DOWN_DELAY` an earlier kold left is given back the same way.
 5. The node agents are told (`controller/nodes.py` NodeWants, optional): want the Revision's
@@ -139,9 +142,10 @@ def floor_patch(revision: Doc, floor: Floor) -> dict[str, str | None]:
 
 
 def held_until(floor: Floor) -> float:
-    """When the actuator ends a floor's raised min-scale: its keep-alive after its `until` (the KPA's
-    own scale-down-delay cannot be changed on a live Revision, module docstring)."""
-    return floor.until + max(floor.idle_timeout_s or 0.0, 0.0)
+    """When the actuator ends a floor's raised min-scale: at its `until`, as the gateway's floor ends;
+    the Revision's own scale-down-delay then keeps the idle pods as long as the function's idle timeout
+    keeps them locally (module docstring, step 2)."""
+    return floor.until
 
 
 def clear_patch(revision: Doc) -> dict[str, str | None]:
@@ -225,7 +229,7 @@ class KnativeActuator:
     threads; the warm-up requests and the floors' ends run on the event loop `set_floor` is awaited on.
 
     A floor on a Revision does not end by itself, as the gateway's does: the actuator ends it at
-    `held_until(floor)` (its `until` plus its keep-alive, by `clock`, Unix time) and gives the Revision
+    `held_until(floor)` (its `until`, by `clock`, Unix time) and gives the Revision
     its own values back, so a floor the controller lets run out (it sends nothing more) is not held for
     ever. The end is checked at least every `expiry_poll_s`, so a clock that jumps is caught up with."""
 

@@ -172,11 +172,11 @@ def test_a_revision_without_a_min_scale_gets_none_back(knative: KnativeSim, clus
 def test_a_floors_idle_timeout_never_touches_scale_down_delay() -> None:
     """The KPA sizes a revision's scale-down delay window once, when its decider is made (`New` in
     pkg/autoscaler/scaling/autoscaler.go; `Update` swaps only the DeciderSpec): a patched value would
-    do nothing on a live Revision. The keep-alive holds the min-scale longer instead."""
+    do nothing on a live Revision. The floor ends at its until, as the gateway's does."""
     revision = {"metadata": {"annotations": {names.MIN_SCALE: "0", names.SCALE_DOWN_DELAY: "60s"}}}
     patch = floor_patch(revision, Floor(1, UNTIL, "r", idle_timeout_s=7200.0))
     assert names.SCALE_DOWN_DELAY not in patch and names.BASE_SCALE_DOWN_DELAY not in patch
-    assert held_until(Floor(1, UNTIL, "r", idle_timeout_s=7200.0)) == UNTIL + 7200.0, "not capped: no webhook rule"
+    assert held_until(Floor(1, UNTIL, "r", idle_timeout_s=7200.0)) == UNTIL
     assert held_until(Floor(1, UNTIL, "r")) == UNTIL
 
 
@@ -251,9 +251,9 @@ def test_a_floor_that_runs_out_gives_the_revision_its_own_back_and_a_renewed_one
     assert not set(KOLD_KEYS) & ann.keys()
 
 
-def test_a_floors_keep_alive_holds_its_min_scale_past_its_until(knative: KnativeSim, cluster: Cluster) -> None:
-    """The keep-alive a floor asks for cannot be Knative's scale-down-delay on a live Revision, so the
-    raised min-scale is held `idle_timeout_s` after `until`, then given back."""
+def test_a_floor_ends_at_its_until_whatever_its_keep_alive(knative: KnativeSim, cluster: Cluster) -> None:
+    """The Revision's min-scale is given back at the floor's until (the gateway's floor ends then too);
+    the idle pods then go on the Revision's own scale-down-delay, which is never changed."""
     rev = deploy(cluster, knative)
     now = 1_000.0
 
@@ -261,13 +261,10 @@ def test_a_floors_keep_alive_holds_its_min_scale_past_its_until(knative: Knative
         nonlocal now
         actuator = KnativeActuator(cluster, clock=lambda: now, expiry_poll_s=0.01)
         assert await actuator.set_floor("tiny", Floor(2, 1_060.0, "a", idle_timeout_s=30.0))
+        now = 1_059.0
+        await asyncio.sleep(0.1)
+        assert annotations(cluster, rev)[names.MIN_SCALE] == "2", "held until its until"
         now = 1_061.0
-        await asyncio.sleep(0.1)
-        assert annotations(cluster, rev)[names.MIN_SCALE] == "2", "held through its keep-alive"
-        now = 1_089.0
-        await asyncio.sleep(0.1)
-        assert names.FLOOR in annotations(cluster, rev)
-        now = 1_091.0
         await wait_until(lambda: names.FLOOR not in annotations(cluster, rev))
         await actuator.aclose()
 
