@@ -52,6 +52,8 @@ def test_embeddings_are_routed_to_the_function(
     while len(demand.invocations("embed")) < 3:
         assert time.monotonic() < deadline, demand.invocations("embed")
         time.sleep(0.1)
-    first, second, *_ = demand.invocations("embed")
-    assert first.cold and first.outcome == "ok" and not second.cold
+    first, *later = demand.invocations("embed")
+    # the first waited for the restore; a request right after its answer may still find the instance
+    # STARTING in the gateway's view (the readiness it learns follows the answer), the later ones do not
+    assert first.cold and first.outcome == "ok" and not later[-1].cold
     assert (first.tokens_in, first.tokens_out) == (by_model.usage.prompt_tokens, None)
