@@ -163,25 +163,76 @@ class ToolRequest:
 
         A named function: its arguments object alone. `required`: a JSON array of calls
         `{"name": ..., "arguments": {...}}` (`"parameters"` for llama3, the key its template teaches),
-        one of the declared tools each, at least one (exactly one without `parallel_tool_calls`).
+        one of the declared tools each, at least one (exactly one without `parallel_tool_calls`); each
+        tool's `$defs`/`definitions` moved to the array's root, under names of its own (`_hoisted`).
         """
         if self.choice == "named" and self.named is not None:
             return self.tool(self.named).arguments_schema()
         key = arguments_key(family)
-        calls = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": t.name}, key: t.arguments_schema()},
-                "required": ["name", key],
-                "additionalProperties": False,
-            }
-            for t in self.tools
-        ]
+        calls = []
+        defs: dict[str, dict[str, Any]] = {}
+        for i, t in enumerate(self.tools):
+            at = f"/items/properties/{key}" if len(self.tools) == 1 else f"/items/anyOf/{i}/properties/{key}"
+            arguments, hoisted = _hoisted(t.arguments_schema(), f"tool{i}__", at)
+            for where, named in hoisted.items():
+                defs.setdefault(where, {}).update(named)
+            calls.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": t.name}, key: arguments},
+                    "required": ["name", key],
+                    "additionalProperties": False,
+                }
+            )
         items: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
         schema: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
         if not self.parallel:
             schema["maxItems"] = 1
+        return {**schema, **defs}
+
+
+_DEFS = ("$defs", "definitions")
+# keywords whose value maps names to schemas, and keywords whose value is data, not a schema
+_NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "dependentSchemas", *_DEFS})
+_DATA = frozenset({"const", "enum", "default", "examples"})
+
+
+def _hoisted(schema: dict[str, Any], prefix: str, at: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A tool's arguments schema moved from the root of its own document to the JSON pointer `at` of
+    the forced schema: its `$defs`/`definitions` go to that schema's root under `prefix` + their names
+    (the ones a local `$ref` can reach), and every local `$ref` is rewritten to match. Pydantic's schemas
+    of nested models refer to `#/$defs/...`, which would otherwise point nowhere."""
+    defs = {key: schema[key] for key in _DEFS if isinstance(schema.get(key), Mapping)}
+
+    def rewrite(ref: str) -> str:
+        if not ref.startswith("#"):  # another document's: not ours to move
+            return ref
+        path = ref[1:]
+        for key in defs:
+            if path.startswith(f"/{key}/"):
+                return f"#/{key}/{prefix}{path[len(key) + 2 :]}"
+        return f"#{at}{path}"
+
+    body = {k: v for k, v in schema.items() if k not in defs}
+    moved = {key: {prefix + name: _refs(d, rewrite) for name, d in named.items()} for key, named in defs.items()}
+    return _refs(body, rewrite), moved
+
+
+def _refs(schema: Any, rewrite: Callable[[str], str]) -> Any:
+    """`schema` with every `$ref` string passed through `rewrite` (data values left as they are)."""
+    if isinstance(schema, list):
+        return [_refs(s, rewrite) for s in schema]
+    if not isinstance(schema, Mapping):
         return schema
+    out: dict[str, Any] = {}
+    for k, v in schema.items():
+        if k == "$ref" and isinstance(v, str):
+            out[k] = rewrite(v)
+        elif k in _NAMED_SCHEMAS and isinstance(v, Mapping):
+            out[k] = {name: _refs(s, rewrite) for name, s in v.items()}
+        else:
+            out[k] = v if k in _DATA else _refs(v, rewrite)
+    return out
 
 
 def _closed(schema: Any) -> Any:

@@ -202,6 +202,73 @@ def test_forced_arguments_have_no_keys_the_schema_does_not_declare() -> None:
     )  # not changed in place
 
 
+def test_the_required_schema_moves_each_tools_definitions_to_its_root() -> None:
+    """A tool's `$defs`/`definitions` (pydantic's nested models) go to the forced array's root under
+    names of the tool's own, every local `$ref` rewritten, remote ones and data left alone."""
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    shape = {
+        "type": "object",
+        "$defs": {"P": point, "Pair": {"type": "array", "items": {"$ref": "#/$defs/P"}}},
+        "definitions": {"P": {"type": "string"}},  # the same name, another keyword: no clash
+        "properties": {
+            "at": {"$ref": "#/$defs/P"},
+            "pairs": {"type": "array", "items": {"$ref": "#/$defs/Pair"}},
+            "label": {"anyOf": [{"$ref": "#/definitions/P"}, {"type": "null"}]},
+            "x": {"$ref": "#/$defs/P/properties/x"},
+            "again": {"anyOf": [{"type": "null"}, {"$ref": "#"}]},  # the arguments object itself
+            "remote": {"$ref": "https://example.com/s.json#/$defs/P"},
+            "$ref": {"const": {"$ref": "#/$defs/P"}},  # a property named $ref; a const is data
+        },
+    }
+    other = {"type": "object", "$defs": {"P": {"type": "boolean"}}, "properties": {"p": {"$ref": "#/$defs/P"}}}
+    tools = [
+        {"type": "function", "function": {"name": "draw", "parameters": shape}},
+        {"type": "function", "function": {"name": "flag", "parameters": other}},
+    ]
+    schema = request(tools=tools, tool_choice="required").forced_schema("hermes")
+    assert sorted(schema["$defs"]) == ["tool0__P", "tool0__Pair", "tool1__P"]
+    assert sorted(schema["definitions"]) == ["tool0__P"]
+    draw = schema["items"]["anyOf"][0]["properties"]["arguments"]
+    assert "$defs" not in draw and "definitions" not in draw
+    assert draw["properties"]["remote"] == {"$ref": "https://example.com/s.json#/$defs/P"}
+    assert draw["properties"]["$ref"] == {"const": {"$ref": "#/$defs/P"}}
+    assert draw["properties"]["again"]["anyOf"][1] == {"$ref": "#/items/anyOf/0/properties/arguments"}
+    draw_call = {
+        "name": "draw",
+        "arguments": {
+            "at": {"x": 1},
+            "pairs": [[{"x": 2}]],
+            "label": "a",
+            "x": 3,
+            "again": {"at": {"x": 4}},
+            "$ref": {"$ref": "#/$defs/P"},
+        },
+    }
+    resolver = jsonschema.validators.validator_for(schema)(schema)  # remote refs are never fetched here
+    assert not list(resolver.iter_errors([draw_call, {"name": "flag", "arguments": {"p": True}}]))
+    for bad in (
+        {"at": {"x": "1"}},
+        {"pairs": [[{"y": 2}]]},
+        {"label": 1},
+        {"x": "3"},
+        {"again": {"at": {}}},
+        {"$ref": {"$ref": "#/$defs/Q"}},
+    ):
+        assert list(resolver.iter_errors([{"name": "draw", "arguments": bad}])), bad
+    assert list(resolver.iter_errors([{"name": "flag", "arguments": {"p": 1}}]))
+    # one tool: its arguments sit at items/properties; llama3's key is "parameters"
+    one = request(tools=tools[:1], tool_choice="required").forced_schema("llama3")
+    assert one["items"]["properties"]["parameters"]["properties"]["again"]["anyOf"][1] == {
+        "$ref": "#/items/properties/parameters"
+    }
+    assert not list(
+        jsonschema.validators.validator_for(one)(one).iter_errors(
+            [{"name": "draw", "parameters": {"pairs": [[{"x": 1}]], "again": {"label": "b"}}}]
+        )
+    )
+    assert shape["properties"]["at"] == {"$ref": "#/$defs/P"} and "$defs" in shape  # not changed in place
+
+
 def test_the_family_comes_from_the_template_then_the_model_type() -> None:
     assert tool_family("... <tool_call> ...", "llama") == "hermes"  # a Hermes fine-tune of Llama
     assert tool_family("{{ '[AVAILABLE_TOOLS]' }}") == "mistral"

@@ -43,8 +43,9 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
 def runtime(snapshot: str, tmp: Path) -> Iterator[RuntimeProcess]:
-    # the Llama 3.1 tool prompt is ~1200 tokens of the tiny tokenizer: a context past the model's 512
-    process = RuntimeProcess(snapshot, tmp, "--max-batch", "4", "--max-seq-len", "2048", "--served-model-name", "tiny")
+    # the Llama 3.1 tool prompt is ~1200 tokens of the tiny tokenizer (~2000 with a pydantic model's
+    # schema), about a token a character of the calls: a context past the model's 512
+    process = RuntimeProcess(snapshot, tmp, "--max-batch", "4", "--max-seq-len", "4096", "--served-model-name", "tiny")
     try:
         process.wait_listening()
         process.wait_ready()
@@ -225,6 +226,33 @@ def test_required_calls_one_of_the_tools_with_valid_arguments(llama: RuntimeProc
     for choice in sampled.choices:
         assert choice.finish_reason == "tool_calls"
         check_call(choice.message.tool_calls[0])
+
+
+def test_pydantic_tools_of_nested_models_are_called_required_and_named(llama: RuntimeProcess) -> None:
+    """The SDK's `pydantic_function_tool` of a model with nested models: parameters with `$defs` and
+    `#/$defs/...` refs (items, anyOf), strict; forced by `required` and by name, parsed back by the SDK."""
+    from openai import pydantic_function_tool
+    from pydantic import BaseModel, Field
+
+    class Place(BaseModel):
+        city: Literal["Paris", "Oslo"]
+        indoor: bool
+
+    class Plan(BaseModel):
+        where: Place
+        backup: Place | None
+        stops: list[Place] = Field(max_length=2)
+
+    tool = pydantic_function_tool(Plan)
+    assert "$defs" in tool["function"]["parameters"]
+    api = client(llama)
+    for choice in ("required", {"type": "function", "function": {"name": "Plan"}}):
+        done = api.chat.completions.parse(
+            model="tiny", messages=ASK, tools=[tool], tool_choice=choice, max_tokens=300, temperature=0
+        )
+        calls = done.choices[0].message.tool_calls
+        assert calls and [c.function.name for c in calls] == ["Plan"] * len(calls), done
+        assert all(isinstance(c.function.parsed_arguments, Plan) for c in calls)
 
 
 def test_none_renders_the_tools_and_never_calls(llama: RuntimeProcess, tmp_path: Path) -> None:
