@@ -39,6 +39,8 @@ ConstraintKind = Literal["json_object", "json_schema", "regex", "choice", "gramm
 
 # A compile error's message as the client gets it: the library's, cut to this many characters
 MAX_ERROR_CHARS = 600
+# A compile also follows the tokens its grammar forces at the start, up to this many (see `_trial_error`)
+FORCED_CHECK_TOKENS = 8
 DEFAULT_CACHE_SIZE = 256  # compiled grammars kept per model (each a few KB to a few MB)
 
 
@@ -238,7 +240,7 @@ class _LLGuidanceMatcher:
 
     @property
     def error(self) -> str | None:
-        return self.inner.get_error() or None if self.inner.is_error() else None
+        return _library_error(self.inner.get_error()) if self.inner.is_error() else None
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,37 @@ def _llguidance_grammar(c: Constraint) -> str:
 def _short(message: str) -> str:
     message = message.strip()
     return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _library_error(raw: str) -> str:
+    """A matcher's error as a client reads it: llguidance appends its parser state and the whole grammar
+    after "<state>" (for its own debugging, and as long as the grammar), cut here; its stop reason for a
+    grammar that allows nothing at all is told in words."""
+    text = raw.split("<state>", 1)[0].strip()
+    if text == "NoExtensionBias":
+        return (
+            "it allows no text at all (e.g. an empty character class, or rules or $refs that only refer to each other)"
+        )
+    return _short(text) or "unknown error"
+
+
+def _trial_error(m: llguidance.LLMatcher) -> str | None:
+    """Why a grammar that compiled fails as soon as it is used, or None. llguidance finds some limits only
+    when it computes a mask (a rule or $ref cycle with no way out, an empty character class, a regex past
+    its lexer's limits) or consumes a token (a choice or an object too wide for its parser): `m`, a copy of
+    the start, computes the first mask and follows the tokens the grammar forces, up to FORCED_CHECK_TOKENS,
+    as every sequence will. A failure further in is the sequence's own (finish_reason "error")."""
+    for _ in range(FORCED_CHECK_TOKENS):
+        allowed = int.from_bytes(m.compute_bitmask(), "little")  # bit t: token t
+        if m.is_error():
+            return _library_error(m.get_error())
+        if allowed == 0:
+            return _library_error("NoExtensionBias")
+        if allowed & (allowed - 1) or m.is_accepting():  # more than one token, or the end: nothing forced
+            return None
+        if not m.consume_token(allowed.bit_length() - 1):
+            return _library_error(m.get_error())
+    return None
 
 
 # -- the compiler -------------------------------------------------------------------------------------
@@ -376,6 +409,9 @@ class GrammarCompiler:
         start = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if start.is_error():
             raise ConstraintError(f"{_describe(c.kind)} cannot be compiled: {_short(start.get_error())}")
+        error = _trial_error(start.deep_copy())
+        if error is not None:
+            raise ConstraintError(f"{_describe(c.kind)} cannot be used: {error}")
         return _LLGuidanceGrammar(start, self._vocab_size)
 
     def close(self) -> None:

@@ -151,6 +151,55 @@ def test_what_the_library_cannot_compile_is_an_error_naming_it(
         compiler.compile_sync(constraint)
 
 
+class CountingCompiler(GrammarCompiler):
+    """The compiler, counting the compiles it runs (a cache hit runs none)."""
+
+    builds = 0
+
+    def _build(self, c: Constraint) -> Compiled:
+        self.builds += 1
+        return super()._build(c)
+
+
+# grammars that compile but fail at their first mask or their first (forced) token
+UNUSABLE = [
+    (Constraint.json_schema({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+     "allows no text"),
+    (Constraint.json_schema({"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]}),
+     "Too many items"),
+    (Constraint.choice([f"item{i}" for i in range(20000)]), "20001 items"),
+    (Constraint.regex("a{1000}{1000}"), "too many expressions"),
+    (Constraint.regex("[^\\x00-\\U0010FFFF]"), "allows no text"),
+    (Constraint.grammar("start: a\na: a"), "allows no text"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("constraint", "words"), UNUSABLE)
+def test_a_grammar_that_fails_at_its_first_step_is_a_cached_compile_error(
+    engine: Engine, tiny: tuple[Any, ModelConfig, Tokenizer], constraint: Constraint, words: str
+) -> None:
+    compiler = CountingCompiler.for_tokenizer(tiny[2], engine.config.vocab_size, engine.eos_token_ids)
+    try:
+        for _ in range(2):
+            with pytest.raises(ConstraintError, match=re.escape(words)) as raised:
+                compiler.compile_sync(constraint)
+            message = str(raised.value)
+            assert "<state>" not in message and len(message) < 300 and "cannot be used" in message, message
+        assert compiler.builds == 1  # the failure is cached
+    finally:
+        compiler.close()
+
+
+def test_a_grammar_that_fails_further_in_fails_its_sequence_with_a_short_error(
+    engine: Engine, compiler: GrammarCompiler, tiny: tuple[Any, ModelConfig, Tokenizer]
+) -> None:
+    late = compiler.compile_sync(Constraint.regex("[xy]a{1000}{1000}"))  # its first token is a free choice
+    [r] = generate(engine, prompt(tiny[2]), [SamplingParams(max_tokens=20, temperature=0, constraint=late)])
+    assert r.finish_reason == "error" and r.error is not None
+    assert r.error.startswith("the grammar refused a sampled token: lexer error: too many expressions"), r.error
+    assert "<state>" not in r.error and len(r.error) < 300
+
+
 def test_a_lenient_schema_ignores_what_a_strict_one_refuses(compiler: GrammarCompiler, engine: Engine) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},
               "required": ["n"], "additionalProperties": False, "not": {"required": ["x"]}}  # fmt: skip

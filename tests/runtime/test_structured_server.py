@@ -200,6 +200,33 @@ def test_malformed_and_uncompilable_constraints_are_400s_naming_them(
     assert error["type"] == "invalid_request_error"
 
 
+UNUSABLE = [
+    # constraints that compile but fail at their first mask or first forced token: (extra body, param, words)
+    ({"guided_json": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}},
+     "guided_json", "allows no text"),
+    ({"response_format": person_format(schema={"type": "object", "properties": {"x": {"$ref": "#"}},
+                                               "required": ["x"]})}, "response_format", "Too many items"),
+    ({"guided_choice": [f"item{i}" for i in range(20000)]}, "guided_choice", "20001 items"),
+    ({"guided_regex": "a{1000}{1000}"}, "guided_regex", "too many expressions"),
+    ({"guided_regex": "[^\\x00-\\U0010FFFF]"}, "guided_regex", "allows no text"),
+    ({"guided_grammar": "start: a\na: a"}, "guided_grammar", "allows no text"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("extra", "param", "words"), UNUSABLE)
+def test_a_grammar_that_fails_at_its_first_step_is_a_400_every_time(
+    runtime: RuntimeProcess, extra: dict[str, Any], param: str, words: str
+) -> None:
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 5, **extra}
+    for _ in range(2):  # the second finds the failure in the cache
+        r = httpx.post(f"{runtime.base}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "unsupported_constraint" and error["param"] == param, error
+        assert words in error["message"] and "<state>" not in error["message"], error
+        assert len(error["message"]) < 300, error
+
+
 def test_the_sdk_reports_an_uncompilable_schema_and_strict_false_ignores_the_keyword(client: openai.OpenAI) -> None:
     schema = {**PERSON, "not": {"required": ["x"]}}
     with pytest.raises(openai.BadRequestError) as raised:
