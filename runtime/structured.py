@@ -14,8 +14,9 @@ JSON is generated compact (`,` and `:` without whitespace): the fewest tokens, a
 pad an answer with whitespace until it runs out of tokens.
 
 Compiling runs in a worker thread (llguidance drops the GIL while it builds), so the event loop never
-waits for it; concurrent requests for the same constraint share one compile. The vocabulary (every
-token's bytes) is read from the tokenizer on the first compile, not at a cold start.
+waits for it; concurrent requests for the same constraint share one compile (a request that goes away
+leaves it to the others). The vocabulary (every token's bytes) is read from the tokenizer on the first
+compile, not at a cold start.
 """
 
 from __future__ import annotations
@@ -330,9 +331,10 @@ def _trial_error(m: llguidance.LLMatcher) -> str | None:
 
 
 class GrammarCompiler:
-    """Compiles constraints for one model's vocabulary and keeps the last `cache_size` results (errors
-    too: a schema that failed fails again at no cost). `vocabulary` is called once, on the first
-    compile, in the compile thread."""
+    """Compiles constraints for one model's vocabulary and keeps the last `cache_size` results (a
+    ConstraintError too: a schema that failed fails again at no cost; any other failure is dropped, so
+    that a retry compiles again). `vocabulary` is called once, on the first compile, in the compile
+    thread."""
 
     def __init__(
         self,
@@ -346,7 +348,7 @@ class GrammarCompiler:
         self._vocabulary = vocabulary
         self.cache_size = cache_size
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kold-grammar")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a done callback may run at once, in `_lookup`
         self._cache: OrderedDict[Constraint, Future[Compiled]] = OrderedDict()
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._vocab_size = 0
@@ -370,7 +372,8 @@ class GrammarCompiler:
         if hit and future.done():
             return future.result(), 0.0
         t0 = time.perf_counter()
-        compiled = await asyncio.wrap_future(future)
+        # shielded: a request that goes away (its task cancelled) must not cancel the compile it shares
+        compiled = await asyncio.shield(asyncio.wrap_future(future))
         return compiled, time.perf_counter() - t0
 
     def compile_sync(self, c: Constraint) -> Compiled:
@@ -387,7 +390,17 @@ class GrammarCompiler:
             self._cache[c] = future
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
+            future.add_done_callback(lambda f: self._settled(c, f))
             return future, False
+
+    def _settled(self, c: Constraint, future: Future[Compiled]) -> None:
+        """A compile is done: a cancelled one or one that failed other than with a ConstraintError is not
+        kept (it says nothing about the constraint)."""
+        if not future.cancelled() and isinstance(future.exception(), (ConstraintError, type(None))):
+            return
+        with self._lock:
+            if self._cache.get(c) is future:
+                del self._cache[c]
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         """Built once, in the compile thread (a large vocabulary takes a few hundred ms)."""

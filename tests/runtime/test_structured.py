@@ -246,6 +246,44 @@ def test_the_compile_cache_is_an_lru_and_compiles_off_the_event_loop(
     assert len(threads) == 1  # the vocabulary is read once, on the first compile
 
 
+def test_a_request_that_goes_away_leaves_the_compile_it_shares_and_a_crash_is_not_cached(
+    tiny: tuple[Any, ModelConfig, Tokenizer], engine: Engine
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def vocabulary() -> Vocabulary:
+        calls.append(1)
+        entered.set()
+        assert release.wait(30)
+        if len(calls) == 1:
+            raise RuntimeError("the tokenizer is not there yet")
+        return Vocabulary.of(tiny[2], engine.config.vocab_size, engine.eos_token_ids)
+
+    compiler = GrammarCompiler(vocabulary, threads=1)
+    a, b = Constraint.regex("a+"), Constraint.regex("b+")
+
+    async def run() -> None:
+        first = asyncio.ensure_future(compiler.compile(a))  # runs: its thread waits in `vocabulary`
+        assert await asyncio.to_thread(entered.wait, 30)
+        queued = asyncio.ensure_future(compiler.compile(b))  # waits for the one compile thread
+        shared = asyncio.ensure_future(compiler.compile(b))
+        await asyncio.sleep(0.05)
+        queued.cancel()  # its client went away
+        release.set()
+        with pytest.raises(RuntimeError, match="not there yet"):
+            await first
+        assert (await shared)[0].vocab_size == engine.config.vocab_size  # b's compile went on
+        assert queued.cancelled()
+        assert (await compiler.compile(b))[1] == 0.0
+        assert (await compiler.compile(a))[0].vocab_size == engine.config.vocab_size  # the crash was not kept
+
+    try:
+        asyncio.run(run())
+    finally:
+        compiler.close()
+
+
 def test_apply_token_bitmask_masks_only_the_given_rows() -> None:
     vocab = 70
     logits = torch.randn(3, vocab)
