@@ -468,6 +468,10 @@ class _Value:
     def text(self) -> str:
         return "".join(self.chars)
 
+    def since(self, start: int) -> str:
+        """The value's text from character `start` on (a stream copies only what is new)."""
+        return "".join(self.chars[start:])
+
     def feed(self, c: str) -> Literal["more", "done", "before", "error"]:
         """`done`: `c` ended the value; `before`: the value (a number or literal) ended before `c`."""
         if not self.kind:
@@ -625,7 +629,7 @@ class ToolCallParser:
     """Reads a generation's text as it comes: content, and calls in the family's syntax (module docstring).
 
     `feed(text)` and `finish()` return the `Delta`s to send, in order; `calls` and `content` hold
-    the whole result so far. `names`: the declared tools (a call to anything else is content).
+    the whole result so far (a streamed call's arguments once it ends, or at `finish`). `names`: the declared tools (a call to anything else is content).
     `parallel=False`: the first call only (what follows it is dropped).
     """
 
@@ -656,6 +660,7 @@ class ToolCallParser:
         self._obj: _CallObject | None = None
         self._committed: int | None = None  # the index of the call being read (a stream sends it as it goes)
         self._sent_args = 0
+        self._args: list[str] = []  # the committed call's arguments sent, in pieces (`calls` has them once it ends)
         self._after_call = False  # nothing but whitespace since the last call
 
     # -- the public side --------------------------------------------------------------------------
@@ -681,6 +686,7 @@ class ToolCallParser:
             self._content("".join(self._fallback))
         while self._todo:  # (none: feed empties it)
             self._char(self._todo.pop())
+        self._settle()  # a call cut short keeps the arguments sent
         if self._ws and not self.calls:
             self._emit_content(self._ws)
         self._ws, self._mode = "", "done"
@@ -759,8 +765,8 @@ class ToolCallParser:
             return self._fail()
         if self._committed is None and obj.name is not None and (obj.done or (self.eager and obj.args is not None)):
             self._commit(obj.name)
-        if self._committed is not None and self.eager:
-            self._send_args(obj.arguments)
+        if self._committed is not None and self.eager and obj.args is not None:
+            self._send_args(obj.args.since(self._sent_args))
         if obj.done:
             self._complete(obj)
 
@@ -768,21 +774,30 @@ class ToolCallParser:
         index = len(self.calls)
         call_id = self.new_id()
         self.calls.append(ToolCall(call_id, name, ""))
-        self._committed, self._sent_args, self._ws = index, 0, ""
+        self._committed, self._sent_args, self._args, self._ws = index, 0, [], ""
         self._emit_call(CallDelta(index, "", call_id, name))
 
-    def _send_args(self, arguments: str) -> None:
+    def _send_args(self, new: str) -> None:
+        """Send the committed call's arguments that follow those sent (kept as pieces: joining them all
+        again for each character of a stream would cost the square of their length)."""
         index = self._committed
         assert index is not None
-        new = arguments[self._sent_args :]
         if not new:
             return
-        self._sent_args = len(arguments)
-        self.calls[index] = ToolCall(self.calls[index].id, self.calls[index].name, arguments)
+        self._sent_args += len(new)
+        self._args.append(new)
         self._emit_call(CallDelta(index, new))
 
+    def _settle(self) -> None:
+        """The committed call in `calls` with its arguments as sent so far."""
+        index = self._committed
+        if index is not None:
+            call = self.calls[index]
+            self.calls[index] = ToolCall(call.id, call.name, "".join(self._args))
+
     def _complete(self, obj: _CallObject) -> None:
-        self._send_args(obj.arguments if obj.args is not None else "{}")
+        self._send_args(obj.args.since(self._sent_args) if obj.args is not None else "{}")
+        self._settle()
         self._committed, self._obj, self._fallback, self._after_call = None, None, [""], True
         if not self.parallel:
             self._mode, self._hold = "done", ""
@@ -826,6 +841,7 @@ class ToolCallParser:
         """The region stops being a call at its last character: what is not a call already is content
         (its marker at once, the characters after it read again as content)."""
         if self._committed is not None:  # sent already (a stream): the call stays, cut where it broke
+            self._settle()
             self._committed = None
             marker, again = "", self._fallback[-1:]
         else:
@@ -869,11 +885,16 @@ class ToolCallParser:
 
 
 class NamedCallParser:
-    """The output of a call to one named function that the grammar forced: the text is its arguments."""
+    """The output of a call to one named function that the grammar forced: the text is its arguments
+    (kept in pieces, joined when read: a stream adds one token's text at a time)."""
 
     def __init__(self, name: str, *, new_id: Callable[[], str] = new_call_id) -> None:
-        self.call = ToolCall(new_id(), name, "")
-        self._started = False
+        self.id, self.name = new_id(), name
+        self._args: list[str] = []
+
+    @property
+    def call(self) -> ToolCall:
+        return ToolCall(self.id, self.name, "".join(self._args))
 
     @property
     def calls(self) -> list[ToolCall]:
@@ -884,21 +905,21 @@ class NamedCallParser:
         return ""
 
     def feed(self, text: str) -> list[Delta]:
-        if not self._started:
+        started = bool(self._args)
+        if not started:
             text = text.lstrip(_WS)
             if not text:
                 return []
-        self.call = ToolCall(self.call.id, self.call.name, self.call.arguments + text)
-        if self._started:
+        self._args.append(text)
+        if started:
             return [Delta(calls=[CallDelta(0, text)])]
-        self._started = True
-        return [Delta(calls=[CallDelta(0, text, self.call.id, self.call.name)])]
+        return [Delta(calls=[CallDelta(0, text, self.id, self.name)])]
 
     def finish(self) -> list[Delta]:
-        if self._started:
+        if self._args:
             return []
-        self._started = True
-        return [Delta(calls=[CallDelta(0, "", self.call.id, self.call.name)])]
+        self._args.append("")
+        return [Delta(calls=[CallDelta(0, "", self.id, self.name)])]
 
 
 OutputParser = ToolCallParser | NamedCallParser

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kold.runtime import tools
 from kold.runtime.protocol import InvalidRequestError
 from kold.runtime.tools import (
     Delta,
@@ -478,6 +479,39 @@ def test_a_stream_sends_arguments_as_they_come_and_content_before_the_call() -> 
     fragments = [x.calls[0].arguments for d in sent[first_call + 1 :] for x in d]
     assert "".join(fragments) == '"city": "Paris"}' and all(len(f) == 1 for f in fragments)
     assert parser.finish() == []
+
+
+def test_a_long_streamed_call_copies_its_arguments_in_linear_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream of a call's arguments a character at a time (what the event loop runs): the text the
+    parser copies out of its values grows with their length, not with its square."""
+
+    class Counting(tools._Value):
+        copied = 0
+
+        @property
+        def text(self) -> str:
+            out = super().text
+            Counting.copied += len(out)
+            return out
+
+        def since(self, start: int) -> str:
+            out = super().since(start)
+            Counting.copied += len(out)
+            return out
+
+    monkeypatch.setattr(tools, "_Value", Counting)
+    copied = {}
+    for n in (10_000, 40_000):
+        arguments = json.dumps({"text": "x" * (n - 12)})
+        assert len(arguments) == n
+        parser = ToolCallParser("hermes", NAMES, eager=True, new_id=counter())
+        Counting.copied = 0
+        sent = [parser.feed(c) for c in f'<tool_call>{{"name": "get_weather", "arguments": {arguments}}}</tool_call>']
+        copied[n] = Counting.copied
+        assert "".join(x.calls[0].arguments for d in sent for x in d if x.calls) == arguments
+        assert parser.finish() == [] and [(c.name, c.arguments) for c in parser.calls] == [("get_weather", arguments)]
+    assert copied[10_000] <= 3 * 10_000 and copied[40_000] <= 3 * 40_000, copied
+    assert copied[40_000] < 5 * copied[10_000], copied
 
 
 def test_a_streamed_call_that_breaks_after_its_name_is_kept_as_sent() -> None:
