@@ -42,7 +42,18 @@ ConstraintKind = Literal["json_object", "json_schema", "regex", "choice", "gramm
 MAX_ERROR_CHARS = 600
 # A compile also follows the tokens its grammar forces at the start, up to this many (see `_trial_error`)
 FORCED_CHECK_TOKENS = 8
-DEFAULT_CACHE_SIZE = 256  # compiled grammars kept per model (each a few KB to a few MB)
+# A constraint's text (a schema as compact JSON, a regex, the choices as a JSON list, a grammar) is
+# refused past this many characters: a compiled grammar's memory grows with it (a large enum: ~30-50
+# bytes a character), and a request body may be far larger (16 MB)
+MAX_CONSTRAINT_CHARS = 256 * 1024
+# The compile cache, bounded by both its entries and their estimated memory (llguidance does not report
+# an entry's own): ENTRY_BASE_BYTES + ENTRY_BYTES_PER_CHAR per character of the constraint's text
+DEFAULT_CACHE_SIZE = 256
+DEFAULT_CACHE_BYTES = 256 << 20
+ENTRY_BASE_BYTES = 32 << 10
+ENTRY_BYTES_PER_CHAR = 40
+DEFAULT_COMPILE_TIMEOUT_S = 10.0
+DEFAULT_COMPILE_THREADS = 4
 
 
 class ConstraintError(ValueError):
@@ -330,26 +341,54 @@ def _trial_error(m: llguidance.LLMatcher) -> str | None:
 # -- the compiler -------------------------------------------------------------------------------------
 
 
+def estimated_bytes(c: Constraint) -> int:
+    """What the cache counts for `c`'s entry (see ENTRY_BYTES_PER_CHAR)."""
+    return ENTRY_BASE_BYTES + ENTRY_BYTES_PER_CHAR * len(c.value)
+
+
+def _check_size(c: Constraint) -> None:
+    if len(c.value) > MAX_CONSTRAINT_CHARS:
+        raise ConstraintError(
+            f"{_describe(c.kind)} is {len(c.value):,} characters"
+            f"{' as compact JSON' if c.kind == 'json_schema' else ''}; the limit is {MAX_CONSTRAINT_CHARS:,}"
+        )
+
+
 class GrammarCompiler:
-    """Compiles constraints for one model's vocabulary and keeps the last `cache_size` results (a
+    """Compiles constraints for one model's vocabulary and keeps the most recently used results (a
     ConstraintError too: a schema that failed fails again at no cost; any other failure is dropped, so
-    that a retry compiles again). `vocabulary` is called once, on the first compile, in the compile
-    thread."""
+    that a retry compiles again), at most `cache_size` of them and `cache_bytes` by `estimated_bytes`
+    (the newest is always kept). A constraint longer than MAX_CONSTRAINT_CHARS is refused unread.
+
+    Compiles run in a pool of `threads`, so that a slow one does not hold up the others. A request waits
+    at most `compile_timeout_s` for its compile (in the pool's queue included), then gets a
+    ConstraintError ("too complex to compile"). A thread cannot be stopped: that compile goes on in the
+    background, holding its worker until it ends (llguidance's own limits bound it), and its result is
+    cached as any other, so a retry may find it done. `vocabulary` is called once, on the first compile,
+    in a compile thread."""
 
     def __init__(
         self,
         vocabulary: Callable[[], Vocabulary],
         *,
         cache_size: int = DEFAULT_CACHE_SIZE,
-        threads: int = 1,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S,
+        threads: int = DEFAULT_COMPILE_THREADS,
     ) -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        if compile_timeout_s <= 0:
+            raise ValueError(f"compile_timeout_s must be > 0, got {compile_timeout_s}")
         self._vocabulary = vocabulary
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self.compile_timeout_s = compile_timeout_s
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kold-grammar")
         self._lock = threading.RLock()  # a done callback may run at once, in `_lookup`
         self._cache: OrderedDict[Constraint, Future[Compiled]] = OrderedDict()
+        self._cached_bytes = 0
+        self._tokenizer_lock = threading.Lock()
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._vocab_size = 0
 
@@ -364,6 +403,11 @@ class GrammarCompiler:
     def __len__(self) -> int:
         return len(self._cache)
 
+    @property
+    def cached_bytes(self) -> int:
+        """The cache's entries' `estimated_bytes`, summed."""
+        return self._cached_bytes
+
     async def compile(self, c: Constraint) -> tuple[Compiled, float]:
         """The compiled constraint and the seconds this call waited for it (0.0 on a cache hit): the
         compile in the worker thread, or another request's compile of the same constraint in flight.
@@ -372,15 +416,26 @@ class GrammarCompiler:
         if hit and future.done():
             return future.result(), 0.0
         t0 = time.perf_counter()
-        # shielded: a request that goes away (its task cancelled) must not cancel the compile it shares
-        compiled = await asyncio.shield(asyncio.wrap_future(future))
+        # shielded: neither a request that goes away (its task cancelled) nor the timeout cancels the
+        # compile, which other requests may share
+        try:
+            compiled = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.compile_timeout_s)
+        except TimeoutError:
+            raise self._too_slow(c) from None
         return compiled, time.perf_counter() - t0
 
     def compile_sync(self, c: Constraint) -> Compiled:
         """`compile` for callers without an event loop (scripts, tests)."""
-        return self._lookup(c)[0].result()
+        try:
+            return self._lookup(c)[0].result(timeout=self.compile_timeout_s)
+        except TimeoutError:
+            raise self._too_slow(c) from None
+
+    def _too_slow(self, c: Constraint) -> ConstraintError:
+        return ConstraintError(f"{_describe(c.kind)} is too complex to compile in {self.compile_timeout_s:g} s")
 
     def _lookup(self, c: Constraint) -> tuple[Future[Compiled], bool]:
+        _check_size(c)
         with self._lock:
             future = self._cache.get(c)
             if future is not None:
@@ -388,8 +443,11 @@ class GrammarCompiler:
                 return future, True
             future = self._pool.submit(self._build, c)
             self._cache[c] = future
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            self._cached_bytes += estimated_bytes(c)
+            while len(self._cache) > 1 and (
+                len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes
+            ):
+                self._cached_bytes -= estimated_bytes(self._cache.popitem(last=False)[0])
             future.add_done_callback(lambda f: self._settled(c, f))
             return future, False
 
@@ -401,18 +459,20 @@ class GrammarCompiler:
         with self._lock:
             if self._cache.get(c) is future:
                 del self._cache[c]
+                self._cached_bytes -= estimated_bytes(c)
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
-        """Built once, in the compile thread (a large vocabulary takes a few hundred ms)."""
-        if self._tokenizer is None:
-            import llguidance
+        """Built once, in a compile thread (a large vocabulary takes a few hundred ms)."""
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                import llguidance
 
-            vocab = self._vocabulary()
-            self._tokenizer = llguidance.LLTokenizer(
-                llguidance.TokenizerWrapper(_TokenizerForLLGuidance(vocab)), eos_token=list(vocab.eos_token_ids)
-            )
-            self._vocab_size = len(vocab.tokens)
-        return self._tokenizer
+                vocab = self._vocabulary()
+                self._tokenizer = llguidance.LLTokenizer(
+                    llguidance.TokenizerWrapper(_TokenizerForLLGuidance(vocab)), eos_token=list(vocab.eos_token_ids)
+                )
+                self._vocab_size = len(vocab.tokens)
+            return self._tokenizer
 
     def _build(self, c: Constraint) -> Compiled:
         import llguidance

@@ -30,11 +30,13 @@ from kold.runtime.engine import Engine, GenerationRequest, GenerationResult
 from kold.runtime.model import build_model
 from kold.runtime.sampling import SamplingParams, apply_token_bitmask, token_logprobs
 from kold.runtime.structured import (
+    MAX_CONSTRAINT_CHARS,
     Compiled,
     Constraint,
     ConstraintError,
     GrammarCompiler,
     Vocabulary,
+    estimated_bytes,
     mask_words,
 )
 from kold.runtime.tokenizer import Tokenizer
@@ -281,6 +283,61 @@ def test_a_request_that_goes_away_leaves_the_compile_it_shares_and_a_crash_is_no
     try:
         asyncio.run(run())
     finally:
+        compiler.close()
+
+
+def test_a_constraint_past_the_size_limit_is_refused_and_the_cache_is_bounded_by_its_estimated_memory(
+    tiny: tuple[Any, ModelConfig, Tokenizer], engine: Engine
+) -> None:
+    small = [Constraint.regex(f"{letter}+") for letter in "abcd"]
+    large = Constraint.choice([f"word{i}" for i in range(200)])
+    budget = 3 * estimated_bytes(small[0])
+    assert estimated_bytes(large) > budget - estimated_bytes(small[0])  # it leaves room for no small one
+    compiler = GrammarCompiler.for_tokenizer(
+        tiny[2], engine.config.vocab_size, engine.eos_token_ids, cache_size=100, cache_bytes=budget
+    )
+    try:
+        for c in small:
+            compiler.compile_sync(c)
+        assert len(compiler) == 3 and compiler.cached_bytes == budget  # the bytes bound, not the count
+        compiler.compile_sync(large)
+        assert len(compiler) == 1 and compiler.cached_bytes == estimated_bytes(large)  # the newest stays
+        too_long = Constraint.regex("a" * (MAX_CONSTRAINT_CHARS + 1))
+        with pytest.raises(ConstraintError, match="the regex is 262,145 characters; the limit is 262,144"):
+            compiler.compile_sync(too_long)
+        schema = Constraint.json_schema({"enum": ["x" * 1000] * 300})
+        with pytest.raises(ConstraintError, match="as compact JSON; the limit is 262,144"):
+            compiler.compile_sync(schema)
+        assert len(compiler) == 1  # refused unread
+    finally:
+        compiler.close()
+
+
+def test_a_compile_past_its_timeout_is_an_error_and_finishes_in_the_background(
+    tiny: tuple[Any, ModelConfig, Tokenizer], engine: Engine
+) -> None:
+    release = threading.Event()
+
+    def vocabulary() -> Vocabulary:
+        assert release.wait(30)  # a compile that takes as long as the test says
+        return Vocabulary.of(tiny[2], engine.config.vocab_size, engine.eos_token_ids)
+
+    compiler = GrammarCompiler(vocabulary, compile_timeout_s=0.2)
+    c = Constraint.regex("[a-z]+")
+
+    async def run() -> None:
+        with pytest.raises(ConstraintError, match=r"the regex is too complex to compile in 0.2 s"):
+            await compiler.compile(c)
+        with pytest.raises(ConstraintError, match="too complex"):
+            compiler.compile_sync(c)
+        release.set()
+        compiled, _ = await compiler.compile(c)  # the same compile, done in the background
+        assert compiled.vocab_size == engine.config.vocab_size and len(compiler) == 1
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()
         compiler.close()
 
 

@@ -227,6 +227,15 @@ def test_a_grammar_that_fails_at_its_first_step_is_a_400_every_time(
         assert len(error["message"]) < 300, error
 
 
+def test_a_constraint_past_the_size_limit_is_a_400_naming_the_limit(runtime: RuntimeProcess) -> None:
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 5, "guided_regex": "a" * (256 * 1024 + 1)}
+    r = httpx.post(f"{runtime.base}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "unsupported_constraint" and error["param"] == "guided_regex", error
+    assert error["message"] == "guided_regex: the regex is 262,145 characters; the limit is 262,144", error
+
+
 def test_the_sdk_reports_an_uncompilable_schema_and_strict_false_ignores_the_keyword(client: openai.OpenAI) -> None:
     schema = {**PERSON, "not": {"required": ["x"]}}
     with pytest.raises(openai.BadRequestError) as raised:
