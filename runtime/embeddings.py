@@ -209,14 +209,14 @@ class Embedder:
                 return pooled(self.model, ids, starts)
         return pooled(self.model, ids, starts)
 
-    async def embed(self, tokenized: Tokenized, limits: EmbeddingLimits, max_seq_len: int) -> torch.Tensor:
+    async def embed(self, tokenized: Tokenized, limits: EmbeddingLimits) -> torch.Tensor:
         """Every input's vector `[n, hidden]`, in the inputs' order, batch by batch in the worker."""
         import torch
 
         loop = asyncio.get_running_loop()
         lengths = [len(x) for x in tokenized.ids]
         out = torch.empty(len(lengths), self.model.config.hidden_size, dtype=torch.float32)
-        for batch in batches(lengths, max(limits.batch_tokens, max_seq_len), limits.batch_rows):
+        for batch in batches(lengths, limits.batch_tokens, limits.batch_rows):
             ids = [tokenized.ids[i] for i in batch]
             starts = [tokenized.starts[i] for i in batch]
             out[batch] = await loop.run_in_executor(self._worker, self._forward, ids, starts)
@@ -289,7 +289,7 @@ class Embeddings:
         tokenized = work() if chars <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(work)
         embedder = self._embedder_for(backend)
         vectors = await unless_gone(
-            embedder.embed(tokenized, self.limits, max_seq_len),
+            embedder.embed(tokenized, self.limits),
             disconnected,
             "the client closed the connection before its embeddings were done",
         )

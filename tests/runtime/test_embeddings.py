@@ -333,6 +333,40 @@ def test_batches_pack_longest_first_within_the_budget() -> None:
     assert all(len(b) * max(lengths[i] for i in b) <= 16 or len(b) == 1 for b in packed)
 
 
+def test_the_embedder_keeps_each_forward_within_the_token_budget() -> None:
+    """On a model whose context is past the budget, a forward is still at most `batch_tokens` padded
+    tokens, but for one input over the budget alone; the vectors are those of each input alone."""
+    from test_model import VARIANTS, checkpoint, hf_model, ours
+
+    from kold.runtime.config import ModelConfig
+    from kold.runtime.embeddings import Embedder, Tokenized
+
+    config = ModelConfig.from_hf(VARIANTS["llama2"])  # a context of 256
+    model = ours(config, checkpoint(hf_model(VARIANTS["llama2"]), config))
+
+    forwards: list[list[int]] = []
+
+    class Recording(Embedder):
+        def _forward(self, ids: list[list[int]], starts: list[int]) -> torch.Tensor:
+            forwards.append([len(x) for x in ids])
+            return super()._forward(ids, starts)
+
+    gen = torch.Generator().manual_seed(6)
+    lengths = [40, 20, 10, 10, 10, 5, 5, 3]
+    ids = [torch.randint(3, config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    tokenized = Tokenized(ids, [0] * len(ids))
+    embedder = Recording(model)
+    try:
+        got = asyncio.run(embedder.embed(tokenized, EmbeddingLimits(batch_tokens=32)))
+        alone = [asyncio.run(embedder.embed(Tokenized([x], [0]), EmbeddingLimits()))[0] for x in ids]
+    finally:
+        embedder.close()
+    batched = forwards[: -len(ids)]
+    assert sorted(n for b in batched for n in b) == sorted(lengths)
+    assert [40] in batched and all(len(b) * max(b) <= 32 for b in batched if b != [40]), batched
+    torch.testing.assert_close(got, torch.stack(alone), atol=1e-5, rtol=1e-5)
+
+
 # -- the model's hidden state ----------------------------------------------------------------------
 
 
