@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 # OpenAI reports a log-probability too small to matter as -9999.0 (JSON has no -inf)
 MIN_LOGPROB = -9999.0
+# apply_token_bitmask unpacks about this many tokens' bits at a time (~32 MB of temporaries)
+MASK_CHUNK_TOKENS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -102,20 +105,34 @@ def apply_penalties(logits: torch.Tensor, generated: Sequence[int], params: Samp
     return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int], *, chunk_tokens: int = MASK_CHUNK_TOKENS
+) -> torch.Tensor:
     """`logits [B, V]` (fp32, modified in place and returned) with row `rows[j]` set to -inf wherever bit
     t of `bitmask[j]` (int32 [len(rows), words], words * 32 >= V; bit i of word k is token 32k + i) is
-    clear. The other rows are untouched."""
+    clear. The other rows are untouched.
+
+    The bits are unpacked a byte at a time (8 tokens), a chunk of about `chunk_tokens` rows x V at a
+    time: the step's temporaries are ~2 bytes a token of a chunk, whatever the batch."""
     n, vocab = len(rows), logits.shape[-1]
     if n == 0:
         return logits
-    words = bitmask[:n].to(logits.device)
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((words[:, :, None] >> shifts) & 1).view(n, -1)[:, :vocab].bool()
-    if n == logits.shape[0] and list(rows) == list(range(n)):
-        return logits.masked_fill_(~allowed, -math.inf)
-    index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, -math.inf)
+    packed = bitmask[:n].contiguous().view(torch.uint8)  # byte b of word k: tokens 32k + 8b ..
+    if sys.byteorder == "big":
+        packed = packed.view(n, -1, 4).flip(-1).reshape(n, -1)
+    packed = packed[:, : (vocab + 7) // 8].to(logits.device)
+    bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=logits.device)
+    whole = n == logits.shape[0] and list(rows) == list(range(n))
+    index = None if whole else torch.tensor(list(rows), dtype=torch.long, device=logits.device)
+    step = max(1, chunk_tokens // vocab)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        blocked = (packed[lo:hi, :, None] & bits).eq(0).view(hi - lo, -1)[:, :vocab]
+        if index is None:
+            logits[lo:hi].masked_fill_(blocked, -math.inf)
+        else:
+            ids = index[lo:hi]
+            logits.index_copy_(0, ids, logits.index_select(0, ids).masked_fill_(blocked, -math.inf))
     return logits
 
 

@@ -364,6 +364,29 @@ def test_apply_token_bitmask_masks_only_the_given_rows() -> None:
     assert lp.logprob == pytest.approx(float(expected), abs=1e-5)
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 250, 10**9])  # a row, 2 rows, every row at a time
+def test_apply_token_bitmask_matches_its_bits_in_chunks_of_rows(chunk_tokens: int) -> None:
+    vocab, batch = 100, 7
+    gen = torch.Generator().manual_seed(5)
+    allowed = torch.rand((5, mask_words(vocab) * 32), generator=gen) < 0.3
+    allowed[:, vocab:] = False
+    weights = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
+    words = (allowed.view(5, -1, 32).long() * weights).sum(-1)
+    mask = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # int32 two's complement
+    for rows in ([6, 0, 3, 2, 5], [0, 1, 2, 3, 4]):
+        logits = torch.randn(batch, vocab, generator=gen)
+        original = logits.clone()
+        out = apply_token_bitmask(logits, mask, rows, chunk_tokens=chunk_tokens)
+        expected = original.clone()
+        for j, row in enumerate(rows):
+            expected[row, ~allowed[j, :vocab]] = float("-inf")
+        assert torch.equal(out, expected)
+    whole = torch.randn(5, vocab, generator=gen)
+    expected = whole.masked_fill(~allowed[:, :vocab], float("-inf"))
+    assert torch.equal(apply_token_bitmask(whole, mask, range(5), chunk_tokens=chunk_tokens), expected)
+    assert torch.equal(whole, expected)  # the whole batch is masked in place
+
+
 # -- the engine ---------------------------------------------------------------------------------------
 
 
