@@ -242,8 +242,8 @@ class _Sampling(_Request):
         try:
             if param == "response_format":
                 return _response_format(self.response_format or {})
-            if param == "guided_json":
-                return Constraint.json_schema(_json_schema_value(self.guided_json))
+            if param == "guided_json":  # strict, as vLLM's: a keyword the library does not implement is a 400
+                return Constraint.json_schema(_json_schema_value(self.guided_json), strict=True)
             if param == "guided_regex":
                 return Constraint.regex(self.guided_regex or "")
             if param == "guided_choice":

@@ -182,6 +182,7 @@ BAD = [
     ("completions", {"guided_json": {"type": "object", "properties": {"a": {"type": "frob"}}}}, "guided_json",
      "frob"),
     ("completions", {"guided_grammar": "start: nowhere"}, "guided_grammar", "nowhere"),
+    ("completions", {"guided_json": {**PERSON, "not": {"required": ["x"]}}}, "guided_json", '"not"'),  # strict
     ("completions", {"guided_json": PERSON, "guided_choice": ["a"]}, "guided_choice", "only one"),
 ]  # fmt: skip
 
