@@ -643,6 +643,7 @@ class ToolCallParser:
         new_id: Callable[[], str] = new_call_id,
     ) -> None:
         self.syntax = _SYNTAX[syntax]
+        self.forced = syntax == "array"  # the grammar's array of calls (`tool_choice: required`)
         self.names = frozenset(names)
         self.eager = eager
         self.parallel = parallel
@@ -682,8 +683,12 @@ class ToolCallParser:
             self._hold = ""
         elif self._mode == "region" and self._committed is None and self._region not in ("after", "closing"):
             # no call in it (a cut-short call is kept as it is; complete ones missing their closing
-            # tag or bracket are taken as they are)
-            self._content("".join(self._fallback))
+            # tag or bracket are taken as they are); in a forced array it is a call max_tokens cut
+            # before it was read (the grammar's JSON, not the model's words): dropped
+            if self.forced:
+                self._ws = ""
+            else:
+                self._content("".join(self._fallback))
         while self._todo:  # (none: feed empties it)
             self._char(self._todo.pop())
         self._settle()  # a call cut short keeps the arguments sent

@@ -555,6 +555,26 @@ def test_forced_outputs_are_read_in_the_shape_the_grammar_forced() -> None:
     assert [c.name for c in parse(f"<tool_call>{T}</tool_call>", request(), None).calls] == ["get_time"]
 
 
+def test_a_forced_array_cut_by_max_tokens_keeps_its_calls_and_no_content() -> None:
+    """`required` cut short: the calls read stay, what was left of the unfinished one is no content."""
+    required = request(tool_choice="required")
+    for text, whole, streamed in (
+        (f'[{T}, {{"name": "get_wea', ["get_time"], ["get_time"]),
+        (f'[{T}, {{"name": "get_weather", "arguments": {{"ci', ["get_time"], ["get_time", "get_weather"]),
+        ('[{"name": "get_time", "argu', [], []),
+        ("[", [], []),
+    ):
+        got = parse(text, required, "hermes")
+        assert got.content is None and [c.name for c in got.calls] == whole, text
+        for pieces in splits(text):
+            parser = output_parser(required, "hermes", eager=True, new_id=counter())
+            assert parser is not None
+            content, calls = assembled(run(parser, pieces))
+            assert content is None and [name for name, _ in calls] == streamed, (text, pieces)
+    # an answer in the family's own syntax, cut the same way, keeps its text: it may be the model's words
+    assert parse(f'[TOOL_CALLS][{T}, {{"name": "get_wea', request(), "mistral").content == ', {"name": "get_wea'
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     case=st.sampled_from(CASES),
