@@ -317,22 +317,27 @@ class LlamaForCausalLM(nn.Module):
             )
         if kv_len is None:
             kv_len = int(positions.max()) + 1
-        step = _Step(cache, slots, positions, kv_len, self.config.sliding_window)
+        x = self._decoder(input_ids, positions, _Step(cache, slots, positions, kv_len, self.config.sliding_window))
+        if last_only:
+            x = x[:, -1:]
+        logits: torch.Tensor = self.lm_head(self.model.norm(x))
+        return logits
+
+    def _decoder(self, input_ids: torch.Tensor, positions: torch.Tensor, step: _Step) -> torch.Tensor:
+        """Embeddings and every decoder layer, before the final norm; each layer waits at the gate for
+        its weights (serving behind the restore), and the head's weights are waited for at the end."""
         gate = self.gate
         if gate is not None:
             gate(0)
-        x = self.model.embed_tokens(input_ids)
+        x: torch.Tensor = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             if gate is not None:
                 gate(i + 1)
             x = layer(x, rope, step)
-        if last_only:
-            x = x[:, -1:]
         if gate is not None:
             gate(len(self.model.layers) + 1)
-        logits: torch.Tensor = self.lm_head(self.model.norm(x))
-        return logits
+        return x
 
     def final_hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The final norm's output `[B, T, hidden]` (what the LM head reads), in the model dtype, for rows
@@ -349,18 +354,7 @@ class LlamaForCausalLM(nn.Module):
         positions = torch.arange(t, device=input_ids.device).expand(b, t)
         slots = torch.zeros(b, dtype=torch.long, device=input_ids.device)
         own = cast(KVCache, _LayerKV())  # the one KVCache method pair attention calls
-        step = _Step(own, slots, positions, t, self.config.sliding_window)
-        gate = self.gate
-        if gate is not None:
-            gate(0)
-        x = self.model.embed_tokens(input_ids)
-        rope = self.model.rotary_emb(positions, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            if gate is not None:
-                gate(i + 1)
-            x = layer(x, rope, step)
-        if gate is not None:
-            gate(len(self.model.layers) + 1)
+        x = self._decoder(input_ids, positions, _Step(own, slots, positions, t, self.config.sliding_window))
         hidden: torch.Tensor = self.model.norm(x)
         return hidden
 

@@ -218,43 +218,44 @@ async def _run(
     client: Any, gateway_url: str, key: str | None, tick_s: float, settings: Settings, metrics: ControllerMetrics
 ) -> None:
     from kold.controller.actuators import HttpActuator
-    from kold.controller.demand import DemandStore
-    from kold.controller.lease import Lease, default_holder_id
-    from kold.controller.loop import Controller, RegistrySource
+    from kold.controller.loop import RegistrySource
     from kold.gateway.registry import Registry
 
-    _stop_on_sigterm()
-    actuator = HttpActuator(gateway_url, key)
-    controller = Controller(
-        DemandStore(client, PREFIX),
+    await _control(
+        client,
         RegistrySource(Registry(client, prefix=PREFIX)),
-        actuator,
-        Lease(client, LEASE_KEY, default_holder_id(), lease_seconds(settings, tick_s)),
-        tick_s=tick_s,
-        metrics=metrics,
+        HttpActuator(gateway_url, key),
+        tick_s,
+        settings,
+        metrics,
     )
-    try:
-        await controller.run()
-    finally:
-        await actuator.aclose()
 
 
 async def _run_knative(
     client: Any, cluster: Any, tick_s: float, settings: Settings, metrics: ControllerMetrics
 ) -> None:
-    from kold.controller.demand import DemandStore
-    from kold.controller.lease import Lease, default_holder_id
-    from kold.controller.loop import Controller
     from kold.controller.nodes import NodeWants
     from kold.knative.actuator import KnativeActuator
     from kold.knative.functions import KnativeFunctionSource
 
-    _stop_on_sigterm()
     # the node agents prefetch what the floors will start: they read the wants from this Redis
     actuator = KnativeActuator(cluster, wants=NodeWants(client, PREFIX))
+    await _control(client, KnativeFunctionSource(cluster), actuator, tick_s, settings, metrics)
+
+
+async def _control(
+    client: Any, source: Any, actuator: Any, tick_s: float, settings: Settings, metrics: ControllerMetrics
+) -> None:
+    """The controller loop, whichever target: it holds the Redis lease and runs until cancelled
+    (Ctrl-C or SIGTERM), then closes the actuator."""
+    from kold.controller.demand import DemandStore
+    from kold.controller.lease import Lease, default_holder_id
+    from kold.controller.loop import Controller
+
+    _stop_on_sigterm()
     controller = Controller(
         DemandStore(client, PREFIX),
-        KnativeFunctionSource(cluster),
+        source,
         actuator,
         Lease(client, LEASE_KEY, default_holder_id(), lease_seconds(settings, tick_s)),
         tick_s=tick_s,
