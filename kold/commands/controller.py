@@ -21,7 +21,7 @@ import logging
 import signal
 from typing import TYPE_CHECKING, Any
 
-from kold.commands.knative_target import add_cluster_options
+from kold.commands.knative_target import add_cluster_options, cluster_config
 from kold.controller.lease import DEFAULT_KEY
 from kold.errors import CLIError
 from kold.output import note, redact_url
@@ -132,7 +132,7 @@ def _cmd_local(args: argparse.Namespace, settings: Settings, tick_s: float) -> i
 
 
 def _cmd_knative(args: argparse.Namespace, settings: Settings, tick_s: float) -> int:
-    from kold.knative.cluster import Cluster, ClusterConfig, KnativeError
+    from kold.knative.cluster import Cluster, KnativeError
     from kold.knative.names import KOLD_SELECTOR
 
     if not settings.redis_url:
@@ -145,13 +145,8 @@ def _cmd_knative(args: argparse.Namespace, settings: Settings, tick_s: float) ->
     # the one error line below (at start) or the loop's one warning (later) says it once
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     try:
-        config = ClusterConfig(
-            context=args.context or settings.knative_context,
-            namespace=args.namespace or settings.knative_namespace,
-            kubeconfig=args.kubeconfig,
-        )
         try:
-            cluster = Cluster(config)
+            cluster = Cluster(cluster_config(args, settings))
         except KnativeError as exc:
             raise CLIError(f"Knative cluster: {exc}") from None
         try:

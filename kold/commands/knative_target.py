@@ -20,7 +20,7 @@ from kold.errors import CLIError
 from kold.output import human_bytes, human_time, note, print_data
 
 if TYPE_CHECKING:
-    from kold.knative.cluster import Cluster
+    from kold.knative.cluster import Cluster, ClusterConfig
     from kold.knative.readiness import Progress
     from kold.knative.service import FunctionDeploy
     from kold.settings import Settings
@@ -79,17 +79,23 @@ def refuse_cluster_options(args: argparse.Namespace) -> None:
 # -- the cluster --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _cluster(args: argparse.Namespace, settings: Settings) -> Iterator[Cluster]:
-    from kold.knative.cluster import Cluster, ClusterConfig, KnativeError
+def cluster_config(args: argparse.Namespace, settings: Settings) -> ClusterConfig:
+    """The cluster the flags name (`add_cluster_options`), else the KOLD_KNATIVE_* settings."""
+    from kold.knative.cluster import ClusterConfig
 
-    config = ClusterConfig(
+    return ClusterConfig(
         context=args.context or settings.knative_context,
         namespace=args.namespace or settings.knative_namespace,
         kubeconfig=args.kubeconfig,
     )
+
+
+@contextmanager
+def _cluster(args: argparse.Namespace, settings: Settings) -> Iterator[Cluster]:
+    from kold.knative.cluster import Cluster, KnativeError
+
     try:
-        cluster = Cluster(config)
+        cluster = Cluster(cluster_config(args, settings))
     except KnativeError as exc:
         raise CLIError(str(exc)) from None
     try:
