@@ -12,6 +12,10 @@ Tools go to the template as transformers passes them (`tools=[{"type": "function
 and `template_messages` turns OpenAI's tool-call turns into the shape templates read: an assistant's
 `tool_calls` with their `arguments` as objects, not JSON text (what Llama's and Qwen's templates
 `tojson`), and `tool` messages with their `tool_call_id`.
+
+A template that takes no tools (plain ChatML, SmolLM2's) would drop the tools and fail on a tool-call turn
+(no `content`); for it `toolless_messages` writes the tool parts into the conversation as text, in the
+Hermes/Qwen convention (`tools.tool_family` then reads the model's output as Hermes calls).
 """
 
 from __future__ import annotations
@@ -35,6 +39,17 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# The Hermes/Qwen tool prompt, around one JSON line per tool, for templates that do not render tools.
+_TOOLS_HEAD = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_TAIL = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
+    "\n</tool_call>"
 )
 
 # Names a message's reasoning is passed under; transformers fills them all from whichever is set.
@@ -163,6 +178,8 @@ def render_chat_template(
     if not messages:
         raise ChatTemplateError("cannot apply a chat template to an empty conversation")
     template = compile_chat_template(source)
+    if not takes_tools(source) and _has_tool_parts(messages, tools):
+        messages, tools = toolless_messages(messages, tools), None
     variables = {**(special_tokens or {}), **kwargs}
     try:
         return template.render(
@@ -174,6 +191,62 @@ def render_chat_template(
         )
     except (jinja2.exceptions.TemplateError, TypeError) as exc:  # raise_exception(...), or content it cannot join
         raise ChatTemplateError(f"chat template rejected the conversation: {exc}") from None
+
+
+def takes_tools(source: str) -> bool:
+    """Whether a template renders tools and tool calls itself (its source names `tools` or `tool_calls`)."""
+    return "tools" in source or "tool_calls" in source
+
+
+def _has_tool_parts(messages: Sequence[Mapping[str, Any]], tools: list[dict[str, Any]] | None) -> bool:
+    return bool(tools) or any(
+        isinstance(m, Mapping)
+        and (m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function"))
+        for m in messages
+    )
+
+
+def toolless_messages(
+    messages: Sequence[Mapping[str, Any]], tools: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """The conversation with its tool parts as text, for a template that takes no tools.
+
+    The tools are described in the (first) system message, an assistant's calls follow its text as
+    `<tool_call>` blocks, and each run of `tool` results is one `user` turn of `<tool_response>` blocks
+    (many such templates know no `tool` role). No content is left None: such templates join it as text.
+    """
+    out: list[dict[str, Any]] = []
+    results = False  # whether out[-1] is the user turn of the latest run of tool results
+    for message in template_messages(messages):
+        msg = {k: v for k, v in message.items() if k not in ("tool_calls", "tool_call_id")}
+        text = "" if msg.get("content") is None else msg["content"]
+        if msg.get("role") == "tool":
+            block = f"<tool_response>\n{text}\n</tool_response>"
+            if results:
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block})
+            results = True
+            continue
+        results = False
+        if calls := message.get("tool_calls"):
+            blocks = "\n".join(f"<tool_call>\n{_call_json(c)}\n</tool_call>" for c in calls)
+            text = f"{text}\n{blocks}" if text else blocks
+        out.append({**msg, "content": text})
+    if tools:
+        described = _TOOLS_HEAD + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools) + _TOOLS_TAIL
+        at = next((i for i, m in enumerate(out) if m.get("role") == "system" and isinstance(m["content"], str)), None)
+        if at is None:
+            out.insert(0, {"role": "system", "content": described})
+        else:
+            first = out[at]["content"]
+            out[at] = {**out[at], "content": f"{first}\n\n{described}" if first else described}
+    return out
+
+
+def _call_json(call: Mapping[str, Any]) -> str:
+    function = call.get("function") or {}
+    return json.dumps({"name": function.get("name"), "arguments": function.get("arguments", {})}, ensure_ascii=False)
 
 
 def template_messages(

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kold.runtime.chat_template import takes_tools
 from kold.runtime.protocol import InvalidRequestError
 
 ToolFamily = Literal["llama3", "hermes", "mistral"]
@@ -78,11 +79,15 @@ _MODEL_TYPES: dict[str, ToolFamily] = {
 
 def tool_family(chat_template: str | None, model_type: str | None = None) -> ToolFamily | None:
     """The tool-call family of a model: from its chat template's markers first (the first family whose
-    markers it contains, in the order above), else from its `model_type`; None when neither says."""
+    markers it contains, in the order above); "hermes" when the template takes no tools (no template
+    means ChatML: `chat_template.toolless_messages` then shows the tools and calls the Hermes way); else
+    from its `model_type`; None when none of these says."""
     if chat_template:
         for family, marks in _TEMPLATE_MARKS:
             if any(mark in chat_template for mark in marks):
                 return family
+    if chat_template is None or not takes_tools(chat_template):
+        return "hermes"
     if model_type:
         return _MODEL_TYPES.get(model_type)
     return None

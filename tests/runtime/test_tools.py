@@ -274,9 +274,10 @@ def test_the_family_comes_from_the_template_then_the_model_type() -> None:
     assert tool_family("... <tool_call> ...", "llama") == "hermes"  # a Hermes fine-tune of Llama
     assert tool_family("{{ '[AVAILABLE_TOOLS]' }}") == "mistral"
     assert tool_family("Environment: ipython", "qwen2") == "llama3"
-    assert tool_family("{{ messages }}", "qwen3") == "hermes"
-    assert tool_family(None, "mistral") == "mistral" and tool_family(None, "llama") == "llama3"
-    assert tool_family("{{ messages }}", "gpt2") is None and tool_family(None) is None
+    assert tool_family("{{ tools }}", "qwen3") == "hermes" and tool_family("{{ tools }}", "llama") == "llama3"
+    assert tool_family("{{ tools }}", "gpt2") is None
+    # a template without tools (or none: ChatML) is shown them the Hermes way, so reads Hermes calls
+    assert tool_family("{{ messages }}", "llama") == "hermes" and tool_family(None, "mistral") == "hermes"
 
 
 def test_ids() -> None:

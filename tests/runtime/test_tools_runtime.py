@@ -377,3 +377,46 @@ def test_langchain_bind_tools_agent_loop(llama: RuntimeProcess) -> None:
         merged = merged + chunk
     assert [c["name"] for c in merged.tool_calls] == ["get_weather"]  # type: ignore[attr-defined]
     jsonschema.validate(merged.tool_calls[0]["args"], WEATHER_PARAMS)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def chatml(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProcess]:
+    """A tiny Llama whose template is ChatML without tools (SmolLM2's kind)."""
+    from kold.runtime.chat_template import DEFAULT_CHAT_TEMPLATE
+    from kold.snapshot import build_snapshot
+
+    root = tmp_path_factory.mktemp("tools-chatml")
+    model = write_random_model(root / "model", "llama", "tiny", seed=5)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = DEFAULT_CHAT_TEMPLATE
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    uri = build_snapshot(model, (root / "store").as_uri(), chunk_size=64 << 10).uri
+    yield from runtime(uri, root)
+
+
+def test_the_round_trip_on_a_template_without_tools(chatml: RuntimeProcess) -> None:
+    """The call turn (no content) and the tool result reach a tool-less ChatML template as text: a 200."""
+    api = client(chatml)
+    first = api.chat.completions.create(
+        model="tiny",
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=150,
+        temperature=0,
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    args = check_call(call)
+    assistant = choice.message.model_dump(exclude_none=True)
+    assert "content" not in assistant
+    result = {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"sky": "clear", **args})}
+    second = api.chat.completions.create(
+        model="tiny", messages=[*ASK, assistant, result], tools=TOOLS, max_tokens=8, temperature=0
+    )
+    assert isinstance(second.choices[0].message.content, str) and second.choices[0].finish_reason != "tool_calls"
+    # the call and its result are in the prompt: it is longer than the one that asked for the call
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + len(call.function.arguments) // 4

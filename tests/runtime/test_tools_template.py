@@ -212,3 +212,47 @@ def test_the_tiny_models_tokenizer_config_carries_the_tool_template(tmp_path: Pa
     write_tokenizer(tmp_path, "qwen2", model_shape("qwen2", "tiny"))
     template = json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"]
     assert isinstance(template, str) and "<tool_call>" in template and "# Tools" in template
+
+
+def test_a_template_without_tools_gets_them_written_into_the_conversation() -> None:
+    """ChatML without tools (SmolLM2's): the tools in the system message, calls and results as text."""
+    from kold.modelgen import QWEN25_TOOL_TEMPLATE
+    from kold.runtime.chat_template import DEFAULT_CHAT_TEMPLATE, takes_tools, toolless_messages
+
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    turns = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "system", "content": "Be brief."},
+        {"role": "assistant", "content": "Looking.", "tool_calls": [call, {**call, "id": "c2"}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c2", "content": "cold"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
+    out = toolless_messages(turns, TOOLS)
+    assert [m["role"] for m in out] == ["user", "system", "assistant", "user", "assistant"]
+    system = out[1]["content"]
+    assert system.startswith("Be brief.\n\n# Tools\n") and "<tool_call>" in system
+    tools_block = system.split("<tools>\n")[1].split("\n</tools>")[0]
+    assert [json.loads(line) for line in tools_block.splitlines()] == TOOLS
+    block = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert out[2] == {"role": "assistant", "content": f"Looking.\n{block}\n{block}"}
+    assert out[3] == {
+        "role": "user",
+        "content": "<tool_response>\nsunny\n</tool_response>\n<tool_response>\ncold\n</tool_response>",
+    }
+    assert out[4] == {"role": "assistant", "content": block}  # no content: just the call
+    # no system message: one is added; no tools: none is
+    assert toolless_messages(turns[:1], TOOLS)[0]["role"] == "system"
+    assert toolless_messages(turns[3:4], None) == [out[3] | {"content": "<tool_response>\nsunny\n</tool_response>"}]
+
+    # the template that rejected the call turn renders it; templates that take tools are left alone
+    assert not takes_tools(DEFAULT_CHAT_TEMPLATE) and not takes_tools(QWEN2_CHAT_TEMPLATE)
+    assert takes_tools(QWEN25_TOOL_TEMPLATE)
+    prompt = render_chat_template(DEFAULT_CHAT_TEMPLATE, turns, tools=TOOLS)
+    assert f"<|im_start|>assistant\n{block}<|im_end|>\n<|im_start|>assistant\n" in prompt
+    assert "<|im_start|>tool" not in prompt and "# Tools" in prompt
+    plain = [{"role": "user", "content": "Hi"}]
+    assert (
+        render_chat_template(DEFAULT_CHAT_TEMPLATE, plain) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tool_family(DEFAULT_CHAT_TEMPLATE, "llama") == "hermes"  # so `auto` reads the <tool_call> blocks back
